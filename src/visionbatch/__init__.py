@@ -1,0 +1,9 @@
+"""visionbatch: batch image classification at any scale on Ray Data and Hugging Face models."""
+
+from visionbatch.config import ClassifyConfig, OutputConfig
+from visionbatch.model import Predictor
+from visionbatch.pipeline import Summary, classify, run
+from visionbatch.sinks import read_results
+
+__all__ = ["ClassifyConfig", "OutputConfig", "Predictor", "Summary", "classify", "run", "read_results"]
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""The ``visionbatch`` command: the only module that faces the user's terminal."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+
+from visionbatch.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, ClassifyConfig, OutputConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _classify_parser(sub) -> None:
+    p = sub.add_parser("classify", help="classify every image under SOURCE(s) and write one row per file",
+                       description="Classify every image file under SOURCE(s) and write one result row per file to DEST.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="file, folder (recursive), glob, or s3:// / gs:// URI; with --from-list, list files")
+    p.add_argument("--output", "-o", required=True, metavar="DEST", help="local folder or s3:// / gs:// URI for the results")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local save_pretrained folder (default {DEFAULT_MODEL})")
+    p.add_argument("--from-list", action="store_true", help="SOURCEs are text files (one path per line) or CSV/Parquet with a 'path' column")
+    p.add_argument("--top-k", type=int, default=5, help="labels and scores kept per image (default 5)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 256 on GPU, 16 on CPU)")
+    p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU, or one on CPU)")
+    p.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs per model replica (default 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--limit", type=int, help="classify only the first N images (sorted by path)")
+    p.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="parquet")
+    p.add_argument("--labels", choices=["dirs", "none"], default="dirs",
+                   help="dirs: true label from the parent folder's name (default); none: no labels")
+    p.add_argument("--label-map", metavar="FILE", help="CSV of folder,label that overrides folder-name matching")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels than this, checked from the header (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickled (.bin) weights; only for models you trust")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub repo; only for repos you trust")
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--address", help="join a running Ray cluster (default: start a local Ray)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in DEST")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted job into the same DEST")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+
+
+def _run_classify(args) -> int:
+    from visionbatch.pipeline import run_job
+
+    config = ClassifyConfig(
+        sources=tuple(args.sources), model=args.model, top_k=args.top_k, batch_size=args.batch_size,
+        replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, device=args.device, dtype=args.dtype,
+        limit=args.limit, from_list=args.from_list, labels=args.labels, label_map=args.label_map,
+        max_pixels=args.max_pixels, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        s3_endpoint=args.s3_endpoint, address=args.address, compile=args.compile,
+    )
+    output = OutputConfig(dest=args.output, format=args.format, overwrite=args.overwrite, resume=args.resume)
+    summary = run_job(config, output, progress=None if args.quiet else args.terminal)
+    if not args.quiet:
+        print(summary.format())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visionbatch", description="Batch image classification on Ray Data and Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _classify_parser(sub)
+    return parser
+
+
+COMMANDS = {"classify": _run_classify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Keep library chatter (transformers' advice, tokenizers' fork warning) off the terminal.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from visionbatch.model import ModelLoadError
+    from visionbatch.pipeline import JobError
+    from visionbatch.sinks import DestinationError
+    from visionbatch.sources import SourceError
+
+    with _library_noise_to(_log_path()) as terminal:
+        args.terminal = terminal
+        try:
+            return COMMANDS[args.command](args)
+        except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
+            print(f"visionbatch: error: {err}", file=terminal)
+            return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
+        except KeyboardInterrupt:
+            print("visionbatch: interrupted", file=terminal)
+            return 130
+
+
+def _log_path() -> str:
+    folder = os.path.join(tempfile.gettempdir(), "visionbatch")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+@contextlib.contextmanager
+def _library_noise_to(log_path: str):
+    """Send everything written to stderr (Ray's C++ core, library warnings) to a log file.
+
+    Ray's driver-side core worker logs to file descriptor 2 directly, so redirecting
+    Python's ``sys.stderr`` alone is not enough. The terminal keeps a copy of the
+    original descriptor: the progress bar, warnings and errors of our own go there.
+    """
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    saved = sys.stderr
+    with open(log_path, "a", buffering=1) as log_file:
+        os.dup2(log_file.fileno(), 2)
+        sys.stderr = log_file
+        handler = logging.StreamHandler(terminal)
+        handler.setFormatter(logging.Formatter("visionbatch: %(levelname)s: %(message)s"))
+        logging.getLogger("visionbatch").addHandler(handler)
+        logging.getLogger("visionbatch").propagate = False
+        try:
+            yield terminal
+        finally:
+            logging.getLogger("visionbatch").removeHandler(handler)
+            sys.stderr = saved
+            os.dup2(terminal.fileno(), 2)
+            terminal.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Model: load a Hugging Face image classifier safely, and run it on batches.
+
+:class:`Predictor` is the model stage. It is a plain callable over numpy batches
+(usable in anyone's ``map_batches``): it loads the model once, takes uint8 pixels at
+the model's input size, applies the rescale/normalise affine on its device, runs the
+forward pass under ``torch.inference_mode`` in the chosen dtype, and returns top-k
+labels and scores as small arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+
+class ModelLoadError(Exception):
+    """The model (or its preprocessor) cannot be loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, decided once in the driver and reused by every worker."""
+
+    ref: str
+    local_files_only: bool
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    parsed = urllib.parse.urlparse(constants.ENDPOINT)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model_source(ref: str) -> ModelSource:
+    """Decide, within seconds, whether ``ref`` can be loaded, and how.
+
+    transformers retries an unreachable hub for about half a minute before failing;
+    a quick connection probe (and a look in the local cache) lets us fail fast with
+    a message that says what to do instead.
+    """
+    expanded = os.path.expanduser(ref)
+    if os.path.isdir(expanded):
+        return ModelSource(os.path.abspath(expanded), local_files_only=True)
+    if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"model folder not found: {ref}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(ref, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise ModelLoadError(f"HF_HUB_OFFLINE is set and model {ref!r} is not in the local cache "
+                                 f"({constants.HF_HUB_CACHE}); pass a local folder with --model PATH")
+        return ModelSource(ref, local_files_only=True)
+    if hub_reachable():
+        return ModelSource(ref, local_files_only=False)
+    if cached:
+        return ModelSource(ref, local_files_only=True)
+    raise ModelLoadError(
+        f"cannot load model {ref!r}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable and the "
+        "model is not in the local cache. Pass a local folder holding a save_pretrained model "
+        "(--model PATH; `visionbatch models make-efficientnet-lite0 DIR` writes one offline), or "
+        "pre-download it where the hub is reachable and set HF_HUB_OFFLINE=1."
+    )
+
+
+def load_processor(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(
+            source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:
+        raise ModelLoadError(f"cannot load the image processor of {source.ref}: {_first_line(err)}") from None
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:
+        raise ModelLoadError(f"cannot load the config of {source.ref}: {_first_line(err)}") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """AutoModelForImageClassification with safetensors only (unless allowed) and SDPA where supported."""
+    from transformers import AutoModelForImageClassification
+
+    kwargs = dict(
+        local_files_only=source.local_files_only,
+        trust_remote_code=trust_remote_code,
+        # Pickled .bin weights can run code on load: refuse them unless asked.
+        use_safetensors=None if allow_pickle else True,
+        dtype=dtype,
+    )
+    try:
+        try:
+            model = AutoModelForImageClassification.from_pretrained(source.ref, attn_implementation="sdpa", **kwargs)
+        except (ValueError, ImportError) as err:
+            if "sdpa" not in str(err).lower() and "attn" not in str(err).lower():
+                raise
+            model = AutoModelForImageClassification.from_pretrained(source.ref, **kwargs)
+    except Exception as err:
+        hint = ""
+        if not allow_pickle and ("safetensors" in str(err).lower() or "model.safetensors" in str(err)):
+            hint = " (only safetensors weights are loaded; pass --allow-pickle to load .bin weights you trust)"
+        raise ModelLoadError(f"cannot load model {source.ref}: {_first_line(err)}{hint}") from None
+    return model.eval()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:400]
+
+
+PREDICTION_FIELDS = [
+    pa.field("label", pa.string()),
+    pa.field("label_id", pa.int64()),
+    pa.field("score", pa.float32()),
+    pa.field("top_k_labels", pa.list_(pa.string())),
+    pa.field("top_k_scores", pa.list_(pa.float32())),
+]
+
+
+class Predictor:
+    """The model stage: uint8 pixel batches in, top-k predictions out.
+
+    Input batch (dict of numpy arrays): ``pixels`` (N, H, W, 3) uint8 and ``error``
+    ("" or None where the image decoded). Every other column is passed through, with
+    "" in string columns written as null. Rows with an error get null predictions. Output: a pyarrow Table with the passed-through columns
+    plus label, label_id, score, top_k_labels, top_k_scores and, where a ``true_label``
+    column exists, ``correct``.
+    """
+
+    def __init__(
+        self,
+        model: str | ModelSource,
+        *,
+        scale: tuple[float, float, float],
+        offset: tuple[float, float, float],
+        top_k: int = 5,
+        device: str = "auto",
+        dtype: str = "auto",
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        num_threads: int | None = None,
+        compile: bool = False,
+    ):
+        import torch
+
+        source = model if isinstance(model, ModelSource) else resolve_model_source(model)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(resolve_device(device))
+        self.dtype = resolve_dtype(dtype, self.device.type)
+        self.model = load_model(source, dtype=self.dtype, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code).to(self.device)
+        config = self.model.config
+        self.labels = np.array([config.id2label.get(i, str(i)) for i in range(config.num_labels)], dtype=object)
+        # The reference pipeline's rule: sigmoid for multi-label or single-logit heads.
+        self.sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
+        self.top_k = min(top_k, config.num_labels)
+        self.scale = torch.tensor(scale, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.offset = torch.tensor(offset, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.forward = torch.compile(self.model) if compile else self.model
+
+    def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, 3) uint8 -> (top-k class ids, top-k scores), each (N, k)."""
+        import torch
+
+        with torch.inference_mode():
+            host = torch.from_numpy(np.ascontiguousarray(pixels))
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            # NHWC uint8 -> NCHW float32 affine on the device, then the model's dtype.
+            x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            x = (x * self.scale + self.offset).to(self.dtype)
+            logits = self.forward(pixel_values=x).logits.float()
+            probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+            scores, ids = torch.topk(probs, self.top_k, dim=-1)
+            return ids.cpu().numpy(), scores.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = batch["error"]
+        ok = np.array([not e for e in errors], dtype=bool)
+        n, k = len(errors), self.top_k
+        ids = np.zeros((n, k), dtype=np.int64)
+        scores = np.zeros((n, k), dtype=np.float32)
+        if ok.any():
+            ids[ok], scores[ok] = self.predict_pixels(batch["pixels"][ok])
+        columns = {name: values for name, values in batch.items() if name != "pixels"}
+        table = _passthrough_table(columns)
+        mask = pa.array(~ok)
+        top_labels = self.labels[ids]
+        offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+        label = pa.array(top_labels[:, 0].tolist(), pa.string(), mask=~ok)
+        table = table.append_column(PREDICTION_FIELDS[0], label)
+        table = table.append_column(PREDICTION_FIELDS[1], pa.array(ids[:, 0], pa.int64(), mask=~ok))
+        table = table.append_column(PREDICTION_FIELDS[2], pa.array(scores[:, 0], pa.float32(), mask=~ok))
+        table = table.append_column(
+            PREDICTION_FIELDS[3],
+            pa.ListArray.from_arrays(offsets, pa.array(top_labels.ravel().tolist(), pa.string()), mask=mask),
+        )
+        table = table.append_column(
+            PREDICTION_FIELDS[4],
+            pa.ListArray.from_arrays(offsets, pa.array(scores.ravel(), pa.float32()), mask=mask),
+        )
+        if "true_label" in columns:
+            truth = columns["true_label"]
+            known = ok & np.array([bool(t) for t in truth], dtype=bool)
+            correct = np.array([t == p for t, p in zip(truth, top_labels[:, 0])], dtype=bool)
+            table = table.append_column("correct", pa.array(correct, pa.bool_(), mask=~known))
+        return table
+
+
+def _passthrough_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    arrays = {}
+    for name, values in columns.items():
+        if values.dtype == object or values.dtype.kind == "U":
+            arrays[name] = pa.array([v or None for v in values.tolist()], pa.string())
+        elif name in ("width", "height"):  # -1 marks "unknown" inside the pipeline
+            arrays[name] = pa.array(values, pa.int32(), mask=values < 0)
+        else:
+            arrays[name] = pa.array(values)
+    return pa.table(arrays)

@@ -1,0 +1,422 @@
+"""Pipeline: the one place that knows about Ray.
+
+It resolves a job's plan (device, dtype, replicas, batch sizes, preprocessing) once in
+the driver, wires the plain stages into a Ray Data dataset
+(paths -> ``decode_batch`` CPU tasks -> ``Predictor`` actor pool), and, for
+:func:`run`, streams the results to a :class:`~visionbatch.sinks.ResultWriter` with a
+progress bar and returns a :class:`Summary`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
+from visionbatch.labels import LabelResolver, build_resolver, folder_of
+from visionbatch.model import ModelSource, Predictor, load_config, load_processor, resolve_model_source
+from visionbatch.preprocess import PreprocessSpec, UnsupportedProcessor, resolve_spec
+from visionbatch.sinks import Destination, DestinationError, ResultWriter, _Part
+from visionbatch.sources import Listing, SourceError, list_images, resolve
+
+log = logging.getLogger("visionbatch")
+
+# Environment variables that workers on other nodes need to see as the driver does.
+# Credentials are deliberately absent: each node uses its own environment.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
+                  "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+
+
+class JobError(Exception):
+    """The job cannot run; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A job's resolved execution plan: plain values shipped to every worker."""
+
+    source: ModelSource
+    spec: PreprocessSpec
+    labels: tuple[str, ...]
+    device: str
+    dtype: str
+    replicas: int
+    gpus_per_replica: float
+    cpus_per_replica: float
+    model_threads: int | None
+    batch_size: int
+    decode_batch_size: int
+
+
+@dataclass
+class Summary:
+    """What a job did, printed at the end and written to DEST/summary.json."""
+
+    model: str
+    device: str
+    dtype: str
+    dest: str | None = None
+    images_found: int = 0
+    already_done: int = 0
+    predicted: int = 0
+    failed: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    skipped_non_image: int = 0
+    unlabelled: int = 0
+    unmapped_folders: list[str] = field(default_factory=list)
+    labelled: int = 0
+    top1_correct: int = 0
+    top5_correct: int = 0
+    wall_time_s: float = 0.0
+    time_to_first_result_s: float | None = None
+    images_per_s: float = 0.0
+    batch_size: int = 0
+    replicas: int = 0
+
+    @property
+    def top1(self) -> float | None:
+        return self.top1_correct / self.labelled if self.labelled else None
+
+    @property
+    def top5(self) -> float | None:
+        return self.top5_correct / self.labelled if self.labelled else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "top1": self.top1, "top5": self.top5}
+
+    def add(self, table: pa.Table) -> None:
+        """Count one streamed block of result rows."""
+        errors = table.column("error").to_pylist()
+        for error in errors:
+            if error is None:
+                self.predicted += 1
+            else:
+                self.failed += 1
+                kind = error.split(":", 1)[0]
+                self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+        truths = table.column("true_label").to_pylist() if "true_label" in table.column_names else [None] * len(errors)
+        tops = table.column("top_k_labels").to_pylist()
+        for error, truth, top in zip(errors, truths, tops):
+            if error is None and truth is not None:
+                self.labelled += 1
+                self.top1_correct += top[0] == truth
+                self.top5_correct += truth in top[:5]
+
+    def format(self) -> str:
+        lines = [
+            f"images found      {self.images_found}" + (f" ({self.already_done} already done)" if self.already_done else ""),
+            f"predicted         {self.predicted}",
+            f"failed            {self.failed}"
+            + ("  (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items())) + ")" if self.failed else ""),
+            f"non-image skipped {self.skipped_non_image}",
+            f"wall time         {self.wall_time_s:.1f} s   ({self.images_per_s:.1f} images/s)",
+        ]
+        if self.labelled:
+            lines.append(f"top-1 accuracy    {self.top1:.2%}   top-5 {self.top5:.2%}   ({self.labelled} labelled)")
+        if self.unlabelled:
+            example = ", ".join(self.unmapped_folders[:5])
+            lines.append(f"unlabelled        {self.unlabelled} (folders with no matching class: {example}"
+                         + (", ..." if len(self.unmapped_folders) > 5 else "") + ")")
+        if self.dest:
+            lines.append(f"results           {self.dest}")
+        return "\n".join(lines)
+
+
+def _cluster_resources() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+
+
+def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: PreprocessSpec) -> Plan:
+    """Device, dtype, replicas and batch sizes from the options and the cluster."""
+    cpus, gpus = _cluster_resources()
+    device = config.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise JobError("--device cuda was asked for but the Ray cluster has no GPUs")
+    if device == "cuda":
+        replicas = config.replicas or max(1, int(gpus // config.gpus_per_replica))
+        gpus_per_replica = config.gpus_per_replica
+        # One CPU per GPU replica feeds it; the remaining CPUs decode.
+        cpus_per_replica, threads = 1.0, None
+        batch_size = config.batch_size or 256
+    else:
+        replicas = config.replicas or 1
+        gpus_per_replica = 0.0
+        # Decoding and resizing cost a few ms an image against tens of ms for the
+        # forward pass: the model replicas own all but one core per eight, and their
+        # torch threads match the cores they own so the two never over-subscribe.
+        decode_cpus = max(1, int(cpus) // 8)
+        cpus_per_replica = max(1.0, (cpus - decode_cpus) // replicas)
+        threads = int(cpus_per_replica)
+        batch_size = config.batch_size or 16
+    return Plan(
+        source=resolve_model_source(config.model),
+        spec=spec,
+        labels=tuple(id2label[i] for i in sorted(id2label)),
+        device=device,
+        dtype=config.dtype,
+        replicas=replicas,
+        gpus_per_replica=gpus_per_replica,
+        cpus_per_replica=cpus_per_replica,
+        model_threads=threads,
+        batch_size=batch_size,
+        decode_batch_size=config.decode_batch_size,
+    )
+
+
+def init_ray(address: str | None) -> None:
+    """Join a cluster (``--address``) or start a quiet local Ray: no dashboard, loopback only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    kwargs = dict(
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        include_dashboard=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise JobError(f"cannot {'reach the Ray cluster at ' + address if address else 'start a local Ray'}: "
+                       f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray.data", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the driver resolved before any work is submitted."""
+
+    config: ClassifyConfig
+    plan: Plan
+    listing: Listing
+    true_labels: list[str | None]
+    unmapped_folders: list[str]
+
+
+def prepare(config: ClassifyConfig) -> Prepared:
+    """List the sources, load the model's configs and resolve the plan (no data is read)."""
+    source = resolve_model_source(config.model)
+    model_config = load_config(source, config.trust_remote_code)
+    processor = load_processor(source, config.trust_remote_code)
+    try:
+        spec = resolve_spec(processor)
+    except UnsupportedProcessor as err:
+        raise JobError(str(err)) from None
+    if spec.output_size is None:
+        raise JobError(f"{type(processor).__name__} gives images of varying size; visionbatch needs a fixed input size")
+    try:
+        listing = list_images(config.sources, from_list=config.from_list, s3_endpoint=config.s3_endpoint)
+    except SourceError as err:
+        raise JobError(str(err)) from None
+    paths = listing.paths[: config.limit] if config.limit else listing.paths
+    if not paths:
+        raise JobError(f"no image files found in {', '.join(config.sources)}"
+                       + (f" ({listing.skipped_non_image} other files skipped)" if listing.skipped_non_image else ""))
+    listing = Listing(paths=paths, skipped_non_image=listing.skipped_non_image)
+    id2label = {int(k): v for k, v in model_config.id2label.items()}
+    true_labels, unmapped = _true_labels(config, id2label, paths)
+    init_ray(config.address)
+    _warn_local_paths_on_cluster(config)
+    return Prepared(config, resolve_plan(config, id2label, spec), listing, true_labels, unmapped)
+
+
+def _true_labels(config: ClassifyConfig, id2label: dict[int, str], paths: list[str]):
+    if config.labels == "none":
+        return [None] * len(paths), []
+    label_map_text = None
+    if config.label_map:
+        fs, path = resolve(config.label_map, config.s3_endpoint)
+        try:
+            with fs.open_input_stream(path) as stream:
+                label_map_text = stream.read().decode("utf-8")
+        except OSError as err:
+            raise JobError(f"cannot read --label-map {config.label_map}: {err}") from None
+    try:
+        resolver: LabelResolver = build_resolver(id2label, label_map_text)
+    except ValueError as err:
+        raise JobError(str(err)) from None
+    by_folder: dict[str, str | None] = {}
+    labels = []
+    for path in paths:
+        folder = folder_of(path)
+        if folder not in by_folder:
+            by_folder[folder] = resolver(folder)
+        labels.append(by_folder[folder])
+    return labels, sorted(f for f, label in by_folder.items() if label is None)
+
+
+def _warn_local_paths_on_cluster(config: ClassifyConfig) -> None:
+    import ray
+
+    from visionbatch.sources import is_remote
+
+    if not config.address or all(is_remote(s) for s in config.sources):
+        return
+    if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        log.warning("local paths with a multi-node cluster: workers on other nodes read their own disks, where "
+                    "these files may not exist. Put the images on shared storage (s3://, gs://, NFS) instead.")
+
+
+def build_dataset(prepared: Prepared, paths: list[str] | None = None, true_labels: list | None = None):
+    """The lazy Ray Data pipeline: paths -> decode/preprocess tasks -> predictor actors."""
+    import ray.data
+
+    plan, config = prepared.plan, prepared.config
+    paths = prepared.listing.paths if paths is None else paths
+    true_labels = prepared.true_labels if true_labels is None else true_labels
+    table = pa.table({"path": pa.array(paths, pa.string()),
+                      "true_label": pa.array([label or "" for label in true_labels], pa.string())})
+    # One input block per decode task, so that decoding spreads over the CPUs and
+    # streams into the actors from the first block on.
+    step = plan.decode_batch_size
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    with warnings.catch_warnings():
+        # Retry bounds are "ray_remote_args", deprecated without a named replacement yet;
+        # Ray's defaults retry failed tasks and dead actors forever.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        return _wire(ds, plan, config)
+
+
+def _wire(ds, plan: Plan, config: ClassifyConfig):
+    import ray.data
+
+    from visionbatch.decode import decode_batch
+
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs={"spec": plan.spec, "max_pixels": config.max_pixels, "s3_endpoint": config.s3_endpoint},
+        num_cpus=1,
+        max_retries=config.max_retries,
+    )
+    return ds.map_batches(
+        Predictor,
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "model": plan.source,
+            "scale": plan.spec.scale,
+            "offset": plan.spec.offset,
+            "top_k": config.top_k,
+            "device": plan.device,
+            "dtype": plan.dtype,
+            "allow_pickle": config.allow_pickle,
+            "trust_remote_code": config.trust_remote_code,
+            "num_threads": plan.model_threads,
+            "compile": config.compile,
+        },
+        compute=ray.data.ActorPoolStrategy(size=plan.replicas),
+        num_cpus=plan.cpus_per_replica,
+        num_gpus=plan.gpus_per_replica or None,
+        max_restarts=config.max_retries,
+        max_task_retries=config.max_retries,
+    )
+
+
+def classify(sources, model: str | None = None, **options):
+    """Classify every image under ``sources``; returns a lazy ``ray.data.Dataset`` of result rows."""
+    if model is not None:
+        options["model"] = model
+    config = config_from_kwargs(sources, **options)
+    return build_dataset(prepare(config))
+
+
+def run(sources, output: str, *, format: str = "parquet", overwrite: bool = False, resume: bool = False,
+        model: str | None = None, progress: bool = True, **options) -> Summary:
+    """Classify and write one row per image file to ``output``; returns the :class:`Summary`."""
+    if model is not None:
+        options["model"] = model
+    config = config_from_kwargs(sources, **options)
+    return run_job(config, OutputConfig(dest=output, format=format, overwrite=overwrite, resume=resume),
+                   progress=sys.stderr if progress else None)
+
+
+def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summary:
+    """Run a job to the end; ``progress`` is the stream for the progress bar (None: no bar)."""
+    started = time.monotonic()
+    try:
+        destination = Destination(output.dest, config.s3_endpoint)
+    except SourceError as err:
+        raise JobError(str(err)) from None
+    if destination.has_results() and not (output.overwrite or output.resume):
+        raise JobError(f"{output.dest} already holds results: pass --overwrite to replace them or --resume to continue")
+    prepared = prepare(config)
+    if output.overwrite:
+        destination.clear()
+    summary = Summary(model=config.model, device=prepared.plan.device, dtype=prepared.plan.dtype, dest=output.dest,
+                      batch_size=prepared.plan.batch_size, replicas=prepared.plan.replicas,
+                      skipped_non_image=prepared.listing.skipped_non_image,
+                      images_found=len(prepared.listing.paths), unmapped_folders=prepared.unmapped_folders)
+    summary.unlabelled = sum(label is None for label in prepared.true_labels) if config.labels != "none" else 0
+    earlier: list[_Part] = []
+    paths, true_labels = prepared.listing.paths, prepared.true_labels
+    if output.resume:
+        earlier, done = _committed_progress(destination, summary)
+        todo = [i for i, p in enumerate(paths) if p not in done]
+        summary.already_done = len(paths) - len(todo)
+        paths, true_labels = [paths[i] for i in todo], [true_labels[i] for i in todo]
+    writer = ResultWriter(destination, output.format, output.rows_per_file)
+    from tqdm import tqdm
+
+    bar = tqdm(total=summary.images_found, initial=summary.already_done, unit="img", disable=progress is None,
+               dynamic_ncols=True, file=progress, desc="classify", smoothing=0.1)
+    try:
+        if paths:
+            for table in build_dataset(prepared, paths, true_labels).iter_batches(batch_size=None, batch_format="pyarrow"):
+                if summary.time_to_first_result_s is None:
+                    summary.time_to_first_result_s = time.monotonic() - started
+                writer.write(table)
+                summary.add(table)
+                bar.update(table.num_rows)
+    except KeyboardInterrupt:
+        writer.flush()
+        bar.close()
+        raise JobError(f"interrupted; finished rows are saved in {output.dest}: rerun the same command with --resume")
+    finally:
+        bar.close()
+    summary.wall_time_s = time.monotonic() - started
+    computed = summary.predicted + summary.failed - summary.already_done
+    summary.images_per_s = computed / summary.wall_time_s if summary.wall_time_s else 0.0
+    writer.commit(earlier)
+    destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+    return summary
+
+
+def _committed_progress(destination: Destination, summary: Summary) -> tuple[list[_Part], set[str]]:
+    """Part files an interrupted run committed, counted into ``summary``; and their paths."""
+    parts, done = [], set()
+    for name in destination.part_files():
+        table = destination.read_table([name])
+        parts.append(_Part(name, table.num_rows))
+        done.update(table.column("path").to_pylist())
+        summary.add(table)
+    return parts, done
