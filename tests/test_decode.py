@@ -1,0 +1,91 @@
+"""Every image-mode and format oddity becomes an RGB image or a typed error, never a crash."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionbatch.decode import DecodeError, decode_batch, decode_image
+from visionbatch.preprocess import resolve_spec
+
+from conftest import write_huge_png, write_image
+
+LIMIT = 89_478_485
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _rgb(size=(40, 30)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
+                                      ("I;16", "PNG"), ("1", "BMP"), ("RGB", "WEBP"), ("RGB", "TIFF"), ("P", "GIF")])
+def test_modes_convert_to_rgb(mode, fmt):
+    image = decode_image(_encode(_rgb().convert(mode), fmt), LIMIT)
+    assert image.mode == "RGB" and image.size == (40, 30)
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("RGB", (20, 10), color) for color in ("red", "blue")]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    image = decode_image(data, LIMIT)
+    assert image.getpixel((0, 0))[0] > 200  # red, the first frame
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    data = _encode(_rgb((40, 30)), "JPEG", exif=exif.tobytes())
+    assert decode_image(data, LIMIT).size == (30, 40)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (8000, 8)])
+def test_extreme_shapes(size):
+    assert decode_image(_encode(_rgb(size), "PNG"), LIMIT).size == size
+
+
+@pytest.mark.parametrize("data,kind", [(b"", "empty_file"), (b"hello" * 10, "not_an_image"),
+                                       (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not_an_image")])
+def test_bad_bytes(data, kind):
+    with pytest.raises(DecodeError) as err:
+        decode_image(data, LIMIT)
+    assert err.value.kind == kind
+
+
+def test_truncated_jpeg():
+    data = _encode(_rgb((300, 200)), "JPEG")
+    with pytest.raises(DecodeError) as err:
+        decode_image(data[: len(data) // 2], LIMIT)
+    assert err.value.kind == "truncated" and err.value.size == (300, 200)
+
+
+def test_pixel_limit_from_header(tmp_path):
+    data = write_huge_png(tmp_path / "huge.png").read_bytes()
+    with pytest.raises(DecodeError) as err:
+        decode_image(data, LIMIT)
+    assert err.value.kind == "too_large" and err.value.size == (30000, 30000)
+    with pytest.raises(DecodeError) as err:
+        decode_image(_encode(_rgb((100, 100)), "PNG"), max_pixels=9999)
+    assert err.value.kind == "too_large"
+
+
+def test_decode_batch_keeps_every_row(tmp_path):
+    from transformers import ViTImageProcessor
+
+    spec = resolve_spec(ViTImageProcessor(size={"height": 32, "width": 32}))
+    good = write_image(tmp_path / "good.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    paths = np.array([str(good), str(tmp_path / "empty.jpg"), str(tmp_path / "missing.jpg")], dtype=object)
+    out = decode_batch({"path": paths, "true_label": np.array(["a", "", "b"], dtype=object)}, spec=spec, max_pixels=LIMIT)
+    assert out["pixels"].shape == (3, 32, 32, 3) and out["pixels"].dtype == np.uint8
+    assert out["error"][0] == "" and out["error"][1].startswith("empty_file")
+    assert out["error"][2].startswith("read_error")
+    assert list(out["width"]) == [64, -1, -1] and list(out["true_label"]) == ["a", "", "b"]
