@@ -46,6 +46,7 @@ when there is nothing to compute it over (e.g. no labelled rows)::
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +65,6 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def _error_counts(errors: pa.ChunkedArray) -> dict[str, int]:
-    kinds = pc.utf8_split_whole_string if False else None  # noqa: F841 (placeholder removed below)
     failed = pc.drop_null(errors)
     if not len(failed):
         return {}
@@ -115,12 +115,12 @@ def compute_metrics(table: pa.Table, max_classes: int = 1000) -> dict:
     ok = pc.is_null(errors)
     labelled_mask = pc.and_(ok, pc.is_valid(table.column("true_label")))
     labelled = table.filter(labelled_mask)
-    n_labelled, n_errors = labelled.num_rows, errors.null_count and (len(errors) - errors.null_count) or len(errors) - errors.null_count
+    n_labelled, n_errors = labelled.num_rows, len(errors) - errors.null_count
 
     truths = labelled.column("true_label")
     y_true = np.asarray(truths.to_pylist(), dtype=object)
-    # A labelled row always has a prediction; "" stands in defensively for a missing one.
-    y_pred = np.asarray(pc.fill_null(labelled.column("label"), "").to_pylist(), dtype=object)
+    # A row without an error always has a prediction; the stand-in only guards odd input.
+    y_pred = np.asarray(pc.fill_null(labelled.column("label"), "<no prediction>").to_pylist(), dtype=object)
     scores = pc.fill_null(labelled.column("score"), 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
     correct = y_true == y_pred
     top_k = pc.max(pc.list_value_length(table.column("top_k_labels"))).as_py() if table.num_rows else None
@@ -163,7 +163,9 @@ def compute_metrics(table: pa.Table, max_classes: int = 1000) -> dict:
         if len(classes) > max_classes:  # a dense matrix over every class could be huge
             involvement = {c["label"]: c["support"] + c["predicted"] for c in per_class}
             kept = sorted(sorted(classes, key=lambda c: -involvement[c])[:max_classes])
-        matrix = confusion_matrix(y_true, y_pred, labels=kept)
+        with warnings.catch_warnings():  # sklearn warns about any 1x1 matrix, even one asked for
+            warnings.filterwarnings("ignore", message="A single label was found")
+            matrix = confusion_matrix(y_true, y_pred, labels=kept)
         rows, cols = np.nonzero(matrix)
         order = np.lexsort((cols, rows, -matrix[rows, cols]))
         confusion = {

@@ -179,6 +179,8 @@ def init_ray(address: str | None) -> None:
     """Join a cluster (``--address``) or start a quiet local Ray: no dashboard, loopback only."""
     import ray
 
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -198,6 +200,20 @@ def init_ray(address: str | None) -> None:
         raise JobError(f"cannot {'reach the Ray cluster at ' + address if address else 'start a local Ray'}: "
                        f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
     _quiet_ray_data()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on an unreachable cluster: ray.init retries for minutes."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as err:
+        raise JobError(f"cannot reach the Ray cluster at {address}: {err}") from None
 
 
 def _quiet_ray_data() -> None:
@@ -401,6 +417,13 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
         writer.flush()
         bar.close()
         raise JobError(f"interrupted; finished rows are saved in {output.dest}: rerun the same command with --resume")
+    except Exception as err:
+        import ray.exceptions
+
+        if not isinstance(err, ray.exceptions.RayError):
+            raise
+        writer.flush()  # keep what finished: --resume continues from it
+        raise JobError(f"the job failed: {_root_cause(err)}") from None
     finally:
         bar.close()
     summary.wall_time_s = time.monotonic() - started
@@ -409,6 +432,17 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
     writer.commit(earlier)
     destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     return summary
+
+
+def _root_cause(err: Exception) -> str:
+    """The innermost 'SomeError: message' line of a Ray error (which nests tracebacks)."""
+    import re
+
+    causes = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", str(err), flags=re.MULTILINE)
+    if not causes:
+        return type(err).__name__
+    kind, message = causes[-1]
+    return message if kind == "ModelLoadError" else f"{kind}: {message}"
 
 
 def _committed_progress(destination: Destination, summary: Summary) -> tuple[list[_Part], set[str]]:

@@ -94,7 +94,7 @@ def _decode(data: bytes, fmt: str) -> pa.Table:
         import pyarrow.csv as pacsv
 
         types = {f.name: (pa.string() if f.name in _LIST_COLUMNS else f.type) for f in RESULT_SCHEMA}
-        table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types))
+        table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
         for name in _LIST_COLUMNS:
             decoded = [None if v is None else json.loads(v) for v in table.column(name).to_pylist()]
             table = table.set_column(table.schema.get_field_index(name), name, pa.array(decoded, RESULT_SCHEMA.field(name).type))

@@ -1,0 +1,140 @@
+"""End to end through real Ray: parity with transformers, bad files, the CLI and its exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+import visionbatch
+from visionbatch.cli import main
+from visionbatch.sinks import RESULT_SCHEMA, read_results
+
+from conftest import ROOT
+
+
+def _reference(model_dir: str, files: list[str]) -> list[dict]:
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=model_dir, device="cpu")
+    return [out[0] for out in classifier(files, top_k=1, batch_size=16)]
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_vit", "tiny_convnext"])
+def test_parity_with_transformers_pipeline(model_fixture, sample_dir, request):
+    model_dir = request.getfixturevalue(model_fixture)
+    rows = visionbatch.classify([str(sample_dir)], model=model_dir, top_k=5).take_all()
+    assert len(rows) == 200 and all(r["error"] is None for r in rows)
+    ours = {r["path"]: r for r in rows}
+    files = sorted(ours)
+    reference = _reference(model_dir, files)
+    same = sum(ours[f]["label"] == ref["label"] for f, ref in zip(files, reference))
+    worst = max(abs(ours[f]["score"] - ref["score"]) for f, ref in zip(files, reference))
+    assert same / len(files) >= 0.995, f"top-1 agrees on {same}/{len(files)}"
+    assert worst <= 0.01, f"largest score difference {worst}"
+    # The scaled head makes scores informative: a parity test on ~uniform scores proves nothing.
+    assert max(r["score"] for r in rows) > 0.05
+
+
+def test_cli_on_sample_images(sample_dir, tiny_vit, tmp_path, capfd):
+    dest = tmp_path / "out"
+    assert main(["classify", str(sample_dir), "--model", tiny_vit, "--output", str(dest)]) == 0
+    table = read_results(str(dest))
+    assert table.num_rows == 200 and table.schema == RESULT_SCHEMA
+    assert table.column("true_label").null_count == 0
+    assert table.column("error").null_count == 200
+    assert all(len(labels) == 5 for labels in table.column("top_k_labels").to_pylist())
+    out = capfd.readouterr().out
+    assert "images found      200" in out and "top-1 accuracy" in out
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["predicted"] == 200 and summary["labelled"] == 200
+    assert (dest / "metrics.json").exists()
+
+
+def test_bad_files_get_error_rows(bad_tree, tiny_vit, tmp_path):
+    root, expected = bad_tree
+    dest = tmp_path / "out"
+    summary = visionbatch.run([str(root)], str(dest), model=tiny_vit, progress=False)
+    rows = {Path(r["path"]).name: r for r in read_results(str(dest)).to_pylist()}
+    assert len(rows) == 7 == summary.images_found
+    for name, kind in expected.items():
+        assert rows[name]["error"].startswith(kind + ":"), rows[name]["error"]
+        assert rows[name]["label"] is None and rows[name]["correct"] is None
+    assert rows["huge.png"]["width"] == 30000 and rows["huge.png"]["height"] == 30000
+    for name in ("good0.jpg", "good1.jpg", "good2.jpg"):
+        assert rows[name]["error"] is None and rows[name]["label"] and rows[name]["true_label"] == "tench, Tinca tinca"
+    assert summary.failed == 4 and summary.predicted == 3
+    assert summary.errors_by_kind == {"empty_file": 1, "not_an_image": 1, "truncated": 1, "too_large": 1}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_other_formats_and_no_labels(fmt, image_tree, tiny_vit, tmp_path):
+    dest = tmp_path / "out"
+    summary = visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, format=fmt, labels="none",
+                              top_k=3, progress=False)
+    table = read_results(str(dest))
+    assert table.num_rows == 12 and summary.skipped_non_image == 1
+    assert table.column("true_label").null_count == 12 and table.column("correct").null_count == 12
+    assert {len(v) for v in table.column("top_k_scores").to_pylist()} == {3}
+    assert len(list(dest.glob(f"part-*.{fmt}"))) >= 1
+
+
+def test_refuses_to_overwrite_unless_asked(image_tree, tiny_vit, tmp_path, capfd):
+    dest = str(tmp_path / "out")
+    args = ["classify", str(image_tree), "--model", tiny_vit, "--output", dest, "--quiet"]
+    assert main(args) == 0
+    first = read_results(dest)
+    assert main(args) == 1
+    assert "already holds results" in capfd.readouterr().err
+    assert read_results(dest).equals(first)
+    assert main(args + ["--overwrite", "--limit", "5"]) == 0
+    assert read_results(dest).num_rows == 5
+    assert len(list(Path(dest).glob("part-*"))) == 1  # the old parts are gone
+
+
+@pytest.mark.parametrize("args,message", [
+    (["classify", "{empty}", "--model", "{model}", "--output", "{dest}"], "no image files found"),
+    (["classify", "{empty}/missing", "--model", "{model}", "--output", "{dest}"], "source not found"),
+    (["classify", "{images}", "--model", "{empty}/no-model", "--output", "{dest}"], "model folder not found"),
+    (["classify", "{images}", "--model", "{model}", "--output", "{dest}", "--address", "127.0.0.1:9"],
+     "cannot reach the Ray cluster"),
+])
+def test_failures_exit_non_zero_with_one_line(args, message, image_tree, tiny_vit, tmp_path, capfd):
+    (tmp_path / "empty").mkdir()
+    values = {"empty": tmp_path / "empty", "model": tiny_vit, "dest": tmp_path / "out", "images": image_tree}
+    started = time.monotonic()
+    assert main([a.format(**values) for a in args]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("visionbatch: error:")
+    assert time.monotonic() - started < 15
+
+
+def test_corrupt_weights_fail_with_the_reason(image_tree, tiny_vit, tmp_path, capfd):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_vit, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage" * 100)
+    assert main(["classify", str(image_tree), "--model", str(broken), "--output", str(tmp_path / "o"), "-q"]) == 1
+    err = capfd.readouterr().err
+    assert "cannot load model" in err and "Traceback" not in err
+
+
+def test_command_in_a_fresh_process(image_tree, tiny_vit, tmp_path):
+    """The installed console script: exit codes, a usage error, and a quiet terminal."""
+    exe = Path(sys.executable).with_name("visionbatch")
+    usage = subprocess.run([str(exe), "classify", str(image_tree)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "--output" in usage.stderr
+    done = subprocess.run([str(exe), "classify", str(image_tree), "--model", tiny_vit, "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "predicted         12" in done.stdout
+    # Ray's own logging stays in its log files; the terminal gets our progress bar only.
+    noise = [line for line in done.stderr.splitlines() if line.strip() and "classify" not in line]
+    assert not noise, noise
