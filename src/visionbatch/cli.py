@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import NamedTuple, TextIO
 
 from visionbatch.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, ClassifyConfig, OutputConfig
 
@@ -44,6 +45,8 @@ def _classify_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--overwrite", action="store_true", help="replace results already in DEST")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job into the same DEST")
+    p.add_argument("--rows-per-file", type=int, default=100_000,
+                   help="rows per result file (default 100000); progress is also committed every 30 s")
     p.add_argument("--report", metavar="PATH", help="also write the HTML report to PATH")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
 
@@ -80,45 +83,46 @@ def _run_classify(args) -> int:
         max_pixels=args.max_pixels, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         s3_endpoint=args.s3_endpoint, address=args.address, compile=args.compile,
     )
-    output = OutputConfig(dest=args.output, format=args.format, overwrite=args.overwrite, resume=args.resume)
-    summary = run_job(config, output, progress=None if args.quiet else args.terminal)
+    output = OutputConfig(dest=args.output, format=args.format, overwrite=args.overwrite, resume=args.resume,
+                          rows_per_file=args.rows_per_file)
+    summary = run_job(config, output, progress=None if args.quiet else args.terminal.err)
     if not args.quiet:
-        print(summary.format())
+        print(summary.format(), file=args.terminal.out)
     if summary.labelled:
         from visionbatch.evaluate import evaluate_dest, format_metrics
 
         metrics = evaluate_dest(args.output, args.s3_endpoint)
         if not args.quiet:
-            print(format_metrics(metrics))
+            print(format_metrics(metrics), file=args.terminal.out)
     if args.report:
-        _write_report(args.output, args.report, args.s3_endpoint, args.quiet)
+        _write_report(args.output, args.report, args.s3_endpoint, None if args.quiet else args.terminal.out)
     return EXIT_OK
 
 
 def _run_evaluate(args) -> int:
     from visionbatch.evaluate import evaluate_dest, format_metrics
 
-    print(format_metrics(evaluate_dest(args.dest, args.s3_endpoint)))
+    print(format_metrics(evaluate_dest(args.dest, args.s3_endpoint)), file=args.terminal.out)
     return EXIT_OK
 
 
-def _write_report(dest: str, html: str, s3_endpoint: str | None, quiet: bool = False) -> None:
+def _write_report(dest: str, html: str, s3_endpoint: str | None, out) -> None:
     from visionbatch.report import write_report
 
     written = write_report(dest, html, s3_endpoint)
-    if not quiet:
-        print(f"report            {written}")
+    if out is not None:
+        print(f"report            {written}", file=out)
 
 
 def _run_report(args) -> int:
-    _write_report(args.dest, args.html, args.s3_endpoint)
+    _write_report(args.dest, args.html, args.s3_endpoint, args.terminal.out)
     return EXIT_OK
 
 
 def _run_models(args) -> int:
     from visionbatch.zoo import make_efficientnet_lite0
 
-    print(f"wrote {make_efficientnet_lite0(args.out)}")
+    print(f"wrote {make_efficientnet_lite0(args.out)}", file=args.terminal.out)
     return EXIT_OK
 
 
@@ -149,11 +153,22 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
-            print(f"visionbatch: error: {err}", file=terminal)
+            print(f"visionbatch: error: {err}", file=terminal.err)
             return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
         except KeyboardInterrupt:
-            print("visionbatch: interrupted", file=terminal)
+            print("visionbatch: interrupted", file=terminal.err)
             return 130
+        finally:
+            _stop_ray()
+
+
+def _stop_ray() -> None:
+    """Shut a local Ray down while its late log lines still go to the log file."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def _log_path() -> str:
@@ -162,32 +177,38 @@ def _log_path() -> str:
     return os.path.join(folder, f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 
 
+class Terminal(NamedTuple):
+    out: TextIO
+    err: TextIO
+
+
 @contextlib.contextmanager
 def _library_noise_to(log_path: str):
-    """Send everything written to stderr (Ray's C++ core, library warnings) to a log file.
+    """Send everything libraries write to stdout/stderr (Ray's C++ core and its error
+    relay, warnings) to a log file, and give our own output copies of the terminal.
 
-    Ray's driver-side core worker logs to file descriptor 2 directly, so redirecting
-    Python's ``sys.stderr`` alone is not enough. The terminal keeps a copy of the
-    original descriptor: the progress bar, warnings and errors of our own go there.
+    Ray's core worker writes to file descriptors 1 and 2 directly, so redirecting
+    Python's ``sys.stdout``/``sys.stderr`` alone is not enough.
     """
+    sys.stdout.flush()
     sys.stderr.flush()
-    terminal = os.fdopen(os.dup(2), "w", buffering=1)
-    saved = sys.stderr
+    terminal = Terminal(os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(2), "w", buffering=1))
+    saved = sys.stdout, sys.stderr
     with open(log_path, "a", buffering=1) as log_file:
+        os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
-        sys.stderr = log_file
-        handler = logging.StreamHandler(terminal)
+        sys.stdout = sys.stderr = log_file
+        handler = logging.StreamHandler(terminal.err)
         handler.setFormatter(logging.Formatter("visionbatch: %(levelname)s: %(message)s"))
-        logging.getLogger("visionbatch").addHandler(handler)
-        logging.getLogger("visionbatch").propagate = False
+        logger = logging.getLogger("visionbatch")
+        logger.addHandler(handler)
+        logger.propagate = False
         try:
             yield terminal
         finally:
-            logging.getLogger("visionbatch").removeHandler(handler)
-            sys.stderr = saved
-            os.dup2(terminal.fileno(), 2)
-            terminal.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            logger.removeHandler(handler)
+            sys.stdout, sys.stderr = saved
+            os.dup2(terminal.out.fileno(), 1)
+            os.dup2(terminal.err.fileno(), 2)
+            terminal.out.close()
+            terminal.err.close()

@@ -7,7 +7,7 @@ the pipeline reads only it. Defaults live here once.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
@@ -79,7 +79,7 @@ class OutputConfig:
     overwrite: bool = False
     resume: bool = False
     rows_per_file: int = 100_000
-    extra: dict = field(default_factory=dict)
+    flush_seconds: float = 30.0  # progress is committed at least this often (what --resume keeps)
 
 
 def config_from_kwargs(sources: str | Sequence[str], **options) -> ClassifyConfig:

@@ -9,6 +9,7 @@ never raises past this module: every failure becomes a :class:`DecodeError` whos
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -87,7 +88,10 @@ def decode_batch(
     widths = np.full(n, -1, dtype=np.int32)
     heights = np.full(n, -1, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
+    crash_on = os.environ.get("VISIONBATCH_FAILPOINT_EXIT_ON")
     for i, path in enumerate(paths):
+        if crash_on and crash_on in path:  # a failpoint for fault tests: die like a segfaulting decoder
+            os._exit(70)
         try:
             data = open_and_read(path, s3_endpoint)
         except Exception as err:  # missing, permission, network: keep the row

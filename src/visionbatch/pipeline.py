@@ -9,6 +9,7 @@ progress bar and returns a :class:`Summary`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
 from visionbatch.model import ModelSource, Predictor, load_config, load_processor, resolve_model_source
 from visionbatch.preprocess import PreprocessSpec, UnsupportedProcessor, resolve_spec
-from visionbatch.sinks import Destination, DestinationError, ResultWriter, _Part
+from visionbatch.sinks import Destination, ResultWriter, _Part, conform
 from visionbatch.sources import Listing, SourceError, list_images, resolve
 
 log = logging.getLogger("visionbatch")
@@ -195,7 +196,7 @@ def init_ray(address: str | None) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+            ray.init(address="local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise JobError(f"cannot {'reach the Ray cluster at ' + address if address else 'start a local Ray'}: "
                        f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
@@ -301,8 +302,12 @@ def _warn_local_paths_on_cluster(config: ClassifyConfig) -> None:
                     "these files may not exist. Put the images on shared storage (s3://, gs://, NFS) instead.")
 
 
-def build_dataset(prepared: Prepared, paths: list[str] | None = None, true_labels: list | None = None):
-    """The lazy Ray Data pipeline: paths -> decode/preprocess tasks -> predictor actors."""
+def build_dataset(prepared: Prepared, paths: list[str] | None = None, true_labels: list | None = None,
+                  isolate: bool = False):
+    """The lazy Ray Data pipeline: paths -> decode/preprocess tasks -> predictor actors.
+
+    ``isolate``: one file per task and per model call, so a failure takes only its own file.
+    """
     import ray.data
 
     plan, config = prepared.plan, prepared.config
@@ -312,16 +317,16 @@ def build_dataset(prepared: Prepared, paths: list[str] | None = None, true_label
                       "true_label": pa.array([label or "" for label in true_labels], pa.string())})
     # One input block per decode task, so that decoding spreads over the CPUs and
     # streams into the actors from the first block on.
-    step = plan.decode_batch_size
+    step = 1 if isolate else plan.decode_batch_size
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     with warnings.catch_warnings():
         # Retry bounds are "ray_remote_args", deprecated without a named replacement yet;
         # Ray's defaults retry failed tasks and dead actors forever.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        return _wire(ds, plan, config)
+        return _wire(ds, plan, config, 1 if isolate else plan.batch_size)
 
 
-def _wire(ds, plan: Plan, config: ClassifyConfig):
+def _wire(ds, plan: Plan, config: ClassifyConfig, batch_size: int):
     import ray.data
 
     from visionbatch.decode import decode_batch
@@ -336,7 +341,7 @@ def _wire(ds, plan: Plan, config: ClassifyConfig):
     )
     return ds.map_batches(
         Predictor,
-        batch_size=plan.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={
             "model": plan.source,
@@ -367,13 +372,15 @@ def classify(sources, model: str | None = None, **options):
 
 
 def run(sources, output: str, *, format: str = "parquet", overwrite: bool = False, resume: bool = False,
-        model: str | None = None, progress: bool = True, **options) -> Summary:
+        rows_per_file: int = 100_000, flush_seconds: float = 30.0, model: str | None = None,
+        progress: bool = True, **options) -> Summary:
     """Classify and write one row per image file to ``output``; returns the :class:`Summary`."""
     if model is not None:
         options["model"] = model
     config = config_from_kwargs(sources, **options)
-    return run_job(config, OutputConfig(dest=output, format=format, overwrite=overwrite, resume=resume),
-                   progress=sys.stderr if progress else None)
+    output_config = OutputConfig(dest=output, format=format, overwrite=overwrite, resume=resume,
+                                 rows_per_file=rows_per_file, flush_seconds=flush_seconds)
+    return run_job(config, output_config, progress=sys.stderr if progress else None)
 
 
 def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summary:
@@ -400,19 +407,22 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
         todo = [i for i, p in enumerate(paths) if p not in done]
         summary.already_done = len(paths) - len(todo)
         paths, true_labels = [paths[i] for i in todo], [true_labels[i] for i in todo]
-    writer = ResultWriter(destination, output.format, output.rows_per_file)
+    writer = ResultWriter(destination, output.format, output.rows_per_file, output.flush_seconds)
     from tqdm import tqdm
 
     bar = tqdm(total=summary.images_found, initial=summary.already_done, unit="img", disable=progress is None,
                dynamic_ncols=True, file=progress, desc="classify", smoothing=0.1)
+    job = _Job(prepared, writer, summary, bar, started, seen=done if output.resume else set())
     try:
-        if paths:
-            for table in build_dataset(prepared, paths, true_labels).iter_batches(batch_size=None, batch_format="pyarrow"):
-                if summary.time_to_first_result_s is None:
-                    summary.time_to_first_result_s = time.monotonic() - started
-                writer.write(table)
-                summary.add(table)
-                bar.update(table.num_rows)
+        with _failures_become_rows(), _sigterm_as_interrupt():
+            job.stream(paths, true_labels)
+            lost = [i for i, path in enumerate(paths) if path not in job.seen]
+            if lost:
+                # A block whose task kept failing (a file that kills its worker, a dead
+                # node) was dropped; retry its files one per task to isolate the culprit.
+                log.warning("%d files were in failed tasks; retrying them one file per task", len(lost))
+                job.stream([paths[i] for i in lost], [true_labels[i] for i in lost], isolate=True)
+            job.write_failures(paths, true_labels)
     except KeyboardInterrupt:
         writer.flush()
         bar.close()
@@ -432,6 +442,83 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
     writer.commit(earlier)
     destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     return summary
+
+
+@dataclass
+class _Job:
+    """The driver's side of a run: stream result blocks into the writer, exactly once per path."""
+
+    prepared: Prepared
+    writer: ResultWriter
+    summary: Summary
+    bar: object
+    started: float
+    seen: set[str]
+
+    def stream(self, paths: list[str], true_labels: list, isolate: bool = False) -> None:
+        ds = build_dataset(self.prepared, paths, true_labels, isolate=isolate)
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            fresh = [path not in self.seen for path in table.column("path").to_pylist()]
+            if not all(fresh):  # a retried task may deliver rows already written
+                table = table.filter(pa.array(fresh))
+            self.seen.update(table.column("path").to_pylist())
+            if self.summary.time_to_first_result_s is None:
+                self.summary.time_to_first_result_s = time.monotonic() - self.started
+            self.writer.write(table)
+            self.summary.add(table)
+            self.bar.update(table.num_rows)
+
+    def write_failures(self, paths: list[str], true_labels: list) -> None:
+        """Rows for files whose every attempt failed, so that rows out = files in."""
+        lost = [i for i, path in enumerate(paths) if path not in self.seen]
+        if not lost:
+            return
+        retries = self.prepared.config.max_retries
+        table = conform(pa.table({
+            "path": pa.array([paths[i] for i in lost], pa.string()),
+            "true_label": pa.array([true_labels[i] for i in lost], pa.string()),
+            "error": pa.array([f"worker_crash: processing this file failed {retries + 1} times "
+                               "(its worker process died or its task failed)"] * len(lost), pa.string()),
+        }))
+        self.seen.update(table.column("path").to_pylist())
+        self.writer.write(table)
+        self.summary.add(table)
+        self.bar.update(table.num_rows)
+
+
+@contextlib.contextmanager
+def _failures_become_rows():
+    """Let Ray Data drop blocks whose tasks failed all their retries instead of failing
+    the job; the driver finds their files missing and retries or records them."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved, context.max_errored_blocks = context.max_errored_blocks, -1
+    try:
+        yield
+    finally:
+        context.max_errored_blocks = saved
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues
+    (ray.init installs its own SIGTERM handler, which would exit without flushing)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
 
 
 def _root_cause(err: Exception) -> str:
