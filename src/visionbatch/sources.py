@@ -43,7 +43,11 @@ def is_remote(uri: str) -> bool:
 
 def s3_endpoint_from_env(explicit: str | None) -> str | None:
     """The S3-compatible endpoint: the explicit option, else the standard AWS variable."""
-    return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "@" in urllib.parse.urlparse(endpoint).netloc:
+        raise SourceError("refusing an S3 endpoint URL with embedded credentials: pass credentials through "
+                          "the environment (AWS_ACCESS_KEY_ID, ...) instead")
+    return endpoint
 
 
 @functools.lru_cache(maxsize=32)
