@@ -19,6 +19,7 @@ from transformers import (  # noqa: E402
     pipeline,
 )
 
+import visionbatch  # noqa: E402
 from visionbatch.imagenet import imagenet_classes  # noqa: E402
 from visionbatch.zoo import lite0_config, lite0_state_dict, make_efficientnet_lite0  # noqa: E402
 
@@ -132,7 +133,8 @@ def test_matches_reference_lite0_at_224(lite0_model, checkpoint):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_pipeline_accuracy_on_imagenet_sample(lite0_dir):
+def test_real_accuracy_matches_the_transformers_pipeline(lite0_dir, tmp_path):
+    """Real weights show what random ones cannot: that preprocessing is right end to end."""
     if not SAMPLE.is_dir():
         pytest.skip(f"ImageNet sample images not found at {SAMPLE} (see shared/data/README.md)")
     files = sorted(p for p in SAMPLE.glob("*/*") if p.is_file())
@@ -141,5 +143,10 @@ def test_pipeline_accuracy_on_imagenet_sample(lite0_dir):
     results = classify([str(p) for p in files], top_k=1, batch_size=16)
     label_of = dict(imagenet_classes())
     hits = sum(r[0]["label"] == label_of[p.parent.name] for p, r in zip(files, results))
-    top1 = hits / len(files)
-    assert top1 > 0.6, f"top-1 {top1:.1%} on {len(files)} sample images"
+    reference_top1 = hits / len(files)
+    summary = visionbatch.run([str(SAMPLE)], str(tmp_path / "out"), model=str(lite0_dir), progress=False)
+    print(f"\nEfficientNet-Lite0 on {len(files)} sample images: transformers pipeline top-1 {reference_top1:.1%}; "
+          f"visionbatch top-1 {summary.top1:.1%}, top-5 {summary.top5:.1%}")
+    assert summary.labelled == len(files)
+    assert reference_top1 > 0.6 and summary.top1 > 0.6
+    assert abs(summary.top1 - reference_top1) <= 0.005
