@@ -28,6 +28,8 @@ def _classify_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: 256 on GPU, 16 on CPU)")
     p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU, or one on CPU)")
     p.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs per model replica (default 1)")
+    p.add_argument("--threads", type=int, dest="model_threads",
+                   help="torch threads per CPU model replica (default: all cores but one in eight)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
@@ -78,7 +80,8 @@ def _run_classify(args) -> int:
 
     config = ClassifyConfig(
         sources=tuple(args.sources), model=args.model, top_k=args.top_k, batch_size=args.batch_size,
-        replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, device=args.device, dtype=args.dtype,
+        replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, model_threads=args.model_threads,
+        device=args.device, dtype=args.dtype,
         limit=args.limit, from_list=args.from_list, labels=args.labels, label_map=args.label_map,
         max_pixels=args.max_pixels, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         s3_endpoint=args.s3_endpoint, address=args.address, compile=args.compile,
@@ -126,10 +129,15 @@ def _run_models(args) -> int:
     return EXIT_OK
 
 
+def _bench_parser(sub) -> None:
+    sub.add_parser("bench", add_help=False, help="benchmark visionbatch against the seed and plain transformers "
+                   "(visionbatch bench --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionbatch", description="Batch image classification on Ray Data and Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_classify_parser, _evaluate_parser, _report_parser, _models_parser):
+    for add in (_classify_parser, _evaluate_parser, _report_parser, _models_parser, _bench_parser):
         add(sub)
     return parser
 
@@ -142,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark has its own options and its own output
+        from visionbatch.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     from visionbatch.model import ModelLoadError
     from visionbatch.pipeline import JobError
@@ -212,3 +225,7 @@ def _library_noise_to(log_path: str):
             os.dup2(terminal.err.fileno(), 2)
             terminal.out.close()
             terminal.err.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

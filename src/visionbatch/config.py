@@ -33,6 +33,7 @@ class ClassifyConfig:
     batch_size: int | None = None  # None: chosen per device (see pipeline.resolve_plan)
     replicas: int | None = None  # None: one per GPU, or one CPU replica
     gpus_per_replica: float = 1.0
+    model_threads: int | None = None  # None: see pipeline.cpu_model_threads
     device: Device = "auto"
     dtype: DType = "auto"
     limit: int | None = None

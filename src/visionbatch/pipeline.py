@@ -9,6 +9,7 @@ progress bar and returns a :class:`Summary`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -78,6 +79,7 @@ class Summary:
     wall_time_s: float = 0.0
     time_to_first_result_s: float | None = None
     images_per_s: float = 0.0
+    steady_images_per_s: float | None = None  # after the first result: excludes start-up
     batch_size: int = 0
     replicas: int = 0
 
@@ -137,6 +139,15 @@ def _cluster_resources() -> tuple[float, float]:
     return resources.get("CPU", 1.0), resources.get("GPU", 0.0)
 
 
+def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
+    """Torch threads per CPU model replica.
+
+    Decoding and resizing cost a few ms an image against tens of ms for the forward
+    pass, so the replicas get all but one core per eight; decode tasks use the rest.
+    """
+    return max(1, (cpus - max(1, cpus // 8)) // replicas)
+
+
 def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: PreprocessSpec) -> Plan:
     """Device, dtype, replicas and batch sizes from the options and the cluster."""
     cpus, gpus = _cluster_resources()
@@ -154,12 +165,8 @@ def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: Preproc
     else:
         replicas = config.replicas or 1
         gpus_per_replica = 0.0
-        # Decoding and resizing cost a few ms an image against tens of ms for the
-        # forward pass: the model replicas own all but one core per eight, and their
-        # torch threads match the cores they own so the two never over-subscribe.
-        decode_cpus = max(1, int(cpus) // 8)
-        cpus_per_replica = max(1.0, (cpus - decode_cpus) // replicas)
-        threads = int(cpus_per_replica)
+        threads = config.model_threads or cpu_model_threads(int(cpus), replicas)
+        cpus_per_replica = float(max(1, min(threads, int(cpus) - 1)))
         batch_size = config.batch_size or 16
     return Plan(
         source=resolve_model_source(config.model),
@@ -239,8 +246,25 @@ class Prepared:
 
 
 def prepare(config: ClassifyConfig) -> Prepared:
-    """List the sources, load the model's configs and resolve the plan (no data is read)."""
+    """List the sources, load the model's configs and resolve the plan (no data is read).
+
+    Ray starts in the main thread while another thread loads the model's configs and
+    lists the sources: both mostly wait (on subprocesses, on storage), and together
+    they are most of the time to the first result.
+    """
     source = resolve_model_source(config.model)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        metadata = pool.submit(_model_and_listing, config, source)
+        try:
+            init_ray(config.address)
+        finally:
+            spec, id2label, listing = metadata.result()
+    true_labels, unmapped = _true_labels(config, id2label, listing.paths)
+    _warn_local_paths_on_cluster(config)
+    return Prepared(config, resolve_plan(config, id2label, spec), listing, true_labels, unmapped)
+
+
+def _model_and_listing(config: ClassifyConfig, source: ModelSource) -> tuple[PreprocessSpec, dict[int, str], Listing]:
     model_config = load_config(source, config.trust_remote_code)
     processor = load_processor(source, config.trust_remote_code)
     try:
@@ -257,12 +281,8 @@ def prepare(config: ClassifyConfig) -> Prepared:
     if not paths:
         raise JobError(f"no image files found in {', '.join(config.sources)}"
                        + (f" ({listing.skipped_non_image} other files skipped)" if listing.skipped_non_image else ""))
-    listing = Listing(paths=paths, skipped_non_image=listing.skipped_non_image)
     id2label = {int(k): v for k, v in model_config.id2label.items()}
-    true_labels, unmapped = _true_labels(config, id2label, paths)
-    init_ray(config.address)
-    _warn_local_paths_on_cluster(config)
-    return Prepared(config, resolve_plan(config, id2label, spec), listing, true_labels, unmapped)
+    return spec, id2label, Listing(paths=paths, skipped_non_image=listing.skipped_non_image)
 
 
 def _true_labels(config: ClassifyConfig, id2label: dict[int, str], paths: list[str]):
@@ -454,6 +474,8 @@ class _Job:
     bar: object
     started: float
     seen: set[str]
+    _first: tuple[float, int] = (0.0, 0)  # when the first result arrived, and its rows
+    _streamed: int = 0
 
     def stream(self, paths: list[str], true_labels: list, isolate: bool = False) -> None:
         ds = build_dataset(self.prepared, paths, true_labels, isolate=isolate)
@@ -462,8 +484,14 @@ class _Job:
             if not all(fresh):  # a retried task may deliver rows already written
                 table = table.filter(pa.array(fresh))
             self.seen.update(table.column("path").to_pylist())
+            now = time.monotonic()
             if self.summary.time_to_first_result_s is None:
-                self.summary.time_to_first_result_s = time.monotonic() - self.started
+                self.summary.time_to_first_result_s = now - self.started
+                self._first = (now, table.num_rows)
+            elif now > self._first[0]:
+                streamed = self._streamed + table.num_rows - self._first[1]
+                self.summary.steady_images_per_s = streamed / (now - self._first[0])
+            self._streamed += table.num_rows
             self.writer.write(table)
             self.summary.add(table)
             self.bar.update(table.num_rows)

@@ -1,0 +1,280 @@
+"""``visionbatch bench``: four ways to run the same job, measured side by side in one run.
+
+1. model-only ceiling: forward passes on ready-made tensors (no I/O, no decode);
+2. visionbatch end to end: the CLI in a fresh process, command start to results written;
+3. the seed's pipeline (Ray's documentation example): ``read_images`` then
+   ``map_batches`` over a class wrapping ``transformers.pipeline``;
+4. the plain transformers pipeline in one process.
+
+Each end-to-end line runs in its own fresh process so that start-up costs (imports,
+Ray, model load) count the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+SAMPLE_DIR = Path("..") / "shared" / "data" / "imagenet-sample-200"  # relative to the repository root
+
+
+def make_vit(folder: Path, size: str) -> Path:
+    """A random-weight ViT: ``tiny`` (ViT-Ti/16), ``base`` (ViT-B/16's shape) or ``micro``."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from visionbatch.imagenet import imagenet_id2label
+
+    shapes = {"micro": (64, 2, 2, 128), "tiny": (192, 12, 3, 768), "base": (768, 12, 12, 3072)}
+    hidden, layers, heads, mlp = shapes[size]
+    id2label = imagenet_id2label()
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=mlp, image_size=224, patch_size=16, num_labels=1000,
+                       id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    return folder
+
+
+def make_images(folder: Path, source: Path, copies: int) -> Path:
+    """``copies`` copies of every image under ``source``, under other names, same folders."""
+    for path in sorted(source.glob("*/*")):
+        for i in range(copies):
+            target = folder / path.parent.name / f"{path.stem}-{i}{path.suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return folder
+
+
+def make_synthetic_images(folder: Path, count: int, size=(96, 72)) -> Path:
+    """``count`` small random JPEGs in 10 class folders (for scale runs)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    for i in range(count):
+        target = folder / f"class{i % 10}" / f"{i:07d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(base, i, axis=1)).save(target, quality=85)
+    return folder
+
+
+def model_ceiling(model: str, batch_size: int, threads: int | None, device: str, dtype: str, seconds: float) -> dict:
+    """Images/s of the forward pass alone, through the same Predictor code path."""
+    import numpy as np
+
+    from visionbatch.model import Predictor
+
+    predictor = Predictor(model, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device=device, dtype=dtype,
+                          num_threads=threads)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
+    for _ in range(2):
+        predictor.predict_pixels(pixels)
+    started, images = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        predictor.predict_pixels(pixels)
+        images += batch_size
+    return {"images_per_s": images / (time.perf_counter() - started)}
+
+
+SEED_SCRIPT = textwrap.dedent('''
+    import sys, time
+    started = time.perf_counter()
+    import numpy as np, ray, torch
+    from PIL import Image
+    from transformers import pipeline
+    images, model, batch_size, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    ray.init(address="local")  # what the seed's implicit ray.init() does on a machine without a cluster
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    ds = ray.data.read_images(images, mode="RGB")
+
+    class ImageClassifier:
+        def __init__(self):
+            self.classifier = pipeline("image-classification", model=model, device=DEVICE)
+
+        def __call__(self, batch):
+            outputs = self.classifier([Image.fromarray(a) for a in batch["image"]], top_k=1, batch_size=batch_size)
+            batch["score"] = [o[0]["score"] for o in outputs]
+            batch["label"] = [o[0]["label"] for o in outputs]
+            return batch
+
+    predictions = ds.map_batches(ImageClassifier, concurrency=1, num_gpus=1 if DEVICE == "cuda" else 0,
+                                 batch_size=batch_size)
+    predictions.drop_columns(["image"]).write_parquet(out)
+    print("WALL", time.perf_counter() - started)
+''')
+
+PIPELINE_SCRIPT = textwrap.dedent('''
+    import sys, time, glob
+    started = time.perf_counter()
+    import torch
+    from transformers import pipeline
+    images, model, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    files = sorted(glob.glob(images + "/*/*"))
+    classifier = pipeline("image-classification", model=model, device="cuda" if torch.cuda.is_available() else "cpu")
+    first = None
+    for i, out in enumerate(classifier(files, top_k=1, batch_size=batch_size)):
+        first = first or time.perf_counter() - started
+    print("WALL", time.perf_counter() - started, "FIRST", first)
+''')
+
+
+def _peak_rss_by_process(session: int, peaks: dict, stop) -> None:
+    """Poll /proc for the processes of one session; keep each one's peak RSS (VmHWM), in MB."""
+    while not stop.wait(0.2):
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                pid = int(status.parent.name)
+                if os.getsid(pid) != session:
+                    continue
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+                name = (status.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                peak = int(fields["VmHWM"].split()[0]) / 1024
+                peaks[(pid, name)] = max(peaks.get((pid, name), 0.0), peak)
+            except (OSError, KeyError, ValueError):
+                continue
+
+
+def _timed(cmd: list[str]) -> tuple[float, str, dict]:
+    """Run a command in its own session; wall time, stdout, and peak RSS per process (Linux)."""
+    import threading
+
+    started = time.perf_counter()
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    peaks: dict = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=_peak_rss_by_process, args=(process.pid, peaks, stop), daemon=True)
+    if sys.platform == "linux":
+        sampler.start()
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    stop.set()
+    if process.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({process.returncode}):\n{stderr[-3000:]}")
+    driver = max((mb for (pid, _), mb in peaks.items() if pid == process.pid), default=None)
+    workers = {}
+    for (pid, name), mb in peaks.items():
+        if name.startswith("ray::"):  # "ray::MapWorker(MapBatches(Predictor)).submit" -> one role
+            role = name.split(").")[0] + (")" if ")." in name else "")
+            workers[role] = max(workers.get(role, 0.0), mb)
+    return wall, stdout, {"driver_peak_rss_mb": driver, "worker_peak_rss_mb": workers}
+
+
+def run_visionbatch(images: Path, model: str, out: Path, batch_size: int | None, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output", str(out),
+           "--overwrite", "--quiet", *(["--batch-size", str(batch_size)] if batch_size else []), *extra]
+    wall, _, memory = _timed(cmd)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["predicted"] + summary["failed"]
+    return {"wall_s": wall, "images_per_s": rows / wall, "first_result_s": summary["time_to_first_result_s"],
+            "steady_images_per_s": summary.get("steady_images_per_s"), "rows": rows, **memory}
+
+
+def run_seed(images: Path, model: str, out: Path, batch_size: int) -> dict:
+    wall, _, memory = _timed([sys.executable, "-c", SEED_SCRIPT, str(images), model, str(batch_size), str(out)])
+    return {"wall_s": wall, **memory}
+
+
+def run_plain_pipeline(images: Path, model: str, batch_size: int) -> dict:
+    wall, stdout, memory = _timed([sys.executable, "-c", PIPELINE_SCRIPT, str(images), model, str(batch_size)])
+    return {"wall_s": wall, "first_result_s": float(stdout.split("FIRST")[1]), **memory}
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def format_table(results: dict, n: int) -> str:
+    ceiling = results["ceiling"]["images_per_s"]
+    rows = [("line", "wall s", "images/s", "first result s", "steady images/s", "vs ceiling", "wall vs seed")]
+    seed_wall = results.get("seed", {}).get("wall_s")
+    rows.append(("1. model-only ceiling", "-", f"{ceiling:.1f}", "-", f"{ceiling:.1f}", "1.00", "-"))
+    for key, name in (("visionbatch", "2. visionbatch end to end"), ("seed", "3. seed (read_images + pipeline actor)"),
+                      ("pipeline", "4. plain transformers pipeline")):
+        if key not in results:
+            continue
+        r = results[key]
+        rate = n / r["wall_s"]
+        steady = r.get("steady_images_per_s")
+        rows.append((name, f"{r['wall_s']:.1f}", f"{rate:.1f}",
+                     f"{r['first_result_s']:.1f}" if r.get("first_result_s") else "-",
+                     f"{steady:.1f}" if steady else "-",
+                     f"{(steady or rate) / ceiling:.2f}",
+                     f"{r['wall_s'] / seed_wall:.2f}" if seed_wall else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="visionbatch bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", help="image folder (default: the 200 sample images, each copied --copies times)")
+    parser.add_argument("--copies", type=int, default=5)
+    parser.add_argument("--synthetic", type=int, help="use N generated small JPEGs instead of real images")
+    parser.add_argument("--model", help="model folder (default: a random-weight ViT of --vit size)")
+    parser.add_argument("--vit", choices=["micro", "tiny", "base"], default="tiny")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch threads for the ceiling (default: what visionbatch uses)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--lines", default="ceiling,visionbatch,seed,pipeline")
+    parser.add_argument("--ceiling-seconds", type=float, default=10.0, help="how long to time the model alone")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--classify-args", default="", help="extra arguments for visionbatch classify")
+    args = parser.parse_args(argv)
+    lines = set(args.lines.split(","))
+    work = Path(tempfile.mkdtemp(prefix="visionbatch-bench-"))
+    try:
+        if args.images:
+            images = Path(args.images)
+        elif args.synthetic:
+            images = make_synthetic_images(work / "images", args.synthetic)
+        else:
+            images = make_images(work / "images", SAMPLE_DIR, args.copies)
+        n = sum(1 for p in images.rglob("*") if p.is_file())
+        model = args.model or str(make_vit(work / "model", args.vit))
+        from visionbatch.pipeline import cpu_model_threads
+
+        threads = args.threads or cpu_model_threads(os.cpu_count() or 1)
+        print(f"machine: {machine()}\nimages: {n} in {images}\nmodel: {args.model or 'random ViT-' + args.vit}, "
+              f"batch {args.batch_size}, ceiling threads {threads}", flush=True)
+        results: dict = {"machine": machine(), "images": n, "batch_size": args.batch_size, "threads": threads}
+        results["ceiling"] = model_ceiling(model, args.batch_size, threads, args.device, args.dtype,
+                                          seconds=args.ceiling_seconds)
+        if "visionbatch" in lines:
+            extra = args.classify_args.split() + (["--threads", str(args.threads)] if args.threads else [])
+            results["visionbatch"] = run_visionbatch(images, model, work / "out-vb", args.batch_size, extra)
+        if "seed" in lines:
+            results["seed"] = run_seed(images, model, work / "out-seed", args.batch_size)
+        if "pipeline" in lines:
+            results["pipeline"] = run_plain_pipeline(images, model, args.batch_size)
+        print(format_table(results, n))
+        for key in ("visionbatch", "seed", "pipeline"):
+            if results.get(key, {}).get("driver_peak_rss_mb"):
+                workers = ", ".join(f"{k} {v:.0f}" for k, v in sorted(results[key]["worker_peak_rss_mb"].items()))
+                print(f"peak RSS MB, {key}: driver {results[key]['driver_peak_rss_mb']:.0f}"
+                      + (f"; workers: {workers}" if workers else ""))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

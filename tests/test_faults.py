@@ -1,0 +1,531 @@
+"""Faults, end to end through the real command, a real local Ray and real files.
+
+The promise under test: every input file ends up in the output exactly once (a
+prediction or an error row), and an interrupted job resumes without redoing the work it
+had committed. Each test prints one ``[faults]`` outcome line (visible with ``-s``):
+scenario, rows expected, rows written, duplicate paths, seconds to finish.
+
+Jobs run as ``visionbatch`` subprocesses in a session of their own
+(``start_new_session``), so a test can signal or kill a whole run, and find every
+process of that run's local Ray by its session id, without touching any other Ray on
+the machine (never ``ray stop``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from visionbatch.sinks import Destination, read_results
+
+from conftest import WNIDS, write_image
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a run's processes through /proc")
+
+EXE = Path(sys.executable).with_name("visionbatch")
+N_IMAGES = 120
+ROWS_PER_FILE = 8
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """120 small JPEGs (64x48) in the four class folders: img000.jpg ... img119.jpg."""
+    root = tmp_path_factory.mktemp("fault-images")
+    for i in range(N_IMAGES):
+        write_image(root / WNIDS[i % 4] / f"img{i:03d}.jpg", size=(64, 48), seed=1000 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def slow_vit(tmp_path_factory) -> str:
+    """A random 6-layer ViT (hidden 384, ~45 MB): some 40 ms an image on one core, so a
+    120-image run spends seconds between its first commit and its end, long enough to
+    be interrupted or have its model actor killed there."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from visionbatch.imagenet import imagenet_id2label
+
+    folder = tmp_path_factory.mktemp("slow-vit")
+    id2label = imagenet_id2label()
+    config = ViTConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
+                       image_size=224, patch_size=16, num_labels=1000, id2label=id2label,
+                       label2id={v: k for k, v in id2label.items()})
+    torch.manual_seed(2)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}, resample=2).save_pretrained(folder)
+    return str(folder)
+
+
+class Run:
+    """One ``visionbatch`` process in its own session; stdout/stderr go to files."""
+
+    def __init__(self, args: list[str], folder: Path, env: dict | None = None):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = folder / "stdout", folder / "stderr"
+        self.started = time.monotonic()
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen([str(EXE), *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                                         start_new_session=True)
+        self.pid = self.proc.pid  # also its process group and session id
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_session(self)
+            pytest.fail(f"visionbatch did not exit within {timeout} s; stderr:\n{self.stderr}")
+
+    def wait_for_commit(self, dest: Path, timeout: float = 180) -> float:
+        """Poll until DEST holds a committed part file; returns the seconds since start."""
+        deadline = time.monotonic() + timeout
+        while not _committed_parts(dest):
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {self.proc.returncode}) before committing a part file:\n{self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no part file in {dest} after {timeout} s")
+            time.sleep(0.02)
+        return time.monotonic() - self.started
+
+
+def session_processes(sid: int) -> dict[int, tuple[int, str]]:
+    """Live processes of session ``sid``: pid -> (process group, command line)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        state, _ppid, pgrp, session = stat.rpartition(")")[2].split()[:4]
+        if int(session) == sid and state not in ("Z", "X"):
+            found[int(entry)] = (int(pgrp), cmdline.replace(b"\0", b" ").decode(errors="replace").strip())
+    return found
+
+
+def kill_session(run: Run) -> dict[int, str]:
+    """SIGKILL the run's process group, then, by pid, those of its processes that left
+    the group (Ray's workers make groups of their own). Returns the ones that had left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.pid, signal.SIGKILL)
+    run.proc.wait()
+    escaped = {pid: cmd for pid, (pgrp, cmd) in session_processes(run.pid).items() if pgrp != run.pid}
+    deadline = time.monotonic() + 15
+    while (left := session_processes(run.pid)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return escaped
+
+
+def wait_session_gone(run: Run, timeout: float = 15) -> dict[int, tuple[int, str]]:
+    """After a run exits, the processes of its session still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := session_processes(run.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.fixture
+def start():
+    """Start ``visionbatch`` runs; whatever a failed test leaves running is killed."""
+    runs: list[Run] = []
+
+    def _start(args: list[str], folder: Path, env: dict | None = None) -> Run:
+        run = Run([str(a) for a in args], folder, env)
+        runs.append(run)
+        return run
+
+    yield _start
+    for run in runs:
+        if run.proc.poll() is None or session_processes(run.pid):
+            kill_session(run)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _committed_parts(dest: Path) -> list[str]:
+    return Destination(str(dest)).part_files() if dest.is_dir() else []
+
+
+def _rows_on_disk(dest: Path, names: list[str] | None = None) -> list[str]:
+    """Paths of the rows in the given part files (default: every committed part file)."""
+    names = _committed_parts(dest) if names is None else names
+    return Destination(str(dest)).read_table(names).column("path").to_pylist() if names else []
+
+
+def _expected_paths(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*.jpg")}
+
+
+def _check_exactly_once(dest, expected: set[str], s3_endpoint: str | None = None):
+    """The manifest's rows are the expected files, each exactly once; returns the table."""
+    table = read_results(str(dest), s3_endpoint=s3_endpoint)
+    paths = table.column("path").to_pylist()
+    duplicates = len(paths) - len(set(paths))
+    assert duplicates == 0, f"{duplicates} duplicate rows"
+    assert set(paths) == expected, (f"missing {sorted(expected - set(paths))[:5]}, "
+                                    f"unexpected {sorted(set(paths) - expected)[:5]}")
+    return table
+
+
+def _outcome(scenario: str, expected: int, table, seconds: float, extra: str = "") -> None:
+    paths = table.column("path").to_pylist()
+    print(f"\n[faults] {scenario}: rows expected {expected}, written {len(paths)}, "
+          f"duplicates {len(paths) - len(set(paths))}, {seconds:.1f} s to finish" + (f"; {extra}" if extra else ""))
+
+
+def _classify_args(images: Path, model: str, dest: Path, *more) -> list:
+    return ["classify", images, "--model", model, "--output", dest, "--rows-per-file", ROWS_PER_FILE, "-q", *more]
+
+
+def _no_tmp_files(dest: Path) -> None:
+    leftovers = [p.name for p in dest.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers, f"temporary files left in DEST: {leftovers}"
+
+
+# --------------------------------------------------------------------------- 1. kill -9
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
+    dest = tmp_path / "out"
+    expected = _expected_paths(images)
+    first = start(_classify_args(images, slow_vit, dest), tmp_path / "run1")
+    first.wait_for_commit(dest)
+    escaped = kill_session(first)
+    assert not session_processes(first.pid), "processes of the killed run are still alive"
+
+    committed_parts = _committed_parts(dest)
+    committed = _rows_on_disk(dest, committed_parts)
+    assert 0 < len(committed) < len(expected), "the kill should land between the first commit and the end"
+    assert len(committed) == len(set(committed))
+    assert not (dest / "_SUCCESS").exists() and not (dest / "summary.json").exists()
+
+    # Without --resume the command refuses to touch DEST.
+    refused = start(_classify_args(images, slow_vit, dest), tmp_path / "run2")
+    assert refused.wait(120) == 1 and "--resume" in refused.stderr
+
+    started = time.monotonic()
+    resumed = start(_classify_args(images, slow_vit, dest, "--resume"), tmp_path / "run3")
+    assert resumed.wait(300) == 0, resumed.stderr
+    seconds = time.monotonic() - started
+    assert not wait_session_gone(resumed)
+
+    table = _check_exactly_once(dest, expected)
+    assert table.column("error").null_count == len(expected)
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["already_done"] == len(committed) > 0
+    assert summary["images_found"] == len(expected) and summary["predicted"] == len(expected)
+    # Finished work is not redone: the resumed run's own part files hold only the rest,
+    # and no part file on disk (listed in the manifest or not) repeats a path.
+    new_parts = [name for name in _committed_parts(dest) if name not in committed_parts]
+    assert sorted(_rows_on_disk(dest, new_parts)) == sorted(expected - set(committed))
+    everything = _rows_on_disk(dest)
+    assert len(everything) == len(set(everything)) == len(expected)
+    manifest = json.loads((dest / "_SUCCESS").read_text())
+    assert {f["name"] for f in manifest["files"]} == set(committed_parts) | set(new_parts)
+    _no_tmp_files(dest)
+    _outcome("kill -9 of the driver, then --resume", len(expected), table, seconds,
+             f"{len(committed)} rows committed before the kill (already_done {summary['already_done']}); "
+             f"{len(escaped)} Ray processes outside the killed group, killed by pid")
+
+
+# --------------------------------------------------------------------------- 2. Ctrl-C, SIGTERM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupt_exits_promptly_and_resumes(how, images, slow_vit, tmp_path, start):
+    """Ctrl-C: SIGINT to the foreground process group (what a terminal sends);
+    SIGTERM: to the command's own pid (``kill PID``, a container stop)."""
+    dest = tmp_path / "out"
+    expected = _expected_paths(images)
+    first = start(_classify_args(images, slow_vit, dest), tmp_path / "run1")
+    first.wait_for_commit(dest)
+    signalled = time.monotonic()
+    if how == "ctrl-c":
+        os.killpg(first.pid, signal.SIGINT)
+    else:
+        os.kill(first.pid, signal.SIGTERM)
+    code = first.wait(60)
+    exit_seconds = time.monotonic() - signalled
+    assert code not in (0, None) and exit_seconds < 10, f"exit {code} after {exit_seconds:.1f} s"
+    lines = [line for line in first.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in first.stderr, first.stderr
+    assert not wait_session_gone(first), "the interrupted run left processes behind"
+    assert not (dest / "_SUCCESS").exists()
+    committed = _rows_on_disk(dest)
+    assert 0 < len(committed) < len(expected) and len(committed) == len(set(committed))
+
+    started = time.monotonic()
+    resumed = start(_classify_args(images, slow_vit, dest, "--resume"), tmp_path / "run2")
+    assert resumed.wait(300) == 0, resumed.stderr
+    seconds = time.monotonic() - started
+    assert not wait_session_gone(resumed)
+    table = _check_exactly_once(dest, expected)
+    assert table.column("error").null_count == len(expected)
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["already_done"] == len(committed)
+    everything = _rows_on_disk(dest)
+    assert len(everything) == len(set(everything)) == len(expected)
+    _no_tmp_files(dest)
+    _outcome(f"{how} mid-run, then --resume", len(expected), table, seconds,
+             f"exit {code} {exit_seconds:.1f} s after the signal; {len(committed)} rows kept")
+
+
+# --------------------------------------------------------------------------- 3. model actor killed
+
+
+@pytest.mark.slow
+def test_model_actor_killed_mid_run(images, slow_vit, tmp_path, start):
+    dest = tmp_path / "out"
+    expected = _expected_paths(images)
+    run = start(_classify_args(images, slow_vit, dest), tmp_path / "run")
+    run.wait_for_commit(dest)
+    actors = [pid for pid, (_, cmd) in session_processes(run.pid).items()
+              if cmd.startswith("ray::") and "MapBatches(Predictor)" in cmd]
+    assert len(actors) == 1, session_processes(run.pid)
+    os.kill(actors[0], signal.SIGKILL)
+    killed_at = len(_rows_on_disk(dest))
+    assert run.wait(300) == 0, run.stderr
+    seconds = time.monotonic() - run.started
+    assert not wait_session_gone(run)
+    assert killed_at < len(expected), "the actor should be killed with work left"
+
+    table = _check_exactly_once(dest, expected)
+    errors = [e for e in table.column("error").to_pylist() if e is not None]
+    assert not errors, errors[:3]
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["predicted"] == len(expected) and summary["failed"] == 0
+    _no_tmp_files(dest)
+    _outcome("Predictor actor SIGKILLed mid-run", len(expected), table, seconds,
+             f"{killed_at} rows committed when it was killed")
+
+
+# --------------------------------------------------------------------------- 4. decoder kills its worker
+
+
+@pytest.mark.slow
+def test_decoder_that_kills_its_worker(images, tiny_vit, tmp_path, start):
+    dest = tmp_path / "out"
+    expected = _expected_paths(images)
+    culprit = str(images / WNIDS[37 % 4] / "img037.jpg")
+    assert culprit in expected
+    run = start(_classify_args(images, tiny_vit, dest), tmp_path / "run", env={"VISIONBATCH_FAILPOINT_EXIT_ON": "img037.jpg"})
+    assert run.wait(300) == 0, run.stderr
+    seconds = time.monotonic() - run.started
+    assert not wait_session_gone(run)
+
+    table = _check_exactly_once(dest, expected)
+    rows = {row["path"]: row for row in table.to_pylist()}
+    assert rows[culprit]["error"].startswith("worker_crash:"), rows[culprit]["error"]
+    assert rows[culprit]["label"] is None
+    others = [row for path, row in rows.items() if path != culprit]
+    assert all(row["error"] is None and row["label"] for row in others), [r for r in others if r["error"]][:3]
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["failed"] == 1 and summary["errors_by_kind"] == {"worker_crash": 1}
+    assert summary["predicted"] == len(expected) - 1
+    assert "Traceback" not in run.stderr
+    _no_tmp_files(dest)
+    _outcome("decoder os._exit on one file", len(expected), table, seconds, "that file: worker_crash row")
+
+
+# --------------------------------------------------------------------------- 5. flaky object store
+
+_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message><RequestId>FAULT</RequestId></Error>")
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
+               "expect", "content-length"}
+
+
+class FlakyS3Proxy(ThreadingHTTPServer):
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server that answers every
+    ``every``-th request of each method with 503 SlowDown and forwards the others."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, every: int = 3):
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        parsed = urllib.parse.urlparse(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.every = every
+        self.lock = threading.Lock()
+        self.requests: collections.Counter = collections.Counter()
+        self.faults: collections.Counter = collections.Counter()
+        self.fetched: set[str] = set()  # object paths whose GET was forwarded
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def fail_next(self, method: str) -> bool:
+        with self.lock:
+            self.requests[method] += 1
+            fail = self.requests[method] % self.every == 0
+            self.faults[method] += fail
+            return fail
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+        self.thread.join(10)
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FlakyS3Proxy
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _reply(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status, reason)
+        for name, value in headers:
+            self.send_header(name, value)
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        body = self._read_body()
+        if self.server.fail_next(self.command):
+            self._reply(503, "Slow Down", [("Content-Type", "application/xml")], _SLOWDOWN)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        if body or self.command in ("PUT", "POST"):
+            headers["Content-Length"] = str(len(body))
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        if self.command == "GET" and "?" not in self.path:
+            with self.server.lock:
+                self.server.fetched.add(urllib.parse.unquote(self.path))
+        keep = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP | {"server", "date"}]
+        if self.command == "HEAD" and response.getheader("Content-Length") is not None:
+            keep.append(("Content-Length", response.getheader("Content-Length")))
+        self._reply(response.status, response.reason, keep, data)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+
+@pytest.mark.slow
+def test_transient_object_store_errors(images, tiny_vit, s3_server, tmp_path, start):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    bucket = f"vb-faults-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    client.create_bucket(Bucket=bucket)
+    files = sorted(images.rglob("*.jpg"))[:48]
+    for path in files:
+        client.upload_file(str(path), bucket, f"val/{path.relative_to(images).as_posix()}")
+    expected = {f"s3://{bucket}/val/{p.relative_to(images).as_posix()}" for p in files}
+
+    clean_dest = f"s3://{bucket}/results/clean"
+    clean = start(["classify", f"s3://{bucket}/val/", "--model", tiny_vit, "--output", clean_dest,
+                   "--s3-endpoint", s3_server, "--rows-per-file", ROWS_PER_FILE, "-q"], tmp_path / "clean")
+    assert clean.wait(300) == 0, clean.stderr
+
+    flaky_dest = f"s3://{bucket}/results/flaky"
+    with FlakyS3Proxy(s3_server, every=3) as proxy:
+        run = start(["classify", f"s3://{bucket}/val/", "--model", tiny_vit, "--output", flaky_dest,
+                     "--s3-endpoint", proxy.url, "--rows-per-file", ROWS_PER_FILE, "-q"], tmp_path / "flaky")
+        assert run.wait(300) == 0, run.stderr
+        seconds = time.monotonic() - run.started
+    assert not wait_session_gone(run)
+
+    # The faults were real, on reads (by the Ray workers) and on writes (by the driver),
+    # and every image went through the proxy: the workers used the endpoint they were given.
+    assert sum(proxy.faults.values()) > 0
+    assert proxy.faults["GET"] > 0 and proxy.faults["PUT"] + proxy.faults["POST"] > 0, dict(proxy.faults)
+    assert {f"/{u[len('s3://'):]}" for u in expected} <= proxy.fetched
+
+    flaky = _check_exactly_once(flaky_dest, expected, s3_endpoint=s3_server)
+    reference = _check_exactly_once(clean_dest, expected, s3_endpoint=s3_server)
+    assert flaky.column("error").null_count == len(expected)
+    ours = {row["path"]: row for row in flaky.to_pylist()}
+    for row in reference.to_pylist():
+        other = ours[row["path"]]
+        for column in ("label", "label_id", "top_k_labels", "true_label", "error", "width", "height"):
+            assert other[column] == row[column], (row["path"], column)
+        assert other["score"] == pytest.approx(row["score"], abs=1e-5)
+    _outcome("S3 behind a proxy answering 1 request in 3 with 503 SlowDown", len(expected), flaky, seconds,
+             f"{sum(proxy.faults.values())} faults injected in {sum(proxy.requests.values())} requests "
+             f"({', '.join(f'{m} {n}' for m, n in sorted(proxy.faults.items()))})")
+
+
+# --------------------------------------------------------------------------- 6. model fails to load
+
+
+@pytest.mark.parametrize("config_text", [
+    '{"model_type": "vit", "hidden_size": 48,\n  garbage',  # not JSON (a truncated or clobbered file)
+    '{"model_type": "no-such-architecture"}',  # JSON, but not a model transformers knows
+], ids=["not-json", "unknown-model-type"])
+def test_corrupt_model_config_fails_fast(config_text, images, tiny_vit, tmp_path, start):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_vit, broken)
+    (broken / "config.json").write_text(config_text)
+    dest = tmp_path / "out"
+    run = start(["classify", images, "--model", broken, "--output", dest, "-q"], tmp_path / "run")
+    code = run.wait(60)
+    seconds = time.monotonic() - run.started
+    assert not wait_session_gone(run)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert code == 1, run.stderr
+    assert len(lines) == 1 and lines[0].startswith("visionbatch: error:") and "config" in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+    assert seconds < 15, f"took {seconds:.1f} s to report a broken model"
+    assert not _committed_parts(dest)
+    print(f"\n[faults] corrupt config.json ({config_text[:20]!r}...): exit {code} after {seconds:.1f} s: {lines[0]}")
