@@ -138,3 +138,9 @@ def test_command_in_a_fresh_process(image_tree, tiny_vit, tmp_path):
     # Ray's own logging stays in its log files; the terminal gets our progress bar only.
     noise = [line for line in done.stderr.splitlines() if line.strip() and "classify" not in line]
     assert not noise, noise
+
+
+def test_fastest_batch_size_picks_a_candidate(tiny_vit):
+    """The GPU batch-size probe, exercised on CPU (on a GPU it also stops at out-of-memory)."""
+    predictor = visionbatch.Predictor(tiny_vit, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device="cpu")
+    assert predictor.fastest_batch_size((224, 224), candidates=(1, 2, 4)) in (1, 2, 4)

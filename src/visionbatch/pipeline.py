@@ -20,6 +20,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute
 
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
@@ -34,6 +35,11 @@ log = logging.getLogger("visionbatch")
 # Credentials are deliberately absent: each node uses its own environment.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
                   "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+
+
+# Per-row timing columns the stages add, and the summary's name for each.
+STAGE_COLUMNS = {"decode_seconds": "read, decode and preprocess (task-seconds)",
+                 "predict_seconds": "model (actor-seconds)"}
 
 
 class JobError(Exception):
@@ -82,6 +88,9 @@ class Summary:
     steady_images_per_s: float | None = None  # after the first result: excludes start-up
     batch_size: int = 0
     replicas: int = 0
+    # Where the time went: wall seconds in the driver, summed worker seconds per stage.
+    stage_times: dict[str, float] = field(default_factory=dict)
+    object_store_spilled_mb: float = 0.0
 
     @property
     def top1(self) -> float | None:
@@ -95,7 +104,11 @@ class Summary:
         return {**asdict(self), "top1": self.top1, "top5": self.top5}
 
     def add(self, table: pa.Table) -> None:
-        """Count one streamed block of result rows."""
+        """Count one streamed block of result rows (and its stages' worker seconds)."""
+        for column, stage in STAGE_COLUMNS.items():
+            if column in table.column_names:
+                seconds = pa.compute.sum(table.column(column)).as_py() or 0.0
+                self.stage_times[stage] = self.stage_times.get(stage, 0.0) + seconds
         errors = table.column("error").to_pylist()
         for error in errors:
             if error is None:
@@ -161,7 +174,7 @@ def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: Preproc
         gpus_per_replica = config.gpus_per_replica
         # One CPU per GPU replica feeds it; the remaining CPUs decode.
         cpus_per_replica, threads = 1.0, None
-        batch_size = config.batch_size or 256
+        batch_size = config.batch_size or _probe_gpu_batch_size(config, spec, gpus_per_replica)
     else:
         replicas = config.replicas or 1
         gpus_per_replica = 0.0
@@ -181,6 +194,23 @@ def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: Preproc
         batch_size=batch_size,
         decode_batch_size=config.decode_batch_size,
     )
+
+
+def _probe_gpu_batch_size(config: ClassifyConfig, spec: PreprocessSpec, gpus: float) -> int:
+    """Measure the best batch size on one GPU of the cluster (one extra model load)."""
+    import ray
+
+    def probe() -> int:
+        predictor = Predictor(resolve_model_source(config.model), scale=spec.scale, offset=spec.offset,
+                              device="cuda", dtype=config.dtype, allow_pickle=config.allow_pickle,
+                              trust_remote_code=config.trust_remote_code)
+        return predictor.fastest_batch_size(spec.output_size)
+
+    try:
+        return ray.get(ray.remote(num_gpus=gpus, max_retries=0)(probe).remote())
+    except Exception as err:  # the real job reports model errors; fall back to a safe size
+        log.warning("batch-size probe failed (%s); using 128", _root_cause(err))
+        return 128
 
 
 def init_ray(address: str | None) -> None:
@@ -388,7 +418,7 @@ def classify(sources, model: str | None = None, **options):
     if model is not None:
         options["model"] = model
     config = config_from_kwargs(sources, **options)
-    return build_dataset(prepare(config))
+    return build_dataset(prepare(config)).drop_columns(list(STAGE_COLUMNS))
 
 
 def run(sources, output: str, *, format: str = "parquet", overwrite: bool = False, resume: bool = False,
@@ -433,6 +463,7 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
     bar = tqdm(total=summary.images_found, initial=summary.already_done, unit="img", disable=progress is None,
                dynamic_ncols=True, file=progress, desc="classify", smoothing=0.1)
     job = _Job(prepared, writer, summary, bar, started, seen=done if output.resume else set())
+    summary.stage_times["start: listing, model config, Ray (wall)"] = time.monotonic() - started
     try:
         with _failures_become_rows(), _sigterm_as_interrupt():
             job.stream(paths, true_labels)
@@ -456,10 +487,11 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
         raise JobError(f"the job failed: {_root_cause(err)}") from None
     finally:
         bar.close()
+    writer.commit(earlier)
+    summary.stage_times["write results (wall)"] = writer.seconds
     summary.wall_time_s = time.monotonic() - started
     computed = summary.predicted + summary.failed - summary.already_done
     summary.images_per_s = computed / summary.wall_time_s if summary.wall_time_s else 0.0
-    writer.commit(earlier)
     destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     return summary
 
@@ -495,6 +527,7 @@ class _Job:
             self.writer.write(table)
             self.summary.add(table)
             self.bar.update(table.num_rows)
+        self.summary.object_store_spilled_mb += _spilled_mb(ds)
 
     def write_failures(self, paths: list[str], true_labels: list) -> None:
         """Rows for files whose every attempt failed, so that rows out = files in."""
@@ -547,6 +580,15 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, saved)
+
+
+def _spilled_mb(ds) -> float:
+    """Object-store spilling during a dataset's run, from Ray Data's own stats (a sign of
+    blocks too big or stages out of balance)."""
+    import re
+
+    match = re.search(r"Dataset memory:\n\* Spilled to disk: (\d+)MB", ds.stats())
+    return float(match.group(1)) if match else 0.0
 
 
 def _root_cause(err: Exception) -> str:

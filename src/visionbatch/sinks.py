@@ -205,6 +205,7 @@ class ResultWriter:
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
+        self.seconds = 0.0  # time spent encoding and writing
 
     def write(self, table: pa.Table) -> None:
         self._buffer.append(conform(table))
@@ -216,11 +217,13 @@ class ResultWriter:
         self._last_flush = time.monotonic()
         if not self._buffered:
             return
+        started = time.monotonic()
         table = pa.concat_tables(self._buffer)
         self._buffer, self._buffered = [], 0
         name = f"part-{self.run_id}-{len(self.parts):05d}{EXTENSIONS[self.fmt]}"
         self.destination.write_bytes(name, _encode(table, self.fmt))
         self.parts.append(_Part(name, table.num_rows))
+        self.seconds += time.monotonic() - started
 
     def commit(self, earlier_parts: list[_Part] | None = None) -> dict:
         """Flush, then write the manifest listing every part file of the job."""
