@@ -131,20 +131,26 @@ def session_processes(sid: int) -> dict[int, tuple[int, str]]:
     return found
 
 
-def kill_session(run: Run) -> dict[int, str]:
+def kill_session(run: Run, grace: float = 0.0) -> tuple[dict[int, str], dict[int, str]]:
     """SIGKILL the run's process group, then, by pid, those of its processes that left
-    the group (Ray's workers make groups of their own). Returns the ones that had left."""
+    the group (Ray's workers make groups of their own) and are still alive after
+    ``grace`` seconds. Returns (the processes that had left the group, those of them
+    that had to be killed)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(run.pid, signal.SIGKILL)
     run.proc.wait()
     escaped = {pid: cmd for pid, (pgrp, cmd) in session_processes(run.pid).items() if pgrp != run.pid}
+    deadline = time.monotonic() + grace
+    while session_processes(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lingering = {pid: cmd for pid, (_, cmd) in session_processes(run.pid).items()}
     deadline = time.monotonic() + 15
     while (left := session_processes(run.pid)) and time.monotonic() < deadline:
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
-    return escaped
+    return escaped, lingering
 
 
 def wait_session_gone(run: Run, timeout: float = 15) -> dict[int, tuple[int, str]]:
@@ -223,7 +229,9 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     expected = _expected_paths(images)
     first = start(_classify_args(images, slow_vit, dest), tmp_path / "run1")
     first.wait_for_commit(dest)
-    escaped = kill_session(first)
+    # Ray's workers leave the killed group; they exit on their own once their raylet is
+    # gone (given 10 s here), and whatever is left then is killed by pid.
+    escaped, lingering = kill_session(first, grace=10)
     assert not session_processes(first.pid), "processes of the killed run are still alive"
 
     committed_parts = _committed_parts(dest)
@@ -231,6 +239,12 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     assert 0 < len(committed) < len(expected), "the kill should land between the first commit and the end"
     assert len(committed) == len(set(committed))
     assert not (dest / "_SUCCESS").exists() and not (dest / "summary.json").exists()
+    # What a kill that lands inside a part file's write leaves: the file under its
+    # temporary name, cut short (the rename that publishes it never happened).
+    whole = (dest / committed_parts[0]).read_bytes()
+    run_prefix = committed_parts[-1].rsplit("-", 1)[0]
+    cut = dest / f"{run_prefix}-{len(committed_parts):05d}.parquet.0badc0de.tmp"
+    cut.write_bytes(whole[: len(whole) // 2])
 
     # Without --resume the command refuses to touch DEST.
     refused = start(_classify_args(images, slow_vit, dest), tmp_path / "run2")
@@ -258,7 +272,8 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     _no_tmp_files(dest)
     _outcome("kill -9 of the driver, then --resume", len(expected), table, seconds,
              f"{len(committed)} rows committed before the kill (already_done {summary['already_done']}); "
-             f"{len(escaped)} Ray processes outside the killed group, killed by pid")
+             f"{len(escaped)} Ray processes outside the killed group, {len(lingering)} of them still alive "
+             f"after the 10 s grace (those are killed by pid)")
 
 
 # --------------------------------------------------------------------------- 2. Ctrl-C, SIGTERM
@@ -468,7 +483,7 @@ def test_transient_object_store_errors(images, tiny_vit, s3_server, tmp_path, st
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     bucket = f"vb-faults-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
     client.create_bucket(Bucket=bucket)
-    files = sorted(images.rglob("*.jpg"))[:48]
+    files = sorted(images.rglob("*.jpg"))[:24]
     for path in files:
         client.upload_file(str(path), bucket, f"val/{path.relative_to(images).as_posix()}")
     expected = {f"s3://{bucket}/val/{p.relative_to(images).as_posix()}" for p in files}
@@ -477,6 +492,7 @@ def test_transient_object_store_errors(images, tiny_vit, s3_server, tmp_path, st
     clean = start(["classify", f"s3://{bucket}/val/", "--model", tiny_vit, "--output", clean_dest,
                    "--s3-endpoint", s3_server, "--rows-per-file", ROWS_PER_FILE, "-q"], tmp_path / "clean")
     assert clean.wait(300) == 0, clean.stderr
+    clean_seconds = time.monotonic() - clean.started
 
     flaky_dest = f"s3://{bucket}/results/flaky"
     with FlakyS3Proxy(s3_server, every=3) as proxy:
@@ -503,20 +519,18 @@ def test_transient_object_store_errors(images, tiny_vit, s3_server, tmp_path, st
         assert other["score"] == pytest.approx(row["score"], abs=1e-5)
     _outcome("S3 behind a proxy answering 1 request in 3 with 503 SlowDown", len(expected), flaky, seconds,
              f"{sum(proxy.faults.values())} faults injected in {sum(proxy.requests.values())} requests "
-             f"({', '.join(f'{m} {n}' for m, n in sorted(proxy.faults.items()))})")
+             f"({', '.join(f'{m} {n}' for m, n in sorted(proxy.faults.items()))}); "
+             f"{clean_seconds:.1f} s without faults")
 
 
 # --------------------------------------------------------------------------- 6. model fails to load
 
 
-@pytest.mark.parametrize("config_text", [
-    '{"model_type": "vit", "hidden_size": 48,\n  garbage',  # not JSON (a truncated or clobbered file)
-    '{"model_type": "no-such-architecture"}',  # JSON, but not a model transformers knows
-], ids=["not-json", "unknown-model-type"])
-def test_corrupt_model_config_fails_fast(config_text, images, tiny_vit, tmp_path, start):
+def test_corrupt_model_config_fails_fast(images, tiny_vit, tmp_path, start):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_vit, broken)
-    (broken / "config.json").write_text(config_text)
+    config_text = (broken / "config.json").read_text()
+    (broken / "config.json").write_text(config_text[: len(config_text) // 2])  # cut short: not JSON
     dest = tmp_path / "out"
     run = start(["classify", images, "--model", broken, "--output", dest, "-q"], tmp_path / "run")
     code = run.wait(60)
@@ -528,4 +542,4 @@ def test_corrupt_model_config_fails_fast(config_text, images, tiny_vit, tmp_path
     assert "Traceback" not in run.stderr
     assert seconds < 15, f"took {seconds:.1f} s to report a broken model"
     assert not _committed_parts(dest)
-    print(f"\n[faults] corrupt config.json ({config_text[:20]!r}...): exit {code} after {seconds:.1f} s: {lines[0]}")
+    print(f"\n[faults] corrupt config.json: exit {code} after {seconds:.1f} s: {lines[0]}")

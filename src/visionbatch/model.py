@@ -83,7 +83,8 @@ def load_processor(source: ModelSource, trust_remote_code: bool = False):
             source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
         )
     except Exception as err:
-        raise ModelLoadError(f"cannot load the image processor of {source.ref}: {_first_line(err)}") from None
+        raise ModelLoadError(f"cannot load the image processor of {source.ref}: {_first_line(err)}"
+                             f"{_remote_code_hint(err)}") from None
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
@@ -94,7 +95,8 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
             source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
         )
     except Exception as err:
-        raise ModelLoadError(f"cannot load the config of {source.ref}: {_first_line(err)}") from None
+        raise ModelLoadError(f"cannot load the config of {source.ref}: {_first_line(err)}"
+                             f"{_remote_code_hint(err)}") from None
 
 
 def resolve_device(device: str) -> str:
@@ -142,6 +144,13 @@ def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_
             hint = " (only safetensors weights are loaded; pass --allow-pickle to load .bin weights you trust)"
         raise ModelLoadError(f"cannot load model {source.ref}: {_first_line(err)}{hint}") from None
     return model.eval()
+
+
+def _remote_code_hint(err: Exception) -> str:
+    """transformers names its own argument on a second line that _first_line drops."""
+    if "trust_remote_code" in str(err) or "contains custom code" in str(err):
+        return " (pass --trust-remote-code to run the model's own code; only for models you trust)"
+    return ""
 
 
 def _first_line(err: Exception) -> str:
@@ -258,7 +267,9 @@ class Predictor:
         n, k = len(errors), self.top_k
         ids = np.zeros((n, k), dtype=np.int64)
         scores = np.zeros((n, k), dtype=np.float32)
-        if ok.any():
+        if ok.all():
+            ids, scores = self.predict_pixels(batch["pixels"])
+        elif ok.any():
             ids[ok], scores[ok] = self.predict_pixels(batch["pixels"][ok])
         columns = {name: values for name, values in batch.items() if name != "pixels"}
         table = _passthrough_table(columns)

@@ -152,6 +152,12 @@ def _cluster_resources() -> tuple[float, float]:
     return resources.get("CPU", 1.0), resources.get("GPU", 0.0)
 
 
+def _largest_node_cpus() -> int:
+    import ray
+
+    return int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0))
+
+
 def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
     """Torch threads per CPU model replica.
 
@@ -178,15 +184,19 @@ def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: Preproc
     else:
         replicas = config.replicas or 1
         gpus_per_replica = 0.0
-        threads = config.model_threads or cpu_model_threads(int(cpus), replicas)
-        cpus_per_replica = float(max(1, min(threads, int(cpus) - 1)))
+        # A replica is one actor on one node: it must fit on the largest node and leave that
+        # node a CPU to decode with, or once the other nodes are lost the decode tasks wait
+        # forever for CPUs the replica holds.
+        node_cpus = _largest_node_cpus() or int(cpus)
+        threads = config.model_threads or min(cpu_model_threads(int(cpus), replicas), max(1, node_cpus - 1))
+        cpus_per_replica = float(max(1, min(threads, int(cpus) - 1, node_cpus - 1)))
         batch_size = config.batch_size or 16
     return Plan(
         source=resolve_model_source(config.model),
         spec=spec,
         labels=tuple(id2label[i] for i in sorted(id2label)),
         device=device,
-        dtype=config.dtype,
+        dtype="float32" if device == "cpu" and config.dtype == "auto" else config.dtype,
         replicas=replicas,
         gpus_per_replica=gpus_per_replica,
         cpus_per_replica=cpus_per_replica,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 MANIFEST = "_SUCCESS"
 SUMMARY = "summary.json"
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores")
+# Destination.write_bytes's temporary names: "<name>.<8 hex>.tmp".
+_PARTIAL_WRITE = re.compile(r"^(part-.+|_SUCCESS|summary\.json|metrics\.json)\.[0-9a-f]{8}\.tmp$")
 
 
 class DestinationError(Exception):
@@ -150,6 +153,14 @@ class Destination:
             out.write(data)
         self.fs.move(tmp, self._path(name))
 
+    def remove_partial_writes(self) -> None:
+        """Delete the temporary files of writes that a killed run cut short (local only)."""
+        if self.remote:
+            return
+        for name in self._files():
+            if _PARTIAL_WRITE.match(name):
+                self.fs.delete_file(self._path(name))
+
     def clear(self) -> None:
         """Remove visionbatch's own files (results, manifest, summary, report data)."""
         for name in self._files():
@@ -228,6 +239,7 @@ class ResultWriter:
     def commit(self, earlier_parts: list[_Part] | None = None) -> dict:
         """Flush, then write the manifest listing every part file of the job."""
         self.flush()
+        self.destination.remove_partial_writes()  # left by an interrupted run that this one resumed
         files = list(earlier_parts or []) + self.parts
         manifest = {
             "format": self.fmt,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import io
+import logging
 import os
 import urllib.parse
 from dataclasses import dataclass
@@ -132,17 +133,26 @@ def _list_one(uri: str, s3_endpoint: str | None) -> tuple[list[str], int]:
         raise
     except (OSError, pa.ArrowException) as err:
         raise SourceError(f"cannot list {uri}: {_describe(err)}") from err
-    images, skipped = [], 0
+    images, skipped, undecodable = [], 0, 0
     for entry in infos:
         if entry.type != pafs.FileType.File:
             continue  # folders, even ones named like images
+        try:
+            entry.path
+        except UnicodeDecodeError:  # a name that is not UTF-8 cannot be a result row's path
+            undecodable += 1
+            continue
         if pattern is not None and not fnmatch.fnmatchcase(entry.path, pattern):
             continue
         if is_image_name(entry.path):
             images.append(prefix + entry.path)
         else:
             skipped += 1
-    return images, skipped
+    if undecodable:
+        logging.getLogger("visionbatch").warning(
+            "skipped %d file(s) under %s whose names are not valid UTF-8 (rename them to classify them)",
+            undecodable, uri)
+    return images, skipped + undecodable
 
 
 def read_path_list(list_uri: str, s3_endpoint: str | None = None) -> list[str]:
