@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -156,13 +157,16 @@ class Cluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster():
+def _cluster():
     started = Cluster()
     try:
         yield started.start()
     finally:
         started.stop()
+
+
+cluster = pytest.fixture(scope="module")(_cluster)
+doomed_cluster = pytest.fixture(_cluster)  # one whose second node a test kills
 
 
 def _images(root: Path, count: int, size=(40, 30)) -> list[str]:
@@ -211,7 +215,23 @@ def test_two_node_cluster_matches_a_local_run(cluster, tiny_vit, tmp_path):
         assert row["true_label"] == ref["true_label"] and (row["width"], row["height"]) == (ref["width"], ref["height"])
 
 
-def test_node_lost_mid_run_loses_and_duplicates_nothing(cluster, tiny_vit, tmp_path):
+def test_a_client_without_the_token_is_told_what_to_set(cluster, tiny_vit, tmp_path):
+    """`ray start --head` turns token authentication on by itself once ~/.ray/auth_token
+    exists, and ray.init never sends a token to an explicit address unless told to."""
+    write_image(tmp_path / "images" / "a.jpg")
+    env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    started = time.monotonic()
+    done = subprocess.run([str(BIN / "visionbatch"), "classify", str(tmp_path / "images"), "--model", tiny_vit,
+                           "--output", str(tmp_path / "out"), "--address", cluster.address],
+                          capture_output=True, text=True, timeout=180, env=env)
+    print(f"\n[cluster without the token] exit {done.returncode} after {time.monotonic() - started:.1f} s")
+    assert done.returncode == 1
+    assert "token authentication" in done.stderr and "RAY_AUTH_MODE=token" in done.stderr, done.stderr
+    assert cluster.env["RAY_AUTH_TOKEN"] not in done.stderr
+
+
+def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit, tmp_path):
+    cluster = doomed_cluster
     files = _images(tmp_path / "images", 300, size=(32, 24))
     dest = tmp_path / "out"
     stdout, stderr = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
@@ -246,8 +266,16 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(cluster, tiny_vit, tmp_p
 
     table = read_results(str(dest))
     paths = table.column("path").to_pylist()
+    # What Ray told the driver (its log file): tasks lost with the node and retried.
+    log = "".join(p.read_text(errors="replace")
+                  for p in (Path(tempfile.gettempdir()) / "visionbatch").glob(f"driver-*-{proc.pid}.log"))
+    recomputed = sum(int(n) for n in re.findall(r"recover (\d+) lost objects", log))
     _report("node killed mid-run", len(files), paths, seconds,
-            f" ({after_kill:.1f} s after the kill, {committed} rows committed before it)")
+            f" ({after_kill:.1f} s after the kill, {committed} rows committed before it; driver {proc.pid} log: "
+            f"node marked dead: {'marked dead' in log}, {recomputed} lost blocks recomputed, "
+            f"{log.count('retries remaining')} task retries "
+            f"({log.count('Task MapWorker(MapBatches(Predictor)).submit failed')} to the model actor), "
+            f"{log.count('files were in failed tasks')} isolated retry pass(es))")
     assert len(paths) == len(set(paths)), "duplicate rows"
     assert sorted(paths) == files, "rows != files"
     errors = [e for e in table.column("error").to_pylist() if e]

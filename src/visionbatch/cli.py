@@ -215,11 +215,12 @@ def _library_noise_to(log_path: str):
         handler.setFormatter(logging.Formatter("visionbatch: %(levelname)s: %(message)s"))
         logger = logging.getLogger("visionbatch")
         logger.addHandler(handler)
-        logger.propagate = False
+        saved_propagate, logger.propagate = logger.propagate, False
         try:
             yield terminal
         finally:
             logger.removeHandler(handler)
+            logger.propagate = saved_propagate
             sys.stdout, sys.stderr = saved
             os.dup2(terminal.out.fileno(), 1)
             os.dup2(terminal.err.fileno(), 2)

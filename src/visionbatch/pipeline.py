@@ -245,9 +245,23 @@ def init_ray(address: str | None) -> None:
         else:
             ray.init(address="local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
+        if address and _token_refused(err):
+            raise JobError(f"the Ray cluster at {address} uses token authentication and refused this client: set "
+                           "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
+                           ) from None
         raise JobError(f"cannot {'reach the Ray cluster at ' + address if address else 'start a local Ray'}: "
                        f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
     _quiet_ray_data()
+
+
+def _token_refused(err: BaseException | None) -> bool:
+    """Ray reports a missing or wrong auth token as a failure to connect; the cause is
+    only in the chained errors."""
+    while err is not None:
+        if type(err).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
