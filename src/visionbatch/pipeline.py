@@ -159,12 +159,14 @@ def _largest_node_cpus() -> int:
 
 
 def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
-    """Torch threads per CPU model replica.
+    """Torch threads per CPU model replica: all cores but one in eight, shared by the replicas.
 
-    Decoding and resizing cost a few ms an image against tens of ms for the forward
-    pass, so the replicas get all but one core per eight; decode tasks use the rest.
+    Decoding and resizing cost a few ms of one core per image against tens of ms of
+    all cores for a forward pass, so decode tasks need a small share of the machine.
+    Measured on 2 cores with ViT-Ti/16 (benchmarks/RESULTS.md): 2 model threads beside
+    the decode tasks reach ~55 images/s, 1 thread and a core kept for decoding ~32.
     """
-    return max(1, (cpus - max(1, cpus // 8)) // replicas)
+    return max(1, (cpus - cpus // 8) // replicas)
 
 
 def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: PreprocessSpec) -> Plan:
@@ -186,9 +188,10 @@ def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: Preproc
         gpus_per_replica = 0.0
         # A replica is one actor on one node: it must fit on the largest node and leave that
         # node a CPU to decode with, or once the other nodes are lost the decode tasks wait
-        # forever for CPUs the replica holds.
+        # forever for CPUs the replica holds. Its torch threads may still use every core
+        # (see cpu_model_threads): decoding needs only a small share of them.
         node_cpus = _largest_node_cpus() or int(cpus)
-        threads = config.model_threads or min(cpu_model_threads(int(cpus), replicas), max(1, node_cpus - 1))
+        threads = config.model_threads or min(cpu_model_threads(int(cpus), replicas), cpu_model_threads(node_cpus))
         cpus_per_replica = float(max(1, min(threads, int(cpus) - 1, node_cpus - 1)))
         batch_size = config.batch_size or 16
     return Plan(
