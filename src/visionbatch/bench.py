@@ -95,6 +95,7 @@ SEED_SCRIPT = textwrap.dedent('''
     from PIL import Image
     from transformers import pipeline
     images, model, batch_size, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    DTYPE = getattr(torch, sys.argv[5]) if sys.argv[5] != "auto" else "auto"
     DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ray.init(address="local")  # what the seed's implicit ray.init() does on a machine without a cluster
     context = ray.data.DataContext.get_current()
@@ -103,7 +104,7 @@ SEED_SCRIPT = textwrap.dedent('''
 
     class ImageClassifier:
         def __init__(self):
-            self.classifier = pipeline("image-classification", model=model, device=DEVICE)
+            self.classifier = pipeline("image-classification", model=model, device=DEVICE, dtype=DTYPE)
 
         def __call__(self, batch):
             outputs = self.classifier([Image.fromarray(a) for a in batch["image"]], top_k=1, batch_size=batch_size)
@@ -123,12 +124,12 @@ PIPELINE_SCRIPT = textwrap.dedent('''
     import torch
     from transformers import pipeline
     images, model, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    DTYPE = getattr(torch, sys.argv[4]) if sys.argv[4] != "auto" else "auto"
     files = sorted(glob.glob(images + "/*/*"))
-    classifier = pipeline("image-classification", model=model, device="cuda" if torch.cuda.is_available() else "cpu")
-    first = None
-    for i, out in enumerate(classifier(files, top_k=1, batch_size=batch_size)):
-        first = first or time.perf_counter() - started
-    print("WALL", time.perf_counter() - started, "FIRST", first)
+    classifier = pipeline("image-classification", model=model, device="cuda" if torch.cuda.is_available() else "cpu",
+                          dtype=DTYPE)
+    outputs = classifier(files, top_k=1, batch_size=batch_size)  # a list: every result arrives at the end
+    print("WALL", time.perf_counter() - started, len(outputs))
 ''')
 
 
@@ -180,17 +181,18 @@ def run_visionbatch(images: Path, model: str, out: Path, batch_size: int | None,
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["predicted"] + summary["failed"]
     return {"wall_s": wall, "images_per_s": rows / wall, "first_result_s": summary["time_to_first_result_s"],
-            "steady_images_per_s": summary.get("steady_images_per_s"), "rows": rows, **memory}
+            "steady_images_per_s": summary.get("steady_images_per_s"), "rows": rows,
+            "spilled_mb": summary.get("object_store_spilled_mb"), **memory}
 
 
-def run_seed(images: Path, model: str, out: Path, batch_size: int) -> dict:
-    wall, _, memory = _timed([sys.executable, "-c", SEED_SCRIPT, str(images), model, str(batch_size), str(out)])
+def run_seed(images: Path, model: str, out: Path, batch_size: int, dtype: str) -> dict:
+    wall, _, memory = _timed([sys.executable, "-c", SEED_SCRIPT, str(images), model, str(batch_size), str(out), dtype])
     return {"wall_s": wall, **memory}
 
 
-def run_plain_pipeline(images: Path, model: str, batch_size: int) -> dict:
-    wall, stdout, memory = _timed([sys.executable, "-c", PIPELINE_SCRIPT, str(images), model, str(batch_size)])
-    return {"wall_s": wall, "first_result_s": float(stdout.split("FIRST")[1]), **memory}
+def run_plain_pipeline(images: Path, model: str, batch_size: int, dtype: str) -> dict:
+    wall, stdout, memory = _timed([sys.executable, "-c", PIPELINE_SCRIPT, str(images), model, str(batch_size), dtype])
+    return {"wall_s": wall, **memory}
 
 
 def machine() -> str:
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch threads for the ceiling (default: what visionbatch uses)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16, for every line")
     parser.add_argument("--lines", default="ceiling,visionbatch,seed,pipeline")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0, help="how long to time the model alone")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -257,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         results["ceiling"] = model_ceiling(model, args.batch_size, threads, args.device, args.dtype,
                                           seconds=args.ceiling_seconds)
         if "visionbatch" in lines:
-            extra = args.classify_args.split() + (["--threads", str(args.threads)] if args.threads else [])
+            extra = ["--device", args.device, "--dtype", args.dtype, *args.classify_args.split(),
+                     *(["--threads", str(args.threads)] if args.threads else [])]
             results["visionbatch"] = run_visionbatch(images, model, work / "out-vb", args.batch_size, extra)
         if "seed" in lines:
-            results["seed"] = run_seed(images, model, work / "out-seed", args.batch_size)
+            results["seed"] = run_seed(images, model, work / "out-seed", args.batch_size, args.dtype)
         if "pipeline" in lines:
-            results["pipeline"] = run_plain_pipeline(images, model, args.batch_size)
+            results["pipeline"] = run_plain_pipeline(images, model, args.batch_size, args.dtype)
         print(format_table(results, n))
         for key in ("visionbatch", "seed", "pipeline"):
             if results.get(key, {}).get("driver_peak_rss_mb"):
