@@ -48,23 +48,29 @@ def _scale_head(model, factor: float = 20.0) -> None:
         model.classifier.weight.mul_(factor)
 
 
-@pytest.fixture(scope="session")
-def tiny_vit(tmp_path_factory) -> str:
-    """A 2-layer random ViT with the 1000 ImageNet labels and a fixed 224x224 resize."""
+def save_random_vit(folder, hidden: int, layers: int, heads: int, mlp: int, seed: int, head_scale: float = 1.0) -> str:
+    """A random ViT with the 1000 ImageNet labels and a fixed 224x224 resize, saved to ``folder``."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    folder = tmp_path_factory.mktemp("tiny-vit")
     id2label = _imagenet_labels()
-    config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
-                       image_size=224, patch_size=16, num_labels=1000, id2label=id2label,
-                       label2id={v: k for k, v in id2label.items()})
-    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=mlp, image_size=224,
+                       patch_size=16, num_labels=1000, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    torch.manual_seed(seed)
     model = ViTForImageClassification(config)
-    _scale_head(model)
+    if head_scale != 1.0:
+        _scale_head(model, head_scale)
     model.save_pretrained(folder)
     ViTImageProcessor(size={"height": 224, "width": 224}, resample=2).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> str:
+    """A 2-layer random ViT with a scaled head (scores that depend on the input)."""
+    return save_random_vit(tmp_path_factory.mktemp("tiny-vit"), hidden=48, layers=2, heads=3, mlp=96, seed=0,
+                           head_scale=20.0)
 
 
 @pytest.fixture(scope="session")

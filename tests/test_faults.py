@@ -32,7 +32,7 @@ import pytest
 
 from visionbatch.sinks import Destination, read_results
 
-from conftest import WNIDS, write_image
+from conftest import WNIDS, save_random_vit, write_image
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a run's processes through /proc")
 
@@ -58,20 +58,7 @@ def slow_vit(tmp_path_factory) -> str:
     """A random 6-layer ViT (hidden 384, ~45 MB): some 40 ms an image on one core, so a
     120-image run spends seconds between its first commit and its end, long enough to
     be interrupted or have its model actor killed there."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    from visionbatch.imagenet import imagenet_id2label
-
-    folder = tmp_path_factory.mktemp("slow-vit")
-    id2label = imagenet_id2label()
-    config = ViTConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
-                       image_size=224, patch_size=16, num_labels=1000, id2label=id2label,
-                       label2id={v: k for k, v in id2label.items()})
-    torch.manual_seed(2)
-    ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 224, "width": 224}, resample=2).save_pretrained(folder)
-    return str(folder)
+    return save_random_vit(tmp_path_factory.mktemp("slow-vit"), hidden=384, layers=6, heads=6, mlp=1536, seed=2)
 
 
 class Run:
