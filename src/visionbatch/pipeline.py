@@ -52,7 +52,6 @@ class Plan:
 
     source: ModelSource
     spec: PreprocessSpec
-    labels: tuple[str, ...]
     device: str
     dtype: str
     replicas: int
@@ -169,7 +168,7 @@ def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
     return max(1, (cpus - cpus // 8) // replicas)
 
 
-def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: PreprocessSpec) -> Plan:
+def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: PreprocessSpec) -> Plan:
     """Device, dtype, replicas and batch sizes from the options and the cluster."""
     cpus, gpus = _cluster_resources()
     device = config.device
@@ -195,9 +194,8 @@ def resolve_plan(config: ClassifyConfig, id2label: dict[int, str], spec: Preproc
         cpus_per_replica = float(max(1, min(threads, int(cpus) - 1, node_cpus - 1)))
         batch_size = config.batch_size or 16
     return Plan(
-        source=resolve_model_source(config.model),
+        source=source,
         spec=spec,
-        labels=tuple(id2label[i] for i in sorted(id2label)),
         device=device,
         dtype="float32" if device == "cpu" and config.dtype == "auto" else config.dtype,
         replicas=replicas,
@@ -318,7 +316,7 @@ def prepare(config: ClassifyConfig) -> Prepared:
             spec, id2label, listing = metadata.result()
     true_labels, unmapped = _true_labels(config, id2label, listing.paths)
     _warn_local_paths_on_cluster(config)
-    return Prepared(config, resolve_plan(config, id2label, spec), listing, true_labels, unmapped)
+    return Prepared(config, resolve_plan(config, source, spec), listing, true_labels, unmapped)
 
 
 def _model_and_listing(config: ClassifyConfig, source: ModelSource) -> tuple[PreprocessSpec, dict[int, str], Listing]:
