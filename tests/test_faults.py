@@ -237,30 +237,37 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     refused = start(_classify_args(images, slow_vit, dest), tmp_path / "run2")
     assert refused.wait(120) == 1 and "--resume" in refused.stderr
 
-    started = time.monotonic()
-    resumed = start(_classify_args(images, slow_vit, dest, "--resume"), tmp_path / "run3")
-    assert resumed.wait(300) == 0, resumed.stderr
-    seconds = time.monotonic() - started
-    assert not wait_session_gone(resumed)
-
-    table = _check_exactly_once(dest, expected)
-    assert table.column("error").null_count == len(expected)
-    summary = json.loads((dest / "summary.json").read_text())
-    assert summary["already_done"] == len(committed) > 0
+    table, summary, seconds = _resume_and_check(start, images, slow_vit, dest, tmp_path / "run3", expected, committed)
     assert summary["images_found"] == len(expected) and summary["predicted"] == len(expected)
     # Finished work is not redone: the resumed run's own part files hold only the rest,
     # and no part file on disk (listed in the manifest or not) repeats a path.
     new_parts = [name for name in _committed_parts(dest) if name not in committed_parts]
     assert sorted(_rows_on_disk(dest, new_parts)) == sorted(expected - set(committed))
-    everything = _rows_on_disk(dest)
-    assert len(everything) == len(set(everything)) == len(expected)
     manifest = json.loads((dest / "_SUCCESS").read_text())
     assert {f["name"] for f in manifest["files"]} == set(committed_parts) | set(new_parts)
-    _no_tmp_files(dest)
     _outcome("kill -9 of the driver, then --resume", len(expected), table, seconds,
              f"{len(committed)} rows committed before the kill (already_done {summary['already_done']}); "
              f"{len(escaped)} Ray processes outside the killed group, {len(lingering)} of them still alive "
              f"after the 10 s grace (those are killed by pid)")
+
+
+def _resume_and_check(start, images, model, dest, run_dir, expected, committed):
+    """Run ``--resume`` into ``dest`` and check it: exit 0, nothing left running, every
+    image exactly once and predicted, the committed rows counted as already done, no
+    part file repeating a path, no temporary file left."""
+    started = time.monotonic()
+    resumed = start(_classify_args(images, model, dest, "--resume"), run_dir)
+    assert resumed.wait(300) == 0, resumed.stderr
+    seconds = time.monotonic() - started
+    assert not wait_session_gone(resumed)
+    table = _check_exactly_once(dest, expected)
+    assert table.column("error").null_count == len(expected)
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["already_done"] == len(committed) > 0
+    everything = _rows_on_disk(dest)
+    assert len(everything) == len(set(everything)) == len(expected)
+    _no_tmp_files(dest)
+    return table, summary, seconds
 
 
 # --------------------------------------------------------------------------- 2. Ctrl-C, SIGTERM
@@ -290,18 +297,7 @@ def test_interrupt_exits_promptly_and_resumes(how, images, slow_vit, tmp_path, s
     committed = _rows_on_disk(dest)
     assert 0 < len(committed) < len(expected) and len(committed) == len(set(committed))
 
-    started = time.monotonic()
-    resumed = start(_classify_args(images, slow_vit, dest, "--resume"), tmp_path / "run2")
-    assert resumed.wait(300) == 0, resumed.stderr
-    seconds = time.monotonic() - started
-    assert not wait_session_gone(resumed)
-    table = _check_exactly_once(dest, expected)
-    assert table.column("error").null_count == len(expected)
-    summary = json.loads((dest / "summary.json").read_text())
-    assert summary["already_done"] == len(committed)
-    everything = _rows_on_disk(dest)
-    assert len(everything) == len(set(everything)) == len(expected)
-    _no_tmp_files(dest)
+    table, _, seconds = _resume_and_check(start, images, slow_vit, dest, tmp_path / "run2", expected, committed)
     _outcome(f"{how} mid-run, then --resume", len(expected), table, seconds,
              f"exit {code} {exit_seconds:.1f} s after the signal; {len(committed)} rows kept")
 
