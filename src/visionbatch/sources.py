@@ -138,14 +138,14 @@ def _list_one(uri: str, s3_endpoint: str | None) -> tuple[list[str], int]:
         if entry.type != pafs.FileType.File:
             continue  # folders, even ones named like images
         try:
-            entry.path
+            name = entry.path
         except UnicodeDecodeError:  # a name that is not UTF-8 cannot be a result row's path
             undecodable += 1
             continue
-        if pattern is not None and not fnmatch.fnmatchcase(entry.path, pattern):
+        if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
             continue
-        if is_image_name(entry.path):
-            images.append(prefix + entry.path)
+        if is_image_name(name):
+            images.append(prefix + name)
         else:
             skipped += 1
     if undecodable:
