@@ -166,3 +166,17 @@ def _shutdown_ray():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def write_finished_dest(destination, table, fmt: str = "parquet", shard_size: int | None = None) -> dict:
+    """Result rows written as a finished DEST, the way a job writes them: one part file
+    per shard (through the writer stage's own function), then the manifest. Returns
+    the manifest's job record."""
+    from visionbatch.sinks import Manifest, write_shard
+
+    manifest = Manifest(destination, {"test": True})
+    size = shard_size or max(table.num_rows, 1)
+    for seq, start in enumerate(range(0, max(table.num_rows, 1), size)):
+        manifest.add(write_shard(destination, f"000-{seq:07d}", table.slice(start, size), fmt))
+    manifest.write(complete=True)
+    return manifest.job

@@ -190,7 +190,7 @@ def test_two_node_cluster_matches_a_local_run(cluster, tiny_vit, tmp_path):
 
     started = time.monotonic()
     proc = _classify(cluster, str(tmp_path / "images"), "--model", tiny_vit, "--output", str(tmp_path / "remote"),
-                     "--rows-per-file", "16", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     "--shard-size", "16", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -237,7 +237,7 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit
     stdout, stderr = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
     started = time.monotonic()
     proc = _classify(cluster, str(tmp_path / "images"), "--model", tiny_vit, "--output", str(dest),
-                     "--rows-per-file", "16", stdout=stdout, stderr=stderr)
+                     "--shard-size", "16", stdout=stdout, stderr=stderr)
     try:
         # Progress has started once the first part file (16 rows) is committed.
         deadline = time.monotonic() + 120

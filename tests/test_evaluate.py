@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 
 from visionbatch.evaluate import compute_metrics, evaluate_dest, format_metrics
-from visionbatch.sinks import RESULT_SCHEMA, Destination, ResultWriter
+from conftest import write_finished_dest
+from visionbatch.sinks import RESULT_SCHEMA, Destination
 
 
 def make_table(rows: list[dict]) -> pa.Table:
@@ -133,9 +134,7 @@ def test_format_metrics_worst_first_and_capped(mixed):
 
 
 def test_evaluate_dest_writes_metrics_json(tmp_path):
-    writer = ResultWriter(Destination(str(tmp_path)))
-    writer.write(make_table(MIXED))
-    writer.commit()
+    write_finished_dest(Destination(str(tmp_path)), make_table(MIXED))
     metrics = evaluate_dest(str(tmp_path))
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert metrics["top1"] == pytest.approx(0.4) and metrics["errors"] == 3

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 
 EXE = Path(sys.executable).with_name("visionbatch")
 N_IMAGES = 120
-ROWS_PER_FILE = 8
+SHARD_SIZE = 8
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -90,7 +90,7 @@ class Run:
             pytest.fail(f"visionbatch did not exit within {timeout} s; stderr:\n{self.stderr}")
 
     def wait_for_commit(self, dest: Path, timeout: float = 180) -> float:
-        """Poll until DEST holds a committed part file; returns the seconds since start."""
+        """Poll until DEST's manifest lists a committed shard; returns the seconds since start."""
         deadline = time.monotonic() + timeout
         while not _committed_parts(dest):
             if self.proc.poll() is not None:
@@ -168,13 +168,15 @@ def start():
 
 
 def _committed_parts(dest: Path) -> list[str]:
-    return Destination(str(dest)).part_files() if dest.is_dir() else []
+    """The part files DEST's manifest lists (it is replaced whole, never seen half-written)."""
+    manifest = dest / "_manifest.json"
+    return sorted(s["file"] for s in json.loads(manifest.read_text())["shards"].values()) if manifest.exists() else []
 
 
 def _rows_on_disk(dest: Path, names: list[str] | None = None) -> list[str]:
     """Paths of the rows in the given part files (default: every committed part file)."""
     names = _committed_parts(dest) if names is None else names
-    return Destination(str(dest)).read_table(names).column("path").to_pylist() if names else []
+    return Destination(str(dest)).read_parts(names).column("path").to_pylist() if names else []
 
 
 def _expected_paths(root: Path) -> set[str]:
@@ -199,7 +201,7 @@ def _outcome(scenario: str, expected: int, table, seconds: float, extra: str = "
 
 
 def _classify_args(images: Path, model: str, dest: Path, *more) -> list:
-    return ["classify", images, "--model", model, "--output", dest, "--rows-per-file", ROWS_PER_FILE, "-q", *more]
+    return ["classify", images, "--model", model, "--output", dest, "--shard-size", SHARD_SIZE, "-q", *more]
 
 
 def _no_tmp_files(dest: Path) -> None:
@@ -229,8 +231,7 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     # What a kill that lands inside a part file's write leaves: the file under its
     # temporary name, cut short (the rename that publishes it never happened).
     whole = (dest / committed_parts[0]).read_bytes()
-    run_prefix = committed_parts[-1].rsplit("-", 1)[0]
-    cut = dest / f"{run_prefix}-{len(committed_parts):05d}.parquet.0badc0de.tmp"
+    cut = dest / ".part-000-0000099.parquet.0badc0de.tmp"
     cut.write_bytes(whole[: len(whole) // 2])
 
     # Without --resume the command refuses to touch DEST.
@@ -241,10 +242,10 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     assert summary["images_found"] == len(expected) and summary["predicted"] == len(expected)
     # Finished work is not redone: the resumed run's own part files hold only the rest,
     # and no part file on disk (listed in the manifest or not) repeats a path.
-    new_parts = [name for name in _committed_parts(dest) if name not in committed_parts]
+    on_disk = Destination(str(dest)).part_files()
+    assert on_disk == _committed_parts(dest)  # parts no committed shard owns were removed
+    new_parts = [name for name in on_disk if name not in committed_parts]
     assert sorted(_rows_on_disk(dest, new_parts)) == sorted(expected - set(committed))
-    manifest = json.loads((dest / "_SUCCESS").read_text())
-    assert {f["name"] for f in manifest["files"]} == set(committed_parts) | set(new_parts)
     _outcome("kill -9 of the driver, then --resume", len(expected), table, seconds,
              f"{len(committed)} rows committed before the kill (already_done {summary['already_done']}); "
              f"{len(escaped)} Ray processes outside the killed group, {len(lingering)} of them still alive "
@@ -264,7 +265,7 @@ def _resume_and_check(start, images, model, dest, run_dir, expected, committed):
     assert table.column("error").null_count == len(expected)
     summary = json.loads((dest / "summary.json").read_text())
     assert summary["already_done"] == len(committed) > 0
-    everything = _rows_on_disk(dest)
+    everything = _rows_on_disk(dest, Destination(str(dest)).part_files())
     assert len(everything) == len(set(everything)) == len(expected)
     _no_tmp_files(dest)
     return table, summary, seconds
@@ -473,14 +474,14 @@ def test_transient_object_store_errors(images, tiny_vit, s3_server, tmp_path, st
 
     clean_dest = f"s3://{bucket}/results/clean"
     clean = start(["classify", f"s3://{bucket}/val/", "--model", tiny_vit, "--output", clean_dest,
-                   "--s3-endpoint", s3_server, "--rows-per-file", ROWS_PER_FILE, "-q"], tmp_path / "clean")
+                   "--s3-endpoint", s3_server, "--shard-size", SHARD_SIZE, "-q"], tmp_path / "clean")
     assert clean.wait(300) == 0, clean.stderr
     clean_seconds = time.monotonic() - clean.started
 
     flaky_dest = f"s3://{bucket}/results/flaky"
     with FlakyS3Proxy(s3_server, every=3) as proxy:
         run = start(["classify", f"s3://{bucket}/val/", "--model", tiny_vit, "--output", flaky_dest,
-                     "--s3-endpoint", proxy.url, "--rows-per-file", ROWS_PER_FILE, "-q"], tmp_path / "flaky")
+                     "--s3-endpoint", proxy.url, "--shard-size", SHARD_SIZE, "-q"], tmp_path / "flaky")
         assert run.wait(300) == 0, run.stderr
         seconds = time.monotonic() - run.started
     assert not wait_session_gone(run)

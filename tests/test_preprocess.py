@@ -8,7 +8,8 @@ from PIL import Image
 from transformers import (BitImageProcessor, ConvNextImageProcessor, DeiTImageProcessor, EfficientNetImageProcessor,
                           ViTImageProcessor)
 
-from visionbatch.preprocess import PreprocessSpec, UnsupportedProcessor, center_crop, preprocess, resolve_spec
+from visionbatch.preprocess import (PreprocessSpec, UnsupportedProcessor, center_crop, preprocess, resized_size,
+                                    resolve_spec, verify_spec)
 
 from conftest import write_image
 
@@ -64,3 +65,19 @@ def test_unknown_size_rule_is_refused():
     processor.size = {"max_height": 10, "max_width": 10}
     with pytest.raises(UnsupportedProcessor):
         resolve_spec(processor)
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (375, 500), (97, 1200), (1200, 97), (300, 300), (224, 600),
+                                          (600, 224), (250, 333)])
+def test_shortest_and_longest_edge_follow_transformers(width, height):
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    spec = PreprocessSpec(resize=("shortest_edge", 224, 300), crop=None, resample=2, scale=(1.0,) * 3,
+                          offset=(0.0,) * 3)
+    assert resized_size(width, height, spec) == get_size_with_aspect_ratio((height, width), 224, 300)[::-1]
+
+
+def test_shortest_and_longest_edge_processor_is_verified():
+    processor = BitImageProcessor(size={"shortest_edge": 224, "longest_edge": 300}, crop_size={"height": 224,
+                                                                                              "width": 224})
+    assert verify_spec(processor, resolve_spec(processor)) is None

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from visionbatch.report import write_report
-from visionbatch.sinks import RESULT_SCHEMA, Destination, ResultWriter
+from conftest import write_finished_dest
+from visionbatch.sinks import RESULT_SCHEMA, Destination
 
 INSTALL_CHROMIUM = Path(__file__).resolve().parents[1] / "scripts" / "install-chromium.sh"
 CHROMIUM_FLAGS = [
@@ -26,9 +27,7 @@ PLOTS = 2  # confidence histogram + confusion heatmap
 
 def write_dest(root: Path, rows: list[dict], summary: dict | None) -> str:
     destination = Destination(str(root / "dest"))
-    writer = ResultWriter(destination)
-    writer.write(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
-    writer.commit()
+    write_finished_dest(destination, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
     if summary is not None:
         destination.write_bytes("summary.json", json.dumps(summary).encode())
     return destination.uri

@@ -341,7 +341,7 @@ def test_credentials_never_leak(s3_server, s3_images, tmp_path, tiny_vit, capfd)
     started = time.monotonic()
     proc = subprocess.Popen([str(BIN / "visionbatch"), "classify", f"s3://{bucket}/val/", "--model", tiny_vit,
                              "--output", f"s3://{bucket}/results/", "--s3-endpoint", s3_server,
-                             "--rows-per-file", "10", "--report", str(tmp_path / "report.html")],
+                             "--shard-size", "10", "--report", str(tmp_path / "report.html")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out, err = proc.communicate(timeout=300)
     seconds = time.monotonic() - started

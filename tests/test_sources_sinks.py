@@ -6,41 +6,54 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visionbatch.sinks import Destination, ResultWriter, read_results, RESULT_SCHEMA
-from visionbatch.sources import SourceError, list_images, resolve
+from visionbatch.sinks import Destination, read_results, RESULT_SCHEMA
+from visionbatch.sources import ListingCounts, iter_list_file, iter_source
+from visionbatch.storage import SourceError, Storage
 
-from conftest import write_image
+from conftest import write_finished_dest
+
+
+def _list(uri: str) -> tuple[list[str], ListingCounts]:
+    counts = ListingCounts()
+    return list(iter_source(uri, Storage(), counts)), counts
 
 
 def test_folder_listing_is_recursive_and_counts_non_images(image_tree):
     (image_tree / "folder.jpg").mkdir()  # a folder named like an image is not a file
-    listing = list_images((str(image_tree),))
-    assert len(listing.paths) == 12 and listing.skipped_non_image == 1
-    assert listing.paths == sorted(listing.paths)
-    assert any(p.endswith(".PNG") for p in listing.paths)  # extensions are case-insensitive
+    paths, counts = _list(str(image_tree))
+    assert len(paths) == 12 and counts.skipped_non_image == 1
+    assert any(p.endswith(".PNG") for p in paths)  # extensions are case-insensitive
+    assert paths == _list(str(image_tree))[0]  # the order is fixed: shards depend on it
 
 
 def test_glob_and_single_file(image_tree):
-    pngs = list_images((str(image_tree / "*" / "*.PNG"),))
-    assert len(pngs.paths) == 4
-    one = list_images((pngs.paths[0],))
-    assert one.paths == pngs.paths[:1]
+    pngs, _ = _list(str(image_tree / "*" / "*.PNG"))
+    assert len(pngs) == 4
+    assert _list(pngs[0])[0] == pngs[:1]
 
 
 def test_from_list_text_csv_parquet(image_tree, tmp_path):
-    paths = list_images((str(image_tree),)).paths[:3]
-    (tmp_path / "list.txt").write_text("\n".join(paths) + "\n\n")
+    paths = _list(str(image_tree))[0][:3]
+    (tmp_path / "list.txt").write_text("\n".join(paths) + "\nnotes.txt\n\n")
     (tmp_path / "list.csv").write_text("path,other\n" + "".join(f'"{p}",1\n' for p in paths))
     pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
     for name in ("list.txt", "list.csv", "list.parquet"):
-        assert list_images((str(tmp_path / name),), from_list=True).paths == paths
+        counts = ListingCounts()
+        assert list(iter_list_file(str(tmp_path / name), Storage(), counts, cwd="/")) == paths
+    assert counts.skipped_non_image == 0
+
+
+def test_relative_list_entries_resolve_against_the_given_directory(tmp_path):
+    (tmp_path / "list.txt").write_text("a/b.jpg\n./c.png\n")
+    got = list(iter_list_file(str(tmp_path / "list.txt"), Storage(), ListingCounts(), cwd="/data"))
+    assert got == ["/data/a/b.jpg", "/data/c.png"]
 
 
 def test_missing_source_and_embedded_secret_are_refused(tmp_path):
     with pytest.raises(SourceError, match="not found"):
-        list_images((str(tmp_path / "nope"),))
+        _list(str(tmp_path / "nope"))
     with pytest.raises(SourceError, match="embedded credentials") as err:
-        resolve("s3://AKIAXXX:supersecret@bucket/x")
+        Storage().resolve("s3://AKIAXXX:supersecret@bucket/x")
     assert "supersecret" not in str(err.value)
 
 
@@ -53,10 +66,8 @@ def test_results_round_trip(fmt, tmp_path):
     })
     destination = Destination(str(tmp_path / "dest"))
     assert not destination.has_results()
-    writer = ResultWriter(destination, fmt)
-    writer.write(rows)
-    manifest = writer.commit()
-    assert manifest["rows"] == 2 and destination.has_results()
+    write_finished_dest(destination, rows, fmt)
+    assert destination.has_results() and destination.manifest()["rows"] == 2
     back = read_results(str(tmp_path / "dest"))
     assert back.schema == RESULT_SCHEMA
     assert back.to_pylist() == rows.cast(RESULT_SCHEMA).to_pylist()

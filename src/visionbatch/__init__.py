@@ -2,8 +2,9 @@
 
 from visionbatch.config import ClassifyConfig, OutputConfig
 from visionbatch.model import Predictor
-from visionbatch.pipeline import Summary, classify, run
+from visionbatch.pipeline import classify, run
 from visionbatch.sinks import read_results
+from visionbatch.summary import Summary
 
 __all__ = ["ClassifyConfig", "OutputConfig", "Predictor", "Summary", "classify", "run", "read_results"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import tempfile
 import time
 from typing import NamedTuple, TextIO
 
-from visionbatch.config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, ClassifyConfig, OutputConfig
+from visionbatch.config import ClassifyConfig, OutputConfig, add_options, options_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -21,34 +21,10 @@ def _classify_parser(sub) -> None:
                        description="Classify every image file under SOURCE(s) and write one result row per file to DEST.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="file, folder (recursive), glob, or s3:// / gs:// URI; with --from-list, list files")
-    p.add_argument("--output", "-o", required=True, metavar="DEST", help="local folder or s3:// / gs:// URI for the results")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local save_pretrained folder (default {DEFAULT_MODEL})")
-    p.add_argument("--from-list", action="store_true", help="SOURCEs are text files (one path per line) or CSV/Parquet with a 'path' column")
-    p.add_argument("--top-k", type=int, default=5, help="labels and scores kept per image (default 5)")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 256 on GPU, 16 on CPU)")
-    p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU, or one on CPU)")
-    p.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs per model replica (default 1)")
-    p.add_argument("--threads", type=int, dest="model_threads",
-                   help="torch threads per CPU model replica (default: all cores but one in eight)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
-    p.add_argument("--limit", type=int, help="classify only the first N images (sorted by path)")
-    p.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="parquet")
-    p.add_argument("--labels", choices=["dirs", "none"], default="dirs",
-                   help="dirs: true label from the parent folder's name (default); none: no labels")
-    p.add_argument("--label-map", metavar="FILE", help="CSV of folder,label that overrides folder-name matching")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this, checked from the header (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--allow-pickle", action="store_true", help="also load pickled (.bin) weights; only for models you trust")
-    p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub repo; only for repos you trust")
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
-    p.add_argument("--address", help="join a running Ray cluster (default: start a local Ray)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in DEST")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted job into the same DEST")
-    p.add_argument("--rows-per-file", type=int, default=100_000,
-                   help="rows per result file (default 100000); progress is also committed every 30 s")
+    p.add_argument("--output", "-o", required=True, dest="dest", metavar="DEST",
+                   help="local folder or s3:// / gs:// URI for the results")
+    add_options(p, ClassifyConfig)
+    add_options(p, OutputConfig)
     p.add_argument("--report", metavar="PATH", help="also write the HTML report to PATH")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
 
@@ -78,27 +54,19 @@ def _models_parser(sub) -> None:
 def _run_classify(args) -> int:
     from visionbatch.pipeline import run_job
 
-    config = ClassifyConfig(
-        sources=tuple(args.sources), model=args.model, top_k=args.top_k, batch_size=args.batch_size,
-        replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, model_threads=args.model_threads,
-        device=args.device, dtype=args.dtype,
-        limit=args.limit, from_list=args.from_list, labels=args.labels, label_map=args.label_map,
-        max_pixels=args.max_pixels, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        s3_endpoint=args.s3_endpoint, address=args.address, compile=args.compile,
-    )
-    output = OutputConfig(dest=args.output, format=args.format, overwrite=args.overwrite, resume=args.resume,
-                          rows_per_file=args.rows_per_file)
+    config = ClassifyConfig(**options_of(ClassifyConfig, args))
+    output = OutputConfig(**options_of(OutputConfig, args))
     summary = run_job(config, output, progress=None if args.quiet else args.terminal.err)
     if not args.quiet:
         print(summary.format(), file=args.terminal.out)
     if summary.labelled:
         from visionbatch.evaluate import evaluate_dest, format_metrics
 
-        metrics = evaluate_dest(args.output, args.s3_endpoint)
+        metrics = evaluate_dest(args.dest, args.s3_endpoint)
         if not args.quiet:
             print(format_metrics(metrics), file=args.terminal.out)
     if args.report:
-        _write_report(args.output, args.report, args.s3_endpoint, None if args.quiet else args.terminal.out)
+        _write_report(args.dest, args.report, args.s3_endpoint, None if args.quiet else args.terminal.out)
     return EXIT_OK
 
 
@@ -159,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     from visionbatch.model import ModelLoadError
     from visionbatch.pipeline import JobError
     from visionbatch.sinks import DestinationError
-    from visionbatch.sources import SourceError
+    from visionbatch.storage import SourceError
 
-    with _library_noise_to(_log_path()) as terminal:
+    log_path = _log_path()
+    with _library_noise_to(log_path) as terminal:
         args.terminal = terminal
         try:
             return COMMANDS[args.command](args)
         except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
-            print(f"visionbatch: error: {err}", file=terminal.err)
+            message = str(err).replace("is in the log", f"is in {log_path}")
+            print(f"visionbatch: error: {message}", file=terminal.err)
             return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
         except KeyboardInterrupt:
             print("visionbatch: interrupted", file=terminal.err)

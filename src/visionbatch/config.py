@@ -1,13 +1,17 @@
-"""The one typed object that holds a job's options.
+"""The typed objects that hold a job's options, and the command-line flags made from them.
 
-The CLI builds it, the Python API takes it (or keyword arguments that build it), and
-the pipeline reads only it. Defaults live here once.
+The CLI builds them, the Python API takes them (or keyword arguments that build them),
+and the pipeline reads only them. Each option's default and help text live here once:
+:func:`add_options` turns the fields into ``argparse`` flags, so names, defaults and
+help cannot drift apart.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
@@ -15,12 +19,15 @@ DEFAULT_MODEL = "google/vit-base-patch16-224"
 # Pillow's own default decompression-bomb threshold (Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 89_478_485
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Format = Literal["parquet", "csv", "jsonl"]
 LabelsMode = Literal["dirs", "none"]
+
+
+def option(default, help: str, *, flag: str | None = None, metavar: str | None = None, cli: bool = True):
+    """A config field with its command-line help (``cli=False``: API only)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar, "cli": cli})
 
 
 @dataclass(frozen=True)
@@ -28,26 +35,29 @@ class ClassifyConfig:
     """Everything one classification job needs to know."""
 
     sources: tuple[str, ...]
-    model: str = DEFAULT_MODEL
-    top_k: int = 5
-    batch_size: int | None = None  # None: chosen per device (see pipeline.resolve_plan)
-    replicas: int | None = None  # None: one per GPU, or one CPU replica
-    gpus_per_replica: float = 1.0
-    model_threads: int | None = None  # None: see pipeline.cpu_model_threads
-    device: Device = "auto"
-    dtype: DType = "auto"
-    limit: int | None = None
-    from_list: bool = False
-    labels: LabelsMode = "dirs"
-    label_map: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    s3_endpoint: str | None = None
-    address: str | None = None
-    compile: bool = False
-    decode_batch_size: int = 16
-    max_retries: int = 3
+    model: str = option(DEFAULT_MODEL, f"hub id or local save_pretrained folder (default {DEFAULT_MODEL})")
+    from_list: bool = option(False, "SOURCEs are text files (one path per line) or CSV/Parquet files with a 'path' column")
+    top_k: int = option(5, "labels and scores kept per image")
+    batch_size: int | None = option(None, "images per forward pass (default: measured on GPU, largest that "
+                                    "still speeds up; 16 on CPU)")
+    replicas: int | None = option(None, "model replicas (default: one per GPU, or one on CPU)")
+    gpus_per_replica: float = option(1.0, "GPUs per model replica (fractions allowed)")
+    model_threads: int | None = option(None, "torch threads per CPU model replica (default: all cores but one "
+                                       "in eight)", flag="--threads")
+    device: Device = option("auto", "where the model runs")
+    dtype: DType = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    limit: int | None = option(None, "classify only the first N images (in listing order)", metavar="N")
+    labels: LabelsMode = option("dirs", "dirs: true label from the parent folder's name; none: no labels")
+    label_map: str | None = option(None, "CSV of folder,label that overrides folder-name matching", metavar="FILE")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this, checked from the header")
+    shard_size: int = option(1000, "images per shard: the unit of work, of output (one part file each) and of "
+                             "--resume", metavar="N")
+    allow_pickle: bool = option(False, "also load pickled (.bin) weights; only for models you trust")
+    trust_remote_code: bool = option(False, "run model code from the hub repo; only for repos you trust")
+    s3_endpoint: str | None = option(None, "S3-compatible endpoint (default: $AWS_ENDPOINT_URL)", metavar="URL")
+    address: str | None = option(None, "join a running Ray cluster (default: start a local Ray)")
+    compile: bool = option(False, "torch.compile the model")
+    max_retries: int = option(3, "attempts after the first for a failed task or a dead model actor", cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
@@ -56,16 +66,10 @@ class ClassifyConfig:
             object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
         if not self.sources:
             raise ValueError("at least one source is required")
-        if self.top_k < 1:
-            raise ValueError("--top-k must be at least 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
-        if self.replicas is not None and self.replicas < 1:
-            raise ValueError("--replicas must be at least 1")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be at least 1")
-        if self.max_pixels < 1:
-            raise ValueError("--max-pixels must be at least 1")
+        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "shard_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
     def replace(self, **changes) -> "ClassifyConfig":
         return dataclasses.replace(self, **changes)
@@ -76,11 +80,42 @@ class OutputConfig:
     """Where and how results are written."""
 
     dest: str
-    format: Format = "parquet"
-    overwrite: bool = False
-    resume: bool = False
-    rows_per_file: int = 100_000
-    flush_seconds: float = 30.0  # progress is committed at least this often (what --resume keeps)
+    format: Format = option("parquet", "result file format (csv: top-k lists as JSON arrays)")
+    overwrite: bool = option(False, "replace results already in DEST")
+    resume: bool = option(False, "continue an interrupted job into the same DEST")
+    flush_seconds: float = option(30.0, "commit finished shards to the manifest at least this often", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite and --resume contradict each other: choose one")
+
+
+def add_options(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of ``config_class`` that has command-line help."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        meta = f.metadata
+        if not meta.get("help") or not meta.get("cli"):
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        if typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, dest=f.name, choices=args, default=f.default,
+                                help=f"{meta['help']} (default {f.default})")
+            continue
+        scalar = next(a for a in args if a is not type(None)) if args else kind
+        default = "" if f.default is None or "default" in meta["help"] else f" (default {f.default})"
+        parser.add_argument(flag, dest=f.name, type=scalar, default=f.default, metavar=meta["metavar"],
+                            help=meta["help"] + default)
+
+
+def options_of(config_class, namespace: argparse.Namespace) -> dict:
+    """The fields of ``config_class`` that ``namespace`` holds."""
+    return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class) if hasattr(namespace, f.name)}
 
 
 def config_from_kwargs(sources: str | Sequence[str], **options) -> ClassifyConfig:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import io
 import os
 import time
+from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from visionbatch.preprocess import PreprocessSpec, preprocess
-from visionbatch.sources import open_and_read
+from visionbatch.labels import LabelResolver, folder_of
+from visionbatch.preprocess import Preprocessing, pixel_layout, prepare_image
+from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN
+from visionbatch.storage import Storage, describe
 
 # Formats Pillow may try. Everything else (EPS/PDF via Ghostscript, exotic plugins)
 # is refused before any decoder runs. (The JPEG opener also reads MPO, the
@@ -47,7 +51,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise DecodeError("not_an_image", "not a recognised image format (allowed: "
                           + ", ".join(ALLOWED_FORMATS) + ")") from None
     except Exception as err:  # Pillow raises many types on malformed headers
-        raise DecodeError("decode_error", _first_line(err)) from None
+        raise DecodeError("decode_error", describe(err)) from None
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels "
@@ -58,56 +62,118 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         return image.convert("RGB")
     except OSError as err:
         kind = "truncated" if "truncated" in str(err).lower() else "decode_error"
-        raise DecodeError(kind, _first_line(err), size=(width, height)) from None
+        raise DecodeError(kind, describe(err), size=(width, height)) from None
     except Exception as err:
-        raise DecodeError("decode_error", _first_line(err), size=(width, height)) from None
+        raise DecodeError("decode_error", describe(err), size=(width, height)) from None
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage
+                ) -> tuple[np.ndarray | None, int, int, str]:
+    """One file -> (the model stage's pixels for it or None, width, height, error).
+
+    Never raises: a file that cannot be read or decoded gives its error text ("" for
+    none) and whatever size its header told (-1 where unknown).
+    """
+    crash_on = os.environ.get("VISIONBATCH_FAILPOINT_EXIT_ON")
+    if crash_on and crash_on in path:  # a failpoint for fault tests: die like a segfaulting decoder
+        os._exit(70)
+    try:
+        data = storage.read(path)
+    except Exception as err:  # missing, permission, network: keep the row
+        return None, -1, -1, f"read_error: {describe(err)}"
+    try:
+        image = decode_image(data, max_pixels)
+    except DecodeError as err:
+        width, height = err.size or (-1, -1)
+        return None, width, height, str(err)
+    try:
+        return prepare_image(image, spec), image.width, image.height, ""
+    except Exception as err:  # a resize of a pathological image must not take the batch down
+        return None, image.width, image.height, f"preprocess_error: {describe(err)}"
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    spec: PreprocessSpec,
-    max_pixels: int,
-    s3_endpoint: str | None = None,
-) -> dict[str, np.ndarray]:
-    """The CPU stage: paths in; model-ready uint8 pixels, sizes and errors out.
+def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixels: int,
+                 storage: Storage = Storage()) -> dict[str, np.ndarray]:
+    """Paths in; model-ready pixels, sizes and errors out, one row per path.
 
-    A file that cannot be read or decoded keeps its row, with ``error`` set and zero
-    pixels, so that rows out always equal files in. Other input columns (such as
-    ``true_label``) pass through. Between stages "" stands for "no error": an
-    all-None string column does not survive Ray's numpy/Arrow round trip as strings.
+    Rows that fail keep zero pixels and their ``error``; other input columns pass
+    through. Between stages "" stands for "no error": an all-None string column does
+    not survive Ray's numpy/Arrow round trip as strings.
     """
     started = time.perf_counter()
-    paths = batch["path"]
-    n = len(paths)
-    height, width = spec.output_size
-    pixels = np.zeros((n, height, width, 3), dtype=np.uint8)
-    widths = np.full(n, -1, dtype=np.int32)
-    heights = np.full(n, -1, dtype=np.int32)
+    n = len(batch["path"])
+    shape, dtype = pixel_layout(spec)
+    pixels = np.zeros((n, *shape), dtype=dtype)
+    widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
-    crash_on = os.environ.get("VISIONBATCH_FAILPOINT_EXIT_ON")
-    for i, path in enumerate(paths):
-        if crash_on and crash_on in path:  # a failpoint for fault tests: die like a segfaulting decoder
-            os._exit(70)
-        try:
-            data = open_and_read(path, s3_endpoint)
-        except Exception as err:  # missing, permission, network: keep the row
-            errors[i] = f"read_error: {_first_line(err)}"
-            continue
-        try:
-            image = decode_image(data, max_pixels)
-            widths[i], heights[i] = image.size
-            pixels[i] = preprocess(image, spec)
-        except DecodeError as err:
-            errors[i] = str(err)
-            if err.size:
-                widths[i], heights[i] = err.size
-        except Exception as err:  # a resize of a pathological image must not take the batch down
-            errors[i] = f"preprocess_error: {_first_line(err)}"
+    for i, path in enumerate(batch["path"]):
+        image, widths[i], heights[i], errors[i] = decode_file(path, spec, max_pixels, storage)
+        if image is not None:
+            pixels[i] = image
     seconds = np.full(n, (time.perf_counter() - started) / max(n, 1))  # this stage's share, per row
     return {**batch, "width": widths, "height": heights, "error": errors, "pixels": pixels, "decode_seconds": seconds}
+
+
+def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, storage: Storage,
+                  labels: LabelResolver | None, batch_size: int) -> Iterator[pa.Table]:
+    """The CPU stage: take shards until there are none; yield model-ready blocks.
+
+    Each block holds up to ``batch_size`` decoded images (one forward pass) and the
+    failed rows met on the way. Every row carries its shard, its index in the shard and
+    the shard's size, from which the writer knows when a shard is whole.
+    """
+    while (shard := next_shard()) is not None:
+        yield from _decode_shard(shard, spec, max_pixels, storage, labels, batch_size)
+
+
+def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size) -> Iterator[pa.Table]:
+    by_folder: dict[str, str | None] = {}
+
+    def true_label(path: str) -> str | None:
+        folder = folder_of(path)
+        if folder not in by_folder:
+            by_folder[folder] = labels(folder) if labels else None
+        return by_folder[folder]
+
+    rows: list[tuple[int, np.ndarray | None, int, int, str]] = []
+    images = 0
+    started = time.perf_counter()
+    for i, path in enumerate(shard.paths):
+        rows.append((i, *decode_file(path, spec, max_pixels, storage)))
+        images += rows[-1][1] is not None
+        if images == batch_size:
+            yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))
+            rows, images, started = [], 0, time.perf_counter()
+    if rows:
+        yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))
+
+
+def _block(shard, rows, true_label, seconds_per_row: float) -> pa.Table:
+    """Rows of one shard as a table; the decoded images go in one binary column whose
+    data buffer is the images back to back (a failed row holds no bytes), so a block
+    has one schema whatever failed, and the model stage reads the images without a copy."""
+    index, images, widths, heights, errors = zip(*rows)
+    n = len(rows)
+    sizes = np.array([0 if image is None else image.nbytes for image in images], dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    decoded = [image.reshape(-1).view(np.uint8) for image in images if image is not None]
+    data = np.concatenate(decoded) if decoded else np.zeros(0, dtype=np.uint8)
+    pixels = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return pa.table({
+        SHARD_COLUMN: pa.array([shard.id] * n, pa.string()),
+        ROW_COLUMN: pa.array(index, pa.int32()),
+        SHARD_ROWS_COLUMN: pa.array([len(shard.paths)] * n, pa.int32()),
+        "path": pa.array([shard.paths[i] for i in index], pa.string()),
+        "true_label": pa.array([true_label(shard.paths[i]) for i in index], pa.string()),
+        "width": _size_column(widths),
+        "height": _size_column(heights),
+        "error": pa.array([error or None for error in errors], pa.string()),
+        "pixels": pixels,
+        "decode_seconds": pa.array(np.full(n, seconds_per_row)),
+    })
+
+
+def _size_column(values) -> pa.Array:
+    values = np.array(values, dtype=np.int32)
+    return pa.array(values, pa.int32(), mask=values < 0)  # -1: unknown

@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import socket
 import time
+import traceback
 import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from visionbatch.results import MODEL_TRACEBACK, PREDICTION_FIELDS
 
 
 class ModelLoadError(Exception):
@@ -158,23 +162,18 @@ def _first_line(err: Exception) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:400]
 
 
-PREDICTION_FIELDS = [
-    pa.field("label", pa.string()),
-    pa.field("label_id", pa.int64()),
-    pa.field("score", pa.float32()),
-    pa.field("top_k_labels", pa.list_(pa.string())),
-    pa.field("top_k_scores", pa.list_(pa.float32())),
-]
-
-
 class Predictor:
-    """The model stage: uint8 pixel batches in, top-k predictions out.
+    """The model stage: batches of preprocessed images in, top-k predictions out.
 
-    Input batch (dict of numpy arrays): ``pixels`` (N, H, W, 3) uint8 and ``error``
-    ("" or None where the image decoded). Every other column is passed through, with
-    "" in string columns written as null. Rows with an error get null predictions. Output: a pyarrow Table with the passed-through columns
-    plus label, label_id, score, top_k_labels, top_k_scores, ``predict_seconds`` (this
-    call's time, shared per row) and, where a ``true_label`` column exists, ``correct``.
+    A batch is a dict of numpy arrays (``pixels`` (N, H, W, 3) uint8 and ``error``, ""
+    or None where the image decoded), or a pipeline block: a pyarrow Table whose
+    ``pixels`` binary column holds each image's bytes in ``pixel_layout`` (empty for a
+    failed row). Every other column passes through ("" in numpy string columns becomes
+    null). The forward pass runs ``batch_size`` images at a time; rows with an error get
+    null predictions. Output: a pyarrow Table with the passed-through columns plus
+    label, label_id, score, top_k_labels, top_k_scores, ``predict_seconds`` (this call's
+    time, shared per row) and, where a ``true_label`` column exists, ``correct``. If
+    the model itself fails on a batch, its rows get ``model_error`` rows instead.
     """
 
     def __init__(
@@ -190,6 +189,8 @@ class Predictor:
         trust_remote_code: bool = False,
         num_threads: int | None = None,
         compile: bool = False,
+        batch_size: int | None = None,
+        pixel_layout: tuple[tuple[int, ...], str] | None = None,
     ):
         import torch
 
@@ -208,18 +209,22 @@ class Predictor:
         self.scale = torch.tensor(scale, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.offset = torch.tensor(offset, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.forward = torch.compile(self.model) if compile else self.model
+        self.batch_size = batch_size
+        self.pixel_layout = pixel_layout  # (shape, dtype) of one image in a pipeline block
 
     def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W, 3) uint8 -> (top-k class ids, top-k scores), each (N, k)."""
+        """(N, H, W, 3) uint8, or (N, C, H, W) float32 already preprocessed (the slow
+        path) -> (top-k class ids, top-k scores), each (N, k)."""
         import torch
 
         with torch.inference_mode():
             host = torch.from_numpy(np.ascontiguousarray(pixels))
             if self.device.type == "cuda":
                 host = host.pin_memory()
-            # NHWC uint8 -> NCHW float32 affine on the device, then the model's dtype.
-            x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            x = (x * self.scale + self.offset).to(self.dtype)
+            x = host.to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:  # NHWC uint8 -> NCHW float32 affine on the device
+                x = x.permute(0, 3, 1, 2).float() * self.scale + self.offset
+            x = x.to(self.dtype)
             logits = self.forward(pixel_values=x).logits.float()
             probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
             scores, ids = torch.topk(probs, self.top_k, dim=-1)
@@ -260,19 +265,36 @@ class Predictor:
             best, best_rate = size, rate
         return best
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> pa.Table:
         started = time.perf_counter()
-        errors = batch["error"]
-        ok = np.array([not e for e in errors], dtype=bool)
-        n, k = len(errors), self.top_k
+        if isinstance(batch, pa.Table):  # the pipeline's blocks: images in a binary column
+            table = batch.drop_columns(["pixels"])
+            ok = pc.is_null(table.column("error")).to_numpy(zero_copy_only=False)
+            pixels = _packed_images(batch.column("pixels"), self.pixel_layout) if ok.any() else None
+        else:  # numpy batches (anyone's map_batches): pixels (N, H, W, 3), "" or None for no error
+            table = _passthrough_table({name: values for name, values in batch.items() if name != "pixels"})
+            ok = np.array([not e for e in batch["error"]], dtype=bool)
+            pixels = batch["pixels"][ok] if ok.any() else None
+        n, k = table.num_rows, self.top_k
         ids = np.zeros((n, k), dtype=np.int64)
         scores = np.zeros((n, k), dtype=np.float32)
-        if ok.all():
-            ids, scores = self.predict_pixels(batch["pixels"])
-        elif ok.any():
-            ids[ok], scores[ok] = self.predict_pixels(batch["pixels"][ok])
-        columns = {name: values for name, values in batch.items() if name != "pixels"}
-        table = _passthrough_table(columns)
+        if pixels is not None:
+            rows = np.flatnonzero(ok)
+            step = self.batch_size or len(rows)
+            try:
+                for start in range(0, len(rows), step):
+                    ids[rows[start:start + step]], scores[rows[start:start + step]] = \
+                        self.predict_pixels(pixels[start:start + step])
+            except Exception as err:
+                if _is_out_of_memory(err):
+                    raise  # not the images' fault: let the task be retried
+                # The model itself failed on these images: errors are rows, and the
+                # driver stops a job whose model fails on everything.
+                message = f"model_error: {type(err).__name__}: {_first_line(err)}"
+                errors = pc.if_else(pa.array(ok), message, table.column("error"))
+                table = table.set_column(table.schema.get_field_index("error"), "error", errors)
+                table = table.append_column(MODEL_TRACEBACK, pa.array([traceback.format_exc()] * n, pa.string()))
+                ok[:] = False
         mask = pa.array(~ok)
         top_labels = self.labels[ids]
         offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
@@ -288,12 +310,23 @@ class Predictor:
             PREDICTION_FIELDS[4],
             pa.ListArray.from_arrays(offsets, pa.array(scores.ravel(), pa.float32()), mask=mask),
         )
-        if "true_label" in columns:
-            truth = columns["true_label"]
-            known = ok & np.array([bool(t) for t in truth], dtype=bool)
-            correct = np.array([t == p for t, p in zip(truth, top_labels[:, 0])], dtype=bool)
-            table = table.append_column("correct", pa.array(correct, pa.bool_(), mask=~known))
+        if "true_label" in table.column_names:  # null where the truth or the prediction is unknown
+            table = table.append_column("correct", pc.equal(table.column("true_label"), label))
         return table.append_column("predict_seconds", pa.array(np.full(n, (time.perf_counter() - started) / max(n, 1))))
+
+
+def _packed_images(column: pa.ChunkedArray, layout: tuple[tuple[int, ...], str]) -> np.ndarray:
+    """The images of a binary column whose values are whole images or empty (a failed
+    row), as one array (rows with an image only), without copying their bytes."""
+    shape, dtype = layout
+    array = column.combine_chunks()
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return data.view(dtype).reshape(-1, *shape)
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
 
 
 def _passthrough_table(columns: dict[str, np.ndarray]) -> pa.Table:

@@ -1,33 +1,42 @@
 """Pipeline: the one place that knows about Ray.
 
 It resolves a job's plan (device, dtype, replicas, batch sizes, preprocessing) once in
-the driver, wires the plain stages into a Ray Data dataset
-(paths -> ``decode_batch`` CPU tasks -> ``Predictor`` actor pool), and, for
-:func:`run`, streams the results to a :class:`~visionbatch.sinks.ResultWriter` with a
-progress bar and returns a :class:`Summary`.
+the driver and wires the plain stages into one Ray Data dataset::
+
+    ShardPlanner actor (lists, hands out shards)
+      -> decode tasks (take shards, yield uint8 pixel blocks)   visionbatch.decode
+      -> Predictor actor pool (top-k)                            visionbatch.model
+      -> ShardWriter actor (one part file per whole shard)       visionbatch.sinks
+      -> the driver: commits shards to the manifest, progress bar, summary
+
+The driver's memory grows with the number of shards, never with the number of images.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
+import concurrent.futures
 import json
 import logging
 import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute
 
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
 from visionbatch.model import ModelSource, Predictor, load_config, load_processor, resolve_model_source
-from visionbatch.preprocess import PreprocessSpec, UnsupportedProcessor, resolve_spec
-from visionbatch.sinks import Destination, ResultWriter, _Part, conform
-from visionbatch.sources import Listing, SourceError, list_images, resolve
+from visionbatch.preprocess import Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
+from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
+from visionbatch.shards import InputSpec, Shard, ShardPlanner
+from visionbatch.sinks import Destination, DestinationError, Manifest, ShardWriter, write_shard
+from visionbatch.sources import check_source
+from visionbatch.storage import SourceError, Storage, is_remote
+from visionbatch.summary import Summary
 
 log = logging.getLogger("visionbatch")
 
@@ -35,11 +44,10 @@ log = logging.getLogger("visionbatch")
 # Credentials are deliberately absent: each node uses its own environment.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
                   "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
-
-
-# Per-row timing columns the stages add, and the summary's name for each.
-STAGE_COLUMNS = {"decode_seconds": "read, decode and preprocess (task-seconds)",
-                 "predict_seconds": "model (actor-seconds)"}
+_STATUS_EVERY_S = 1.0  # how often the driver asks the planner how listing goes
+# A job stops when this many shards fail in the model with nothing predicted yet: a
+# model that cannot run on these inputs would otherwise fill DEST with error rows.
+_MODEL_FAILURES_TO_STOP = 3
 
 
 class JobError(Exception):
@@ -51,7 +59,8 @@ class Plan:
     """A job's resolved execution plan: plain values shipped to every worker."""
 
     source: ModelSource
-    spec: PreprocessSpec
+    spec: Preprocessing
+    preprocessing: str  # which path and why, one line
     device: str
     dtype: str
     replicas: int
@@ -59,89 +68,13 @@ class Plan:
     cpus_per_replica: float
     model_threads: int | None
     batch_size: int
-    decode_batch_size: int
-
-
-@dataclass
-class Summary:
-    """What a job did, printed at the end and written to DEST/summary.json."""
-
-    model: str
-    device: str
-    dtype: str
-    dest: str | None = None
-    images_found: int = 0
-    already_done: int = 0
-    predicted: int = 0
-    failed: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    skipped_non_image: int = 0
-    unlabelled: int = 0
-    unmapped_folders: list[str] = field(default_factory=list)
-    labelled: int = 0
-    top1_correct: int = 0
-    top5_correct: int = 0
-    wall_time_s: float = 0.0
-    time_to_first_result_s: float | None = None
-    images_per_s: float = 0.0
-    steady_images_per_s: float | None = None  # after the first result: excludes start-up
-    batch_size: int = 0
-    replicas: int = 0
-    # Where the time went: wall seconds in the driver, summed worker seconds per stage.
-    stage_times: dict[str, float] = field(default_factory=dict)
-    object_store_spilled_mb: float = 0.0
+    decode_concurrency: int  # decode tasks running at once: the CPUs the replicas leave free
 
     @property
-    def top1(self) -> float | None:
-        return self.top1_correct / self.labelled if self.labelled else None
-
-    @property
-    def top5(self) -> float | None:
-        return self.top5_correct / self.labelled if self.labelled else None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "top1": self.top1, "top5": self.top5}
-
-    def add(self, table: pa.Table) -> None:
-        """Count one streamed block of result rows (and its stages' worker seconds)."""
-        for column, stage in STAGE_COLUMNS.items():
-            if column in table.column_names:
-                seconds = pa.compute.sum(table.column(column)).as_py() or 0.0
-                self.stage_times[stage] = self.stage_times.get(stage, 0.0) + seconds
-        errors = table.column("error").to_pylist()
-        for error in errors:
-            if error is None:
-                self.predicted += 1
-            else:
-                self.failed += 1
-                kind = error.split(":", 1)[0]
-                self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
-        truths = table.column("true_label").to_pylist() if "true_label" in table.column_names else [None] * len(errors)
-        tops = table.column("top_k_labels").to_pylist()
-        for error, truth, top in zip(errors, truths, tops):
-            if error is None and truth is not None:
-                self.labelled += 1
-                self.top1_correct += top[0] == truth
-                self.top5_correct += truth in top[:5]
-
-    def format(self) -> str:
-        lines = [
-            f"images found      {self.images_found}" + (f" ({self.already_done} already done)" if self.already_done else ""),
-            f"predicted         {self.predicted}",
-            f"failed            {self.failed}"
-            + ("  (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items())) + ")" if self.failed else ""),
-            f"non-image skipped {self.skipped_non_image}",
-            f"wall time         {self.wall_time_s:.1f} s   ({self.images_per_s:.1f} images/s)",
-        ]
-        if self.labelled:
-            lines.append(f"top-1 accuracy    {self.top1:.2%}   top-5 {self.top5:.2%}   ({self.labelled} labelled)")
-        if self.unlabelled:
-            example = ", ".join(self.unmapped_folders[:5])
-            lines.append(f"unlabelled        {self.unlabelled} (folders with no matching class: {example}"
-                         + (", ..." if len(self.unmapped_folders) > 5 else "") + ")")
-        if self.dest:
-            lines.append(f"results           {self.dest}")
-        return "\n".join(lines)
+    def decode_tasks(self) -> int:
+        """Long-lived decode tasks in all, each taking shards until none are left; more
+        than run at once, so that a task killed by a bad file is replaced."""
+        return 4 * self.decode_concurrency
 
 
 def _cluster_resources() -> tuple[float, float]:
@@ -168,7 +101,7 @@ def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
     return max(1, (cpus - cpus // 8) // replicas)
 
 
-def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: PreprocessSpec) -> Plan:
+def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: Preprocessing, preprocessing: str) -> Plan:
     """Device, dtype, replicas and batch sizes from the options and the cluster."""
     cpus, gpus = _cluster_resources()
     device = config.device
@@ -196,6 +129,7 @@ def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: PreprocessSp
     return Plan(
         source=source,
         spec=spec,
+        preprocessing=preprocessing,
         device=device,
         dtype="float32" if device == "cpu" and config.dtype == "auto" else config.dtype,
         replicas=replicas,
@@ -203,16 +137,25 @@ def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: PreprocessSp
         cpus_per_replica=cpus_per_replica,
         model_threads=threads,
         batch_size=batch_size,
-        decode_batch_size=config.decode_batch_size,
+        # Decode tasks live as long as there are shards: left uncapped they would take
+        # every CPU before the model replicas start, and the replicas would wait for them.
+        decode_concurrency=max(1, int(cpus - replicas * cpus_per_replica)),
     )
 
 
-def _probe_gpu_batch_size(config: ClassifyConfig, spec: PreprocessSpec, gpus: float) -> int:
+def _affine(spec: Preprocessing) -> dict:
+    """The Predictor's uint8 -> model-input affine (the slow path's pixel_values arrive ready)."""
+    if isinstance(spec, ProcessorPath):
+        return {"scale": (1.0, 1.0, 1.0), "offset": (0.0, 0.0, 0.0)}
+    return {"scale": spec.scale, "offset": spec.offset}
+
+
+def _probe_gpu_batch_size(config: ClassifyConfig, spec: Preprocessing, gpus: float) -> int:
     """Measure the best batch size on one GPU of the cluster (one extra model load)."""
     import ray
 
     def probe() -> int:
-        predictor = Predictor(resolve_model_source(config.model), scale=spec.scale, offset=spec.offset,
+        predictor = Predictor(resolve_model_source(config.model), **_affine(spec),
                               device="cuda", dtype=config.dtype, allow_pickle=config.allow_pickle,
                               trust_remote_code=config.trust_remote_code)
         return predictor.fastest_batch_size(spec.output_size)
@@ -289,86 +232,80 @@ def _quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+
+
+def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> dict:
+    """Everything that changes a job's results: a DEST belongs to one of these, and
+    ``--resume`` with another is refused."""
+    from visionbatch import __version__
+
+    return {"visionbatch": __version__, "model": plan.source.ref, "top_k": config.top_k, "format": output.format,
+            "dtype": plan.dtype, "labels": config.labels, "label_map": config.label_map,
+            "sources": list(config.sources), "from_list": config.from_list, "shard_size": config.shard_size,
+            "limit": config.limit, "max_pixels": config.max_pixels}
+
+
 @dataclass(frozen=True)
 class Prepared:
     """Everything the driver resolved before any work is submitted."""
 
     config: ClassifyConfig
     plan: Plan
-    listing: Listing
-    true_labels: list[str | None]
-    unmapped_folders: list[str]
+    storage: Storage
+    inputs: InputSpec
+    labels: LabelResolver | None
 
 
 def prepare(config: ClassifyConfig) -> Prepared:
-    """List the sources, load the model's configs and resolve the plan (no data is read).
+    """Check the sources, load the model's configs and resolve the plan (no image is read).
 
-    Ray starts in the main thread while another thread loads the model's configs and
-    lists the sources: both mostly wait (on subprocesses, on storage), and together
-    they are most of the time to the first result.
+    Ray starts in the main thread while another thread loads the model's configs: both
+    mostly wait (on subprocesses, on storage).
     """
+    storage = Storage(config.s3_endpoint)
+    try:
+        for uri in config.sources:
+            check_source(uri, storage, config.from_list)
+    except SourceError as err:
+        raise JobError(str(err)) from None
     source = resolve_model_source(config.model)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        metadata = pool.submit(_model_and_listing, config, source)
+        metadata = pool.submit(_model_metadata, config, source, storage)
         try:
             init_ray(config.address)
         finally:
-            spec, id2label, listing = metadata.result()
-    true_labels, unmapped = _true_labels(config, id2label, listing.paths)
+            spec, preprocessing, labels = metadata.result()
     _warn_local_paths_on_cluster(config)
-    return Prepared(config, resolve_plan(config, source, spec), listing, true_labels, unmapped)
+    inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
+                       limit=config.limit, cwd=os.getcwd())
+    return Prepared(config, resolve_plan(config, source, spec, preprocessing), storage, inputs, labels)
 
 
-def _model_and_listing(config: ClassifyConfig, source: ModelSource) -> tuple[PreprocessSpec, dict[int, str], Listing]:
+def _model_metadata(config: ClassifyConfig, source: ModelSource, storage: Storage):
     model_config = load_config(source, config.trust_remote_code)
     processor = load_processor(source, config.trust_remote_code)
     try:
-        spec = resolve_spec(processor)
+        spec, preprocessing = choose_preprocessing(processor)
     except UnsupportedProcessor as err:
-        raise JobError(str(err)) from None
-    if spec.output_size is None:
-        raise JobError(f"{type(processor).__name__} gives images of varying size; visionbatch needs a fixed input size")
-    try:
-        listing = list_images(config.sources, from_list=config.from_list, s3_endpoint=config.s3_endpoint)
-    except SourceError as err:
-        raise JobError(str(err)) from None
-    paths = listing.paths[: config.limit] if config.limit else listing.paths
-    if not paths:
-        raise JobError(f"no image files found in {', '.join(config.sources)}"
-                       + (f" ({listing.skipped_non_image} other files skipped)" if listing.skipped_non_image else ""))
-    id2label = {int(k): v for k, v in model_config.id2label.items()}
-    return spec, id2label, Listing(paths=paths, skipped_non_image=listing.skipped_non_image)
-
-
-def _true_labels(config: ClassifyConfig, id2label: dict[int, str], paths: list[str]):
+        raise JobError(f"cannot preprocess images for this model: {err}") from None
+    if isinstance(spec, ProcessorPath):
+        log.warning("preprocessing: %s", preprocessing)
     if config.labels == "none":
-        return [None] * len(paths), []
+        return spec, preprocessing, None
     label_map_text = None
     if config.label_map:
-        fs, path = resolve(config.label_map, config.s3_endpoint)
         try:
-            with fs.open_input_stream(path) as stream:
-                label_map_text = stream.read().decode("utf-8")
-        except OSError as err:
+            label_map_text = storage.read(config.label_map).decode("utf-8")
+        except (OSError, SourceError, UnicodeDecodeError) as err:
             raise JobError(f"cannot read --label-map {config.label_map}: {err}") from None
     try:
-        resolver: LabelResolver = build_resolver(id2label, label_map_text)
+        return spec, preprocessing, build_resolver({int(k): v for k, v in model_config.id2label.items()}, label_map_text)
     except ValueError as err:
         raise JobError(str(err)) from None
-    by_folder: dict[str, str | None] = {}
-    labels = []
-    for path in paths:
-        folder = folder_of(path)
-        if folder not in by_folder:
-            by_folder[folder] = resolver(folder)
-        labels.append(by_folder[folder])
-    return labels, sorted(f for f, label in by_folder.items() if label is None)
 
 
 def _warn_local_paths_on_cluster(config: ClassifyConfig) -> None:
     import ray
-
-    from visionbatch.sources import is_remote
 
     if not config.address or all(is_remote(s) for s in config.sources):
         return
@@ -377,51 +314,68 @@ def _warn_local_paths_on_cluster(config: ClassifyConfig) -> None:
                     "these files may not exist. Put the images on shared storage (s3://, gs://, NFS) instead.")
 
 
-def build_dataset(prepared: Prepared, paths: list[str] | None = None, true_labels: list | None = None,
-                  isolate: bool = False):
-    """The lazy Ray Data pipeline: paths -> decode/preprocess tasks -> predictor actors.
+def start_planner(prepared: Prepared, committed: dict[str, str] | None = None):
+    """The ShardPlanner actor, on the driver's node (it outlives any other node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    ``isolate``: one file per task and per model call, so a failure takes only its own file.
-    """
+    actor = ray.remote(ShardPlanner).options(
+        num_cpus=0, max_concurrency=prepared.plan.decode_tasks + 8, max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+    return actor.remote(prepared.inputs, prepared.storage, committed)
+
+
+def _decode_stage(batch, *, planner, spec, max_pixels, storage, labels, batch_size):
+    """A decode task: takes shards from the planner until none are left (``batch`` is
+    only this task's slot)."""
+    import ray
+
+    from visionbatch.decode import decode_shards
+
+    yield from decode_shards(lambda: ray.get(planner.next.remote()), spec=spec, max_pixels=max_pixels,
+                             storage=storage, labels=labels, batch_size=batch_size)
+
+
+def build_dataset(prepared: Prepared, planner):
+    """The lazy Ray Data pipeline: shards -> decode tasks -> predictor actors."""
     import ray.data
 
     plan, config = prepared.plan, prepared.config
-    paths = prepared.listing.paths if paths is None else paths
-    true_labels = prepared.true_labels if true_labels is None else true_labels
-    table = pa.table({"path": pa.array(paths, pa.string()),
-                      "true_label": pa.array([label or "" for label in true_labels], pa.string())})
-    # One input block per decode task, so that decoding spreads over the CPUs and
-    # streams into the actors from the first block on.
-    step = 1 if isolate else plan.decode_batch_size
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    # Ray Data gathers a task's outputs into blocks of up to target_max_block_size
+    # (128 MiB) before passing them on; a decode task lives for the whole job, so its
+    # batches must leave one by one: one model batch of pixels is one block.
+    shape, dtype = pixel_layout(plan.spec)
+    ray.data.DataContext.get_current().target_max_block_size = plan.batch_size * int(np.prod(shape)) * dtype.itemsize
+    slots = ray.data.range(plan.decode_tasks, override_num_blocks=plan.decode_tasks)
     with warnings.catch_warnings():
         # Retry bounds are "ray_remote_args", deprecated without a named replacement yet;
         # Ray's defaults retry failed tasks and dead actors forever.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        return _wire(ds, plan, config, 1 if isolate else plan.batch_size)
+        decoded = slots.map_batches(
+            _decode_stage, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"planner": planner, "spec": plan.spec, "max_pixels": config.max_pixels,
+                       "storage": prepared.storage, "labels": prepared.labels, "batch_size": plan.batch_size},
+            num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=plan.decode_concurrency),
+            # A decode task that dies loses only the shard it was on (the driver redoes it,
+            # one file per task); a retry would take new shards, never that one.
+            max_retries=0,
+        )
+        return _predict(decoded, prepared, batch_size=plan.batch_size)
 
 
-def _wire(ds, plan: Plan, config: ClassifyConfig, batch_size: int):
+def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = True):
     import ray.data
 
-    from visionbatch.decode import decode_batch
-
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=None,
-        batch_format="numpy",
-        fn_kwargs={"spec": plan.spec, "max_pixels": config.max_pixels, "s3_endpoint": config.s3_endpoint},
-        num_cpus=1,
-        max_retries=config.max_retries,
-    )
+    plan, config = prepared.plan, prepared.config
+    shape, dtype = pixel_layout(plan.spec)
     return ds.map_batches(
         Predictor,
-        batch_size=batch_size,
-        batch_format="numpy",
+        batch_size=None,
+        batch_format="pyarrow" if pyarrow_blocks else "numpy",
         fn_constructor_kwargs={
             "model": plan.source,
-            "scale": plan.spec.scale,
-            "offset": plan.spec.offset,
+            **_affine(plan.spec),
             "top_k": config.top_k,
             "device": plan.device,
             "dtype": plan.dtype,
@@ -429,6 +383,8 @@ def _wire(ds, plan: Plan, config: ClassifyConfig, batch_size: int):
             "trust_remote_code": config.trust_remote_code,
             "num_threads": plan.model_threads,
             "compile": config.compile,
+            "batch_size": batch_size,
+            "pixel_layout": (shape, dtype.str),
         },
         compute=ray.data.ActorPoolStrategy(size=plan.replicas),
         num_cpus=plan.cpus_per_replica,
@@ -439,137 +395,272 @@ def _wire(ds, plan: Plan, config: ClassifyConfig, batch_size: int):
 
 
 def classify(sources, model: str | None = None, **options):
-    """Classify every image under ``sources``; returns a lazy ``ray.data.Dataset`` of result rows."""
+    """Classify every image under ``sources``; returns a lazy ``ray.data.Dataset`` of result rows.
+
+    (A lazy dataset cannot redo the shards of tasks that died: :func:`run` can.)
+    """
     if model is not None:
         options["model"] = model
     config = config_from_kwargs(sources, **options)
-    return build_dataset(prepare(config)).drop_columns(list(STAGE_COLUMNS))
+    prepared = prepare(config)
+    return build_dataset(prepared, start_planner(prepared)).select_columns(RESULT_SCHEMA.names)
 
 
 def run(sources, output: str, *, format: str = "parquet", overwrite: bool = False, resume: bool = False,
-        rows_per_file: int = 100_000, flush_seconds: float = 30.0, model: str | None = None,
-        progress: bool = True, **options) -> Summary:
+        flush_seconds: float = 30.0, model: str | None = None, progress: bool = True, **options) -> Summary:
     """Classify and write one row per image file to ``output``; returns the :class:`Summary`."""
     if model is not None:
         options["model"] = model
     config = config_from_kwargs(sources, **options)
     output_config = OutputConfig(dest=output, format=format, overwrite=overwrite, resume=resume,
-                                 rows_per_file=rows_per_file, flush_seconds=flush_seconds)
+                                 flush_seconds=flush_seconds)
     return run_job(config, output_config, progress=sys.stderr if progress else None)
 
 
 def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summary:
     """Run a job to the end; ``progress`` is the stream for the progress bar (None: no bar)."""
     started = time.monotonic()
-    try:
-        destination = Destination(output.dest, config.s3_endpoint)
-    except SourceError as err:
-        raise JobError(str(err)) from None
-    if destination.has_results() and not (output.overwrite or output.resume):
-        raise JobError(f"{output.dest} already holds results: pass --overwrite to replace them or --resume to continue")
-    prepared = prepare(config)
-    if output.overwrite:
-        destination.clear()
-    summary = Summary(model=config.model, device=prepared.plan.device, dtype=prepared.plan.dtype, dest=output.dest,
-                      batch_size=prepared.plan.batch_size, replicas=prepared.plan.replicas,
-                      skipped_non_image=prepared.listing.skipped_non_image,
-                      images_found=len(prepared.listing.paths), unmapped_folders=prepared.unmapped_folders)
-    summary.unlabelled = sum(label is None for label in prepared.true_labels) if config.labels != "none" else 0
-    earlier: list[_Part] = []
-    paths, true_labels = prepared.listing.paths, prepared.true_labels
-    if output.resume:
-        earlier, done = _committed_progress(destination, summary)
-        todo = [i for i, p in enumerate(paths) if p not in done]
-        summary.already_done = len(paths) - len(todo)
-        paths, true_labels = [paths[i] for i in todo], [true_labels[i] for i in todo]
-    writer = ResultWriter(destination, output.format, output.rows_per_file, output.flush_seconds)
-    from tqdm import tqdm
-
-    bar = tqdm(total=summary.images_found, initial=summary.already_done, unit="img", disable=progress is None,
-               dynamic_ncols=True, file=progress, desc="classify", smoothing=0.1)
-    job = _Job(prepared, writer, summary, bar, started, seen=done if output.resume else set())
-    summary.stage_times["start: listing, model config, Ray (wall)"] = time.monotonic() - started
-    try:
-        with _failures_become_rows(), _sigterm_as_interrupt():
-            job.stream(paths, true_labels)
-            lost = [i for i, path in enumerate(paths) if path not in job.seen]
-            if lost:
-                # A block whose task kept failing (a file that kills its worker, a dead
-                # node) was dropped; retry its files one per task to isolate the culprit.
-                log.warning("%d files were in failed tasks; retrying them one file per task", len(lost))
-                job.stream([paths[i] for i in lost], [true_labels[i] for i in lost], isolate=True)
-            job.write_failures(paths, true_labels)
-    except KeyboardInterrupt:
-        writer.flush()
-        bar.close()
-        raise JobError(f"interrupted; finished rows are saved in {output.dest}: rerun the same command with --resume")
-    except Exception as err:
-        import ray.exceptions
-
-        if not isinstance(err, ray.exceptions.RayError):
-            raise
-        writer.flush()  # keep what finished: --resume continues from it
-        raise JobError(f"the job failed: {_root_cause(err)}") from None
-    finally:
-        bar.close()
-    writer.commit(earlier)
-    summary.stage_times["write results (wall)"] = writer.seconds
-    summary.wall_time_s = time.monotonic() - started
-    computed = summary.predicted + summary.failed - summary.already_done
-    summary.images_per_s = computed / summary.wall_time_s if summary.wall_time_s else 0.0
+    with _sigterm_as_interrupt():
+        try:
+            destination = Destination(output.dest, Storage(config.s3_endpoint))
+            if destination.has_results() and not (output.overwrite or output.resume):
+                raise JobError(f"{output.dest} already holds results: pass --overwrite to replace them "
+                               "or --resume to continue")
+        except (SourceError, DestinationError) as err:
+            raise JobError(str(err)) from None
+        try:
+            prepared = prepare(config)
+        except KeyboardInterrupt:
+            raise JobError("interrupted while starting; nothing was written") from None
+        _interrupt_on_sigterm()  # ray.init replaced it with its own
+        try:
+            manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
+                                     overwrite=output.overwrite, resume=output.resume)
+        except DestinationError as err:
+            raise JobError(str(err)) from None
+        job = _Job(prepared, manifest, output, started, progress)
+        summary = job.run()
     destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
     return summary
 
 
-@dataclass
 class _Job:
-    """The driver's side of a run: stream result blocks into the writer, exactly once per path."""
+    """The driver's side of a run: commit shards as the writer finishes them."""
 
-    prepared: Prepared
-    writer: ResultWriter
-    summary: Summary
-    bar: object
-    started: float
-    seen: set[str]
-    _first: tuple[float, int] = (0.0, 0)  # when the first result arrived, and its rows
-    _streamed: int = 0
+    def __init__(self, prepared: Prepared, manifest: Manifest, output: OutputConfig, started: float, progress):
+        self.prepared, self.manifest, self.output, self.started = prepared, manifest, output, started
+        plan, config = prepared.plan, prepared.config
+        self.summary = Summary(model=config.model, device=plan.device, dtype=plan.dtype, dest=output.dest,
+                               labels=config.labels, batch_size=plan.batch_size, replicas=plan.replicas)
+        for record in manifest.shards.values():  # committed by an earlier run of this job
+            self.summary.add_shard(record["rows"], record["counts"])
+        self.summary.already_done = self.summary.images_found
+        self.progress, self.bar = progress, None
+        self.planner = start_planner(prepared, {shard: record["digest"] for shard, record in manifest.shards.items()})
+        self.status: dict = {}
+        self._model_failures, self._model_error = 0, ""  # shards with model errors while nothing is predicted
+        self._status_ref, self._status_at = None, 0.0
+        self._first: tuple[float, int] | None = None  # when rows first reached the writer, and how many
+        self._streamed = 0
 
-    def stream(self, paths: list[str], true_labels: list, isolate: bool = False) -> None:
-        ds = build_dataset(self.prepared, paths, true_labels, isolate=isolate)
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            fresh = [path not in self.seen for path in table.column("path").to_pylist()]
-            if not all(fresh):  # a retried task may deliver rows already written
-                table = table.filter(pa.array(fresh))
-            self.seen.update(table.column("path").to_pylist())
-            now = time.monotonic()
-            if self.summary.time_to_first_result_s is None:
-                self.summary.time_to_first_result_s = now - self.started
-                self._first = (now, table.num_rows)
-            elif now > self._first[0]:
-                streamed = self._streamed + table.num_rows - self._first[1]
-                self.summary.steady_images_per_s = streamed / (now - self._first[0])
-            self._streamed += table.num_rows
-            self.writer.write(table)
-            self.summary.add(table)
-            self.bar.update(table.num_rows)
-        self.summary.object_store_spilled_mb += _spilled_mb(ds)
+    def run(self) -> Summary:
+        import ray.exceptions
 
-    def write_failures(self, paths: list[str], true_labels: list) -> None:
-        """Rows for files whose every attempt failed, so that rows out = files in."""
-        lost = [i for i, path in enumerate(paths) if path not in self.seen]
-        if not lost:
+        self.summary.stage_times["start: model config, Ray (wall)"] = time.monotonic() - self.started
+        self.status = self._ray_get(self.planner.wait_started.remote())
+        self._check_listing()
+        self.bar = self._progress_bar()
+        try:
+            with _failures_become_rows():
+                self._stream()
+                self._poll_status(wait=True)
+                self._check_listing()
+                # The planner hears of commits asynchronously: the manifest is the truth.
+                lost = [shard for shard in self._ray_get(self.planner.unfinished.remote())
+                        if shard.id not in self.manifest.shards]
+                if lost:
+                    # A decode task, a model actor or the writer died with these shards in
+                    # hand; redo them one file per task to isolate a file that kills its worker.
+                    log.warning("%d shard(s) were in tasks that failed; redoing them one file per task", len(lost))
+                    self._redo_isolated(lost)
+        except KeyboardInterrupt:
+            raise JobError(self._stopped("interrupted")) from None
+        except ray.exceptions.RayError as err:
+            raise JobError(self._stopped(f"the job failed: {_root_cause(err)}")) from None
+        finally:
+            self.bar.close()  # (made before the try)
+        if self._model_failures and not self.summary.predicted:  # fewer shards than the stopping rule needs
+            raise JobError(self._model_failed())
+        self.manifest.write(complete=True)
+        summary = self.summary
+        summary.skipped_non_image = self.status["skipped_non_image"]
+        summary.skipped_special = self.status["skipped_special"]
+        summary.wall_time_s = time.monotonic() - self.started
+        summary.images_per_s = (summary.images_found - summary.already_done) / summary.wall_time_s
+        return summary
+
+    def _check_listing(self) -> None:
+        status = self.status
+        if status["error"]:
+            raise JobError(self._stopped(f"cannot list the input: {status['error']}"))
+        if status["listing_done"] and not status["images_listed"]:
+            skipped = status["skipped_non_image"] + status["skipped_special"]
+            raise JobError(f"no image files found in {', '.join(self.prepared.config.sources)}"
+                           + (f" ({skipped} other files skipped)" if skipped else ""))
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+
+        return tqdm(total=None, initial=self.summary.already_done, unit="img", disable=self.progress is None,
+                    dynamic_ncols=True, file=self.progress, desc="classify", smoothing=0.1)
+
+    def _stopped(self, why: str) -> str:
+        """Commit what finished; the message says what was kept and how to go on."""
+        if self.manifest.shards:
+            with contextlib.suppress(Exception):
+                self.manifest.write()
+        kept = self.manifest.rows
+        if not kept:
+            return f"{why}; no results had been committed yet, so nothing was kept"
+        return (f"{why}; {kept} finished rows are saved in {self.output.dest}: "
+                "rerun the same command with --resume")
+
+    def _ray_get(self, ref):
+        import ray
+
+        return ray.get(ref)
+
+    def _poll_status(self, wait: bool = False) -> None:
+        import ray
+
+        now = time.monotonic()
+        if self._status_ref is None and (wait or now - self._status_at >= _STATUS_EVERY_S):
+            self._status_ref, self._status_at = self.planner.status.remote(), now
+        if self._status_ref is None:
             return
-        retries = self.prepared.config.max_retries
-        table = conform(pa.table({
-            "path": pa.array([paths[i] for i in lost], pa.string()),
-            "true_label": pa.array([true_labels[i] for i in lost], pa.string()),
-            "error": pa.array([f"worker_crash: processing this file failed {retries + 1} times "
-                               "(its worker process died or its task failed)"] * len(lost), pa.string()),
-        }))
-        self.seen.update(table.column("path").to_pylist())
-        self.writer.write(table)
-        self.summary.add(table)
-        self.bar.update(table.num_rows)
+        ready, _ = ray.wait([self._status_ref], timeout=None if wait else 0)
+        if ready:
+            status, self._status_ref = ray.get(ready[0]), None
+            if status["listing_done"] and self.bar is not None and self.bar.total is None:
+                self.bar.total = status["images_listed"]
+                self.bar.refresh()
+            self.status = status
+
+    def _stream(self) -> None:
+        import ray.data
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            # One writer gathers every shard's blocks; its work (encoding small rows) is light.
+            ds = build_dataset(self.prepared, self.planner).map_batches(
+                ShardWriter, batch_size=None, batch_format="pyarrow",
+                fn_constructor_args=(self.output.dest, self.prepared.storage, self.output.format),
+                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+                max_restarts=self.prepared.config.max_retries, max_task_retries=self.prepared.config.max_retries)
+        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committed = []
+            for rows_in, commit in zip(records.column("rows_in").to_pylist(), records.column("commit").to_pylist()):
+                self._rows_arrived(rows_in)
+                if commit is not None:
+                    record = json.loads(commit)
+                    self._commit(record)
+                    committed.append(record["shard"])
+            if committed:
+                self.planner.mark_committed.remote(committed)
+            if self.manifest.due(self.output.flush_seconds):
+                self.manifest.write()
+            self._poll_status()
+
+    def _commit(self, record: dict) -> None:
+        """Count a finished shard and list it in the manifest, unless the model failed
+        on every image so far: then the job stops with the model's own error."""
+        self.summary.add_shard(record["rows"], record["counts"])
+        self.manifest.add(record)
+        model_error = record["counts"]["model_error"]
+        if model_error and MODEL_TRACEBACK in record:
+            print(f"model_error in shard {record['shard']}:\n{record[MODEL_TRACEBACK]}", file=sys.stderr)
+        if model_error and not self.summary.predicted:
+            self._model_failures, self._model_error = self._model_failures + 1, model_error
+            if self._model_failures >= _MODEL_FAILURES_TO_STOP:
+                raise JobError(self._model_failed())
+
+    def _model_failed(self) -> str:
+        """Shards whose rows are model errors are not results (a fixed model redoes
+        them): drop them, commit the rest; the message to stop with."""
+        for shard, record in list(self.manifest.shards.items()):
+            if record["counts"]["model_error"]:
+                del self.manifest.shards[shard]
+        return self._stopped(f"the model fails on every image: {self._model_error.partition(': ')[2]} "
+                             "(the traceback is in the log)")
+
+    def _rows_arrived(self, rows: int) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, rows)
+            self.summary.time_to_first_result_s = now - self.started
+        elif now > self._first[0]:
+            self.summary.steady_images_per_s = (self._streamed + rows - self._first[1]) / (now - self._first[0])
+        self._streamed += rows
+        self.bar.update(rows)
+
+    def _redo_isolated(self, shards: list[Shard]) -> None:
+        """Redo whole shards one file per task; files whose every attempt fails get a
+        ``worker_crash`` row. Their part files are written here, by the driver: this
+        is the rare path, and its rows (a few shards) fit in the driver."""
+        import ray.data
+
+        from visionbatch.decode import decode_batch
+
+        prepared, config = self.prepared, self.prepared.config
+        rows = self._shard_rows(shards)
+        ds = ray.data.from_arrow([rows.slice(i, 1) for i in range(rows.num_rows)])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
+                                         fn_kwargs={"spec": prepared.plan.spec, "max_pixels": config.max_pixels,
+                                                    "storage": prepared.storage},
+                                         num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
+                           pyarrow_blocks=False)
+        results = {shard.id: [] for shard in shards}
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            results[table.column(SHARD_COLUMN)[0].as_py()].append(table)
+            self._rows_arrived(table.num_rows)
+        retries = config.max_retries
+        crash = (f"worker_crash: processing this file failed {retries + 1} times "
+                 "(its worker process died or its task failed)")
+        for shard in shards:
+            mine = rows.filter(pa.compute.equal(rows.column(SHARD_COLUMN), shard.id))
+            done = pa.concat_tables(results[shard.id], promote_options="permissive") if results[shard.id] else None
+            seen = set(done.column(ROW_COLUMN).to_pylist()) if done is not None else set()
+            missing = mine.filter(pa.array([row not in seen for row in mine.column(ROW_COLUMN).to_pylist()]))
+            if missing.num_rows:
+                missing = missing.append_column("error", pa.array([crash] * missing.num_rows, pa.string()))
+                self._rows_arrived(missing.num_rows)
+            parts = [t for t in (done, missing) if t is not None and t.num_rows]
+            table = pa.concat_tables([_with_result_columns(t) for t in parts])
+            self._commit(write_shard(self.manifest.destination, shard.id, table, self.output.format))
+
+    def _shard_rows(self, shards: list[Shard]) -> pa.Table:
+        labels = self.prepared.labels
+        columns = {SHARD_COLUMN: [], ROW_COLUMN: [], SHARD_ROWS_COLUMN: [], "path": [], "true_label": []}
+        for shard in shards:
+            for row, path in enumerate(shard.paths):
+                columns[SHARD_COLUMN].append(shard.id)
+                columns[ROW_COLUMN].append(row)
+                columns[SHARD_ROWS_COLUMN].append(len(shard.paths))
+                columns["path"].append(path)
+                columns["true_label"].append((labels(folder_of(path)) if labels else None) or "")
+        return pa.table({**columns, ROW_COLUMN: pa.array(columns[ROW_COLUMN], pa.int32()),
+                         SHARD_ROWS_COLUMN: pa.array(columns[SHARD_ROWS_COLUMN], pa.int32())})
+
+
+def _with_result_columns(table: pa.Table) -> pa.Table:
+    """A table of rows (predicted or crashed) with every result column and the row index."""
+    rows = conform(table.set_column(table.schema.get_field_index("true_label"), "true_label",
+                                    pa.compute.if_else(pa.compute.equal(table.column("true_label"), ""), None,
+                                                       table.column("true_label")))
+                   if table.column("true_label").type == pa.string() else table)
+    return rows.append_column(ROW_COLUMN, table.column(ROW_COLUMN).cast(pa.int32()))
 
 
 @contextlib.contextmanager
@@ -586,34 +677,35 @@ def _failures_become_rows():
         context.max_errored_blocks = saved
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues.
+    (ray.init installs its own SIGTERM handler, which would exit without committing;
+    this is called again after it.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues
-    (ray.init installs its own SIGTERM handler, which would exit without flushing)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    saved = signal.signal(signal.SIGTERM, interrupt)
+    saved = signal.getsignal(signal.SIGTERM)
+    _interrupt_on_sigterm()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, saved)
-
-
-def _spilled_mb(ds) -> float:
-    """Object-store spilling during a dataset's run, from Ray Data's own stats (a sign of
-    blocks too big or stages out of balance)."""
-    import re
-
-    match = re.search(r"Dataset memory:\n\* Spilled to disk: (\d+)MB", ds.stats())
-    return float(match.group(1)) if match else 0.0
 
 
 def _root_cause(err: Exception) -> str:
@@ -627,12 +719,3 @@ def _root_cause(err: Exception) -> str:
     return message if kind == "ModelLoadError" else f"{kind}: {message}"
 
 
-def _committed_progress(destination: Destination, summary: Summary) -> tuple[list[_Part], set[str]]:
-    """Part files an interrupted run committed, counted into ``summary``; and their paths."""
-    parts, done = [], set()
-    for name in destination.part_files():
-        table = destination.read_table([name])
-        parts.append(_Part(name, table.num_rows))
-        done.update(table.column("path").to_pylist())
-        summary.add(table)
-    return parts, done

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from visionbatch.evaluate import compute_metrics, worst_classes_first
 from visionbatch.sinks import SUMMARY, Destination
-from visionbatch.sources import is_remote, open_and_read, resolve
+from visionbatch.storage import Storage, is_remote
 
 GALLERY_SIZE = 12
 THUMBNAIL_PX = 128
@@ -191,7 +191,7 @@ def _thumbnail(path: str, s3_endpoint: str | None) -> str | None:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(io.BytesIO(open_and_read(path, s3_endpoint, max_bytes=THUMBNAIL_MAX_BYTES))) as image:
+        with Image.open(io.BytesIO(Storage(s3_endpoint).read(path, max_bytes=THUMBNAIL_MAX_BYTES))) as image:
             image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))  # JPEG: decode at reduced scale
             image = ImageOps.exif_transpose(image).convert("RGB")
             image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
@@ -341,7 +341,7 @@ def write_report(dest: str, html_path: str, s3_endpoint: str | None = None) -> s
     except (OSError, ValueError):  # a report of the rows alone is still useful
         summary = None
     page = render_report(table, summary, s3_endpoint).encode("utf-8")
-    fs, path = resolve(html_path, s3_endpoint)
+    fs, path = Storage(s3_endpoint).resolve(html_path)
     if not is_remote(html_path):
         fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as out:

@@ -1,69 +1,54 @@
-"""Sinks: result rows to local disk or object storage, committed so readers never see
-half-written output.
+"""Sinks: result rows to local disk or object storage, one part file per shard,
+committed so that readers never see half-written output.
 
 Layout of DEST::
 
-    part-<run>-<seq>.<ext>   result files (parquet, csv or jsonl)
-    _SUCCESS                 JSON manifest: format, files with row counts, total rows
-    summary.json             the job's summary (written by the pipeline)
+    part-<shard>.<ext>   one shard's result rows (parquet, csv or jsonl)
+    _manifest.json       the job (its options), and every committed shard: its part
+                         file, row count, digest of its paths and its counts
+    _SUCCESS             written last, when every shard is committed
+    summary.json         the job's summary
 
-A part file becomes visible whole or not at all: locally it is written under a
-temporary name and renamed; on S3/GCS an object appears only when its upload completes.
-``_SUCCESS`` is written last; readers trust only the files it lists. Part files
-without a manifest are the committed progress of an interrupted job (``--resume``).
+Workers write part files (:class:`ShardWriter`): under a hidden temporary name, then
+renamed (locally) or uploaded whole (an object store shows an object only once its
+upload completes). A part's name comes from its shard, so a retried or repeated shard
+rewrites the same file: exactly once by construction. The driver commits: it records
+finished shards in the manifest (:class:`Manifest`) at least every ``flush_seconds``
+and at the end; readers and ``--resume`` trust only the shards it lists.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import re
 import time
 import uuid
-from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from visionbatch.sources import is_remote, resolve
-
-RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("path", pa.string()),
-        pa.field("label", pa.string()),
-        pa.field("label_id", pa.int64()),
-        pa.field("score", pa.float32()),
-        pa.field("top_k_labels", pa.list_(pa.string())),
-        pa.field("top_k_scores", pa.list_(pa.float32())),
-        pa.field("true_label", pa.string()),
-        pa.field("correct", pa.bool_()),
-        pa.field("error", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-    ]
-)
+from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
+from visionbatch.shards import paths_digest
+from visionbatch.storage import Storage, describe, is_remote
+from visionbatch.summary import shard_counts
 
 EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
-MANIFEST = "_SUCCESS"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
 SUMMARY = "summary.json"
+MANIFEST_VERSION = 2
+_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, "metrics.json")
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores")
-# Destination.write_bytes's temporary names: "<name>.<8 hex>.tmp".
-_PARTIAL_WRITE = re.compile(r"^(part-.+|_SUCCESS|summary\.json|metrics\.json)\.[0-9a-f]{8}\.tmp$")
 
 
 class DestinationError(Exception):
     """DEST cannot be used as asked (holds results, unreachable, nothing to read)."""
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """Select and cast to RESULT_SCHEMA, adding all-null columns that are absent."""
-    columns = []
-    for field in RESULT_SCHEMA:
-        if field.name in table.column_names:
-            columns.append(table.column(field.name).cast(field.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=RESULT_SCHEMA)
+def part_name(shard: str, fmt: str) -> str:
+    return f"part-{shard}{EXTENSIONS[fmt]}"
 
 
 def _encode(table: pa.Table, fmt: str) -> bytes:
@@ -106,36 +91,38 @@ def _decode(data: bytes, fmt: str) -> pa.Table:
     return conform(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
 
 
-@dataclass
-class _Part:
-    name: str
-    rows: int
+def _format_of(name: str) -> str:
+    for fmt, ext in EXTENSIONS.items():
+        if name.endswith(ext):
+            return fmt
+    raise DestinationError(f"unknown result file type: {name}")
 
 
 class Destination:
     """A results folder (local or object storage) and the files in it."""
 
-    def __init__(self, uri: str, s3_endpoint: str | None = None):
+    def __init__(self, uri: str, storage: Storage | str | None = None):
+        storage = storage if isinstance(storage, Storage) else Storage(storage)
         self.uri = uri.rstrip("/")
-        self.fs, self.root = resolve(self.uri, s3_endpoint)
+        self.storage = storage
+        self.fs, self.root = storage.resolve(self.uri)
         self.remote = is_remote(uri)
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def _files(self) -> list[str]:
+    def files(self) -> list[str]:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except (OSError, pa.ArrowException) as err:
-            raise DestinationError(f"cannot list {self.uri}: {err}") from err
+            raise DestinationError(f"cannot list {self.uri}: {describe(err)}") from err
         return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
     def part_files(self) -> list[str]:
-        return [name for name in self._files() if name.startswith("part-") and not name.endswith(".tmp")]
+        return [name for name in self.files() if name.startswith("part-")]
 
     def has_results(self) -> bool:
-        files = self._files()
-        return MANIFEST in files or any(name.startswith("part-") for name in files)
+        return any(name.startswith("part-") or name in (MANIFEST, SUCCESS) for name in self.files())
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self._path(name)) as stream:
@@ -148,103 +135,163 @@ class Destination:
                 out.write(data)
             return
         self.fs.create_dir(self.root, recursive=True)
-        tmp = self._path(f"{name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = self._path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers of DEST skip it
         with self.fs.open_output_stream(tmp) as out:
             out.write(data)
         self.fs.move(tmp, self._path(name))
 
-    def remove_partial_writes(self) -> None:
-        """Delete the temporary files of writes that a killed run cut short (local only)."""
-        if self.remote:
-            return
-        for name in self._files():
-            if _PARTIAL_WRITE.match(name):
-                self.fs.delete_file(self._path(name))
+    def delete(self, names) -> None:
+        for name in names:
+            self.fs.delete_file(self._path(name))
+
+    def remove_strays(self, keep: set[str]) -> None:
+        """Delete part files no committed shard owns and temporary files of cut-short
+        writes (what killed runs leave behind)."""
+        self.delete(name for name in self.files()
+                    if (name.startswith("part-") and name not in keep) or (name.startswith(".") and name.endswith(".tmp")))
 
     def clear(self) -> None:
-        """Remove visionbatch's own files (results, manifest, summary, report data)."""
-        for name in self._files():
-            if name.startswith("part-") or name in (MANIFEST, SUMMARY, "metrics.json"):
-                self.fs.delete_file(self._path(name))
+        """Remove visionbatch's own files (results, manifest, summary, metrics)."""
+        self.delete(name for name in self.files() if name.startswith("part-") or name in _OWN_FILES
+                    or (name.startswith(".") and name.endswith(".tmp")))
 
-    def manifest(self) -> dict | None:
-        if MANIFEST not in self._files():
-            return None
-        return json.loads(self.read_bytes(MANIFEST))
-
-    def read_table(self, names: list[str] | None = None) -> pa.Table:
-        """Rows from the given part files (default: those the manifest lists)."""
-        if names is None:
-            manifest = self.manifest()
-            if manifest is None:
-                raise DestinationError(
-                    f"no completed results in {self.uri} (no {MANIFEST}); an interrupted job resumes with --resume"
-                )
-            names = [f["name"] for f in manifest["files"]]
+    def read_parts(self, names: list[str]) -> pa.Table:
         tables = [_decode(self.read_bytes(name), _format_of(name)) for name in names]
         return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
+    def manifest(self) -> dict | None:
+        if MANIFEST not in self.files():
+            return None
+        try:
+            return json.loads(self.read_bytes(MANIFEST))
+        except ValueError as err:
+            raise DestinationError(f"{self.uri}/{MANIFEST} is damaged ({describe(err)})") from None
 
-def _format_of(name: str) -> str:
-    for fmt, ext in EXTENSIONS.items():
-        if name.endswith(ext):
-            return fmt
-    raise DestinationError(f"unknown result file type: {name}")
+    def read_table(self) -> pa.Table:
+        """The rows of every committed shard of a finished job."""
+        files = self.files()
+        manifest = self.manifest()
+        if manifest is None or SUCCESS not in files:
+            raise DestinationError(
+                f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume"
+            )
+        return self.read_parts([shard["file"] for shard in sorted(manifest["shards"].values(), key=lambda s: s["file"])])
 
 
 def read_results(dest: str, s3_endpoint: str | None = None) -> pa.Table:
     """All committed result rows of DEST as one table with RESULT_SCHEMA."""
-    return Destination(dest, s3_endpoint).read_table()
+    return Destination(dest, Storage(s3_endpoint)).read_table()
 
 
-class ResultWriter:
-    """Buffers result rows and commits them to DEST in whole part files."""
+def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str) -> dict:
+    """Write one whole shard's rows (in shard order) as its part file; returns its commit record."""
+    table = table.sort_by(ROW_COLUMN) if ROW_COLUMN in table.column_names else table
+    rows = conform(table)
+    name = part_name(shard, fmt)
+    destination.write_bytes(name, _encode(rows, fmt))
+    record = {"shard": shard, "file": name, "rows": rows.num_rows,
+              "digest": paths_digest(rows.column("path").to_pylist()), "counts": shard_counts(table)}
+    if MODEL_TRACEBACK in table.column_names:  # for the driver's log, not the manifest
+        record[MODEL_TRACEBACK] = pc.drop_null(table.column(MODEL_TRACEBACK))[0].as_py()
+    return record
 
-    def __init__(
-        self,
-        destination: Destination,
-        fmt: str = "parquet",
-        rows_per_file: int = 100_000,
-        flush_seconds: float = 30.0,
-    ):
-        self.destination = destination
+
+class ShardWriter:
+    """The write stage (one Ray actor): gathers each shard's rows, which arrive in
+    several blocks, and writes the shard's part file once it is whole.
+
+    Returns one small record per block: the shard, how many new rows it brought and,
+    when the shard became whole, the commit record (JSON) for the driver. A row that
+    arrives twice (a retried task) is kept once.
+    """
+
+    def __init__(self, dest: str, storage: Storage, fmt: str):
+        self.destination = Destination(dest, storage)
         self.fmt = fmt
-        self.rows_per_file = rows_per_file
-        self.flush_seconds = flush_seconds
-        self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.parts: list[_Part] = []
-        self._buffer: list[pa.Table] = []
-        self._buffered = 0
-        self._last_flush = time.monotonic()
-        self.seconds = 0.0  # time spent encoding and writing
+        self.pending: dict[str, list[pa.Table]] = {}
+        self.seen: dict[str, np.ndarray] = {}
 
-    def write(self, table: pa.Table) -> None:
-        self._buffer.append(conform(table))
-        self._buffered += table.num_rows
-        if self._buffered >= self.rows_per_file or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
+    def __call__(self, table: pa.Table) -> pa.Table:
+        shards, rows_in, commits = [], [], []
+        shard_column = table.column(SHARD_COLUMN)
+        for shard in pc.unique(shard_column).to_pylist():
+            part = table.filter(pc.equal(shard_column, shard))
+            rows = part.column(ROW_COLUMN).to_numpy()
+            seen = self.seen.setdefault(shard, np.zeros(part.column(SHARD_ROWS_COLUMN)[0].as_py(), dtype=bool))
+            fresh = ~seen[rows]
+            if not fresh.all():
+                part, rows = part.filter(pa.array(fresh)), rows[fresh]
+            seen[rows] = True
+            self.pending.setdefault(shard, []).append(part)
+            record = None
+            if seen.all():
+                del self.seen[shard]
+                whole = pa.concat_tables(self.pending.pop(shard), promote_options="default")
+                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt))
+            shards.append(shard)
+            rows_in.append(len(rows))
+            commits.append(record)
+        return pa.table({"shard": pa.array(shards, pa.string()), "rows_in": pa.array(rows_in, pa.int64()),
+                         "commit": pa.array(commits, pa.string())})
 
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._buffered:
-            return
+
+class Manifest:
+    """The driver's record of a job in DEST: its options and its committed shards."""
+
+    def __init__(self, destination: Destination, job: dict, shards: dict[str, dict] | None = None):
+        self.destination = destination
+        self.job = job
+        self.shards: dict[str, dict] = dict(shards or {})
+        self._written_at = time.monotonic()
+        self._write_seconds = 0.0
+
+    @classmethod
+    def open(cls, destination: Destination, job: dict, *, overwrite: bool, resume: bool) -> "Manifest":
+        """The manifest a job starts from: empty, or (``resume``) the committed shards of
+        an interrupted run of the same job."""
+        if overwrite and resume:
+            raise DestinationError("--overwrite and --resume contradict each other: choose one")
+        if not destination.has_results():
+            return cls(destination, job)
+        if overwrite:
+            destination.clear()
+            return cls(destination, job)
+        if not resume:
+            raise DestinationError(f"{destination.uri} already holds results: pass --overwrite to replace them "
+                                   "or --resume to continue")
+        earlier = destination.manifest() or {"job": job, "shards": {}}
+        if earlier.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
+            raise DestinationError(f"{destination.uri} was written by another version of visionbatch; "
+                                   "write to a new DEST or pass --overwrite")
+        differing = sorted(key for key in set(job) | set(earlier["job"]) if job.get(key) != earlier["job"].get(key))
+        if differing:
+            raise DestinationError(
+                f"--resume with other options than the job in {destination.uri}: "
+                + "; ".join(f"{key}: {earlier['job'].get(key)!r} there, {job.get(key)!r} now" for key in differing))
+        return cls(destination, job, earlier["shards"])
+
+    @property
+    def rows(self) -> int:
+        return sum(shard["rows"] for shard in self.shards.values())
+
+    def add(self, record: dict) -> None:
+        self.shards[record["shard"]] = {key: value for key, value in record.items()
+                                        if key not in ("shard", MODEL_TRACEBACK)}
+
+    def due(self, every_seconds: float) -> bool:
+        """Time to commit again: at least every ``every_seconds``, and more often while
+        the manifest is cheap to write (at most a tenth of the time goes to writing it)."""
+        elapsed = time.monotonic() - self._written_at
+        return elapsed >= min(every_seconds, max(1.0, 10 * self._write_seconds))
+
+    def write(self, complete: bool = False) -> None:
+        """Commit: the shards listed here are the job's results (``complete``: all of them)."""
+        body = {"version": MANIFEST_VERSION, "complete": complete, "job": self.job, "rows": self.rows,
+                "shards": self.shards}
         started = time.monotonic()
-        table = pa.concat_tables(self._buffer)
-        self._buffer, self._buffered = [], 0
-        name = f"part-{self.run_id}-{len(self.parts):05d}{EXTENSIONS[self.fmt]}"
-        self.destination.write_bytes(name, _encode(table, self.fmt))
-        self.parts.append(_Part(name, table.num_rows))
-        self.seconds += time.monotonic() - started
-
-    def commit(self, earlier_parts: list[_Part] | None = None) -> dict:
-        """Flush, then write the manifest listing every part file of the job."""
-        self.flush()
-        self.destination.remove_partial_writes()  # left by an interrupted run that this one resumed
-        files = list(earlier_parts or []) + self.parts
-        manifest = {
-            "format": self.fmt,
-            "rows": sum(p.rows for p in files),
-            "files": [{"name": p.name, "rows": p.rows} for p in files],
-        }
-        self.destination.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
-        return manifest
+        self.destination.write_bytes(MANIFEST, json.dumps(body, separators=(",", ":")).encode())
+        self._written_at = time.monotonic()
+        self._write_seconds = self._written_at - started
+        if complete:
+            self.destination.remove_strays({shard["file"] for shard in self.shards.values()})
+            self.destination.write_bytes(SUCCESS, json.dumps({"rows": self.rows, "shards": len(self.shards)}).encode())

@@ -1,210 +1,186 @@
-"""Sources: turn what the user named into a list of image files.
+"""Sources: what the user named, streamed as image paths in a deterministic order.
 
-Storage goes through pyarrow filesystems (what Ray Data itself uses): local disk,
-``s3://`` (with ``s3://anonymous@bucket/...`` for public buckets and an optional
-S3-compatible endpoint) and ``gs://``. Workers re-open files by URI, so the
-filesystem is rebuilt from plain, secret-free values on each worker (credentials come
-from the worker's own environment, never through Ray's object store).
+A folder or prefix is walked one directory at a time (each directory's entries sorted,
+files before sub-folders), so the first paths come out at once and memory stays that
+of one directory; a list file (text, CSV or Parquet with a ``path`` column) is read as
+a stream. Nothing here holds the whole listing: :mod:`visionbatch.shards` cuts the
+stream into shards as it flows.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import io
-import logging
 import os
-import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from visionbatch.config import IMAGE_EXTENSIONS
+from visionbatch.storage import SourceError, Storage, describe, is_remote, uri_prefix
 
-
-class SourceError(Exception):
-    """A source cannot be listed or read (missing, unreachable, malformed)."""
-
-
-@dataclass(frozen=True)
-class Listing:
-    """The image files found, and how many other files were passed over."""
-
-    paths: list[str]
-    skipped_non_image: int
-
-
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _GLOB_CHARS = "*?["
+_LIST_BATCH_ROWS = 65_536
 
 
-def is_remote(uri: str) -> bool:
-    return urllib.parse.urlparse(uri).scheme in ("s3", "gs", "gcs")
+@dataclass
+class ListingCounts:
+    """What a listing passed over, counted as it goes."""
 
-
-def s3_endpoint_from_env(explicit: str | None) -> str | None:
-    """The S3-compatible endpoint: the explicit option, else the standard AWS variable."""
-    endpoint = explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and "@" in urllib.parse.urlparse(endpoint).netloc:
-        raise SourceError("refusing an S3 endpoint URL with embedded credentials: pass credentials through "
-                          "the environment (AWS_ACCESS_KEY_ID, ...) instead")
-    return endpoint
-
-
-@functools.lru_cache(maxsize=32)
-def _filesystem(scheme: str, anonymous: bool, endpoint: str | None) -> pafs.FileSystem:
-    if scheme == "s3":
-        options: dict = {
-            "anonymous": anonymous,
-            # Transient errors (SlowDown, 503, resets) are retried by the AWS SDK.
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10),
-        }
-        if endpoint:
-            parsed = urllib.parse.urlparse(endpoint)
-            options["endpoint_override"] = parsed.netloc or parsed.path
-            options["scheme"] = parsed.scheme or "https"
-            options.setdefault("region", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-            options["force_virtual_addressing"] = False
-        return pafs.S3FileSystem(**options)
-    if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem(anonymous=anonymous)
-    return pafs.LocalFileSystem()
-
-
-def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """Map a URI or local path to (filesystem, path inside it)."""
-    parsed = urllib.parse.urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if scheme in ("s3", "gs", "gcs"):
-        anonymous = False
-        if "@" in parsed.netloc:
-            userinfo, _, bucket = parsed.netloc.rpartition("@")
-            if userinfo != "anonymous":
-                raise SourceError(
-                    f"refusing a URI with embedded credentials ({scheme}://***@{bucket}/...): "
-                    "pass credentials through the environment (AWS_ACCESS_KEY_ID, ...) instead"
-                )
-            anonymous = True
-        else:
-            bucket = parsed.netloc
-        if not bucket:
-            raise SourceError(f"no bucket in {uri!r}")
-        endpoint = s3_endpoint_from_env(s3_endpoint) if scheme == "s3" else None
-        return _filesystem(scheme, anonymous, endpoint), f"{bucket}/{parsed.path.lstrip('/')}".rstrip("/")
-    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
-        path = parsed.path if scheme == "file" else uri
-        return _filesystem("local", False, None), os.path.abspath(os.path.expanduser(path))
-    raise SourceError(f"unsupported storage scheme {scheme!r} in {uri!r} (use a local path, s3:// or gs://)")
-
-
-def _uri_prefix(uri: str) -> str:
-    """'s3://anonymous@bucket/x' -> 's3://anonymous@'; local -> ''."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme.lower() in ("s3", "gs", "gcs"):
-        userinfo = parsed.netloc.rpartition("@")[0]
-        return f"{parsed.scheme}://" + (f"{userinfo}@" if userinfo else "")
-    return ""
+    skipped_non_image: int = 0
+    skipped_special: int = 0  # FIFOs, sockets, devices: never opened
+    undecodable_names: int = 0  # names that are not UTF-8 cannot be a result row's path
+    special_examples: list[str] = field(default_factory=list)
 
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _describe(err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text[:300]
+def check_source(uri: str, storage: Storage, from_list: bool) -> None:
+    """Fail fast, before any work, on a source that does not exist or cannot be reached."""
+    fs, path = storage.resolve(uri)
+    if not from_list and any(c in path for c in _GLOB_CHARS):
+        path = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rpartition("/")[0]
+    try:
+        info = fs.get_file_info(path)
+    except (OSError, pa.ArrowException) as err:
+        raise SourceError(f"cannot list {uri}: {describe(err)}") from err
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"{'list file' if from_list else 'source'} not found: {uri}")
 
 
-def _list_one(uri: str, s3_endpoint: str | None) -> tuple[list[str], int]:
-    fs, path = resolve(uri, s3_endpoint)
-    prefix = _uri_prefix(uri)
+def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[str]:
+    """Image paths under a file, folder, glob or prefix, in a deterministic order."""
+    fs, path = storage.resolve(uri)
+    prefix = uri_prefix(uri)
     pattern = None
     if any(c in path for c in _GLOB_CHARS):
         first = min(path.index(c) for c in _GLOB_CHARS if c in path)
         pattern, path = path, path[:first].rpartition("/")[0]
     try:
         info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise SourceError(f"source not found: {uri}")
-        if info.type == pafs.FileType.File and pattern is None:
-            return ([prefix + path], 0) if is_image_name(path) else ([], 1)
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except SourceError:
-        raise
     except (OSError, pa.ArrowException) as err:
-        raise SourceError(f"cannot list {uri}: {_describe(err)}") from err
-    images, skipped, undecodable = [], 0, 0
-    for entry in infos:
-        if entry.type != pafs.FileType.File:
-            continue  # folders, even ones named like images
-        try:
-            name = entry.path
-        except UnicodeDecodeError:  # a name that is not UTF-8 cannot be a result row's path
-            undecodable += 1
-            continue
+        raise SourceError(f"cannot list {uri}: {describe(err)}") from err
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"source not found: {uri}")
+    if info.type == pafs.FileType.File and pattern is None:
+        if is_image_name(path):
+            yield prefix + path
+        else:
+            counts.skipped_non_image += 1
+        return
+    walk = _walk_local(path, counts) if isinstance(fs, pafs.LocalFileSystem) else _walk_remote(fs, path, uri)
+    for name in walk:
         if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
             continue
         if is_image_name(name):
-            images.append(prefix + name)
+            yield prefix + name
         else:
-            skipped += 1
-    if undecodable:
-        logging.getLogger("visionbatch").warning(
-            "skipped %d file(s) under %s whose names are not valid UTF-8 (rename them to classify them)",
-            undecodable, uri)
-    return images, skipped + undecodable
+            counts.skipped_non_image += 1
 
 
-def read_path_list(list_uri: str, s3_endpoint: str | None = None) -> list[str]:
-    """Paths from a text file (one per line) or a CSV/Parquet file with a ``path`` column."""
-    fs, path = resolve(list_uri, s3_endpoint)
+def _walk_local(root: str, counts: ListingCounts) -> Iterator[str]:
+    """Depth first with os.scandir, which knows an entry's type without a stat per file.
+
+    Directory symlinks are not followed (they make cycles and second spellings of the
+    same file); FIFOs, sockets and devices are counted and never opened.
+    """
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        files, folders = [], []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            folders.append(entry.path)
+                        elif entry.is_file():  # a regular file, or a symlink to one
+                            files.append(entry.path)
+                        elif not entry.is_dir():  # FIFO, socket, device, broken link (folder links: not followed)
+                            counts.skipped_special += 1
+                            if len(counts.special_examples) < 5:
+                                counts.special_examples.append(entry.path)
+                    except OSError:
+                        continue
+        except OSError as err:
+            if folder == root:
+                raise SourceError(f"cannot list {root}: {describe(err)}") from err
+            continue  # a folder removed or unreadable meanwhile: its files cannot be classified
+        for path in sorted(files):
+            if _utf8(path):
+                yield path
+            else:
+                counts.undecodable_names += 1
+        stack.extend(sorted(folders, reverse=True))
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # surrogate escapes of a name that is not UTF-8
+        return False
+
+
+def _walk_remote(fs: pafs.FileSystem, root: str, uri: str) -> Iterator[str]:
+    """Depth first, one listing request (paged by pyarrow) per "folder" of a prefix."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+        except (OSError, pa.ArrowException) as err:
+            raise SourceError(f"cannot list {uri}: {describe(err)}") from err
+        files = sorted(info.path for info in infos if info.type == pafs.FileType.File)
+        folders = sorted((info.path for info in infos if info.type == pafs.FileType.Directory), reverse=True)
+        yield from files
+        stack.extend(folders)
+
+
+def iter_list_file(list_uri: str, storage: Storage, counts: ListingCounts, cwd: str) -> Iterator[str]:
+    """Paths from a text file (one per line) or a CSV/Parquet file with a ``path`` column,
+    read as a stream. Relative local paths are taken relative to ``cwd``."""
+    for path in _iter_list_entries(list_uri, storage):
+        if not path:
+            continue
+        if not is_image_name(path):
+            counts.skipped_non_image += 1
+        elif is_remote(path):
+            yield path
+        else:
+            yield os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
+
+
+def _iter_list_entries(list_uri: str, storage: Storage) -> Iterator[str]:
+    fs, path = storage.resolve(list_uri)
     lower = path.lower()
     try:
         if lower.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path, filesystem=fs, columns=["path"])
-            return [p for p in table.column("path").to_pylist() if p]
-        with fs.open_input_stream(path) as stream:
-            data = stream.read()
-    except (OSError, pa.ArrowException, KeyError) as err:
-        raise SourceError(f"cannot read list {list_uri}: {_describe(err)}") from err
-    if lower.endswith(".csv"):
-        import pyarrow.csv as pacsv
+            parquet = pq.ParquetFile(fs.open_input_file(path))
+            if "path" not in parquet.schema_arrow.names:
+                raise SourceError(f"{list_uri} has no 'path' column (columns: {', '.join(parquet.schema_arrow.names)})")
+            for batch in parquet.iter_batches(batch_size=_LIST_BATCH_ROWS, columns=["path"]):
+                yield from batch.column(0).to_pylist()
+        elif lower.endswith(".csv"):
+            import pyarrow.csv as pacsv
 
-        table = pacsv.read_csv(io.BytesIO(data))
-        if "path" not in table.column_names:
-            raise SourceError(f"{list_uri} has no 'path' column (columns: {', '.join(table.column_names)})")
-        return [p for p in table.column("path").to_pylist() if p]
-    return [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
-
-
-def list_images(sources: tuple[str, ...], *, from_list: bool = False, s3_endpoint: str | None = None) -> Listing:
-    """All image files under the sources, sorted and de-duplicated."""
-    found: set[str] = set()
-    skipped = 0
-    if from_list:
-        for list_uri in sources:
-            for entry in read_path_list(list_uri, s3_endpoint):
-                if is_image_name(entry):
-                    found.add(entry if is_remote(entry) else os.path.abspath(os.path.expanduser(entry)))
-                else:
-                    skipped += 1
-    else:
-        for uri in sources:
-            images, n_skipped = _list_one(uri, s3_endpoint)
-            found.update(images)
-            skipped += n_skipped
-    return Listing(paths=sorted(found), skipped_non_image=skipped)
-
-
-def open_and_read(uri: str, s3_endpoint: str | None = None, max_bytes: int | None = None) -> bytes:
-    """Read a whole file by URI; raises OSError-like errors for the caller to record."""
-    fs, path = resolve(uri, s3_endpoint)
-    with fs.open_input_stream(path) as stream:
-        if max_bytes is None:
-            return stream.read()
-        data = stream.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise OSError(f"file larger than {max_bytes} bytes")
-        return data
+            reader = pacsv.open_csv(fs.open_input_stream(path),
+                                    convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+            if "path" not in reader.schema.names:
+                raise SourceError(f"{list_uri} has no 'path' column (columns: {', '.join(reader.schema.names)})")
+            for batch in reader:
+                yield from batch.column(batch.schema.get_field_index("path")).to_pylist()
+        else:
+            with fs.open_input_stream(path) as stream:
+                for line in io.TextIOWrapper(io.BufferedReader(stream, 1 << 20), encoding="utf-8"):
+                    yield line.strip()
+    except SourceError:
+        raise
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as err:
+        raise SourceError(f"cannot read list {list_uri}: {describe(err)}") from err

@@ -1,0 +1,65 @@
+"""The result row: its columns, its error kinds and what "correct" means, stated once.
+
+Every stage that makes rows and every reader of DEST imports this module.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("label_id", pa.int64()),
+        pa.field("score", pa.float32()),
+        pa.field("top_k_labels", pa.list_(pa.string())),
+        pa.field("top_k_scores", pa.list_(pa.float32())),
+        pa.field("true_label", pa.string()),
+        pa.field("correct", pa.bool_()),  # label == true_label; null where either is unknown
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+
+# The model stage's own columns, a subset of RESULT_SCHEMA.
+PREDICTION_FIELDS = [RESULT_SCHEMA.field(name) for name in ("label", "label_id", "score", "top_k_labels", "top_k_scores")]
+
+# ``error`` is null or "<kind>: <message>"; the kinds, in the order a file meets them.
+ERROR_KINDS = (
+    "read_error",  # missing, unreadable, unreachable
+    "empty_file",
+    "not_an_image",
+    "too_large",  # more pixels than --max-pixels, from the header
+    "truncated",
+    "decode_error",
+    "preprocess_error",
+    "model_error",  # the forward pass failed on this file's batch
+    "worker_crash",  # every attempt at this file killed its worker or failed its task
+)
+
+# Columns that travel with each row inside the pipeline, never written to DEST: which
+# shard a row belongs to, its index in that shard and the shard's size (so that the
+# writer knows when a shard is whole), and the seconds each stage spent on it.
+SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN = "shard", "row", "shard_rows"
+STAGE_COLUMNS = {"decode_seconds": "read, decode and preprocess (task-seconds)",
+                 "predict_seconds": "model (actor-seconds)"}
+# The traceback of a model_error, for the driver's log (not written to DEST).
+MODEL_TRACEBACK = "model_traceback"
+INTERNAL_COLUMNS = (SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN, MODEL_TRACEBACK, *STAGE_COLUMNS)
+
+
+def error_kind(error: str) -> str:
+    return error.split(":", 1)[0]
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Select and cast to RESULT_SCHEMA, adding all-null columns that are absent."""
+    columns = []
+    for field in RESULT_SCHEMA:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=RESULT_SCHEMA)

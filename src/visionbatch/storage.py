@@ -1,0 +1,114 @@
+"""Storage: one small value that turns URIs into (pyarrow filesystem, path) pairs.
+
+Everything that reads or writes (sources, decode, sinks, report) goes through a
+:class:`Storage`. Local disk, ``s3://`` (``s3://anonymous@bucket/...`` for public
+buckets, an optional S3-compatible endpoint) and ``gs://`` use pyarrow's filesystems,
+what Ray Data itself uses. A Storage holds no secrets: it is shipped to every worker,
+which rebuilds the filesystem there and takes credentials from its own environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import urllib.parse
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
+
+
+class SourceError(Exception):
+    """A source cannot be listed or read (missing, unreachable, malformed)."""
+
+
+def is_remote(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in REMOTE_SCHEMES
+
+
+def uri_prefix(uri: str) -> str:
+    """'s3://anonymous@bucket/x' -> 's3://anonymous@'; local -> ''."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme.lower() in REMOTE_SCHEMES:
+        userinfo = parsed.netloc.rpartition("@")[0]
+        return f"{parsed.scheme}://" + (f"{userinfo}@" if userinfo else "")
+    return ""
+
+
+def _endpoint(explicit: str | None) -> str | None:
+    """The S3-compatible endpoint: the explicit option, else the standard AWS variable."""
+    endpoint = explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "@" in urllib.parse.urlparse(endpoint).netloc:
+        raise SourceError("refusing an S3 endpoint URL with embedded credentials: pass credentials through "
+                          "the environment (AWS_ACCESS_KEY_ID, ...) instead")
+    return endpoint
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, anonymous: bool, endpoint: str | None) -> pafs.FileSystem:
+    if scheme == "s3":
+        options: dict = {
+            "anonymous": anonymous,
+            # Transient errors (SlowDown, 503, resets) are retried by the AWS SDK.
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10),
+        }
+        if endpoint:
+            parsed = urllib.parse.urlparse(endpoint)
+            options["endpoint_override"] = parsed.netloc or parsed.path
+            options["scheme"] = parsed.scheme or "https"
+            options.setdefault("region", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+            options["force_virtual_addressing"] = False
+        return pafs.S3FileSystem(**options)
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(anonymous=anonymous)
+    return pafs.LocalFileSystem()
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How to reach storage: today only the S3-compatible endpoint (None: AWS's own)."""
+
+    s3_endpoint: str | None = None
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """Map a URI or local path to (filesystem, path inside it)."""
+        parsed = urllib.parse.urlparse(uri)
+        scheme = parsed.scheme.lower()
+        if scheme in REMOTE_SCHEMES:
+            anonymous = False
+            if "@" in parsed.netloc:
+                userinfo, _, bucket = parsed.netloc.rpartition("@")
+                if userinfo != "anonymous":
+                    raise SourceError(
+                        f"refusing a URI with embedded credentials ({scheme}://***@{bucket}/...): "
+                        "pass credentials through the environment (AWS_ACCESS_KEY_ID, ...) instead"
+                    )
+                anonymous = True
+            else:
+                bucket = parsed.netloc
+            if not bucket:
+                raise SourceError(f"no bucket in {uri!r}")
+            endpoint = _endpoint(self.s3_endpoint) if scheme == "s3" else None
+            return _filesystem(scheme, anonymous, endpoint), f"{bucket}/{parsed.path.lstrip('/')}".rstrip("/")
+        if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
+            path = parsed.path if scheme == "file" else uri
+            return _filesystem("local", False, None), os.path.abspath(os.path.expanduser(path))
+        raise SourceError(f"unsupported storage scheme {scheme!r} in {uri!r} (use a local path, s3:// or gs://)")
+
+    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """A whole file by URI; raises OSError-like errors for the caller to record."""
+        fs, path = self.resolve(uri)
+        with fs.open_input_stream(path) as stream:
+            if max_bytes is None:
+                return stream.read()
+            data = stream.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise OSError(f"file larger than {max_bytes} bytes")
+            return data
+
+
+def describe(err: BaseException) -> str:
+    """The first line of an error, short enough for a result row or a message."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]

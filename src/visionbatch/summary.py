@@ -1,0 +1,135 @@
+"""Summary: what a job did, added up from per-shard counts (never from a pass over DEST).
+
+The writer counts each shard as it writes it (:func:`shard_counts`); the manifest keeps
+those counts; the driver adds them into a :class:`Summary`, printed at the end and
+written to DEST/summary.json. A resumed job adds the counts of the shards an earlier
+run committed, so its summary covers the whole job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from visionbatch.labels import folder_of
+from visionbatch.results import STAGE_COLUMNS, error_kind
+
+_UNMAPPED_EXAMPLES = 20
+
+
+def shard_counts(table: pa.Table) -> dict:
+    """Counts of one shard's result rows (with the pipeline's stage-time columns)."""
+    errors = table.column("error")
+    failed = pc.drop_null(errors).to_pylist()
+    kinds: dict[str, int] = {}
+    for error in failed:
+        kinds[error_kind(error)] = kinds.get(error_kind(error), 0) + 1
+    ok = pc.is_null(errors)
+    truths = table.column("true_label")
+    labelled = pc.and_(ok, pc.is_valid(truths))
+    top1 = top5 = 0
+    if pc.any(labelled).as_py():
+        rows = table.filter(labelled)
+        tops, truth = rows.column("top_k_labels").to_pylist(), rows.column("true_label").to_pylist()
+        top1 = sum(top[0] == t for top, t in zip(tops, truth))
+        top5 = sum(t in top[:5] for top, t in zip(tops, truth))
+    model_errors = [error for error in failed if error_kind(error) == "model_error"]
+    unmapped_paths = table.filter(pc.is_null(truths)).column("path").to_pylist()
+    unmapped = sorted({folder_of(path) for path in unmapped_paths})
+    return {
+        "predicted": table.num_rows - len(failed),
+        "failed": len(failed),
+        "errors_by_kind": kinds,
+        "labelled": pc.sum(labelled).as_py() or 0,
+        "top1_correct": top1,
+        "top5_correct": top5,
+        "no_true_label": len(unmapped_paths),
+        "unmapped_folders": unmapped[:_UNMAPPED_EXAMPLES],
+        "model_error": model_errors[0] if model_errors else None,
+        "stage_seconds": {stage: pc.sum(table.column(column)).as_py() or 0.0
+                          for column, stage in STAGE_COLUMNS.items() if column in table.column_names},
+    }
+
+
+@dataclass
+class Summary:
+    """What a job did, printed at the end and written to DEST/summary.json."""
+
+    model: str
+    device: str
+    dtype: str
+    dest: str | None = None
+    labels: str = "dirs"
+    images_found: int = 0
+    already_done: int = 0
+    predicted: int = 0
+    failed: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    skipped_non_image: int = 0
+    skipped_special: int = 0
+    unlabelled: int = 0
+    unmapped_folders: list[str] = field(default_factory=list)
+    labelled: int = 0
+    top1_correct: int = 0
+    top5_correct: int = 0
+    shards: int = 0
+    wall_time_s: float = 0.0
+    time_to_first_result_s: float | None = None
+    images_per_s: float = 0.0
+    steady_images_per_s: float | None = None  # after the first result: excludes start-up
+    batch_size: int = 0
+    replicas: int = 0
+    # Where the time went: wall seconds in the driver, summed worker seconds per stage.
+    stage_times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def top1(self) -> float | None:
+        return self.top1_correct / self.labelled if self.labelled else None
+
+    @property
+    def top5(self) -> float | None:
+        return self.top5_correct / self.labelled if self.labelled else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "top1": self.top1, "top5": self.top5}
+
+    def add_shard(self, rows: int, counts: dict) -> None:
+        """Count one committed shard."""
+        self.shards += 1
+        self.images_found += rows
+        self.predicted += counts["predicted"]
+        self.failed += counts["failed"]
+        for kind, n in counts["errors_by_kind"].items():
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
+        self.labelled += counts["labelled"]
+        self.top1_correct += counts["top1_correct"]
+        self.top5_correct += counts["top5_correct"]
+        if self.labels != "none":
+            self.unlabelled += counts["no_true_label"]
+            for folder in counts["unmapped_folders"]:
+                if folder not in self.unmapped_folders and len(self.unmapped_folders) < _UNMAPPED_EXAMPLES:
+                    self.unmapped_folders.append(folder)
+        for stage, seconds in counts["stage_seconds"].items():
+            self.stage_times[stage] = self.stage_times.get(stage, 0.0) + seconds
+
+    def format(self) -> str:
+        lines = [
+            f"images found      {self.images_found}" + (f" ({self.already_done} already done)" if self.already_done else ""),
+            f"predicted         {self.predicted}",
+            f"failed            {self.failed}"
+            + ("  (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items())) + ")" if self.failed else ""),
+            f"non-image skipped {self.skipped_non_image}"
+            + (f"   (and {self.skipped_special} FIFOs, sockets, devices or broken links)" if self.skipped_special else ""),
+            f"wall time         {self.wall_time_s:.1f} s   ({self.images_per_s:.1f} images/s)",
+        ]
+        if self.labelled:
+            lines.append(f"top-1 accuracy    {self.top1:.2%}   top-5 {self.top5:.2%}   ({self.labelled} labelled)")
+        if self.unlabelled:
+            example = ", ".join(sorted(self.unmapped_folders)[:5])
+            lines.append(f"unlabelled        {self.unlabelled} (folders with no matching class: {example}"
+                         + (", ..." if len(self.unmapped_folders) > 5 else "") + ")")
+        if self.dest:
+            lines.append(f"results           {self.dest}")
+        return "\n".join(lines)

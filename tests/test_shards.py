@@ -1,0 +1,136 @@
+"""Shards: stable ids, idempotent part files, resume that skips committed shards, the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import visionbatch
+from visionbatch.pipeline import JobError
+from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN
+from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
+from visionbatch.sinks import Destination, DestinationError, Manifest, ShardWriter, part_name, read_results
+from visionbatch.sources import ListingCounts
+from visionbatch.storage import Storage
+
+
+def _spec(root, shard_size=5, limit=None, from_list=False) -> InputSpec:
+    return InputSpec(sources=(str(root),), from_list=from_list, shard_size=shard_size, limit=limit, cwd="/")
+
+
+def _shards(spec):
+    return list(iter_shards(spec, Storage(), ListingCounts()))
+
+
+def test_shard_ids_and_contents_are_stable(image_tree):
+    first, again = _shards(_spec(image_tree)), _shards(_spec(image_tree))
+    assert [s.id for s in first] == ["000-0000000", "000-0000001", "000-0000002"]
+    assert [(s.id, s.paths, s.digest) for s in first] == [(s.id, s.paths, s.digest) for s in again]
+    assert [len(s.paths) for s in first] == [5, 5, 2]
+    assert len({p for s in first for p in s.paths}) == 12
+    assert [len(s.paths) for s in _shards(_spec(image_tree, limit=7))] == [5, 2]
+
+
+def test_each_source_numbers_its_own_shards(image_tree, tmp_path):
+    paths = [p for s in _shards(_spec(image_tree)) for p in s.paths]
+    (tmp_path / "list.txt").write_text("\n".join(paths[:3]) + "\n")
+    spec = InputSpec(sources=(str(tmp_path / "list.txt"), str(tmp_path / "list.txt")), from_list=True,
+                     shard_size=2, limit=None, cwd="/")
+    assert [s.id for s in _shards(spec)] == ["000-0000000", "000-0000001", "001-0000000", "001-0000001"]
+
+
+def test_planner_skips_committed_shards_and_refuses_a_changed_input(image_tree):
+    shards = _shards(_spec(image_tree))
+    planner = ShardPlanner(_spec(image_tree), Storage(), committed={shards[1].id: shards[1].digest})
+    handed = []
+    while (shard := planner.next()) is not None:
+        handed.append(shard.id)
+    assert handed == [shards[0].id, shards[2].id]
+    assert planner.status()["already_done"] == 5 and planner.status()["listing_done"]
+    assert [s.id for s in planner.unfinished()] == handed  # nothing committed yet
+    planner.mark_committed(handed[:1])
+    assert [s.id for s in planner.unfinished()] == handed[1:]
+
+    changed = ShardPlanner(_spec(image_tree), Storage(), committed={shards[0].id: "0" * 16})
+    assert changed.next() is None
+    assert "input changed" in changed.status()["error"]
+
+
+def _block(shard: str, rows: list[int], total: int) -> pa.Table:
+    n = len(rows)
+    return pa.table({SHARD_COLUMN: [shard] * n, ROW_COLUMN: pa.array(rows, pa.int32()),
+                     SHARD_ROWS_COLUMN: pa.array([total] * n, pa.int32()),
+                     "path": [f"/img/{shard}/{r}.jpg" for r in rows], "error": [None] * n,
+                     "label": ["cat"] * n, "top_k_labels": [["cat", "dog"]] * n, "true_label": [None] * n,
+                     "decode_seconds": np.full(n, 0.01), "predict_seconds": np.full(n, 0.02)})
+
+
+def test_writer_commits_a_shard_once_whole_and_rewrites_the_same_file(tmp_path):
+    writer = ShardWriter(str(tmp_path), Storage(), "parquet")
+    out = writer(_block("000-0000007", [2, 0], total=3))
+    assert out.column("commit").to_pylist() == [None] and not list(tmp_path.iterdir())
+    out = writer(_block("000-0000007", [0, 2], total=3))  # a retried task delivers rows again
+    assert out.column("rows_in").to_pylist() == [0]
+    record = json.loads(writer(_block("000-0000007", [1], total=3)).column("commit")[0].as_py())
+    assert record["file"] == part_name("000-0000007", "parquet") and record["rows"] == 3
+    assert record["counts"]["predicted"] == 3 and record["counts"]["stage_seconds"]
+    first = (tmp_path / record["file"]).read_bytes()
+    table = Destination(str(tmp_path)).read_parts([record["file"]])
+    assert table.column("path").to_pylist() == [f"/img/000-0000007/{r}.jpg" for r in range(3)]  # shard order
+
+    # The same shard done again (a duplicated task) writes the same name: still one file, same rows.
+    again = json.loads(ShardWriter(str(tmp_path), Storage(), "parquet")(_block("000-0000007", [0, 1, 2], 3))
+                       .column("commit")[0].as_py())
+    assert again["digest"] == record["digest"]
+    assert [p.name for p in tmp_path.iterdir()] == [record["file"]]
+    assert (tmp_path / record["file"]).read_bytes() == first
+
+
+def test_manifest_refuses_other_options_and_contradictions(tmp_path):
+    destination = Destination(str(tmp_path))
+    manifest = Manifest.open(destination, {"model": "a", "top_k": 5}, overwrite=False, resume=False)
+    manifest.add({"shard": "000-0000000", "file": "part-000-0000000.parquet", "rows": 1, "digest": "x", "counts": {}})
+    manifest.write()
+    (tmp_path / "part-000-0000000.parquet").write_bytes(b"")
+    with pytest.raises(DestinationError, match="already holds results"):
+        Manifest.open(destination, {"model": "a", "top_k": 5}, overwrite=False, resume=False)
+    with pytest.raises(DestinationError, match="model: 'a' there, 'b' now; top_k: 5 there, 2 now"):
+        Manifest.open(destination, {"model": "b", "top_k": 2}, overwrite=False, resume=True)
+    resumed = Manifest.open(destination, {"model": "a", "top_k": 5}, overwrite=False, resume=True)
+    assert list(resumed.shards) == ["000-0000000"]
+    with pytest.raises(DestinationError, match="contradict"):
+        Manifest.open(destination, {"model": "a", "top_k": 5}, overwrite=True, resume=True)
+    with pytest.raises(DestinationError, match="no completed results"):
+        read_results(str(tmp_path))  # committed progress, but the job never finished
+
+
+def test_resume_redoes_only_uncommitted_shards(image_tree, tiny_vit, tmp_path):
+    dest = tmp_path / "out"
+    first = visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, progress=False)
+    assert first.images_found == 12 and first.shards == 3
+    manifest = json.loads((dest / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == 12
+    assert sorted(manifest["shards"]) == ["000-0000000", "000-0000001", "000-0000002"]
+    assert all(s["counts"]["predicted"] == s["rows"] for s in manifest["shards"].values())
+
+    # What an interrupted run leaves: two shards committed, the third's part file
+    # written but never committed, no _SUCCESS.
+    del manifest["shards"]["000-0000002"]
+    manifest["complete"] = False
+    (dest / "_manifest.json").write_text(json.dumps(manifest))
+    (dest / "_SUCCESS").unlink()
+    kept = {name: os.stat(dest / name).st_mtime_ns for name in ("part-000-0000000.parquet", "part-000-0000001.parquet")}
+    with pytest.raises(JobError, match="--resume"):
+        visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, progress=False)
+    with pytest.raises(JobError, match="shard_size: 5 there, 4 now"):
+        visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=4, resume=True, progress=False)
+
+    resumed = visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, resume=True, progress=False)
+    assert resumed.already_done == 10 and resumed.images_found == 12 and resumed.predicted == 12
+    assert {name: os.stat(dest / name).st_mtime_ns for name in kept} == kept  # not rewritten
+    paths = read_results(str(dest)).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 12
