@@ -1,7 +1,7 @@
 """Scale benchmark for issue 8: time to first result, driver memory, overhead rate,
 Ctrl-C and resume of ``visionbatch classify`` on big inputs.
 
-    python benchmarks/scale.py --list N  [--interrupt-after S] [options]   # N missing paths, --from-list
+    python benchmarks/scale.py --list N  [--interrupt-after S [--resume-for S]] [options]  # N missing paths
     python benchmarks/scale.py --tree N  [options]                          # N tiny JPEGs in 1000 folders
     python benchmarks/scale.py --s3 M    [options]                          # M tiny JPEGs on a moto S3 server
     python benchmarks/scale.py --source PATH [--from-list] [options]        # an input you already have
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli", default=str(Path(sys.executable).parent / "visionbatch"), help="classify's command")
     parser.add_argument("--extra-args", default="", help="more classify arguments, e.g. '--shard-size 10000'")
     parser.add_argument("--interrupt-after", type=float, metavar="S", help="SIGINT the driver after S s, then --resume")
+    parser.add_argument("--resume-for", type=float, metavar="S",
+                        help="with --interrupt-after: SIGINT the resumed run too, after S s (a 10M job need not finish)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             results["listing_alone_s"] = listing_alone(source)
         results["run"] = run(cmd, dest, log, args.interrupt_after)
         if args.interrupt_after is not None:
-            results["resume"] = run([*cmd, "--resume"], dest, log)
+            results["resume"] = run([*cmd, "--resume"], dest, log, args.resume_for)
         results["output"] = check_output(dest)
 
         for key in ("source", "command", "listing_alone_s"):
@@ -313,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
-        # An interrupted run may exit non-zero by design; the resumed one, or a plain run, may not.
-        failed = results.get("resume", results["run"])["exit_code"] != 0
+        # An interrupted run may exit non-zero by design; the resumed one (unless also
+        # interrupted), or a plain run, may not.
+        last = results.get("resume", results["run"])
+        failed = last["exit_code"] != 0 and not last.get("sigint_at_s")
         if failed:
             print(f"classify failed; its output is in {log}:\n" + log.read_text()[-3000:], file=sys.stderr)
         return 1 if failed or results["output"]["paths_written_twice"] else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -89,3 +90,29 @@ def test_decode_batch_keeps_every_row(tmp_path):
     assert out["error"][0] == "" and out["error"][1].startswith("empty_file")
     assert out["error"][2].startswith("read_error")
     assert list(out["width"]) == [64, -1, -1] and list(out["true_label"]) == ["a", "", "b"]
+
+
+def test_special_files_are_never_opened(tmp_path):
+    """A FIFO would block a read forever, /dev/zero never ends: in a list they get
+    read_error rows at once; a folder listing skips and counts them."""
+    from transformers import ViTImageProcessor
+
+    from visionbatch.sources import ListingCounts, iter_source
+    from visionbatch.storage import Storage
+
+    spec = resolve_spec(ViTImageProcessor(size={"height": 32, "width": 32}))
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    os.symlink("/dev/urandom", tmp_path / "urandom.jpg")
+    big = write_image(tmp_path / "big.png", size=(300, 300))
+    paths = [str(tmp_path / name) for name in ("fifo.jpg", "zero.jpg", "urandom.jpg", "big.png")]
+    out = decode_batch({"path": np.array(paths, dtype=object)}, spec=spec, max_pixels=LIMIT,
+                       max_bytes=big.stat().st_size - 1)
+    assert list(out["error"][:3]) == ["read_error: not a regular file (a FIFO)",
+                                      "read_error: not a regular file (a character device)",
+                                      "read_error: not a regular file (a character device)"]
+    assert out["error"][3].startswith("read_error: larger than") and "--max-bytes" in out["error"][3]
+
+    counts = ListingCounts()
+    assert list(iter_source(str(tmp_path), Storage(), counts)) == [str(big)]
+    assert counts.skipped_special == 3 and len(counts.special_examples) == 3

@@ -144,3 +144,23 @@ def test_fastest_batch_size_picks_a_candidate(tiny_vit):
     """The GPU batch-size probe, exercised on CPU (on a GPU it also stops at out-of-memory)."""
     predictor = visionbatch.Predictor(tiny_vit, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device="cpu")
     assert predictor.fastest_batch_size((224, 224), candidates=(1, 2, 4)) in (1, 2, 4)
+
+
+def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, capfd):
+    """Its processor gives 64x64 images to a ViT built for 224x224: every forward pass
+    raises. The job stops with the model's own message instead of writing error rows."""
+    from conftest import save_random_vit
+    from transformers import ViTImageProcessor
+
+    model = save_random_vit(tmp_path / "vit", hidden=48, layers=1, heads=3, mlp=96, seed=0)
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(model)
+    dest = tmp_path / "out"
+    started = time.monotonic()
+    assert main(["classify", str(image_tree), "--model", model, "--output", str(dest), "--shard-size", "2", "-q"]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visionbatch: error: the model fails on every image:"), err
+    assert "doesn't match model" in err[0] and "traceback is in /" in err[0]
+    log = Path(err[0].rsplit("traceback is in ", 1)[1].rstrip(")"))
+    assert "Traceback" in log.read_text()
+    assert time.monotonic() - started < 60
+    assert not (dest / "_manifest.json").exists()  # model errors are not results: nothing is committed

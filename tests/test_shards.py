@@ -11,7 +11,7 @@ import pytest
 
 import visionbatch
 from visionbatch.pipeline import JobError
-from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN
+from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
 from visionbatch.sinks import Destination, DestinationError, Manifest, ShardWriter, part_name, read_results
 from visionbatch.sources import ListingCounts
@@ -118,19 +118,42 @@ def test_resume_redoes_only_uncommitted_shards(image_tree, tiny_vit, tmp_path):
     assert all(s["counts"]["predicted"] == s["rows"] for s in manifest["shards"].values())
 
     # What an interrupted run leaves: two shards committed, the third's part file
-    # written but never committed, no _SUCCESS.
+    # written but never committed, no _SUCCESS; and one committed part file damaged since.
     del manifest["shards"]["000-0000002"]
     manifest["complete"] = False
     (dest / "_manifest.json").write_text(json.dumps(manifest))
     (dest / "_SUCCESS").unlink()
-    kept = {name: os.stat(dest / name).st_mtime_ns for name in ("part-000-0000000.parquet", "part-000-0000001.parquet")}
+    damaged = dest / "part-000-0000001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    kept = {name: os.stat(dest / name).st_mtime_ns for name in ("part-000-0000000.parquet",)}
     with pytest.raises(JobError, match="--resume"):
         visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, progress=False)
     with pytest.raises(JobError, match="shard_size: 5 there, 4 now"):
         visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=4, resume=True, progress=False)
 
     resumed = visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, resume=True, progress=False)
-    assert resumed.already_done == 10 and resumed.images_found == 12 and resumed.predicted == 12
+    assert resumed.already_done == 5 and resumed.images_found == 12 and resumed.predicted == 12
     assert {name: os.stat(dest / name).st_mtime_ns for name in kept} == kept  # not rewritten
     paths = read_results(str(dest)).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 12
+
+
+@pytest.mark.parametrize("fmt,damage", [("parquet", "truncated"), ("csv", "cut at a row boundary"),
+                                        ("parquet", "missing")])
+def test_readers_verify_every_part_file(fmt, damage, tmp_path):
+    from conftest import write_finished_dest
+    from visionbatch.cli import main
+
+    rows = conform(pa.table({"path": [f"/img/{i}.jpg" for i in range(6)], "error": ["read_error: gone"] * 6}))
+    write_finished_dest(Destination(str(tmp_path)), rows, fmt, shard_size=3)
+    part = tmp_path / part_name("000-0000001", fmt)
+    if damage == "truncated":
+        part.write_bytes(part.read_bytes()[:-40])
+    elif damage == "missing":
+        part.unlink()
+    else:
+        part.write_text("".join(part.read_text().splitlines(keepends=True)[:3]))  # header + 2 of 3 rows
+    with pytest.raises(DestinationError, match=part.name):
+        read_results(str(tmp_path))
+    for command in (["evaluate", str(tmp_path)], ["report", str(tmp_path), "--html", str(tmp_path / "r.html")]):
+        assert main(command) == 1

@@ -129,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     from visionbatch.sinks import DestinationError
     from visionbatch.storage import SourceError
 
-    log_path = _log_path()
+    try:
+        log_path = _log_path()
+    except OSError as err:  # includes tempfile finding no usable folder
+        print(f"visionbatch: error: cannot write the log file to the temporary folder (TMPDIR="
+              f"{os.environ.get('TMPDIR', '/tmp')}): {err}", file=sys.stderr)
+        return EXIT_FAILED
     with _library_noise_to(log_path) as terminal:
         args.terminal = terminal
         try:

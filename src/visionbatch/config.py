@@ -18,6 +18,7 @@ DEFAULT_MODEL = "google/vit-base-patch16-224"
 
 # Pillow's own default decompression-bomb threshold (Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_BYTES = 50_000_000  # a 12-MP JPEG is ~5 MB, a 100-MP TIFF ~300 MB: raise it for such collections
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -50,6 +51,7 @@ class ClassifyConfig:
     labels: LabelsMode = option("dirs", "dirs: true label from the parent folder's name; none: no labels")
     label_map: str | None = option(None, "CSV of folder,label that overrides folder-name matching", metavar="FILE")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this, checked from the header")
+    max_bytes: int = option(DEFAULT_MAX_BYTES, "refuse files larger than this many bytes (a read_error row)")
     shard_size: int = option(1000, "images per shard: the unit of work, of output (one part file each) and of "
                              "--resume", metavar="N")
     allow_pickle: bool = option(False, "also load pickled (.bin) weights; only for models you trust")
@@ -66,7 +68,7 @@ class ClassifyConfig:
             object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
         if not self.sources:
             raise ValueError("at least one source is required")
-        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "shard_size"):
+        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -67,8 +67,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise DecodeError("decode_error", describe(err), size=(width, height)) from None
 
 
-def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage
-                ) -> tuple[np.ndarray | None, int, int, str]:
+def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage,
+                max_bytes: int | None = None) -> tuple[np.ndarray | None, int, int, str]:
     """One file -> (the model stage's pixels for it or None, width, height, error).
 
     Never raises: a file that cannot be read or decoded gives its error text ("" for
@@ -78,7 +78,7 @@ def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storag
     if crash_on and crash_on in path:  # a failpoint for fault tests: die like a segfaulting decoder
         os._exit(70)
     try:
-        data = storage.read(path)
+        data = storage.read(path, max_bytes)
     except Exception as err:  # missing, permission, network: keep the row
         return None, -1, -1, f"read_error: {describe(err)}"
     try:
@@ -93,7 +93,7 @@ def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storag
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixels: int,
-                 storage: Storage = Storage()) -> dict[str, np.ndarray]:
+                 storage: Storage = Storage(), max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Paths in; model-ready pixels, sizes and errors out, one row per path.
 
     Rows that fail keep zero pixels and their ``error``; other input columns pass
@@ -107,7 +107,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
     widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
-        image, widths[i], heights[i], errors[i] = decode_file(path, spec, max_pixels, storage)
+        image, widths[i], heights[i], errors[i] = decode_file(path, spec, max_pixels, storage, max_bytes)
         if image is not None:
             pixels[i] = image
     seconds = np.full(n, (time.perf_counter() - started) / max(n, 1))  # this stage's share, per row
@@ -115,7 +115,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
 
 
 def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, storage: Storage,
-                  labels: LabelResolver | None, batch_size: int) -> Iterator[pa.Table]:
+                  labels: LabelResolver | None, batch_size: int, max_bytes: int | None = None) -> Iterator[pa.Table]:
     """The CPU stage: take shards until there are none; yield model-ready blocks.
 
     Each block holds up to ``batch_size`` decoded images (one forward pass) and the
@@ -123,10 +123,10 @@ def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_
     the shard's size, from which the writer knows when a shard is whole.
     """
     while (shard := next_shard()) is not None:
-        yield from _decode_shard(shard, spec, max_pixels, storage, labels, batch_size)
+        yield from _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes)
 
 
-def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size) -> Iterator[pa.Table]:
+def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes) -> Iterator[pa.Table]:
     by_folder: dict[str, str | None] = {}
 
     def true_label(path: str) -> str | None:
@@ -139,7 +139,7 @@ def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size) -> Itera
     images = 0
     started = time.perf_counter()
     for i, path in enumerate(shard.paths):
-        rows.append((i, *decode_file(path, spec, max_pixels, storage)))
+        rows.append((i, *decode_file(path, spec, max_pixels, storage, max_bytes)))
         images += rows[-1][1] is not None
         if images == batch_size:
             yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))

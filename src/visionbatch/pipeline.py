@@ -242,7 +242,7 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     return {"visionbatch": __version__, "model": plan.source.ref, "top_k": config.top_k, "format": output.format,
             "dtype": plan.dtype, "labels": config.labels, "label_map": config.label_map,
             "sources": list(config.sources), "from_list": config.from_list, "shard_size": config.shard_size,
-            "limit": config.limit, "max_pixels": config.max_pixels}
+            "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes}
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def start_planner(prepared: Prepared, committed: dict[str, str] | None = None):
     return actor.remote(prepared.inputs, prepared.storage, committed)
 
 
-def _decode_stage(batch, *, planner, spec, max_pixels, storage, labels, batch_size):
+def _decode_stage(batch, *, planner, spec, max_pixels, max_bytes, storage, labels, batch_size):
     """A decode task: takes shards from the planner until none are left (``batch`` is
     only this task's slot)."""
     import ray
@@ -333,7 +333,7 @@ def _decode_stage(batch, *, planner, spec, max_pixels, storage, labels, batch_si
     from visionbatch.decode import decode_shards
 
     yield from decode_shards(lambda: ray.get(planner.next.remote()), spec=spec, max_pixels=max_pixels,
-                             storage=storage, labels=labels, batch_size=batch_size)
+                             storage=storage, labels=labels, batch_size=batch_size, max_bytes=max_bytes)
 
 
 def build_dataset(prepared: Prepared, planner):
@@ -354,6 +354,7 @@ def build_dataset(prepared: Prepared, planner):
         decoded = slots.map_batches(
             _decode_stage, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"planner": planner, "spec": plan.spec, "max_pixels": config.max_pixels,
+                       "max_bytes": config.max_bytes,
                        "storage": prepared.storage, "labels": prepared.labels, "batch_size": plan.batch_size},
             num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=plan.decode_concurrency),
@@ -426,6 +427,7 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
             if destination.has_results() and not (output.overwrite or output.resume):
                 raise JobError(f"{output.dest} already holds results: pass --overwrite to replace them "
                                "or --resume to continue")
+            destination.check_writable()
         except (SourceError, DestinationError) as err:
             raise JobError(str(err)) from None
         try:
@@ -468,6 +470,8 @@ class _Job:
 
         self.summary.stage_times["start: model config, Ray (wall)"] = time.monotonic() - self.started
         self.status = self._ray_get(self.planner.wait_started.remote())
+        if self.status["listing_done"]:
+            self.summary.stage_times["listing ended (wall, from start)"] = time.monotonic() - self.started
         self._check_listing()
         self.bar = self._progress_bar()
         try:
@@ -516,9 +520,8 @@ class _Job:
 
     def _stopped(self, why: str) -> str:
         """Commit what finished; the message says what was kept and how to go on."""
-        if self.manifest.shards:
-            with contextlib.suppress(Exception):
-                self.manifest.write()
+        with contextlib.suppress(Exception):
+            self.manifest.write()
         kept = self.manifest.rows
         if not kept:
             return f"{why}; no results had been committed yet, so nothing was kept"
@@ -541,9 +544,11 @@ class _Job:
         ready, _ = ray.wait([self._status_ref], timeout=None if wait else 0)
         if ready:
             status, self._status_ref = ray.get(ready[0]), None
-            if status["listing_done"] and self.bar is not None and self.bar.total is None:
-                self.bar.total = status["images_listed"]
-                self.bar.refresh()
+            if status["listing_done"] and not self.status.get("listing_done"):
+                self.summary.stage_times["listing ended (wall, from start)"] = now - self.started
+                if self.bar is not None:
+                    self.bar.total = status["images_listed"]
+                    self.bar.refresh()
             self.status = status
 
     def _stream(self) -> None:
@@ -554,7 +559,8 @@ class _Job:
             # One writer gathers every shard's blocks; its work (encoding small rows) is light.
             ds = build_dataset(self.prepared, self.planner).map_batches(
                 ShardWriter, batch_size=None, batch_format="pyarrow",
-                fn_constructor_args=(self.output.dest, self.prepared.storage, self.output.format),
+                fn_constructor_args=(self.output.dest, self.prepared.storage, self.output.format,
+                                     self.prepared.config.labels != "none"),
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                 max_restarts=self.prepared.config.max_retries, max_task_retries=self.prepared.config.max_retries)
         for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -618,7 +624,7 @@ class _Job:
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
                                          fn_kwargs={"spec": prepared.plan.spec, "max_pixels": config.max_pixels,
-                                                    "storage": prepared.storage},
+                                                    "max_bytes": config.max_bytes, "storage": prepared.storage},
                                          num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
                            pyarrow_blocks=False)
         results = {shard.id: [] for shard in shards}
@@ -638,7 +644,8 @@ class _Job:
                 self._rows_arrived(missing.num_rows)
             parts = [t for t in (done, missing) if t is not None and t.num_rows]
             table = pa.concat_tables([_with_result_columns(t) for t in parts])
-            self._commit(write_shard(self.manifest.destination, shard.id, table, self.output.format))
+            self._commit(write_shard(self.manifest.destination, shard.id, table, self.output.format,
+                                     config.labels != "none"))
 
     def _shard_rows(self, shards: list[Shard]) -> pa.Table:
         labels = self.prepared.labels

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 import uuid
 
@@ -41,6 +42,7 @@ SUMMARY = "summary.json"
 MANIFEST_VERSION = 2
 _OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, "metrics.json")
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores")
+log = logging.getLogger("visionbatch")
 
 
 class DestinationError(Exception):
@@ -140,6 +142,16 @@ class Destination:
             out.write(data)
         self.fs.move(tmp, self._path(name))
 
+    def check_writable(self) -> None:
+        """Fail before any work where results could not be written (read-only, full,
+        no permission, no such bucket)."""
+        probe = f".visionbatch-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.write_bytes(probe, b"probe")
+            self.delete([probe])
+        except (OSError, pa.ArrowException) as err:
+            raise DestinationError(f"cannot write results to {self.uri}: {describe(err)}") from None
+
     def delete(self, names) -> None:
         for name in names:
             self.fs.delete_file(self._path(name))
@@ -167,6 +179,33 @@ class Destination:
         except ValueError as err:
             raise DestinationError(f"{self.uri}/{MANIFEST} is damaged ({describe(err)})") from None
 
+    def read_part(self, name: str, rows: int) -> pa.Table:
+        """One committed part file, checked against the row count the manifest gives it."""
+        try:
+            table = _decode(self.read_bytes(name), _format_of(name))
+        except (OSError, ValueError, pa.ArrowException) as err:  # missing, cut short, not the format
+            raise DestinationError(f"{self.uri}/{name} is missing or damaged ({describe(err)}); "
+                                   "rerun the job with --resume to redo it") from None
+        if table.num_rows != rows:
+            raise DestinationError(f"{self.uri}/{name} holds {table.num_rows} rows where the manifest says {rows}; "
+                                   "rerun the job with --resume to redo it")
+        return table
+
+    def damaged_parts(self, shards: dict[str, dict]) -> list[str]:
+        """Committed shards whose part file is missing or damaged (read in parallel)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def damaged(item) -> str | None:
+            shard, record = item
+            try:
+                self.read_part(record["file"], record["rows"])
+            except DestinationError:
+                return shard
+            return None
+
+        with ThreadPoolExecutor(16) as pool:
+            return [shard for shard in pool.map(damaged, shards.items()) if shard]
+
     def read_table(self) -> pa.Table:
         """The rows of every committed shard of a finished job."""
         files = self.files()
@@ -175,7 +214,9 @@ class Destination:
             raise DestinationError(
                 f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume"
             )
-        return self.read_parts([shard["file"] for shard in sorted(manifest["shards"].values(), key=lambda s: s["file"])])
+        shards = sorted(manifest["shards"].values(), key=lambda s: s["file"])
+        tables = [self.read_part(shard["file"], shard["rows"]) for shard in shards]
+        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
 
 def read_results(dest: str, s3_endpoint: str | None = None) -> pa.Table:
@@ -183,14 +224,14 @@ def read_results(dest: str, s3_endpoint: str | None = None) -> pa.Table:
     return Destination(dest, Storage(s3_endpoint)).read_table()
 
 
-def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str) -> dict:
+def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str, labelled: bool = True) -> dict:
     """Write one whole shard's rows (in shard order) as its part file; returns its commit record."""
     table = table.sort_by(ROW_COLUMN) if ROW_COLUMN in table.column_names else table
     rows = conform(table)
     name = part_name(shard, fmt)
     destination.write_bytes(name, _encode(rows, fmt))
     record = {"shard": shard, "file": name, "rows": rows.num_rows,
-              "digest": paths_digest(rows.column("path").to_pylist()), "counts": shard_counts(table)}
+              "digest": paths_digest(rows.column("path").to_pylist()), "counts": shard_counts(table, labelled)}
     if MODEL_TRACEBACK in table.column_names:  # for the driver's log, not the manifest
         record[MODEL_TRACEBACK] = pc.drop_null(table.column(MODEL_TRACEBACK))[0].as_py()
     return record
@@ -205,9 +246,9 @@ class ShardWriter:
     arrives twice (a retried task) is kept once.
     """
 
-    def __init__(self, dest: str, storage: Storage, fmt: str):
+    def __init__(self, dest: str, storage: Storage, fmt: str, labelled: bool = True):
         self.destination = Destination(dest, storage)
-        self.fmt = fmt
+        self.fmt, self.labelled = fmt, labelled
         self.pending: dict[str, list[pa.Table]] = {}
         self.seen: dict[str, np.ndarray] = {}
 
@@ -227,7 +268,7 @@ class ShardWriter:
             if seen.all():
                 del self.seen[shard]
                 whole = pa.concat_tables(self.pending.pop(shard), promote_options="default")
-                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt))
+                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled))
             shards.append(shard)
             rows_in.append(len(rows))
             commits.append(record)
@@ -268,7 +309,14 @@ class Manifest:
             raise DestinationError(
                 f"--resume with other options than the job in {destination.uri}: "
                 + "; ".join(f"{key}: {earlier['job'].get(key)!r} there, {job.get(key)!r} now" for key in differing))
-        return cls(destination, job, earlier["shards"])
+        shards = dict(earlier["shards"])
+        damaged = destination.damaged_parts(shards)
+        if damaged:
+            log.warning("%d committed part file(s) in %s are missing or damaged; their shards are redone",
+                        len(damaged), destination.uri)
+            for shard in damaged:
+                del shards[shard]
+        return cls(destination, job, shards)
 
     @property
     def rows(self) -> int:
@@ -285,7 +333,12 @@ class Manifest:
         return elapsed >= min(every_seconds, max(1.0, 10 * self._write_seconds))
 
     def write(self, complete: bool = False) -> None:
-        """Commit: the shards listed here are the job's results (``complete``: all of them)."""
+        """Commit: the shards listed here are the job's results (``complete``: all of them).
+        With no shard to list and the job unfinished, DEST is left without a manifest."""
+        if not self.shards and not complete:
+            if MANIFEST in self.destination.files():
+                self.destination.delete([MANIFEST])
+            return
         body = {"version": MANIFEST_VERSION, "complete": complete, "job": self.job, "rows": self.rows,
                 "shards": self.shards}
         started = time.monotonic()

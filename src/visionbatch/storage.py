@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import urllib.parse
 from dataclasses import dataclass
 
@@ -97,15 +98,30 @@ class Storage:
         raise SourceError(f"unsupported storage scheme {scheme!r} in {uri!r} (use a local path, s3:// or gs://)")
 
     def read(self, uri: str, max_bytes: int | None = None) -> bytes:
-        """A whole file by URI; raises OSError-like errors for the caller to record."""
+        """A whole file by URI, at most ``max_bytes`` of it; raises OSError-like errors
+        for the caller to record."""
         fs, path = self.resolve(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            # A FIFO would block the read forever and a device (/dev/zero) never ends:
+            # only regular files (or links to them) are opened.
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise OSError(f"not a regular file ({_file_kind(mode)})")
         with fs.open_input_stream(path) as stream:
             if max_bytes is None:
                 return stream.read()
             data = stream.read(max_bytes + 1)
             if len(data) > max_bytes:
-                raise OSError(f"file larger than {max_bytes} bytes")
+                raise OSError(f"larger than {max_bytes} bytes (--max-bytes)")
             return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def describe(err: BaseException) -> str:

@@ -19,8 +19,9 @@ from visionbatch.results import STAGE_COLUMNS, error_kind
 _UNMAPPED_EXAMPLES = 20
 
 
-def shard_counts(table: pa.Table) -> dict:
-    """Counts of one shard's result rows (with the pipeline's stage-time columns)."""
+def shard_counts(table: pa.Table, labelled: bool = True) -> dict:
+    """Counts of one shard's result rows (with the pipeline's stage-time columns);
+    ``labelled``: the job asked for true labels, so rows without one are worth naming."""
     errors = table.column("error")
     failed = pc.drop_null(errors).to_pylist()
     kinds: dict[str, int] = {}
@@ -36,8 +37,8 @@ def shard_counts(table: pa.Table) -> dict:
         top1 = sum(top[0] == t for top, t in zip(tops, truth))
         top5 = sum(t in top[:5] for top, t in zip(tops, truth))
     model_errors = [error for error in failed if error_kind(error) == "model_error"]
-    unmapped_paths = table.filter(pc.is_null(truths)).column("path").to_pylist()
-    unmapped = sorted({folder_of(path) for path in unmapped_paths})
+    no_truth = pc.is_null(truths)
+    unmapped_paths = table.filter(no_truth).column("path").to_pylist() if labelled else []
     return {
         "predicted": table.num_rows - len(failed),
         "failed": len(failed),
@@ -45,8 +46,8 @@ def shard_counts(table: pa.Table) -> dict:
         "labelled": pc.sum(labelled).as_py() or 0,
         "top1_correct": top1,
         "top5_correct": top5,
-        "no_true_label": len(unmapped_paths),
-        "unmapped_folders": unmapped[:_UNMAPPED_EXAMPLES],
+        "no_true_label": pc.sum(no_truth).as_py() or 0,
+        "unmapped_folders": sorted({folder_of(path) for path in unmapped_paths})[:_UNMAPPED_EXAMPLES],
         "model_error": model_errors[0] if model_errors else None,
         "stage_seconds": {stage: pc.sum(table.column(column)).as_py() or 0.0
                           for column, stage in STAGE_COLUMNS.items() if column in table.column_names},
