@@ -1,11 +1,17 @@
-"""Metrics against small cases computed by hand."""
+"""Metrics against small cases computed by hand, and metrics merged from counts of chunks."""
 
+import copy
+import functools
 import json
+import random
+import time
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from visionbatch.evaluate import compute_metrics, evaluate_dest, format_metrics
+from visionbatch.evaluate import (compute_metrics, evaluate_dest, format_metrics, merge_counts, metric_counts,
+                                  metrics_from_counts)
 from conftest import write_finished_dest
 from visionbatch.sinks import RESULT_SCHEMA, Destination
 
@@ -138,3 +144,86 @@ def test_evaluate_dest_writes_metrics_json(tmp_path):
     metrics = evaluate_dest(str(tmp_path))
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert metrics["top1"] == pytest.approx(0.4) and metrics["errors"] == 3
+
+
+def random_table(n_rows: int, n_classes: int, seed: int) -> pa.Table:
+    """Result rows with random labels, top-k lists and scores; some errors, some unlabelled."""
+    rng = np.random.default_rng(seed)
+    classes = [f"class{i}" for i in range(n_classes)]
+    rows = []
+    for i in range(n_rows):
+        if rng.random() < 0.1:
+            rows.append({"path": f"/img/{i}.jpg", "error": str(rng.choice(["decode_error: bad", "read_error: gone"]))})
+            continue
+        top_k = [str(c) for c in rng.choice(classes, size=int(rng.integers(1, min(7, n_classes) + 1)), replace=False)]
+        true = None if rng.random() < 0.1 else str(rng.choice(classes))
+        rows.append(prediction(true, top_k[0], float(rng.random()), top_k))
+    return make_table(rows)
+
+
+def assert_metrics_close(actual, expected, where="metrics"):
+    """Equal, with floats within 1e-9; dict keys in the same order."""
+    if isinstance(expected, dict):
+        assert list(actual) == list(expected), where
+        for key in expected:
+            assert_metrics_close(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_metrics_close(a, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=0, abs=1e-9), where
+    else:
+        assert actual == expected, where
+
+
+def uneven_chunks(table: pa.Table, seed: int) -> list[pa.Table]:
+    cuts = sorted(random.Random(seed).sample(range(1, table.num_rows), 6))
+    bounds = [0, *cuts, table.num_rows]
+    return [table.slice(start, end - start) for start, end in zip(bounds, bounds[1:])]
+
+
+@pytest.fixture(scope="module")
+def random_rows():
+    return random_table(400, 8, seed=1)
+
+
+def test_merged_chunk_counts_give_the_whole_tables_metrics(random_rows):
+    expected = compute_metrics(random_rows, max_classes=5)  # 5 < 8 classes: the confusion is cut too
+    assert expected["errors"] and expected["unlabelled"] and expected["confusion"]["omitted_classes"] == 3
+    chunk_counts = [metric_counts(chunk) for chunk in uneven_chunks(random_rows, seed=2)]
+    before = copy.deepcopy(chunk_counts)
+
+    shuffled = random.Random(3).sample(chunk_counts, len(chunk_counts))
+    running_total = functools.reduce(merge_counts, shuffled, None)
+    assert_metrics_close(metrics_from_counts(running_total, max_classes=5), expected)
+
+    # Another grouping: merge pairs, then pairs of pairs (starting from {} this time).
+    level = chunk_counts
+    while len(level) > 1:
+        level = [merge_counts(level[i], level[i + 1] if i + 1 < len(level) else {}) for i in range(0, len(level), 2)]
+    assert_metrics_close(metrics_from_counts(level[0], max_classes=5), expected)
+    assert chunk_counts == before  # merging changes neither argument
+
+
+def test_counts_survive_json(random_rows):
+    chunks = uneven_chunks(random_rows, seed=4)
+    through_json = [json.loads(json.dumps(metric_counts(chunk))) for chunk in chunks]
+    merged = functools.reduce(merge_counts, reversed(through_json), None)
+    assert_metrics_close(metrics_from_counts(json.loads(json.dumps(merged))), compute_metrics(random_rows))
+
+
+def test_counts_of_no_rows():
+    assert metrics_from_counts(merge_counts(None, {})) == compute_metrics(RESULT_SCHEMA.empty_table())
+
+
+def test_metric_counts_cost_per_1000_rows():
+    shard = random_table(1000, 1000, seed=5)  # ImageNet-like: many classes, so many confusion cells
+    metric_counts(shard)  # warm-up
+    runs = []
+    for _ in range(20):
+        start = time.perf_counter()
+        metric_counts(shard)
+        runs.append(time.perf_counter() - start)
+    best, median = min(runs) * 1e3, sorted(runs)[10] * 1e3
+    print(f"\nmetric_counts: {best:.2f} ms per 1000 rows (best of 20, median {median:.2f} ms)")

@@ -154,13 +154,14 @@ def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, c
 
     model = save_random_vit(tmp_path / "vit", hidden=48, layers=1, heads=3, mlp=96, seed=0)
     ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(model)
+    capfd.readouterr()  # what saving the model printed
     dest = tmp_path / "out"
     started = time.monotonic()
     assert main(["classify", str(image_tree), "--model", model, "--output", str(dest), "--shard-size", "2", "-q"]) == 1
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("visionbatch: error: the model fails on every image:"), err
     assert "doesn't match model" in err[0] and "traceback is in /" in err[0]
-    log = Path(err[0].rsplit("traceback is in ", 1)[1].rstrip(")"))
+    log = Path(err[0].split("traceback is in ", 1)[1].split(")", 1)[0])
     assert "Traceback" in log.read_text()
     assert time.monotonic() - started < 60
     assert not (dest / "_manifest.json").exists()  # model errors are not results: nothing is committed

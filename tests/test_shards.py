@@ -13,7 +13,8 @@ import visionbatch
 from visionbatch.pipeline import JobError
 from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
-from visionbatch.sinks import Destination, DestinationError, Manifest, ShardWriter, part_name, read_results
+from visionbatch.sinks import (Destination, DestinationError, Manifest, ShardWriter, part_name, read_results,
+                              write_shard)
 from visionbatch.sources import ListingCounts
 from visionbatch.storage import Storage
 
@@ -65,7 +66,8 @@ def _block(shard: str, rows: list[int], total: int) -> pa.Table:
     return pa.table({SHARD_COLUMN: [shard] * n, ROW_COLUMN: pa.array(rows, pa.int32()),
                      SHARD_ROWS_COLUMN: pa.array([total] * n, pa.int32()),
                      "path": [f"/img/{shard}/{r}.jpg" for r in rows], "error": [None] * n,
-                     "label": ["cat"] * n, "top_k_labels": [["cat", "dog"]] * n, "true_label": [None] * n,
+                     "label": ["cat"] * n, "score": pa.array([0.5] * n, pa.float32()),
+                     "top_k_labels": [["cat", "dog"]] * n, "true_label": pa.array([None] * n, pa.string()),
                      "decode_seconds": np.full(n, 0.01), "predict_seconds": np.full(n, 0.02)})
 
 
@@ -93,9 +95,8 @@ def test_writer_commits_a_shard_once_whole_and_rewrites_the_same_file(tmp_path):
 def test_manifest_refuses_other_options_and_contradictions(tmp_path):
     destination = Destination(str(tmp_path))
     manifest = Manifest.open(destination, {"model": "a", "top_k": 5}, overwrite=False, resume=False)
-    manifest.add({"shard": "000-0000000", "file": "part-000-0000000.parquet", "rows": 1, "digest": "x", "counts": {}})
+    manifest.add(write_shard(destination, "000-0000000", conform(pa.table({"path": ["/a.jpg"]})), "parquet"))
     manifest.write()
-    (tmp_path / "part-000-0000000.parquet").write_bytes(b"")
     with pytest.raises(DestinationError, match="already holds results"):
         Manifest.open(destination, {"model": "a", "top_k": 5}, overwrite=False, resume=False)
     with pytest.raises(DestinationError, match="model: 'a' there, 'b' now; top_k: 5 there, 2 now"):

@@ -1,12 +1,31 @@
 """Evaluation: accuracy, per-class metrics, confusion and calibration of a job's results.
 
-``evaluate_dest(DEST)`` reads the committed result rows of DEST, computes the metrics
-below and writes them to ``DEST/metrics.json``.
+``evaluate_dest(DEST)`` computes the metrics below from the counts DEST's manifest
+added up shard by shard (after checking the committed part files) and writes them to
+``DEST/metrics.json``.
 
 Which rows count: a row with an ``error`` is an *error*; a row without an error but with
 no ``true_label`` is *unlabelled*; the rest are *labelled* and are the only rows that
 enter accuracy, per-class metrics, the confusion matrix and calibration.
 ``rows == labelled + unlabelled + errors``.
+
+Metrics come from counts, so that a job never has to re-read its rows:
+``metric_counts(rows)`` turns any slice of result rows (a shard) into small, JSON-safe
+counts; ``merge_counts`` adds counts of disjoint slices (associative, in any order);
+``metrics_from_counts`` turns the counts of all rows into the metrics.
+``compute_metrics(rows)`` is ``metrics_from_counts(metric_counts(rows))``. The counts::
+
+    rows, labelled, errors   int
+    errors_by_kind           {kind: int}
+    top_k                    int, longest top_k_labels list (merged by max)
+    top1_hits, top5_hits     int, labelled rows right at top-1 / within the first 5
+    score_sum_correct        float, sum of the top-1 score of right predictions
+    score_sum_wrong          float, the same over wrong predictions
+    calibration_bins         {count: [int], correct: [int], score_sum: [float]}, one
+                             entry per bin (the bins of ``calibration_bins`` below)
+    confusion                {true label: {predicted label: int}}, labelled rows only;
+                             per-class support, predicted and true positives are its
+                             row sums, column sums and diagonal
 
 metrics.json schema (``schema_version`` 1); every ratio is a float in [0, 1] or ``null``
 when there is nothing to compute it over (e.g. no labelled rows)::
@@ -46,22 +65,22 @@ when there is nothing to compute it over (e.g. no labelled rows)::
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from visionbatch.sinks import Destination, read_results
+from visionbatch.results import RESULT_SCHEMA
 
 SCHEMA_VERSION = 1
 CALIBRATION_BINS = 15
+# Bins of the top-1 score are (lo, hi]; a score of exactly 0 goes to the first bin.
+CALIBRATION_EDGES = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
 METRICS_FILE = "metrics.json"
-
-
-def _mean(values: np.ndarray) -> float | None:
-    return float(values.mean()) if values.size else None
+# A row without an error always has a prediction; this stand-in only guards odd input.
+NO_PREDICTION = "<no prediction>"
+# Counts that merge by addition; top_k (a max) and the dict and list counts merge apart.
+SUMMED_COUNTS = ("rows", "labelled", "errors", "top1_hits", "top5_hits", "score_sum_correct", "score_sum_wrong")
 
 
 def _error_counts(errors: pa.ChunkedArray) -> dict[str, int]:
@@ -70,115 +89,189 @@ def _error_counts(errors: pa.ChunkedArray) -> dict[str, int]:
         return {}
     kinds = pc.list_element(pc.split_pattern(failed, ":", max_splits=1), 0)
     counted = pc.value_counts(kinds)
-    return dict(sorted(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())))
+    return dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
 
 
-def _top5_hits(top_k_labels: pa.ChunkedArray, truths: pa.ChunkedArray) -> np.ndarray:
-    """Whether each row's true label is among its first five top-k labels."""
+def _top5_hits(top_k_labels: pa.ChunkedArray, truths: pa.ChunkedArray) -> int:
+    """How many rows have their true label among their first five top-k labels."""
     first5 = pc.list_slice(top_k_labels, 0, 5)
-    flat = pc.list_flatten(first5)
     parents = pc.list_parent_indices(first5)
-    hits = pc.equal(flat, pc.take(truths, parents)).to_numpy(zero_copy_only=False)
-    rows_hit = np.bincount(parents.to_numpy(zero_copy_only=False)[hits.astype(bool)], minlength=len(truths))
-    return rows_hit > 0
+    matches = pc.equal(pc.list_flatten(first5), pc.take(truths, parents))
+    # Count rows, not matches: a row may list its true label twice.
+    return pc.count_distinct(pc.filter(parents, matches)).as_py()
 
 
-def _calibration(scores: np.ndarray, correct: np.ndarray) -> tuple[float | None, list[dict]]:
-    edges = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
-    # Bins are (lo, hi]; a score of exactly 0 goes to the first bin.
-    bin_of = np.clip(np.searchsorted(edges, scores, side="left") - 1, 0, CALIBRATION_BINS - 1)
-    counts = np.bincount(bin_of, minlength=CALIBRATION_BINS)
-    right = np.bincount(bin_of, weights=correct, minlength=CALIBRATION_BINS)
-    score_sum = np.bincount(bin_of, weights=scores, minlength=CALIBRATION_BINS)
+def _calibration_counts(scores: np.ndarray, correct: np.ndarray) -> dict[str, list]:
+    bin_of = np.clip(np.searchsorted(CALIBRATION_EDGES, scores, side="left") - 1, 0, CALIBRATION_BINS - 1)
+    return {
+        "count": np.bincount(bin_of, minlength=CALIBRATION_BINS).tolist(),
+        "correct": np.bincount(bin_of[correct], minlength=CALIBRATION_BINS).tolist(),
+        "score_sum": np.bincount(bin_of, weights=scores, minlength=CALIBRATION_BINS).tolist(),
+    }
+
+
+def _confusion_counts(truths: pa.ChunkedArray, predictions: pa.ChunkedArray) -> dict[str, dict[str, int]]:
+    cells = pa.table({"true": truths, "predicted": predictions}).group_by(["true", "predicted"]).aggregate(
+        [([], "count_all")]
+    )
+    confusion: dict[str, dict[str, int]] = {}
+    for true, predicted, count in zip(*(cells.column(name).to_pylist() for name in ("true", "predicted", "count_all"))):
+        confusion.setdefault(true, {})[predicted] = count
+    return confusion
+
+
+def metric_counts(table: pa.Table) -> dict:
+    """The counts (module docstring) of result rows (RESULT_SCHEMA), e.g. of one shard.
+
+    JSON-safe, and small: they grow with the classes met, not with the rows.
+    """
+    errors = table.column("error")
+    labelled = table.filter(pc.and_(pc.is_null(errors), pc.is_valid(table.column("true_label"))))
+    truths = labelled.column("true_label")
+    predictions = pc.fill_null(labelled.column("label"), NO_PREDICTION)
+    correct = pc.equal(truths, predictions).to_numpy(zero_copy_only=False)
+    scores = pc.fill_null(labelled.column("score"), 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+    return {
+        "rows": table.num_rows,
+        "labelled": labelled.num_rows,
+        "errors": len(errors) - errors.null_count,
+        "errors_by_kind": _error_counts(errors),
+        "top_k": pc.max(pc.list_value_length(table.column("top_k_labels"))).as_py() or 0,
+        "top1_hits": int(correct.sum()),
+        "top5_hits": _top5_hits(labelled.column("top_k_labels"), truths),
+        "score_sum_correct": float(scores[correct].sum()),
+        "score_sum_wrong": float(scores[~correct].sum()),
+        "calibration_bins": _calibration_counts(scores, correct),
+        "confusion": _confusion_counts(truths, predictions),
+    }
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    total = dict(a)
+    for key, count in b.items():
+        total[key] = total.get(key, 0) + count
+    return total
+
+
+def merge_counts(a: dict | None, b: dict | None) -> dict:
+    """The counts of two disjoint sets of rows together, as a new dict (neither argument
+    changes). Associative and commutative, up to float rounding and key order, so shards
+    merge in any order; ``None`` or ``{}`` stands for no rows, a start for a running total.
+    """
+    if not a or not b:
+        no_rows = metric_counts(RESULT_SCHEMA.empty_table())
+        a, b = a or no_rows, b or no_rows
+    merged = {key: a[key] + b[key] for key in SUMMED_COUNTS}
+    merged["top_k"] = max(a["top_k"], b["top_k"])
+    merged["errors_by_kind"] = _add(a["errors_by_kind"], b["errors_by_kind"])
+    a_bins, b_bins = a["calibration_bins"], b["calibration_bins"]
+    merged["calibration_bins"] = {name: [x + y for x, y in zip(a_bins[name], b_bins[name])] for name in a_bins}
+    a_cells, b_cells = a["confusion"], b["confusion"]
+    merged["confusion"] = {true: _add(a_cells.get(true, {}), b_cells.get(true, {})) for true in {**a_cells, **b_cells}}
+    return merged
+
+
+def _divide(numerator: float, denominator: int) -> float | None:
+    """numerator / denominator, or None when there is nothing to divide over."""
+    return numerator / denominator if denominator else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _calibration(bins: dict[str, list], labelled: int) -> tuple[float | None, list[dict]]:
+    count = np.array(bins["count"], dtype=np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        accuracy, confidence = right / counts, score_sum / counts
-    bins = [
+        accuracy = np.array(bins["correct"], dtype=np.float64) / count
+        confidence = np.array(bins["score_sum"], dtype=np.float64) / count
+    rows = [
         {
-            "lo": float(edges[b]),
-            "hi": float(edges[b + 1]),
-            "count": int(counts[b]),
-            "accuracy": float(accuracy[b]) if counts[b] else None,
-            "confidence": float(confidence[b]) if counts[b] else None,
+            "lo": float(CALIBRATION_EDGES[b]),
+            "hi": float(CALIBRATION_EDGES[b + 1]),
+            "count": int(count[b]),
+            "accuracy": float(accuracy[b]) if count[b] else None,
+            "confidence": float(confidence[b]) if count[b] else None,
         }
         for b in range(CALIBRATION_BINS)
     ]
-    if not scores.size:
-        return None, bins
-    filled = counts > 0
-    ece = float(np.sum(np.abs(accuracy[filled] - confidence[filled]) * counts[filled]) / scores.size)
-    return ece, bins
+    if not labelled:
+        return None, rows
+    filled = count > 0
+    ece = float(np.sum(np.abs(accuracy[filled] - confidence[filled]) * count[filled]) / labelled)
+    return ece, rows
+
+
+def _per_class(confusion: dict[str, dict[str, int]]) -> list[dict]:
+    """Per-class rows from the confusion cells, with sklearn's precision_recall_fscore_support
+    values (zero_division=0)."""
+    support: dict[str, int] = {}
+    predicted: dict[str, int] = {}
+    true_positives: dict[str, int] = {}
+    for true, row in confusion.items():
+        support[true] = sum(row.values())
+        true_positives[true] = row.get(true, 0)
+        for label, count in row.items():
+            predicted[label] = predicted.get(label, 0) + count
+    per_class = []
+    for label in sorted(support.keys() | predicted.keys()):
+        n_true, n_predicted, hits = support.get(label, 0), predicted.get(label, 0), true_positives.get(label, 0)
+        per_class.append({
+            "label": label,
+            "precision": hits / n_predicted if n_predicted else 0.0,
+            "recall": hits / n_true if n_true else 0.0,
+            # F1 as 2TP / (support + predicted), never 0 / 0: every class listed has a row.
+            "f1": 2 * hits / (n_true + n_predicted),
+            "support": n_true,
+            "predicted": n_predicted,
+        })
+    return per_class
+
+
+def _confusion(confusion: dict[str, dict[str, int]], per_class: list[dict], max_classes: int) -> dict:
+    classes = [c["label"] for c in per_class]
+    kept = classes
+    if len(classes) > max_classes:  # metrics.json would hold up to classes² cells
+        involvement = {c["label"]: c["support"] + c["predicted"] for c in per_class}
+        kept = sorted(sorted(classes, key=lambda c: -involvement[c])[:max_classes])
+    kept_set = set(kept)
+    entries = [
+        [true, predicted, count]
+        for true, row in confusion.items() if true in kept_set
+        for predicted, count in row.items() if predicted in kept_set
+    ]
+    entries.sort(key=lambda entry: (-entry[2], entry[0], entry[1]))
+    return {"labels": kept, "entries": entries, "omitted_classes": len(classes) - len(kept)}
+
+
+def metrics_from_counts(counts: dict, max_classes: int = 1000) -> dict:
+    """The metrics (module docstring) of all the rows that ``counts`` counted."""
+    labelled, right = counts["labelled"], counts["top1_hits"]
+    metrics: dict = {
+        "schema_version": SCHEMA_VERSION,
+        "rows": counts["rows"],
+        "labelled": labelled,
+        "unlabelled": counts["rows"] - counts["errors"] - labelled,
+        "errors": counts["errors"],
+        "errors_by_kind": dict(sorted(counts["errors_by_kind"].items())),
+        "top_k": counts["top_k"],
+        "top1": _divide(right, labelled),
+        "top5": _divide(counts["top5_hits"], labelled),
+        "mean_confidence_correct": _divide(counts["score_sum_correct"], right),
+        "mean_confidence_wrong": _divide(counts["score_sum_wrong"], labelled - right),
+    }
+    metrics["ece"], metrics["calibration_bins"] = _calibration(counts["calibration_bins"], labelled)
+    per_class = _per_class(counts["confusion"])
+    for name in ("precision", "recall", "f1"):
+        metrics[f"macro_{name}"] = _mean([c[name] for c in per_class])
+    metrics["per_class"] = per_class
+    metrics["confusion"] = _confusion(counts["confusion"], per_class, max_classes)
+    return metrics
 
 
 def compute_metrics(table: pa.Table, max_classes: int = 1000) -> dict:
     """Metrics of result rows (RESULT_SCHEMA); see the module docstring for the keys."""
-    errors = table.column("error")
-    ok = pc.is_null(errors)
-    labelled_mask = pc.and_(ok, pc.is_valid(table.column("true_label")))
-    labelled = table.filter(labelled_mask)
-    n_labelled, n_errors = labelled.num_rows, len(errors) - errors.null_count
-
-    truths = labelled.column("true_label")
-    y_true = np.asarray(truths.to_pylist(), dtype=object)
-    # A row without an error always has a prediction; the stand-in only guards odd input.
-    y_pred = np.asarray(pc.fill_null(labelled.column("label"), "<no prediction>").to_pylist(), dtype=object)
-    scores = pc.fill_null(labelled.column("score"), 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
-    correct = y_true == y_pred
-    top_k = pc.max(pc.list_value_length(table.column("top_k_labels"))).as_py() if table.num_rows else None
-
-    metrics: dict = {
-        "schema_version": SCHEMA_VERSION,
-        "rows": table.num_rows,
-        "labelled": n_labelled,
-        "unlabelled": table.num_rows - n_errors - n_labelled,
-        "errors": n_errors,
-        "errors_by_kind": _error_counts(errors),
-        "top_k": top_k or 0,
-        "top1": _mean(correct.astype(np.float64)),
-        "top5": _mean(_top5_hits(labelled.column("top_k_labels"), truths).astype(np.float64)) if n_labelled else None,
-        "mean_confidence_correct": _mean(scores[correct]),
-        "mean_confidence_wrong": _mean(scores[~correct]),
-    }
-    metrics["ece"], metrics["calibration_bins"] = _calibration(scores, correct.astype(np.float64))
-
-    classes = sorted(set(y_true) | set(y_pred))
-    per_class: list[dict] = []
-    confusion = {"labels": [], "entries": [], "omitted_classes": 0}
-    if classes:
-        precision, recall, f1, support = precision_recall_fscore_support(
-            y_true, y_pred, labels=classes, zero_division=0
-        )
-        predicted = dict(zip(*np.unique(y_pred, return_counts=True)))
-        per_class = [
-            {
-                "label": label,
-                "precision": float(p),
-                "recall": float(r),
-                "f1": float(f),
-                "support": int(s),
-                "predicted": int(predicted.get(label, 0)),
-            }
-            for label, p, r, f, s in zip(classes, precision, recall, f1, support)
-        ]
-        kept = classes
-        if len(classes) > max_classes:  # a dense matrix over every class could be huge
-            involvement = {c["label"]: c["support"] + c["predicted"] for c in per_class}
-            kept = sorted(sorted(classes, key=lambda c: -involvement[c])[:max_classes])
-        with warnings.catch_warnings():  # sklearn warns about any 1x1 matrix, even one asked for
-            warnings.filterwarnings("ignore", message="A single label was found")
-            matrix = confusion_matrix(y_true, y_pred, labels=kept)
-        rows, cols = np.nonzero(matrix)
-        order = np.lexsort((cols, rows, -matrix[rows, cols]))
-        confusion = {
-            "labels": list(kept),
-            "entries": [[kept[rows[i]], kept[cols[i]], int(matrix[rows[i], cols[i]])] for i in order],
-            "omitted_classes": len(classes) - len(kept),
-        }
-    metrics["macro_precision"] = _mean(np.array([c["precision"] for c in per_class]))
-    metrics["macro_recall"] = _mean(np.array([c["recall"] for c in per_class]))
-    metrics["macro_f1"] = _mean(np.array([c["f1"] for c in per_class]))
-    metrics["per_class"] = per_class
-    metrics["confusion"] = confusion
-    return metrics
+    return metrics_from_counts(metric_counts(table), max_classes)
 
 
 def _ratio(value: float | None, percent: bool = True) -> str:
@@ -222,8 +315,14 @@ def format_metrics(metrics: dict, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
-def evaluate_dest(dest: str, s3_endpoint: str | None = None) -> dict:
-    """Compute the metrics of DEST's results and write them to DEST/metrics.json."""
-    metrics = compute_metrics(read_results(dest, s3_endpoint))
-    Destination(dest, s3_endpoint).write_bytes(METRICS_FILE, json.dumps(metrics, indent=1).encode())
+def evaluate_dest(dest: str, s3_endpoint: str | None = None, verify: bool = True) -> dict:
+    """The metrics of DEST's results, written to DEST/metrics.json: from the counts the
+    manifest adds up shard by shard (no pass over the rows), after checking that every
+    committed part file is there and whole (``verify``)."""
+    from visionbatch.sinks import Destination  # the sink imports this module's counting
+
+    destination = Destination(dest, s3_endpoint)
+    counts = destination.committed_metric_counts(verify=verify)
+    metrics = metrics_from_counts(counts)
+    destination.write_bytes(METRICS_FILE, json.dumps(metrics, indent=1).encode())
     return metrics

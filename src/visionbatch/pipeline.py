@@ -497,7 +497,11 @@ class _Job:
             raise JobError(self._model_failed())
         self.manifest.write(complete=True)
         summary = self.summary
-        summary.skipped_non_image = self.status["skipped_non_image"]
+        # A name that is not UTF-8 cannot be a result row's path: skipped, and said.
+        summary.skipped_non_image = self.status["skipped_non_image"] + self.status["undecodable_names"]
+        if self.status["undecodable_names"]:
+            log.warning("skipped %d file(s) whose names are not valid UTF-8 (rename them to classify them)",
+                        self.status["undecodable_names"])
         summary.skipped_special = self.status["skipped_special"]
         summary.wall_time_s = time.monotonic() - self.started
         summary.images_per_s = (summary.images_found - summary.already_done) / summary.wall_time_s

@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from visionbatch.evaluate import merge_counts
+from visionbatch.evaluate import metric_counts as metric_counts_of
 from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import paths_digest
 from visionbatch.storage import Storage, describe, is_remote
@@ -191,20 +193,51 @@ class Destination:
                                    "rerun the job with --resume to redo it")
         return table
 
-    def damaged_parts(self, shards: dict[str, dict]) -> list[str]:
-        """Committed shards whose part file is missing or damaged (read in parallel)."""
+    def check_part(self, name: str, rows: int) -> None:
+        """Raise DestinationError unless the part file is whole and holds ``rows`` rows
+        (Parquet: from its footer alone)."""
+        if _format_of(name) != "parquet":
+            self.read_part(name, rows)
+            return
+        import pyarrow.parquet as pq
+
+        try:
+            with self.fs.open_input_file(self._path(name)) as file:
+                found = pq.ParquetFile(file).metadata.num_rows
+        except (OSError, ValueError, pa.ArrowException) as err:
+            raise DestinationError(f"{self.uri}/{name} is missing or damaged ({describe(err)}); "
+                                   "rerun the job with --resume to redo it") from None
+        if found != rows:
+            raise DestinationError(f"{self.uri}/{name} holds {found} rows where the manifest says {rows}; "
+                                   "rerun the job with --resume to redo it")
+
+    def damaged_parts(self, shards: dict[str, dict]) -> dict[str, str]:
+        """Committed shards whose part file is missing or damaged: shard -> why (checked
+        in parallel: on object storage each check is a request)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def damaged(item) -> str | None:
+        def check(item) -> tuple[str, str | None]:
             shard, record = item
             try:
-                self.read_part(record["file"], record["rows"])
-            except DestinationError:
-                return shard
-            return None
+                self.check_part(record["file"], record["rows"])
+            except DestinationError as err:
+                return shard, str(err)
+            return shard, None
 
         with ThreadPoolExecutor(16) as pool:
-            return [shard for shard in pool.map(damaged, shards.items()) if shard]
+            return {shard: why for shard, why in pool.map(check, shards.items()) if why}
+
+    def committed_metric_counts(self, verify: bool = True) -> dict:
+        """The metric counts of a finished job, as its manifest added them up."""
+        manifest = self.manifest()
+        if manifest is None or SUCCESS not in self.files():
+            raise DestinationError(
+                f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume")
+        if verify:
+            damaged = self.damaged_parts(manifest["shards"])
+            if damaged:
+                raise DestinationError(next(iter(damaged.values())))
+        return manifest["metric_counts"]
 
     def read_table(self) -> pa.Table:
         """The rows of every committed shard of a finished job."""
@@ -215,7 +248,7 @@ class Destination:
                 f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume"
             )
         shards = sorted(manifest["shards"].values(), key=lambda s: s["file"])
-        tables = [self.read_part(shard["file"], shard["rows"]) for shard in shards]
+        tables = [self.read_part(shard["file"], shard["rows"]) for shard in shards]  # checked as read
         return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
 
@@ -279,10 +312,12 @@ class ShardWriter:
 class Manifest:
     """The driver's record of a job in DEST: its options and its committed shards."""
 
-    def __init__(self, destination: Destination, job: dict, shards: dict[str, dict] | None = None):
+    def __init__(self, destination: Destination, job: dict, shards: dict[str, dict] | None = None,
+                 metric_counts: dict | None = None):
         self.destination = destination
         self.job = job
         self.shards: dict[str, dict] = dict(shards or {})
+        self.metric_counts = metric_counts or {}  # of the committed shards, added up (see evaluate)
         self._written_at = time.monotonic()
         self._write_seconds = 0.0
 
@@ -310,21 +345,29 @@ class Manifest:
                 f"--resume with other options than the job in {destination.uri}: "
                 + "; ".join(f"{key}: {earlier['job'].get(key)!r} there, {job.get(key)!r} now" for key in differing))
         shards = dict(earlier["shards"])
+        metric_counts = earlier.get("metric_counts")
         damaged = destination.damaged_parts(shards)
         if damaged:
             log.warning("%d committed part file(s) in %s are missing or damaged; their shards are redone",
                         len(damaged), destination.uri)
             for shard in damaged:
                 del shards[shard]
-        return cls(destination, job, shards)
+            # Counts cannot be taken back out of the sum: count the whole parts again (rare).
+            metric_counts = None
+            for record in shards.values():
+                metric_counts = merge_counts(metric_counts, metric_counts_of(destination.read_part(record["file"],
+                                                                                                    record["rows"])))
+        return cls(destination, job, shards, metric_counts)
 
     @property
     def rows(self) -> int:
         return sum(shard["rows"] for shard in self.shards.values())
 
     def add(self, record: dict) -> None:
-        self.shards[record["shard"]] = {key: value for key, value in record.items()
-                                        if key not in ("shard", MODEL_TRACEBACK)}
+        counts = dict(record["counts"])
+        self.metric_counts = merge_counts(self.metric_counts, counts.pop("metrics"))
+        self.shards[record["shard"]] = {**{key: value for key, value in record.items()
+                                           if key not in ("shard", MODEL_TRACEBACK)}, "counts": counts}
 
     def due(self, every_seconds: float) -> bool:
         """Time to commit again: at least every ``every_seconds``, and more often while
@@ -340,7 +383,7 @@ class Manifest:
                 self.destination.delete([MANIFEST])
             return
         body = {"version": MANIFEST_VERSION, "complete": complete, "job": self.job, "rows": self.rows,
-                "shards": self.shards}
+                "shards": self.shards, "metric_counts": self.metric_counts}
         started = time.monotonic()
         self.destination.write_bytes(MANIFEST, json.dumps(body, separators=(",", ":")).encode())
         self._written_at = time.monotonic()

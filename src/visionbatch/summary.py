@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from visionbatch.evaluate import metric_counts
 from visionbatch.labels import folder_of
 from visionbatch.results import STAGE_COLUMNS, error_kind
 
@@ -49,6 +50,7 @@ def shard_counts(table: pa.Table, labelled: bool = True) -> dict:
         "no_true_label": pc.sum(no_truth).as_py() or 0,
         "unmapped_folders": sorted({folder_of(path) for path in unmapped_paths})[:_UNMAPPED_EXAMPLES],
         "model_error": model_errors[0] if model_errors else None,
+        "metrics": metric_counts(table),  # the manifest adds these up for evaluate (not kept per shard)
         "stage_seconds": {stage: pc.sum(table.column(column)).as_py() or 0.0
                           for column, stage in STAGE_COLUMNS.items() if column in table.column_names},
     }
