@@ -114,5 +114,5 @@ def test_special_files_are_never_opened(tmp_path):
     assert out["error"][3].startswith("read_error: larger than") and "--max-bytes" in out["error"][3]
 
     counts = ListingCounts()
-    assert list(iter_source(str(tmp_path), Storage(), counts)) == [str(big)]
+    assert list(iter_source(str(tmp_path), Storage(), counts)) == [[str(big)]]
     assert counts.skipped_special == 3 and len(counts.special_examples) == 3

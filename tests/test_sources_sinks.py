@@ -15,7 +15,11 @@ from conftest import write_finished_dest
 
 def _list(uri: str) -> tuple[list[str], ListingCounts]:
     counts = ListingCounts()
-    return list(iter_source(uri, Storage(), counts)), counts
+    return [path for batch in iter_source(uri, Storage(), counts) for path in batch], counts
+
+
+def _read_list(uri: str, counts: ListingCounts, cwd: str = "/") -> list[str]:
+    return [path for batch in iter_list_file(uri, Storage(), counts, cwd) for path in batch]
 
 
 def test_folder_listing_is_recursive_and_counts_non_images(image_tree):
@@ -39,14 +43,15 @@ def test_from_list_text_csv_parquet(image_tree, tmp_path):
     pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
     for name in ("list.txt", "list.csv", "list.parquet"):
         counts = ListingCounts()
-        assert list(iter_list_file(str(tmp_path / name), Storage(), counts, cwd="/")) == paths
+        assert _read_list(str(tmp_path / name), counts) == paths
     assert counts.skipped_non_image == 0
 
 
 def test_relative_list_entries_resolve_against_the_given_directory(tmp_path):
-    (tmp_path / "list.txt").write_text("a/b.jpg\n./c.png\n")
-    got = list(iter_list_file(str(tmp_path / "list.txt"), Storage(), ListingCounts(), cwd="/data"))
-    assert got == ["/data/a/b.jpg", "/data/c.png"]
+    (tmp_path / "list.txt").write_text("a/b.jpg\n./c.png\n /x//y/../z.JPEG \ns3://b/k/v.jpg\nnotes.txt\n")
+    counts = ListingCounts()
+    got = _read_list(str(tmp_path / "list.txt"), counts, cwd="/data")
+    assert got == ["/data/a/b.jpg", "/data/c.png", "/x/z.JPEG", "s3://b/k/v.jpg"] and counts.skipped_non_image == 1
 
 
 def test_missing_source_and_embedded_secret_are_refused(tmp_path):

@@ -45,6 +45,7 @@ log = logging.getLogger("visionbatch")
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
                   "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 _STATUS_EVERY_S = 1.0  # how often the driver asks the planner how listing goes
+_FIRST_SHARD_WAIT_S = 2.0
 # A job stops when this many shards fail in the model with nothing predicted yet: a
 # model that cannot run on these inputs would otherwise fill DEST with error rows.
 _MODEL_FAILURES_TO_STOP = 3
@@ -469,7 +470,10 @@ class _Job:
         import ray.exceptions
 
         self.summary.stage_times["start: model config, Ray (wall)"] = time.monotonic() - self.started
-        self.status = self._ray_get(self.planner.wait_started.remote())
+        # A moment for the listing to show an empty or unreadable input before the model
+        # actors start; a listing that takes longer (a resumed job skipping what it
+        # did) goes on while they start.
+        self.status = self._ray_get(self.planner.wait_started.remote(_FIRST_SHARD_WAIT_S))
         if self.status["listing_done"]:
             self.summary.stage_times["listing ended (wall, from start)"] = time.monotonic() - self.started
         self._check_listing()

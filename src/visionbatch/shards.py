@@ -39,10 +39,8 @@ def shard_id(source_index: int, seq: int) -> str:
 
 
 def paths_digest(paths) -> str:
-    digest = hashlib.blake2b(digest_size=8)
-    for path in paths:
-        digest.update(path.encode("utf-8", "surrogateescape") + b"\n")
-    return digest.hexdigest()
+    text = "".join(f"{path}\n" for path in paths)
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -60,19 +58,25 @@ def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Ite
     """Every shard of the input, in order."""
     remaining = spec.limit
     for index, uri in enumerate(spec.sources):
-        paths = iter_list_file(uri, storage, counts, spec.cwd) if spec.from_list else iter_source(uri, storage, counts)
-        seq, chunk = 0, []
-        for path in paths:
-            if remaining is not None and remaining <= 0:
-                break
-            chunk.append(path)
+        batches = (iter_list_file(uri, storage, counts, spec.cwd) if spec.from_list
+                   else iter_source(uri, storage, counts))
+        seq, pending = 0, []
+        for paths in batches:
             if remaining is not None:
-                remaining -= 1
-            if len(chunk) == spec.shard_size:
-                yield Shard(shard_id(index, seq), tuple(chunk))
-                seq, chunk = seq + 1, []
-        if chunk:
-            yield Shard(shard_id(index, seq), tuple(chunk))
+                paths = paths[:remaining]
+                remaining -= len(paths)
+            pending.extend(paths)
+            start = 0
+            while len(pending) - start >= spec.shard_size:
+                yield Shard(shard_id(index, seq), tuple(pending[start:start + spec.shard_size]))
+                seq, start = seq + 1, start + spec.shard_size
+            del pending[:start]
+            if remaining == 0:
+                break
+        if pending:
+            yield Shard(shard_id(index, seq), tuple(pending))
+        if remaining == 0:
+            return
 
 
 class ShardPlanner:
@@ -118,10 +122,10 @@ class ShardPlanner:
             self._queue.put(None)
             self._started.set()
 
-    def wait_started(self) -> dict:
-        """The status once there is a first shard to do or listing has ended: the driver
-        refuses an empty or unreadable input before it starts any work."""
-        self._started.wait()
+    def wait_started(self, timeout: float | None = None) -> dict:
+        """The status once there is a first shard to do or listing has ended (or after
+        ``timeout``): the driver refuses an empty or unreadable input before any work."""
+        self._started.wait(timeout)
         return self.status()
 
     def next(self) -> Shard | None:

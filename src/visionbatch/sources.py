@@ -10,19 +10,22 @@ stream into shards as it flows.
 from __future__ import annotations
 
 import fnmatch
-import io
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from visionbatch.storage import SourceError, Storage, describe, is_remote, uri_prefix
+from visionbatch.storage import REMOTE_SCHEMES, SourceError, Storage, describe, uri_prefix
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _GLOB_CHARS = "*?["
 _LIST_BATCH_ROWS = 65_536
+REMOTE_PREFIXES = tuple(f"{scheme}://" for scheme in REMOTE_SCHEMES)
+_UNNORMAL = r"//|/\.\.?(/|$)"  # what os.path.normpath would change in an absolute path
+_IMAGE_NAME = r"\.(" + "|".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)) + r")$"
 
 
 @dataclass
@@ -36,7 +39,8 @@ class ListingCounts:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    stem, dot, extension = name.rpartition(".")
+    return bool(dot) and "/" not in extension and f".{extension.lower()}" in IMAGE_EXTENSIONS
 
 
 def check_source(uri: str, storage: Storage, from_list: bool) -> None:
@@ -52,8 +56,9 @@ def check_source(uri: str, storage: Storage, from_list: bool) -> None:
         raise SourceError(f"{'list file' if from_list else 'source'} not found: {uri}")
 
 
-def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[str]:
-    """Image paths under a file, folder, glob or prefix, in a deterministic order."""
+def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[list[str]]:
+    """Image paths under a file, folder, glob or prefix, in a deterministic order, in
+    batches (a folder's files)."""
     fs, path = storage.resolve(uri)
     prefix = uri_prefix(uri)
     pattern = None
@@ -68,21 +73,21 @@ def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[s
         raise SourceError(f"source not found: {uri}")
     if info.type == pafs.FileType.File and pattern is None:
         if is_image_name(path):
-            yield prefix + path
+            yield [prefix + path]
         else:
             counts.skipped_non_image += 1
         return
     walk = _walk_local(path, counts) if isinstance(fs, pafs.LocalFileSystem) else _walk_remote(fs, path, uri)
-    for name in walk:
-        if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
-            continue
-        if is_image_name(name):
-            yield prefix + name
-        else:
-            counts.skipped_non_image += 1
+    for names in walk:
+        if pattern is not None:
+            names = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        images = [prefix + name for name in names if is_image_name(name)]
+        counts.skipped_non_image += len(names) - len(images)
+        if images:
+            yield images
 
 
-def _walk_local(root: str, counts: ListingCounts) -> Iterator[str]:
+def _walk_local(root: str, counts: ListingCounts) -> Iterator[list[str]]:
     """Depth first with os.scandir, which knows an entry's type without a stat per file.
 
     Directory symlinks are not followed (they make cycles and second spellings of the
@@ -110,11 +115,9 @@ def _walk_local(root: str, counts: ListingCounts) -> Iterator[str]:
             if folder == root:
                 raise SourceError(f"cannot list {root}: {describe(err)}") from err
             continue  # a folder removed or unreadable meanwhile: its files cannot be classified
-        for path in sorted(files):
-            if _utf8(path):
-                yield path
-            else:
-                counts.undecodable_names += 1
+        named = [path for path in sorted(files) if _utf8(path)]
+        counts.undecodable_names += len(files) - len(named)
+        yield named
         stack.extend(sorted(folders, reverse=True))
 
 
@@ -126,7 +129,7 @@ def _utf8(path: str) -> bool:
         return False
 
 
-def _walk_remote(fs: pafs.FileSystem, root: str, uri: str) -> Iterator[str]:
+def _walk_remote(fs: pafs.FileSystem, root: str, uri: str) -> Iterator[list[str]]:
     """Depth first, one listing request (paged by pyarrow) per "folder" of a prefix."""
     stack = [root]
     while stack:
@@ -137,25 +140,44 @@ def _walk_remote(fs: pafs.FileSystem, root: str, uri: str) -> Iterator[str]:
             raise SourceError(f"cannot list {uri}: {describe(err)}") from err
         files = sorted(info.path for info in infos if info.type == pafs.FileType.File)
         folders = sorted((info.path for info in infos if info.type == pafs.FileType.Directory), reverse=True)
-        yield from files
+        yield files
         stack.extend(folders)
 
 
-def iter_list_file(list_uri: str, storage: Storage, counts: ListingCounts, cwd: str) -> Iterator[str]:
-    """Paths from a text file (one per line) or a CSV/Parquet file with a ``path`` column,
-    read as a stream. Relative local paths are taken relative to ``cwd``."""
-    for path in _iter_list_entries(list_uri, storage):
-        if not path:
-            continue
-        if not is_image_name(path):
-            counts.skipped_non_image += 1
-        elif is_remote(path):
-            yield path
-        else:
-            yield os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
+def iter_list_file(list_uri: str, storage: Storage, counts: ListingCounts, cwd: str) -> Iterator[list[str]]:
+    """Image paths from a text file (one per line) or a CSV/Parquet file with a ``path``
+    column, read as a stream of batches. Relative local paths are taken relative to
+    ``cwd``.
+
+    Lists run to 100M entries, so each batch is sifted with Arrow's vectorised string
+    kernels; only entries that need it (relative, or not normal) go through os.path.
+    """
+    for entries in _iter_list_batches(list_uri, storage):
+        entries = pc.utf8_trim_whitespace(entries.cast(pa.string()))
+        images = pc.match_substring_regex(entries, _IMAGE_NAME, ignore_case=True)
+        images = pc.fill_null(images, False)
+        counts.skipped_non_image += pc.sum(pc.and_(pc.invert(images), pc.not_equal(entries, ""))).as_py() or 0
+        entries = entries.filter(images)
+        absolute = pc.and_(pc.starts_with(entries, "/"), pc.invert(pc.match_substring_regex(entries, _UNNORMAL)))
+        normal = pc.or_(absolute, _starts_with_any(entries, REMOTE_PREFIXES))
+        paths = entries.to_pylist()
+        if not pc.all(normal).as_py():
+            paths = [path if ok else _local_path(path, cwd) for path, ok in zip(paths, normal.to_pylist())]
+        yield paths
 
 
-def _iter_list_entries(list_uri: str, storage: Storage) -> Iterator[str]:
+def _starts_with_any(entries: pa.Array, prefixes: tuple[str, ...]) -> pa.Array:
+    found = pc.starts_with(entries, prefixes[0])
+    for prefix in prefixes[1:]:
+        found = pc.or_(found, pc.starts_with(entries, prefix))
+    return found
+
+
+def _local_path(path: str, cwd: str) -> str:
+    return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
+
+
+def _iter_list_batches(list_uri: str, storage: Storage) -> Iterator[pa.Array]:
     fs, path = storage.resolve(list_uri)
     lower = path.lower()
     try:
@@ -166,21 +188,24 @@ def _iter_list_entries(list_uri: str, storage: Storage) -> Iterator[str]:
             if "path" not in parquet.schema_arrow.names:
                 raise SourceError(f"{list_uri} has no 'path' column (columns: {', '.join(parquet.schema_arrow.names)})")
             for batch in parquet.iter_batches(batch_size=_LIST_BATCH_ROWS, columns=["path"]):
-                yield from batch.column(0).to_pylist()
-        elif lower.endswith(".csv"):
-            import pyarrow.csv as pacsv
+                yield batch.column(0)
+            return
+        import pyarrow.csv as pacsv
 
+        if lower.endswith(".csv"):
             reader = pacsv.open_csv(fs.open_input_stream(path),
                                     convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
             if "path" not in reader.schema.names:
                 raise SourceError(f"{list_uri} has no 'path' column (columns: {', '.join(reader.schema.names)})")
-            for batch in reader:
-                yield from batch.column(batch.schema.get_field_index("path")).to_pylist()
-        else:
-            with fs.open_input_stream(path) as stream:
-                for line in io.TextIOWrapper(io.BufferedReader(stream, 1 << 20), encoding="utf-8"):
-                    yield line.strip()
+        else:  # one path per line: read as a one-column CSV that has no quoting and no delimiter
+            reader = pacsv.open_csv(
+                fs.open_input_stream(path),
+                read_options=pacsv.ReadOptions(column_names=["path"], block_size=1 << 22),
+                parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
+                convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+        for batch in reader:
+            yield batch.column(batch.schema.get_field_index("path"))
     except SourceError:
         raise
-    except (OSError, pa.ArrowException, UnicodeDecodeError) as err:
+    except (OSError, pa.ArrowException) as err:
         raise SourceError(f"cannot read list {list_uri}: {describe(err)}") from err
