@@ -527,3 +527,43 @@ def test_corrupt_model_config_fails_fast(images, tiny_vit, tmp_path, start):
     assert seconds < 15, f"took {seconds:.1f} s to report a broken model"
     assert not _committed_parts(dest)
     print(f"\n[faults] corrupt config.json: exit {code} after {seconds:.1f} s: {lines[0]}")
+
+
+# --------------------------------------------------------------------------- 7. two jobs, one DEST
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_jobs_into_one_dest_only_one_runs(where, images, tiny_vit, s3_server, tmp_path, start):
+    """Started together: one holds DEST's lease and runs, the other exits 1 naming the
+    holder; every file ends up exactly once."""
+    files = sorted(images.rglob("*.jpg"))[:24]
+    if where == "local":
+        source, dest, endpoint = images, tmp_path / "out", None
+        expected = _expected_paths(images)
+        more = []
+    else:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+        bucket = f"vb-lease-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        client.create_bucket(Bucket=bucket)
+        for path in files:
+            client.upload_file(str(path), bucket, f"val/{path.relative_to(images).as_posix()}")
+        source, dest, endpoint = f"s3://{bucket}/val/", f"s3://{bucket}/results", s3_server
+        expected = {f"s3://{bucket}/val/{p.relative_to(images).as_posix()}" for p in files}
+        more = ["--s3-endpoint", s3_server]
+    runs = [start(_classify_args(source, tiny_vit, dest, *more), tmp_path / f"run{i}") for i in range(2)]
+    codes = [run.wait(300) for run in runs]
+    assert sorted(codes) == [0, 1], [run.stderr for run in runs]
+    loser = runs[codes.index(1)]
+    assert "in use by another job (pid" in loser.stderr, loser.stderr
+    table = _check_exactly_once(dest, expected, s3_endpoint=endpoint)
+    assert table.column("error").null_count == len(expected)
+    assert "_lease.json" not in _names(dest, endpoint)  # released by the job that ran
+    _outcome(f"two jobs started together into one DEST ({where})", len(expected), table,
+             time.monotonic() - runs[0].started, loser.stderr.strip())
+
+
+def _names(dest, endpoint: str | None) -> set[str]:
+    return set(Destination(str(dest), endpoint).files())

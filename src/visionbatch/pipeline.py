@@ -33,7 +33,7 @@ from visionbatch.model import ModelSource, Predictor, load_config, load_processo
 from visionbatch.preprocess import Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
 from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, Shard, ShardPlanner
-from visionbatch.sinks import Destination, DestinationError, Manifest, ShardWriter, write_shard
+from visionbatch.sinks import Destination, DestinationError, Lease, Manifest, ShardWriter, write_shard
 from visionbatch.sources import check_source
 from visionbatch.storage import SourceError, Storage, is_remote
 from visionbatch.summary import Summary
@@ -429,21 +429,26 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
                 raise JobError(f"{output.dest} already holds results: pass --overwrite to replace them "
                                "or --resume to continue")
             destination.check_writable()
+            lease = Lease(destination)
+            lease.claim()
         except (SourceError, DestinationError) as err:
             raise JobError(str(err)) from None
         try:
-            prepared = prepare(config)
-        except KeyboardInterrupt:
-            raise JobError("interrupted while starting; nothing was written") from None
-        _interrupt_on_sigterm()  # ray.init replaced it with its own
-        try:
-            manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
-                                     overwrite=output.overwrite, resume=output.resume)
-        except DestinationError as err:
-            raise JobError(str(err)) from None
-        job = _Job(prepared, manifest, output, started, progress)
-        summary = job.run()
-    destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+            try:
+                prepared = prepare(config)
+            except KeyboardInterrupt:
+                raise JobError("interrupted while starting; nothing was written") from None
+            _interrupt_on_sigterm()  # ray.init replaced it with its own
+            try:
+                lease.confirm()
+                manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
+                                         overwrite=output.overwrite, resume=output.resume)
+            except DestinationError as err:
+                raise JobError(str(err)) from None
+            summary = _Job(prepared, manifest, output, started, progress).run()
+            destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+        finally:
+            lease.release()
     return summary
 
 

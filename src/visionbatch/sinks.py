@@ -7,6 +7,7 @@ Layout of DEST::
     _manifest.json       the job (its options), and every committed shard: its part
                          file, row count, digest of its paths and its counts
     _SUCCESS             written last, when every shard is committed
+    _lease.json          while a job runs: which job holds DEST (one at a time)
     summary.json         the job's summary
 
 Workers write part files (:class:`ShardWriter`): under a hidden temporary name, then
@@ -19,9 +20,13 @@ and at the end; readers and ``--resume`` trust only the shards it lists.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
+import socket
+import threading
 import time
 import uuid
 
@@ -391,3 +396,85 @@ class Manifest:
         if complete:
             self.destination.remove_strays({shard["file"] for shard in self.shards.values()})
             self.destination.write_bytes(SUCCESS, json.dumps({"rows": self.rows, "shards": len(self.shards)}).encode())
+
+
+LEASE = "_lease.json"
+LEASE_RENEW_S = 10.0  # a live job rewrites its lease this often ...
+LEASE_STALE_S = 60.0  # ... and one not rewritten for this long belongs to a dead job
+LEASE_SETTLE_S = 1.0  # between writing a lease and reading it back (longer than any two writes race)
+
+
+class Lease:
+    """One live job per DEST: a lease file naming its holder (id, host, pid) and renewed
+    by a heartbeat thread; a second job is refused while the lease is fresh, and a
+    lease whose holder is dead (stale, or its pid gone on this host) is taken over.
+
+    pyarrow's filesystems have no exclusive create (nor S3 conditional writes), so
+    taking a lease is write, settle, read back: of two jobs that start together the
+    later write wins and the other sees a foreign holder and stops. The settle time
+    overlaps the job's start-up (Ray, the model's configs).
+    """
+
+    def __init__(self, destination: "Destination"):
+        self.destination = destination
+        self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.destination.read_bytes(LEASE))
+        except (OSError, ValueError, pa.ArrowException):  # none, or cut short by a crash: no holder
+            return None
+
+    def _write(self) -> None:
+        self.destination.write_bytes(LEASE, json.dumps({**self.holder, "heartbeat": time.time()}).encode())
+
+    def _alive(self, lease: dict) -> bool:
+        if time.time() - lease.get("heartbeat", 0) > LEASE_STALE_S:
+            return False
+        if lease.get("host") == self.holder["host"]:
+            try:
+                os.kill(int(lease["pid"]), 0)
+            except ProcessLookupError:
+                return False
+            except (PermissionError, ValueError, KeyError):
+                pass
+        return True
+
+    def _refuse(self, lease: dict) -> DestinationError:
+        seen = time.time() - lease.get("heartbeat", 0)
+        return DestinationError(f"{self.destination.uri} is in use by another job (pid {lease.get('pid')} on "
+                                f"{lease.get('host')}, last seen {seen:.0f} s ago): wait for it to end, or "
+                                "write to another DEST")
+
+    def claim(self) -> None:
+        """Write our lease unless a live job holds DEST (call :meth:`confirm` later)."""
+        current = self._read()
+        if current and current["id"] != self.holder["id"] and self._alive(current):
+            raise self._refuse(current)
+        self._write()
+
+    def confirm(self) -> None:
+        """After the settle time: still ours? Then keep it fresh until :meth:`release`."""
+        time.sleep(max(0.0, self.holder["started"] + LEASE_SETTLE_S - time.time()))
+        current = self._read()
+        if current is None or current["id"] != self.holder["id"]:
+            raise self._refuse(current or {})
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="visionbatch-lease")
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            with contextlib.suppress(Exception):  # a missed beat is retried; 6 in a row make it stale
+                self._write()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        current = self._read()
+        if current is not None and current["id"] == self.holder["id"]:
+            with contextlib.suppress(Exception):
+                self.destination.delete([LEASE])
