@@ -8,6 +8,8 @@ never raises past this module: every failure becomes a :class:`DecodeError` whos
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import io
 import os
 import time
@@ -30,6 +32,7 @@ Image.init()  # register every plugin up front: open(formats=...) looks each nam
 # Pillow's bomb check (an error at twice its own limit) is replaced by ours, which reads
 # the header and applies the user's --max-pixels before any pixel is decoded.
 Image.MAX_IMAGE_PIXELS = None
+READ_AHEAD = 16  # reads in flight per decode task
 
 
 class DecodeError(Exception):
@@ -67,20 +70,44 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise DecodeError("decode_error", describe(err), size=(width, height)) from None
 
 
+def read_file(path: str, storage: Storage, max_bytes: int | None = None) -> bytes | str:
+    """A file's bytes, or its ``read_error`` text (never raises)."""
+    try:
+        return storage.read(path, max_bytes)
+    except Exception as err:  # missing, permission, network: keep the row
+        return f"read_error: {describe(err)}"
+
+
+def read_ahead(paths, storage: Storage, max_bytes: int | None, window: int = READ_AHEAD) -> Iterator[bytes | str]:
+    """:func:`read_file` of each path, in order, with up to ``window`` reads in flight:
+    object-store requests wait on the network for tens of ms each, and pyarrow's reads
+    release the GIL, so a few threads hide that latency behind decoding."""
+    with concurrent.futures.ThreadPoolExecutor(min(window, max(len(paths), 1))) as pool:
+        pending: collections.deque = collections.deque()
+        for path in paths:
+            pending.append(pool.submit(read_file, path, storage, max_bytes))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage,
-                max_bytes: int | None = None) -> tuple[np.ndarray | None, int, int, str]:
+                max_bytes: int | None = None, data: bytes | str | None = None
+                ) -> tuple[np.ndarray | None, int, int, str]:
     """One file -> (the model stage's pixels for it or None, width, height, error).
 
-    Never raises: a file that cannot be read or decoded gives its error text ("" for
-    none) and whatever size its header told (-1 where unknown).
+    ``data``: the file's bytes or read error when already read. Never raises: a file
+    that cannot be read or decoded gives its error text ("" for none) and whatever size
+    its header told (-1 where unknown).
     """
     crash_on = os.environ.get("VISIONBATCH_FAILPOINT_EXIT_ON")
     if crash_on and crash_on in path:  # a failpoint for fault tests: die like a segfaulting decoder
         os._exit(70)
-    try:
-        data = storage.read(path, max_bytes)
-    except Exception as err:  # missing, permission, network: keep the row
-        return None, -1, -1, f"read_error: {describe(err)}"
+    if data is None:
+        data = read_file(path, storage, max_bytes)
+    if isinstance(data, str):
+        return None, -1, -1, data
     try:
         image = decode_image(data, max_pixels)
     except DecodeError as err:
@@ -138,8 +165,8 @@ def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_byte
     rows: list[tuple[int, np.ndarray | None, int, int, str]] = []
     images = 0
     started = time.perf_counter()
-    for i, path in enumerate(shard.paths):
-        rows.append((i, *decode_file(path, spec, max_pixels, storage, max_bytes)))
+    for i, (path, data) in enumerate(zip(shard.paths, read_ahead(shard.paths, storage, max_bytes))):
+        rows.append((i, *decode_file(path, spec, max_pixels, storage, max_bytes, data)))
         images += rows[-1][1] is not None
         if images == batch_size:
             yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))
