@@ -348,7 +348,7 @@ def build_dataset(prepared: Prepared, planner):
     # blocks must leave as they are made: the target is one block of images.
     shape, dtype = pixel_layout(plan.spec)
     image_bytes = int(np.prod(shape)) * dtype.itemsize
-    block_images = _block_images(plan.batch_size, image_bytes)
+    block_images = _block_images(plan.batch_size, image_bytes, config.shard_size)
     ray.data.DataContext.get_current().target_max_block_size = block_images * image_bytes
     slots = ray.data.range(plan.decode_tasks, override_num_blocks=plan.decode_tasks)
     with warnings.catch_warnings():
@@ -369,12 +369,14 @@ def build_dataset(prepared: Prepared, planner):
         return _predict(decoded, prepared, batch_size=plan.batch_size)
 
 
-def _block_images(batch_size: int, image_bytes: int) -> int:
+def _block_images(batch_size: int, image_bytes: int, shard_size: int) -> int:
     """Images per block between the decode and model stages: whole forward passes, and
     about _BLOCK_BYTES of pixels, since Ray Data costs a few ms per block and operator
     (measured with a near-free model: 16-image blocks capped a 2-core job at ~165
-    images/s)."""
-    return batch_size * max(1, _BLOCK_BYTES // (batch_size * image_bytes))
+    images/s); but no more than a shard's worth, or small shards would be committed
+    many at a time."""
+    passes = max(1, min(_BLOCK_BYTES // (batch_size * image_bytes), shard_size // batch_size))
+    return batch_size * passes
 
 
 def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = True):

@@ -423,10 +423,22 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _read(self) -> dict | None:
-        try:
-            return json.loads(self.destination.read_bytes(LEASE))
-        except (OSError, ValueError, pa.ArrowException):  # none, or cut short by a crash: no holder
-            return None
+        """The current lease, or None where there is none. Storage errors are retried
+        (the SDK's own retries can run out on a flaky store) and then raised."""
+        for attempt in range(3):
+            try:
+                return json.loads(self.destination.read_bytes(LEASE))
+            except FileNotFoundError:
+                return None
+            except ValueError:  # not JSON: written by something else, or cut short by a crash
+                return None
+            except (OSError, pa.ArrowException) as err:
+                if LEASE not in self.destination.files():
+                    return None
+                if attempt == 2:
+                    raise DestinationError(f"cannot read {self.destination.uri}/{LEASE}: {describe(err)}") from None
+                time.sleep(0.5 * (attempt + 1))
+        return None
 
     def _write(self) -> None:
         self.destination.write_bytes(LEASE, json.dumps({**self.holder, "heartbeat": time.time()}).encode())
@@ -460,6 +472,9 @@ class Lease:
         """After the settle time: still ours? Then keep it fresh until :meth:`release`."""
         time.sleep(max(0.0, self.holder["started"] + LEASE_SETTLE_S - time.time()))
         current = self._read()
+        if current is None:  # gone meanwhile (a job that held it released it): take it again
+            self.claim()
+            current = self._read()
         if current is None or current["id"] != self.holder["id"]:
             raise self._refuse(current or {})
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="visionbatch-lease")
