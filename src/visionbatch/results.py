@@ -47,7 +47,6 @@ STAGE_COLUMNS = {"decode_seconds": "read, decode and preprocess (task-seconds)",
                  "predict_seconds": "model (actor-seconds)"}
 # The traceback of a model_error, for the driver's log (not written to DEST).
 MODEL_TRACEBACK = "model_traceback"
-INTERNAL_COLUMNS = (SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN, MODEL_TRACEBACK, *STAGE_COLUMNS)
 
 
 def error_kind(error: str) -> str:

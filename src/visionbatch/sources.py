@@ -43,26 +43,12 @@ def is_image_name(name: str) -> bool:
     return bool(dot) and "/" not in extension and f".{extension.lower()}" in IMAGE_EXTENSIONS
 
 
-def check_source(uri: str, storage: Storage, from_list: bool) -> None:
-    """Fail fast, before any work, on a source that does not exist or cannot be reached."""
+def _source_root(uri: str, storage: Storage, from_list: bool = False):
+    """(filesystem, the path to list, the glob pattern or None, that path's info); a
+    source that does not exist or cannot be reached fails here."""
     fs, path = storage.resolve(uri)
-    if not from_list and any(c in path for c in _GLOB_CHARS):
-        path = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rpartition("/")[0]
-    try:
-        info = fs.get_file_info(path)
-    except (OSError, pa.ArrowException) as err:
-        raise SourceError(f"cannot list {uri}: {describe(err)}") from err
-    if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"{'list file' if from_list else 'source'} not found: {uri}")
-
-
-def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[list[str]]:
-    """Image paths under a file, folder, glob or prefix, in a deterministic order, in
-    batches (a folder's files)."""
-    fs, path = storage.resolve(uri)
-    prefix = uri_prefix(uri)
     pattern = None
-    if any(c in path for c in _GLOB_CHARS):
+    if not from_list and any(c in path for c in _GLOB_CHARS):
         first = min(path.index(c) for c in _GLOB_CHARS if c in path)
         pattern, path = path, path[:first].rpartition("/")[0]
     try:
@@ -70,7 +56,20 @@ def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[l
     except (OSError, pa.ArrowException) as err:
         raise SourceError(f"cannot list {uri}: {describe(err)}") from err
     if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"source not found: {uri}")
+        raise SourceError(f"{'list file' if from_list else 'source'} not found: {uri}")
+    return fs, path, pattern, info
+
+
+def check_source(uri: str, storage: Storage, from_list: bool) -> None:
+    """Fail fast, before any work, on a source that does not exist or cannot be reached."""
+    _source_root(uri, storage, from_list)
+
+
+def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[list[str]]:
+    """Image paths under a file, folder, glob or prefix, in a deterministic order, in
+    batches (a folder's files)."""
+    fs, path, pattern, info = _source_root(uri, storage)
+    prefix = uri_prefix(uri)
     if info.type == pafs.FileType.File and pattern is None:
         if is_image_name(path):
             yield [prefix + path]
