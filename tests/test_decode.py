@@ -30,14 +30,14 @@ def _rgb(size=(40, 30)) -> Image.Image:
 @pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
                                       ("I;16", "PNG"), ("1", "BMP"), ("RGB", "WEBP"), ("RGB", "TIFF"), ("P", "GIF")])
 def test_modes_convert_to_rgb(mode, fmt):
-    image = decode_image(_encode(_rgb().convert(mode), fmt), LIMIT)
+    image, _ = decode_image(_encode(_rgb().convert(mode), fmt), LIMIT)
     assert image.mode == "RGB" and image.size == (40, 30)
 
 
 def test_animated_gif_gives_first_frame():
     frames = [Image.new("RGB", (20, 10), color) for color in ("red", "blue")]
     data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    image = decode_image(data, LIMIT)
+    image, _ = decode_image(data, LIMIT)
     assert image.getpixel((0, 0))[0] > 200  # red, the first frame
 
 
@@ -45,12 +45,42 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees
     data = _encode(_rgb((40, 30)), "JPEG", exif=exif.tobytes())
-    assert decode_image(data, LIMIT).size == (30, 40)
+    assert decode_image(data, LIMIT)[0].size == (30, 40)
+
+
+@pytest.mark.parametrize("orientation,size", [(1, (2000, 1500)), (6, (1500, 2000))])
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_reports_its_own_size(orientation, size):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    smooth = Image.linear_gradient("L").resize((2000, 1500)).convert("RGB")
+    data = _encode(smooth, "JPEG", exif=exif.tobytes(), quality=95)
+    drafted, drafted_size = decode_image(data, LIMIT, draft_side=448)
+    full, full_size = decode_image(data, LIMIT)
+    assert drafted_size == full_size == size
+    assert full.size == size and drafted.size == (size[0] // 2, size[1] // 2)  # 1/2: 1/4 would be < 448
+    assert min(drafted.size) >= 448
+    difference = np.abs(np.asarray(drafted.resize((224, 224)), np.int16) - np.asarray(full.resize((224, 224)), np.int16))
+    assert difference.mean() < 1.0
+    png = _encode(smooth, "PNG")
+    assert decode_image(png, LIMIT, draft_side=448)[0].size == (2000, 1500)  # only JPEGs have a cheap reduced decode
+
+
+def test_draft_side_follows_the_resize_and_spares_what_must_be_exact():
+    from visionbatch.preprocess import DRAFT_MARGIN, PreprocessSpec, ProcessorPath, draft_side
+
+    affine = dict(resample=3, scale=(1.0,) * 3, offset=(0.0,) * 3)
+    assert draft_side(PreprocessSpec(resize=("exact", 224, 224), crop=None, **affine)) == int(DRAFT_MARGIN * 224)
+    assert draft_side(PreprocessSpec(resize=("shortest_edge", 256, 0), crop=(224, 224), **affine)) == int(DRAFT_MARGIN * 256)
+    assert draft_side(PreprocessSpec(resize=("shortest_edge", 800, 1333), crop=None, **affine)) == int(DRAFT_MARGIN * 1333)
+    assert draft_side(PreprocessSpec(resize=None, crop=(224, 224), **affine)) is None  # crops the full image
+    assert draft_side(PreprocessSpec(resize=("exact", 224, 224), crop=None, crop_before_resize=(0.875, 0.875),
+                                     **affine)) is None
+    assert draft_side(ProcessorPath(processor=None, output_size=(224, 224))) is None
 
 
 @pytest.mark.parametrize("size", [(1, 1), (8000, 8)])
 def test_extreme_shapes(size):
-    assert decode_image(_encode(_rgb(size), "PNG"), LIMIT).size == size
+    assert decode_image(_encode(_rgb(size), "PNG"), LIMIT)[0].size == size
 
 
 @pytest.mark.parametrize("data,kind", [(b"", "empty_file"), (b"hello" * 10, "not_an_image"),
@@ -116,3 +146,21 @@ def test_special_files_are_never_opened(tmp_path):
     counts = ListingCounts()
     assert list(iter_source(str(tmp_path), Storage(), counts)) == [[str(big)]]
     assert counts.skipped_special == 3 and len(counts.special_examples) == 3
+
+
+def test_a_decode_task_sends_its_first_block_after_one_forward_pass(tmp_path):
+    """The first block of a task holds one batch, so a first result does not wait for a
+    large block; the blocks after it hold batch_size images."""
+    from transformers import ViTImageProcessor
+
+    from visionbatch.decode import decode_shards
+    from visionbatch.shards import Shard
+    from visionbatch.storage import Storage
+
+    spec = resolve_spec(ViTImageProcessor(size={"height": 32, "width": 32}))
+    paths = [str(write_image(tmp_path / f"{i}.jpg")) for i in range(11)]
+    shards = iter([Shard("000-0000000", tuple(paths[:7])), Shard("000-0000001", tuple(paths[7:]))])
+    blocks = list(decode_shards(lambda: next(shards, None), spec=spec, max_pixels=LIMIT, storage=Storage(),
+                                labels=None, batch_size=4, first_batch_size=1))
+    assert [(b.column("shard")[0].as_py(), b.num_rows) for b in blocks] == [
+        ("000-0000000", 1), ("000-0000000", 4), ("000-0000000", 2), ("000-0000001", 4)]

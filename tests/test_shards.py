@@ -46,7 +46,8 @@ def test_each_source_numbers_its_own_shards(image_tree, tmp_path):
 
 def test_planner_skips_committed_shards_and_refuses_a_changed_input(image_tree):
     shards = _shards(_spec(image_tree))
-    planner = ShardPlanner(_spec(image_tree), Storage(), committed={shards[1].id: shards[1].digest})
+    planner = ShardPlanner(_spec(image_tree), Storage())
+    planner.start(committed={shards[1].id: shards[1].digest})
     handed = []
     while (shard := planner.next()) is not None:
         handed.append(shard.id)
@@ -56,7 +57,8 @@ def test_planner_skips_committed_shards_and_refuses_a_changed_input(image_tree):
     planner.mark_committed(handed[:1])
     assert [s.id for s in planner.unfinished()] == handed[1:]
 
-    changed = ShardPlanner(_spec(image_tree), Storage(), committed={shards[0].id: "0" * 16})
+    changed = ShardPlanner(_spec(image_tree), Storage())
+    changed.start(committed={shards[0].id: "0" * 16})
     assert changed.next() is None
     assert "input changed" in changed.status()["error"]
 

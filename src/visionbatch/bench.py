@@ -1,6 +1,8 @@
 """``visionbatch bench``: four ways to run the same job, measured side by side in one run.
 
 1. model-only ceiling: forward passes on ready-made tensors (no I/O, no decode);
+   1b. decode-only ceiling: read + decode + preprocess of the job's files on one core,
+   times the CPUs a job decodes with;
 2. visionbatch end to end: the CLI in a fresh process, command start to results written;
 3. the seed's pipeline (Ray's documentation example): ``read_images`` then
    ``map_batches`` over a class wrapping ``transformers.pipeline``;
@@ -86,6 +88,24 @@ def model_ceiling(model: str, batch_size: int, threads: int | None, device: str,
         predictor.predict_pixels(pixels)
         images += batch_size
     return {"images_per_s": images / (time.perf_counter() - started)}
+
+
+def decode_ceiling(images: Path, model: str, decode_cpus: int, exact_decode: bool = False) -> dict:
+    """Images/s of read + decode + preprocess alone: every file once, in this process on
+    one core (the code the decode tasks run), times the CPUs a job gives to decoding."""
+    from visionbatch.decode import decode_file
+    from visionbatch.model import load_processor, resolve_model_source
+    from visionbatch.preprocess import choose_preprocessing, draft_side
+    from visionbatch.storage import Storage
+
+    spec, _ = choose_preprocessing(load_processor(resolve_model_source(model)))
+    side = None if exact_decode else draft_side(spec)
+    paths = sorted(str(p) for p in images.rglob("*") if p.is_file())
+    started = time.process_time()  # one core's time, whatever else the machine runs
+    for path in paths:
+        decode_file(path, spec, 10**9, Storage(), draft_side=side)
+    per_core = len(paths) / (time.process_time() - started)
+    return {"images_per_s": per_core * decode_cpus, "per_core": per_core, "decode_cpus": decode_cpus}
 
 
 SEED_SCRIPT = textwrap.dedent('''
@@ -203,10 +223,16 @@ def machine() -> str:
 
 
 def format_table(results: dict, n: int) -> str:
+    """One row per line; "vs ceiling" is against the lower of the model and decode ceilings."""
     ceiling = results["ceiling"]["images_per_s"]
     rows = [("line", "wall s", "images/s", "first result s", "steady images/s", "vs ceiling", "wall vs seed")]
     seed_wall = results.get("seed", {}).get("wall_s")
-    rows.append(("1. model-only ceiling", "-", f"{ceiling:.1f}", "-", f"{ceiling:.1f}", "1.00", "-"))
+    rows.append(("1. model-only ceiling", "-", f"{ceiling:.1f}", "-", f"{ceiling:.1f}", "-", "-"))
+    if "decode" in results:
+        decode = results["decode"]
+        rows.append((f"1b. decode-only ceiling ({decode['decode_cpus']} CPU)", "-", f"{decode['images_per_s']:.1f}",
+                     "-", f"{decode['images_per_s']:.1f}", "-", "-"))
+        ceiling = min(ceiling, decode["images_per_s"])
     for key, name in (("visionbatch", "2. visionbatch end to end"), ("seed", "3. seed (read_images + pipeline actor)"),
                       ("pipeline", "4. plain transformers pipeline")):
         if key not in results:
@@ -234,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads for the ceiling (default: what visionbatch uses)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16, for every line")
-    parser.add_argument("--lines", default="ceiling,visionbatch,seed,pipeline")
+    parser.add_argument("--lines", default="ceiling,decode,visionbatch,seed,pipeline")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0, help="how long to time the model alone")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--classify-args", default="", help="extra arguments for visionbatch classify")
@@ -258,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         results: dict = {"machine": machine(), "images": n, "batch_size": args.batch_size, "threads": threads}
         results["ceiling"] = model_ceiling(model, args.batch_size, threads, args.device, args.dtype,
                                           seconds=args.ceiling_seconds)
+        if "decode" in lines:
+            import torch
+
+            cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count() if args.device != "cpu" else 0
+            # As pipeline.resolve_plan: one CPU per GPU replica, or the CPU replica's
+            # threads less one; the rest decode.
+            decode_cpus = max(1, cpus - (gpus or max(1, min(threads, cpus - 1))))
+            results["decode"] = decode_ceiling(images, model, decode_cpus, "--exact-decode" in args.classify_args)
         if "visionbatch" in lines:
             extra = ["--device", args.device, "--dtype", args.dtype, *args.classify_args.split(),
                      *(["--threads", str(args.threads)] if args.threads else [])]

@@ -52,6 +52,9 @@ class ClassifyConfig:
     label_map: str | None = option(None, "CSV of folder,label that overrides folder-name matching", metavar="FILE")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this, checked from the header")
     max_bytes: int = option(DEFAULT_MAX_BYTES, "refuse files larger than this many bytes (a read_error row)")
+    exact_decode: bool = option(False, "decode every JPEG at full size, for bit-for-bit parity with the "
+                                "transformers pipeline (default: large JPEGs are decoded at 1/2-1/8 scale where "
+                                "that leaves at least three times the model's resize side)")
     shard_size: int = option(1000, "images per shard: the unit of work, of output (one part file each) and of "
                              "--resume", metavar="N")
     allow_pickle: bool = option(False, "also load pickled (.bin) weights; only for models you trust")

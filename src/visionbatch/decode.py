@@ -11,13 +11,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import io
+import itertools
 import os
 import time
 from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from visionbatch.labels import LabelResolver, folder_of
 from visionbatch.preprocess import Preprocessing, pixel_layout, prepare_image
@@ -33,6 +34,7 @@ Image.init()  # register every plugin up front: open(formats=...) looks each nam
 # the header and applies the user's --max-pixels before any pixel is decoded.
 Image.MAX_IMAGE_PIXELS = None
 READ_AHEAD = 16  # reads in flight per decode task
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees (exif_transpose)
 
 
 class DecodeError(Exception):
@@ -44,8 +46,13 @@ class DecodeError(Exception):
         self.size = size  # (width, height) when the header was readable
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open, check the pixel count from the header, decode, orient and convert to RGB."""
+def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open, check the pixel count from the header, decode, orient and convert to RGB;
+    and the file's (width, height) as oriented.
+
+    ``draft_side``: a JPEG may be decoded at a reduced scale (Pillow's ``draft``: the
+    DCT-domain downscaling of libjpeg) as long as both sides stay at least this long.
+    """
     if not data:
         raise DecodeError("empty_file", "file has 0 bytes")
     try:
@@ -60,9 +67,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels "
                           f"{max_pixels}", size=(width, height))
     try:
+        if draft_side and image.format == "JPEG":
+            image.draft("RGB", (draft_side, draft_side))
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPS_SIDES:
+            width, height = height, width
         image.load()  # the first frame of an animation
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return image.convert("RGB"), (width, height)
     except OSError as err:
         kind = "truncated" if "truncated" in str(err).lower() else "decode_error"
         raise DecodeError(kind, describe(err), size=(width, height)) from None
@@ -93,7 +104,7 @@ def read_ahead(paths, storage: Storage, max_bytes: int | None, window: int = REA
 
 
 def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage,
-                max_bytes: int | None = None, data: bytes | str | None = None
+                max_bytes: int | None = None, data: bytes | str | None = None, draft_side: int | None = None
                 ) -> tuple[np.ndarray | None, int, int, str]:
     """One file -> (the model stage's pixels for it or None, width, height, error).
 
@@ -109,18 +120,19 @@ def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storag
     if isinstance(data, str):
         return None, -1, -1, data
     try:
-        image = decode_image(data, max_pixels)
+        image, (width, height) = decode_image(data, max_pixels, draft_side)
     except DecodeError as err:
         width, height = err.size or (-1, -1)
         return None, width, height, str(err)
     try:
-        return prepare_image(image, spec), image.width, image.height, ""
+        return prepare_image(image, spec), width, height, ""
     except Exception as err:  # a resize of a pathological image must not take the batch down
-        return None, image.width, image.height, f"preprocess_error: {describe(err)}"
+        return None, width, height, f"preprocess_error: {describe(err)}"
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixels: int,
-                 storage: Storage = Storage(), max_bytes: int | None = None) -> dict[str, np.ndarray]:
+                 storage: Storage = Storage(), max_bytes: int | None = None,
+                 draft_side: int | None = None) -> dict[str, np.ndarray]:
     """Paths in; model-ready pixels, sizes and errors out, one row per path.
 
     Rows that fail keep zero pixels and their ``error``; other input columns pass
@@ -134,7 +146,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
     widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
     for i, path in enumerate(batch["path"]):
-        image, widths[i], heights[i], errors[i] = decode_file(path, spec, max_pixels, storage, max_bytes)
+        image, widths[i], heights[i], errors[i] = decode_file(path, spec, max_pixels, storage, max_bytes,
+                                                                    draft_side=draft_side)
         if image is not None:
             pixels[i] = image
     seconds = np.full(n, (time.perf_counter() - started) / max(n, 1))  # this stage's share, per row
@@ -142,18 +155,23 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
 
 
 def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, storage: Storage,
-                  labels: LabelResolver | None, batch_size: int, max_bytes: int | None = None) -> Iterator[pa.Table]:
+                  labels: LabelResolver | None, batch_size: int, max_bytes: int | None = None,
+                  first_batch_size: int | None = None, draft_side: int | None = None) -> Iterator[pa.Table]:
     """The CPU stage: take shards until there are none; yield model-ready blocks.
 
-    Each block holds up to ``batch_size`` decoded images (one forward pass) and the
-    failed rows met on the way. Every row carries its shard, its index in the shard and
-    the shard's size, from which the writer knows when a shard is whole.
+    Each block holds up to ``batch_size`` decoded images and the failed rows met on the
+    way; the task's first block holds only ``first_batch_size`` (a first result comes
+    after one forward pass, not after a large block's worth). Every row carries its
+    shard, its index in the shard and the shard's size, from which the writer knows when
+    a shard is whole.
     """
+    block_sizes = itertools.chain([first_batch_size or batch_size], itertools.repeat(batch_size))
     while (shard := next_shard()) is not None:
-        yield from _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes)
+        yield from _decode_shard(shard, spec, max_pixels, storage, labels, block_sizes, max_bytes, draft_side)
 
 
-def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes) -> Iterator[pa.Table]:
+def _decode_shard(shard, spec, max_pixels, storage, labels, block_sizes: Iterator[int], max_bytes, draft_side
+                  ) -> Iterator[pa.Table]:
     by_folder: dict[str, str | None] = {}
 
     def true_label(path: str) -> str | None:
@@ -163,14 +181,14 @@ def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_byte
         return by_folder[folder]
 
     rows: list[tuple[int, np.ndarray | None, int, int, str]] = []
-    images = 0
+    images, block_images = 0, next(block_sizes)
     started = time.perf_counter()
     for i, (path, data) in enumerate(zip(shard.paths, read_ahead(shard.paths, storage, max_bytes))):
-        rows.append((i, *decode_file(path, spec, max_pixels, storage, max_bytes, data)))
+        rows.append((i, *decode_file(path, spec, max_pixels, storage, max_bytes, data, draft_side)))
         images += rows[-1][1] is not None
-        if images == batch_size:
+        if images == block_images:
             yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))
-            rows, images, started = [], 0, time.perf_counter()
+            rows, images, block_images, started = [], 0, next(block_sizes), time.perf_counter()
     if rows:
         yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))
 

@@ -30,7 +30,8 @@ import pyarrow as pa
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
 from visionbatch.model import ModelSource, Predictor, load_config, load_processor, resolve_model_source
-from visionbatch.preprocess import Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
+from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
+                                   draft_side, pixel_layout)
 from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, Shard, ShardPlanner
 from visionbatch.sinks import Destination, DestinationError, Lease, Manifest, ShardWriter, write_shard
@@ -71,6 +72,7 @@ class Plan:
     model_threads: int | None
     batch_size: int
     decode_concurrency: int  # decode tasks running at once: the CPUs the replicas leave free
+    draft_side: int | None  # JPEGs may be decoded down to this side (None: full size)
 
     @property
     def decode_tasks(self) -> int:
@@ -142,6 +144,7 @@ def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: Preprocessin
         # Decode tasks live as long as there are shards: left uncapped they would take
         # every CPU before the model replicas start, and the replicas would wait for them.
         decode_concurrency=max(1, int(cpus - replicas * cpus_per_replica)),
+        draft_side=None if config.exact_decode else draft_side(spec),
     )
 
 
@@ -244,7 +247,8 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     return {"visionbatch": __version__, "model": plan.source.ref, "top_k": config.top_k, "format": output.format,
             "dtype": plan.dtype, "labels": config.labels, "label_map": config.label_map,
             "sources": list(config.sources), "from_list": config.from_list, "shard_size": config.shard_size,
-            "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes}
+            "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
+            "exact_decode": config.exact_decode}
 
 
 @dataclass(frozen=True)
@@ -254,15 +258,16 @@ class Prepared:
     config: ClassifyConfig
     plan: Plan
     storage: Storage
-    inputs: InputSpec
     labels: LabelResolver | None
+    planner: object  # the ShardPlanner actor, made but not started (start_planner starts it)
 
 
 def prepare(config: ClassifyConfig) -> Prepared:
     """Check the sources, load the model's configs and resolve the plan (no image is read).
 
     Ray starts in the main thread while another thread loads the model's configs: both
-    mostly wait (on subprocesses, on storage).
+    mostly wait (on subprocesses, on storage); the planner's worker then starts while
+    the configs are still loading.
     """
     storage = Storage(config.s3_endpoint)
     try:
@@ -271,16 +276,17 @@ def prepare(config: ClassifyConfig) -> Prepared:
     except SourceError as err:
         raise JobError(str(err)) from None
     source = resolve_model_source(config.model)
+    inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
+                       limit=config.limit, cwd=os.getcwd())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         metadata = pool.submit(_model_metadata, config, source, storage)
         try:
             init_ray(config.address)
+            planner = _make_planner(inputs, storage)
         finally:
             spec, preprocessing, labels = metadata.result()
     _warn_local_paths_on_cluster(config)
-    inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
-                       limit=config.limit, cwd=os.getcwd())
-    return Prepared(config, resolve_plan(config, source, spec, preprocessing), storage, inputs, labels)
+    return Prepared(config, resolve_plan(config, source, spec, preprocessing), storage, labels, planner)
 
 
 def _model_metadata(config: ClassifyConfig, source: ModelSource, storage: Storage):
@@ -316,29 +322,35 @@ def _warn_local_paths_on_cluster(config: ClassifyConfig) -> None:
                     "these files may not exist. Put the images on shared storage (s3://, gs://, NFS) instead.")
 
 
-def start_planner(prepared: Prepared, committed: dict[str, str] | None = None):
-    """The ShardPlanner actor, on the driver's node (it outlives any other node)."""
+def _make_planner(inputs: InputSpec, storage: Storage):
+    """The ShardPlanner actor, on the driver's node (it outlives any other node). Each
+    decode task waits in one of its threads: room for as many as the CPUs can run."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    cpus, _ = _cluster_resources()
     actor = ray.remote(ShardPlanner).options(
-        num_cpus=0, max_concurrency=prepared.plan.decode_tasks + 8, max_restarts=0,
+        num_cpus=0, max_concurrency=4 * int(cpus) + 8, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
-    return actor.remote(prepared.inputs, prepared.storage, committed)
+    return actor.remote(inputs, storage)
 
 
-def _decode_stage(batch, *, planner, spec, max_pixels, max_bytes, storage, labels, batch_size):
+def start_planner(prepared: Prepared, committed: dict[str, str] | None = None) -> None:
+    """Start the listing, skipping the shards ``committed`` (id -> digest)."""
+    prepared.planner.start.remote(committed)
+
+
+def _decode_stage(batch, *, planner, **decode_options):
     """A decode task: takes shards from the planner until none are left (``batch`` is
     only this task's slot)."""
     import ray
 
     from visionbatch.decode import decode_shards
 
-    yield from decode_shards(lambda: ray.get(planner.next.remote()), spec=spec, max_pixels=max_pixels,
-                             storage=storage, labels=labels, batch_size=batch_size, max_bytes=max_bytes)
+    yield from decode_shards(lambda: ray.get(planner.next.remote()), **decode_options)
 
 
-def build_dataset(prepared: Prepared, planner):
+def build_dataset(prepared: Prepared):
     """The lazy Ray Data pipeline: shards -> decode tasks -> predictor actors."""
     import ray.data
 
@@ -357,9 +369,10 @@ def build_dataset(prepared: Prepared, planner):
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         decoded = slots.map_batches(
             _decode_stage, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"planner": planner, "spec": plan.spec, "max_pixels": config.max_pixels,
+            fn_kwargs={"planner": prepared.planner, "spec": plan.spec, "max_pixels": config.max_pixels,
                        "max_bytes": config.max_bytes,
-                       "storage": prepared.storage, "labels": prepared.labels, "batch_size": block_images},
+                       "storage": prepared.storage, "labels": prepared.labels, "batch_size": block_images,
+                       "first_batch_size": plan.batch_size, "draft_side": plan.draft_side},
             num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=plan.decode_concurrency),
             # A decode task that dies loses only the shard it was on (the driver redoes it,
@@ -418,7 +431,8 @@ def classify(sources, model: str | None = None, **options):
         options["model"] = model
     config = config_from_kwargs(sources, **options)
     prepared = prepare(config)
-    return build_dataset(prepared, start_planner(prepared)).select_columns(RESULT_SCHEMA.names)
+    start_planner(prepared)
+    return build_dataset(prepared).select_columns(RESULT_SCHEMA.names)
 
 
 def run(sources, output: str, *, format: str = "parquet", overwrite: bool = False, resume: bool = False,
@@ -477,7 +491,8 @@ class _Job:
             self.summary.add_shard(record["rows"], record["counts"])
         self.summary.already_done = self.summary.images_found
         self.progress, self.bar = progress, None
-        self.planner = start_planner(prepared, {shard: record["digest"] for shard, record in manifest.shards.items()})
+        self.planner = prepared.planner
+        start_planner(prepared, {shard: record["digest"] for shard, record in manifest.shards.items()})
         self.status: dict = {}
         self._model_failures, self._model_error = 0, ""  # shards with model errors while nothing is predicted
         self._status_ref, self._status_at = None, 0.0
@@ -583,7 +598,7 @@ class _Job:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             # One writer gathers every shard's blocks; its work (encoding small rows) is light.
-            ds = build_dataset(self.prepared, self.planner).map_batches(
+            ds = build_dataset(self.prepared).map_batches(
                 ShardWriter, batch_size=None, batch_format="pyarrow",
                 fn_constructor_args=(self.output.dest, self.prepared.storage, self.output.format,
                                      self.prepared.config.labels != "none"),
@@ -650,7 +665,8 @@ class _Job:
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
                                          fn_kwargs={"spec": prepared.plan.spec, "max_pixels": config.max_pixels,
-                                                    "max_bytes": config.max_bytes, "storage": prepared.storage},
+                                                    "max_bytes": config.max_bytes, "storage": prepared.storage,
+                                                    "draft_side": prepared.plan.draft_side},
                                          num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
                            pyarrow_blocks=False)
         results = {shard.id: [] for shard in shards}

@@ -37,6 +37,10 @@ MATCH_TOLERANCE = 1e-4
 # per output pixel (measured: 224x224 x 7 images ~60 ms, Donut's 2560x1920 x 1 ~450 ms,
 # single-threaded), so this keeps it well under a second.
 CHECK_OUTPUT_PIXELS = 2_000_000
+# JPEGs are decoded at 1/2, 1/4 or 1/8 scale where that leaves at least DRAFT_MARGIN
+# times the resize's output side (see draft_side); chosen by measurement on 4032-px
+# photos with real weights (benchmarks/RESULTS.md, "Large photos").
+DRAFT_MARGIN = 3.0
 
 
 class UnsupportedProcessor(ValueError):
@@ -520,6 +524,21 @@ def pixel_layout(preprocessing: Preprocessing) -> tuple[tuple[int, int, int], np
     if isinstance(preprocessing, ProcessorPath):
         return (3, height, width), np.dtype(np.float32)
     return (height, width, 3), np.dtype(np.uint8)
+
+
+def draft_side(preprocessing: Preprocessing, margin: float = DRAFT_MARGIN) -> int | None:
+    """The smallest side a JPEG may be decoded down to (DCT-domain scaling by 1/2, 1/4,
+    1/8, far cheaper than a full decode and a resize), or None where the image must be
+    decoded whole: the model's own processor, or a crop of the unresized image.
+
+    ``margin`` times the largest side the resize produces: the resize then still shrinks
+    by ``margin`` or more, which keeps its result close to that of the full image.
+    """
+    if isinstance(preprocessing, ProcessorPath) or preprocessing.crop_before_resize:
+        return None
+    # The output sides of the resize (a longest-edge cap counts: never smaller) and thumbnail.
+    sides = [side for step in (preprocessing.resize, preprocessing.thumbnail) if step for side in step[-2:]]
+    return int(margin * max(sides)) if sides else None
 
 
 def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:

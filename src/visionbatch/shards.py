@@ -82,13 +82,13 @@ def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Ite
 class ShardPlanner:
     """Lists the input in a thread and hands out shards that are not yet committed.
 
-    ``committed``: shard id -> digest of shards a previous run of this job committed;
-    they are skipped (after checking their digest).
+    Made first and started later: the driver creates it while the model's configs load,
+    and starts it once DEST's manifest says which shards are done.
     """
 
-    def __init__(self, spec: InputSpec, storage: Storage, committed: dict[str, str] | None = None,
-                 queue_size: int = 16):
-        self._committed = dict(committed or {})
+    def __init__(self, spec: InputSpec, storage: Storage, queue_size: int = 16):
+        self._spec, self._storage = spec, storage
+        self._committed: dict[str, str] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._outstanding: dict[str, Shard] = {}  # handed out, not yet committed
@@ -96,12 +96,16 @@ class ShardPlanner:
         self._status = {"images_listed": 0, "already_done": 0, "shards_listed": 0, "listing_done": False,
                         "error": None}
         self._started = threading.Event()  # a first shard is ready, or listing ended
-        self._thread = threading.Thread(target=self._list, args=(spec, storage), daemon=True)
-        self._thread.start()
 
-    def _list(self, spec: InputSpec, storage: Storage) -> None:
+    def start(self, committed: dict[str, str] | None = None) -> None:
+        """Start listing. ``committed``: shard id -> digest of shards a previous run of
+        this job committed; they are skipped (after checking their digest)."""
+        self._committed = dict(committed or {})
+        threading.Thread(target=self._list, daemon=True).start()
+
+    def _list(self) -> None:
         try:
-            for shard in iter_shards(spec, storage, self._counts):
+            for shard in iter_shards(self._spec, self._storage, self._counts):
                 with self._lock:
                     self._status["images_listed"] += len(shard.paths)
                     self._status["shards_listed"] += 1

@@ -1,0 +1,94 @@
+"""Large photos: JPEG DCT-domain downscaling (``draft``) against full decoding.
+
+Makes phone-size JPEGs (4032 px long side) from the sample images, then for full
+decoding (``--exact-decode``) and each draft margin: decode + resize time per image in
+one process on one core, and the predictions of a real-weight model on the results:
+top-1 agreement with full decoding and top-1 accuracy against the folders' labels.
+
+    python benchmarks/large_photos.py --model /tmp/lite0   # visionbatch models make-efficientnet-lite0 /tmp/lite0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visionbatch.bench import SAMPLE_DIR
+from visionbatch.decode import decode_file
+from visionbatch.labels import build_resolver, folder_of
+from visionbatch.model import Predictor, load_processor, resolve_model_source
+from visionbatch.pipeline import _affine
+from visionbatch.preprocess import choose_preprocessing, draft_side
+from visionbatch.storage import Storage
+
+
+def make_photos(source: Path, folder: Path, long_side: int = 4032) -> list[str]:
+    """Every sample image upscaled to ``long_side`` (Lanczos) and saved as a JPEG (q 90)."""
+    paths = []
+    for image_path in sorted(source.glob("*/*")):
+        target = folder / image_path.parent.name / (image_path.stem + ".jpg")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image = Image.open(image_path).convert("RGB")
+            scale = long_side / max(image.size)
+            image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS).save(
+                target, quality=90)
+        paths.append(str(target))
+    return paths
+
+
+def measure(paths: list[str], spec, side: int | None, predictor: Predictor, labels) -> dict:
+    pixels, seconds = [], []
+    for path in paths:
+        started = time.perf_counter()
+        image, _, _, error = decode_file(path, spec, 10**9, Storage(), None, draft_side=side)
+        seconds.append(time.perf_counter() - started)
+        assert not error, error
+        pixels.append(image)
+    truth = [labels(folder_of(path)) for path in paths]
+    table = predictor({"path": np.array(paths, dtype=object), "error": np.array([""] * len(paths), dtype=object),
+                       "true_label": np.array(truth, dtype=object), "pixels": np.stack(pixels)})
+    return {"draft_side": side, "ms_per_image": 1000 * float(np.median(seconds)),
+            "labels": table.column("label").to_pylist(), "accuracy": float(np.mean(table.column("correct").to_pylist()))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a real-weight model folder (EfficientNet-Lite0)")
+    parser.add_argument("--photos", default="/tmp/visionbatch-large-photos", help="where the 4032-px JPEGs go")
+    parser.add_argument("--margins", default="1,1.5,2,3", help="draft margins to compare with full decoding")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+
+    paths = make_photos(SAMPLE_DIR, Path(args.photos))
+    source = resolve_model_source(args.model)
+    spec, _ = choose_preprocessing(load_processor(source, False))
+    predictor = Predictor(source, **_affine(spec), top_k=1, num_threads=1, batch_size=16)
+    labels = build_resolver({int(k): v for k, v in predictor.model.config.id2label.items()})
+    exact = measure(paths, spec, None, predictor, labels)
+    rows = [("decode", "draft side", "ms/image", "speed-up", "top-1 agreement", "accuracy")]
+    results = [exact]
+    rows.append(("exact", "-", f"{exact['ms_per_image']:.1f}", "1.0x", "100.0%", f"{100 * exact['accuracy']:.1f}%"))
+    for margin in (float(m) for m in args.margins.split(",")):
+        result = measure(paths, spec, draft_side(spec, margin), predictor, labels)
+        result["margin"] = margin
+        result["agreement"] = float(np.mean([a == b for a, b in zip(result["labels"], exact["labels"])]))
+        results.append(result)
+        rows.append((f"margin {margin:g}", str(result["draft_side"]), f"{result['ms_per_image']:.1f}",
+                     f"{exact['ms_per_image'] / result['ms_per_image']:.1f}x", f"{100 * result['agreement']:.1f}%",
+                     f"{100 * result['accuracy']:.1f}%"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"{len(paths)} photos of 4032 px (long side), one core")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "labels"} for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
