@@ -4,6 +4,7 @@ Ctrl-C and resume of ``visionbatch classify`` on big inputs.
     python benchmarks/scale.py --list N  [--interrupt-after S [--resume-for S]] [options]  # N missing paths
     python benchmarks/scale.py --tree N  [options]                          # N tiny JPEGs in 1000 folders
     python benchmarks/scale.py --s3 M    [options]                          # M tiny JPEGs on a moto S3 server
+    python benchmarks/scale.py --s3 M --get-latency-ms 50 [options]         # ... with 50 ms added to every GET
     python benchmarks/scale.py --source PATH [--from-list] [options]        # an input you already have
 
     options: --model DIR (default: a micro ViT built in the work folder), --work DIR (inputs, model
@@ -44,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the make_* scripts next to this one
 from make_path_list import write_path_list  # noqa: E402
+from latency_proxy import start_latency_proxy  # noqa: E402
 from make_tree import fill_moto_in_process, make_tree  # noqa: E402
 
 POLL_S = 0.05
@@ -258,6 +260,8 @@ def prepare_input(args, work: Path) -> tuple[str, bool]:
         started = time.perf_counter()
         fill_moto_in_process(args.s3, source, endpoint)
         print(f"put {args.s3} objects to {source} in {time.perf_counter() - started:.1f} s", flush=True)
+        if args.get_latency_ms:
+            os.environ["AWS_ENDPOINT_URL"] = start_latency_proxy(endpoint, args.get_latency_ms / 1000)
         return source, False
     return args.source, args.from_list
 
@@ -271,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--s3", type=int, metavar="M", help="M tiny JPEGs under an S3 prefix on a moto server")
     what.add_argument("--source", help="an existing SOURCE")
     parser.add_argument("--from-list", action="store_true", help="with --source: it is a list file")
+    parser.add_argument("--get-latency-ms", type=float, metavar="MS",
+                        help="with --s3: every GET goes through a proxy that adds MS milliseconds")
     parser.add_argument("--model", help="model folder (default: a micro ViT, built once in the work folder)")
     parser.add_argument("--work", help="folder for inputs, model and DEST (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
