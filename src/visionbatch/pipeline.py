@@ -33,7 +33,7 @@ from visionbatch.model import ModelSource, Predictor, load_config, load_processo
 from visionbatch.preprocess import Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
 from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, Shard, ShardPlanner
-from visionbatch.sinks import Destination, DestinationError, Lease, Manifest, ShardWriter, write_shard
+from visionbatch.sinks import SUMMARY, Destination, DestinationError, Lease, Manifest, ShardWriter, write_shard
 from visionbatch.sources import check_source
 from visionbatch.storage import SourceError, Storage, is_remote
 from visionbatch.summary import Summary
@@ -459,7 +459,7 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
             except DestinationError as err:
                 raise JobError(str(err)) from None
             summary = _Job(prepared, manifest, output, started, progress).run()
-            destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+            destination.write_bytes(SUMMARY, json.dumps(summary.to_dict(), indent=1).encode())
         finally:
             lease.release()
     return summary

@@ -8,7 +8,12 @@ Layout of DEST::
                          file, row count, digest of its paths and its counts
     _SUCCESS             written last, when every shard is committed
     _lease.json          while a job runs: which job holds DEST (one at a time)
-    summary.json         the job's summary
+    _summary.json        the job's summary
+    _metrics.json        its metrics (evaluate)
+
+Every name but the part files starts with "_" (temporary names with "."), the names
+Parquet readers skip: DEST reads as a plain dataset (pandas.read_parquet(DEST),
+pyarrow.dataset.dataset(DEST), DuckDB and polars on DEST/*.parquet).
 
 Workers write part files (:class:`ShardWriter`): under a hidden temporary name, then
 renamed (locally) or uploaded whole (an object store shows an object only once its
@@ -35,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from visionbatch.evaluate import merge_counts
+from visionbatch.evaluate import METRICS_FILE, merge_counts
 from visionbatch.evaluate import metric_counts as metric_counts_of
 from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import paths_digest
@@ -45,9 +50,9 @@ from visionbatch.summary import shard_counts
 EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
-SUMMARY = "summary.json"
+SUMMARY = "_summary.json"
 MANIFEST_VERSION = 2
-_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, "metrics.json")
+_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE)
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores")
 log = logging.getLogger("visionbatch")
 
