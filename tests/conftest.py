@@ -91,7 +91,7 @@ def tiny_convnext(tmp_path_factory) -> str:
     return str(folder)
 
 
-def _write_byte_level_tokenizer(folder: Path) -> int:
+def write_byte_level_tokenizer(folder: Path) -> int:
     """vocab.json and merges.txt of a CLIP-style byte-level BPE with no merges (one token
     per character), made offline; returns the vocabulary size."""
     import json
@@ -99,7 +99,8 @@ def _write_byte_level_tokenizer(folder: Path) -> int:
     from tokenizers.pre_tokenizers import ByteLevel
 
     chars = sorted(ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    vocab = {token: i for i, token in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return len(vocab)
@@ -116,7 +117,7 @@ def tiny_clip(tmp_path_factory) -> str:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
-    vocab_size = _write_byte_level_tokenizer(folder)
+    vocab_size = write_byte_level_tokenizer(folder)
     CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
     config = CLIPConfig(
         text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

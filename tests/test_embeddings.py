@@ -6,12 +6,15 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
 import visionbatch
 from visionbatch.cli import main
+from visionbatch.evaluate import evaluate_dest
 from visionbatch.pipeline import JobError
+from visionbatch.report import write_report
 from visionbatch.results import EMBEDDING, result_schema
 from visionbatch.sinks import MANIFEST, read_results
 
@@ -77,6 +80,11 @@ def test_embeddings_in_every_format_and_on_error_rows(image_tree, tiny_vit, tmp_
     for fmt in ("csv", "jsonl"):
         other = read_results(str(tmp_path / fmt)).column(EMBEDDING)
         assert other.type == pa.list_(pa.float32(), 48) and other.to_pylist() == parquet.to_pylist()
+    # evaluate, the report and plain Parquet readers take the extra column in their stride
+    assert evaluate_dest(str(tmp_path / "parquet"))["rows"] == 13
+    write_report(str(tmp_path / "parquet"), str(tmp_path / "report.html"))
+    assert "<html" in (tmp_path / "report.html").read_text()
+    assert pads.dataset(tmp_path / "parquet").schema.field(EMBEDDING).type == pa.list_(pa.float32(), 48)
     with pytest.raises(JobError, match=r"embeddings: \{'width': 48, 'normalized': False\} there, None now"):
         visionbatch.run([str(image_tree)], str(tmp_path / "parquet"), model=tiny_vit, resume=True, progress=False)
 

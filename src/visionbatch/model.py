@@ -342,12 +342,14 @@ class Predictor:
         with torch.inference_mode():
             # Families differ only in how similarity becomes a logit: exp(logit_scale)
             # (CLIP), plus logit_bias (SigLIP), or 1 / temperature (ALIGN).
-            self.logit_scale = (model.logit_scale.exp() if hasattr(model, "logit_scale") else 1 / model.temperature).float()
+            scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 1 / model.temperature
+            self.logit_scale = scale.float()
             self.logit_bias = model.logit_bias.float() if hasattr(model, "logit_bias") else 0.0
             text_embeds = _features(model.get_text_features(**text)).float()
             self.text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
             size = model.config.vision_config.image_size
-            probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+            probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(self.device, self.dtype)
             expected = model(pixel_values=probe, **text).logits_per_image.float()
             got = self._zero_shot_logits(_features(model.get_image_features(pixel_values=probe)))
         tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
@@ -451,7 +453,8 @@ class Predictor:
             try:
                 for start in range(0, len(rows), step):
                     batch_rows = rows[start:start + step]
-                    ids[batch_rows], scores[batch_rows], batch_embeddings = self.predict_pixels(pixels[start:start + step])
+                    ids[batch_rows], scores[batch_rows], batch_embeddings = \
+                        self.predict_pixels(pixels[start:start + step])
                     if batch_embeddings is not None:
                         embeddings[batch_rows] = batch_embeddings
             except Exception as err:

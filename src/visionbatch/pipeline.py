@@ -307,7 +307,8 @@ def prepare(config: ClassifyConfig) -> Prepared:
     return Prepared(config, resolve_plan(config, model), storage, inputs, labels)
 
 
-def _model_metadata(config: ClassifyConfig, source: ModelSource, storage: Storage) -> tuple[ModelPlan, LabelResolver | None]:
+def _model_metadata(config: ClassifyConfig, source: ModelSource,
+                    storage: Storage) -> tuple[ModelPlan, LabelResolver | None]:
     model_config = load_config(source, config.trust_remote_code)
     check_model_kind(model_config, config.zero_shot)
     processor = load_processor(source, config.trust_remote_code)

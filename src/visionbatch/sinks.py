@@ -101,7 +101,8 @@ def _decode(data: bytes, fmt: str, schema: pa.Schema) -> pa.Table:
         table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
         for name in (name for name in _LIST_COLUMNS if name in schema.names):
             decoded = [None if v is None else json.loads(v) for v in table.column(name).to_pylist()]
-            table = table.set_column(table.schema.get_field_index(name), name, pa.array(decoded, schema.field(name).type))
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pa.array(decoded, schema.field(name).type))
         return conform(table, schema)
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     return conform(pa.Table.from_pylist(rows, schema=schema), schema)
