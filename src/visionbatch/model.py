@@ -160,8 +160,6 @@ def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_
         hint = ""
         if not allow_pickle and ("safetensors" in str(err).lower() or "model.safetensors" in str(err)):
             hint = " (only safetensors weights are loaded; pass --allow-pickle to load .bin weights you trust)"
-        elif zero_shot and "Unrecognized configuration class" in str(err):
-            hint = " (--candidate-labels needs a zero-shot image classification model, such as CLIP or SigLIP)"
         raise ModelLoadError(f"cannot load model {source.ref}: {_first_line(err)}{hint}") from None
     return model.eval()
 

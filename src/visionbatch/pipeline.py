@@ -322,9 +322,12 @@ def _model_metadata(config: ClassifyConfig, source: ModelSource,
     if config.candidate_labels_file:
         try:
             lines = storage.read(config.candidate_labels_file).decode("utf-8").splitlines()
-            candidate_labels = label_list(lines, f"--candidate-labels-file {config.candidate_labels_file}")
-        except (OSError, SourceError, UnicodeDecodeError, ValueError) as err:
+        except (OSError, SourceError, UnicodeDecodeError) as err:
             raise JobError(f"cannot read --candidate-labels-file {config.candidate_labels_file}: {err}") from None
+        try:
+            candidate_labels = label_list(lines, f"--candidate-labels-file {config.candidate_labels_file}")
+        except ValueError as err:
+            raise JobError(str(err)) from None
     width = embedding_width(model_config, spec.output_size, zero_shot=config.zero_shot,
                             trust_remote_code=config.trust_remote_code) if config.embeddings else None
     model = ModelPlan(source, spec, preprocessing, candidate_labels, width)
