@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SAMPLES=${1:-../shared/data/imagenet-sample-200}
 OUT=${2:-out/sample-200}
+REPORT=${3:-$OUT-report.html}  # beside DEST: DEST holds only what Parquet readers can read
 MODEL=${MODEL:-}
 if [ -z "$MODEL" ]; then
   if .venv/bin/python -c "import sys; from visionbatch.model import hub_reachable; sys.exit(not hub_reachable())"; then
@@ -16,4 +17,4 @@ if [ -z "$MODEL" ]; then
     [ -d "$MODEL" ] || .venv/bin/visionbatch models make-efficientnet-lite0 "$MODEL"
   fi
 fi
-exec .venv/bin/visionbatch classify "$SAMPLES" --model "$MODEL" --output "$OUT" --overwrite --report "$OUT/report.html"
+exec .venv/bin/visionbatch classify "$SAMPLES" --model "$MODEL" --output "$OUT" --overwrite --report "$REPORT"

@@ -91,6 +91,50 @@ def tiny_convnext(tmp_path_factory) -> str:
     return str(folder)
 
 
+def write_byte_level_tokenizer(folder: Path) -> int:
+    """vocab.json and merges.txt of a CLIP-style byte-level BPE with no merges (one token
+    per character), made offline; returns the vocabulary size."""
+    import json
+
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return len(vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny random CLIP (ViT-B/32's input: 224x224) with its tokenizer and image
+    processor, as transformers' zero-shot pipeline loads it. A large logit scale makes
+    the scores depend on the image and the label."""
+    import math
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    vocab_size = write_byte_level_tokenizer(folder)
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=32),
+        projection_dim=16)
+    torch.manual_seed(2)
+    model = CLIPModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(200.0))
+    model.save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)
+    return str(folder)
+
+
 def write_image(path: Path, size=(64, 48), mode="RGB", seed=0, fmt=None) -> Path:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)

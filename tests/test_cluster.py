@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import visionbatch
-from visionbatch.sinks import read_results
+from visionbatch.sinks import SUMMARY, read_results
 
 from conftest import WNIDS, free_port, write_image
 
@@ -280,5 +280,5 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit
     assert sorted(paths) == files, "rows != files"
     errors = [e for e in table.column("error").to_pylist() if e]
     assert not errors, errors[:3]  # every file is good: a lost node must not turn it into an error row
-    summary = json.loads((dest / "summary.json").read_text())
+    summary = json.loads((dest / SUMMARY).read_text())
     assert summary["predicted"] == len(files) and summary["failed"] == 0

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from visionbatch.evaluate import (compute_metrics, evaluate_dest, format_metrics, merge_counts, metric_counts,
-                                  metrics_from_counts)
+from visionbatch.evaluate import (METRICS_FILE, compute_metrics, evaluate_dest, format_metrics, merge_counts,
+                                  metric_counts, metrics_from_counts)
 from conftest import write_finished_dest
 from visionbatch.sinks import RESULT_SCHEMA, Destination
 
@@ -142,7 +142,7 @@ def test_format_metrics_worst_first_and_capped(mixed):
 def test_evaluate_dest_writes_metrics_json(tmp_path):
     write_finished_dest(Destination(str(tmp_path)), make_table(MIXED))
     metrics = evaluate_dest(str(tmp_path))
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / METRICS_FILE).read_text()) == metrics
     assert metrics["top1"] == pytest.approx(0.4) and metrics["errors"] == 3
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from visionbatch.sinks import Destination, read_results
+from visionbatch.sinks import SUMMARY, Destination, read_results
 
 from conftest import WNIDS, save_random_vit, write_image
 
@@ -227,7 +227,7 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     committed = _rows_on_disk(dest, committed_parts)
     assert 0 < len(committed) < len(expected), "the kill should land between the first commit and the end"
     assert len(committed) == len(set(committed))
-    assert not (dest / "_SUCCESS").exists() and not (dest / "summary.json").exists()
+    assert not (dest / "_SUCCESS").exists() and not (dest / SUMMARY).exists()
     # What a kill that lands inside a part file's write leaves: the file under its
     # temporary name, cut short (the rename that publishes it never happened).
     whole = (dest / committed_parts[0]).read_bytes()
@@ -263,7 +263,7 @@ def _resume_and_check(start, images, model, dest, run_dir, expected, committed):
     assert not wait_session_gone(resumed)
     table = _check_exactly_once(dest, expected)
     assert table.column("error").null_count == len(expected)
-    summary = json.loads((dest / "summary.json").read_text())
+    summary = json.loads((dest / SUMMARY).read_text())
     assert summary["already_done"] == len(committed) > 0
     everything = _rows_on_disk(dest, Destination(str(dest)).part_files())
     assert len(everything) == len(set(everything)) == len(expected)
@@ -326,7 +326,7 @@ def test_model_actor_killed_mid_run(images, slow_vit, tmp_path, start):
     table = _check_exactly_once(dest, expected)
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     assert not errors, errors[:3]
-    summary = json.loads((dest / "summary.json").read_text())
+    summary = json.loads((dest / SUMMARY).read_text())
     assert summary["predicted"] == len(expected) and summary["failed"] == 0
     _no_tmp_files(dest)
     _outcome("Predictor actor SIGKILLed mid-run", len(expected), table, seconds,
@@ -353,7 +353,7 @@ def test_decoder_that_kills_its_worker(images, tiny_vit, tmp_path, start):
     assert rows[culprit]["label"] is None
     others = [row for path, row in rows.items() if path != culprit]
     assert all(row["error"] is None and row["label"] for row in others), [r for r in others if r["error"]][:3]
-    summary = json.loads((dest / "summary.json").read_text())
+    summary = json.loads((dest / SUMMARY).read_text())
     assert summary["failed"] == 1 and summary["errors_by_kind"] == {"worker_crash": 1}
     assert summary["predicted"] == len(expected) - 1
     assert "Traceback" not in run.stderr

@@ -18,8 +18,14 @@ def test_names_match_case_insensitively_and_by_first_synonym():
     assert resolve("Tench") == "tench, Tinca tinca"
     assert resolve("golden retriever") == "Golden Retriever"
     assert resolve("CAT") == "cat"
-    assert resolve("n01440764") is None  # not a 1000-class model: no WordNet mapping
     assert resolve("dog") is None
+
+
+def test_wordnet_ids_match_other_label_sets_by_name():
+    """Zero-shot labels (any number) match ImageNet folders by the class's name."""
+    resolve = build_resolver({0: "tench", 1: "Cassette Player", 2: "cat"})
+    assert resolve("n01440764") == "tench" and resolve("n02979186") == "Cassette Player"
+    assert resolve("n02102040") is None  # English springer: not among the labels
 
 
 def test_label_map_overrides():

@@ -14,7 +14,8 @@ import pytest
 
 import visionbatch
 from visionbatch.cli import main
-from visionbatch.sinks import RESULT_SCHEMA, read_results
+from visionbatch.evaluate import METRICS_FILE
+from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, read_results
 
 from conftest import ROOT
 
@@ -52,9 +53,9 @@ def test_cli_on_sample_images(sample_dir, tiny_vit, tmp_path, capfd):
     assert all(len(labels) == 5 for labels in table.column("top_k_labels").to_pylist())
     out = capfd.readouterr().out
     assert "images found      200" in out and "top-1 accuracy" in out
-    summary = json.loads((dest / "summary.json").read_text())
+    summary = json.loads((dest / SUMMARY).read_text())
     assert summary["predicted"] == 200 and summary["labelled"] == 200
-    assert (dest / "metrics.json").exists()
+    assert (dest / METRICS_FILE).exists()
 
 
 def test_bad_files_get_error_rows(bad_tree, tiny_vit, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from visionbatch.report import write_report
 from conftest import write_finished_dest
-from visionbatch.sinks import RESULT_SCHEMA, Destination
+from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, Destination
 
 INSTALL_CHROMIUM = Path(__file__).resolve().parents[1] / "scripts" / "install-chromium.sh"
 CHROMIUM_FLAGS = [
@@ -29,7 +29,7 @@ def write_dest(root: Path, rows: list[dict], summary: dict | None) -> str:
     destination = Destination(str(root / "dest"))
     write_finished_dest(destination, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
     if summary is not None:
-        destination.write_bytes("summary.json", json.dumps(summary).encode())
+        destination.write_bytes(SUMMARY, json.dumps(summary).encode())
     return destination.uri
 
 
@@ -83,7 +83,7 @@ def test_report_without_summary_or_labels(tmp_path):
     rows = [{"path": str(tmp_path / "missing.jpg"), "label": "cat", "score": 0.4, "top_k_labels": ["cat"]}]
     dest = write_dest(tmp_path, rows, summary=None)
     page = Path(write_report(dest, str(tmp_path / "r.html"))).read_text()
-    assert "No summary.json in DEST" in page
+    assert f"No {SUMMARY} in DEST" in page
     assert "No labelled rows" in page and "Least confident predictions" in page
     assert "Failed files</h2><p" in page  # "None." rather than a table
 

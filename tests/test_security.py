@@ -363,7 +363,7 @@ def test_credentials_never_leak(s3_server, s3_images, tmp_path, tiny_vit, capfd)
         except OSError:
             pass
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="results/")["Contents"]]
-    assert {"results/_SUCCESS", "results/summary.json", "results/metrics.json"} <= set(keys)
+    assert {"results/_SUCCESS", "results/_summary.json", "results/_metrics.json"} <= set(keys)
     parts = [k for k in keys if k.endswith(".parquet")]
     assert len(parts) >= 2
     for key in keys:

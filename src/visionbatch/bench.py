@@ -195,10 +195,12 @@ def _timed(cmd: list[str]) -> tuple[float, str, dict]:
 
 
 def run_visionbatch(images: Path, model: str, out: Path, batch_size: int | None, extra: list[str]) -> dict:
+    from visionbatch.sinks import SUMMARY
+
     cmd = [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output", str(out),
            "--overwrite", "--quiet", *(["--batch-size", str(batch_size)] if batch_size else []), *extra]
     wall, _, memory = _timed(cmd)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / SUMMARY).read_text())
     rows = summary["predicted"] + summary["failed"]
     return {"wall_s": wall, "images_per_s": rows / wall, "first_result_s": summary["time_to_first_result_s"],
             "steady_images_per_s": summary.get("steady_images_per_s"), "rows": rows,

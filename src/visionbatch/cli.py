@@ -31,7 +31,7 @@ def _classify_parser(sub) -> None:
 
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and calibration of results in DEST",
-                       description="Compute metrics over the results in DEST, print them and write DEST/metrics.json.")
+                       description="Compute metrics over the results in DEST, print them and write DEST/_metrics.json.")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
+DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline's
 
 # Pillow's own default decompression-bomb threshold (Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -62,6 +63,14 @@ class ClassifyConfig:
     s3_endpoint: str | None = option(None, "S3-compatible endpoint (default: $AWS_ENDPOINT_URL)", metavar="URL")
     address: str | None = option(None, "join a running Ray cluster (default: start a local Ray)")
     compile: bool = option(False, "torch.compile the model")
+    embeddings: bool = option(False, "add an 'embedding' column: the vector the model's classification head "
+                              "receives (zero-shot models: the image embedding)")
+    normalize_embeddings: bool = option(False, "scale embeddings to unit length")
+    candidate_labels: tuple[str, ...] | None = option(None, "zero-shot: classify into these labels, comma-separated, "
+                                                      "with a CLIP/SigLIP-like model", metavar="LABELS")
+    candidate_labels_file: str | None = option(None, "zero-shot: the labels from a text file, one per line",
+                                               metavar="FILE")
+    hypothesis_template: str = option(DEFAULT_HYPOTHESIS_TEMPLATE, "zero-shot: the sentence each label is put into")
     max_retries: int = option(3, "attempts after the first for a failed task or a dead model actor", cli=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +84,20 @@ class ClassifyConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.candidate_labels is not None:
+            labels = self.candidate_labels
+            object.__setattr__(self, "candidate_labels", label_list(labels.split(",") if isinstance(labels, str)
+                                                                    else labels, "--candidate-labels"))
+            if self.candidate_labels_file:
+                raise ValueError("--candidate-labels and --candidate-labels-file contradict each other: choose one")
+        if "{}" not in self.hypothesis_template:
+            raise ValueError("--hypothesis-template must hold {} where the label goes")
+        if self.normalize_embeddings and not self.embeddings:
+            raise ValueError("--normalize-embeddings needs --embeddings")
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.candidate_labels is not None or self.candidate_labels_file is not None
 
     def replace(self, **changes) -> "ClassifyConfig":
         return dataclasses.replace(self, **changes)
@@ -95,6 +118,17 @@ class OutputConfig:
             raise ValueError("--overwrite and --resume contradict each other: choose one")
 
 
+def label_list(items: Sequence[str], where: str) -> tuple[str, ...]:
+    """Zero-shot labels: stripped, blanks dropped, at least one, none twice."""
+    labels = tuple(label.strip() for label in items if label.strip())
+    if not labels:
+        raise ValueError(f"{where}: no labels given")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"{where}: labels given more than once: {', '.join(repeated)}")
+    return labels
+
+
 def add_options(parser: argparse.ArgumentParser, config_class) -> None:
     """One flag per field of ``config_class`` that has command-line help."""
     hints = typing.get_type_hints(config_class)
@@ -113,6 +147,8 @@ def add_options(parser: argparse.ArgumentParser, config_class) -> None:
                                 help=f"{meta['help']} (default {f.default})")
             continue
         scalar = next(a for a in args if a is not type(None)) if args else kind
+        if typing.get_origin(scalar) is tuple:  # a comma-separated list (checked by the config)
+            scalar = str
         default = "" if f.default is None or "default" in meta["help"] else f" (default {f.default})"
         parser.add_argument(flag, dest=f.name, type=scalar, default=f.default, metavar=meta["metavar"],
                             help=meta["help"] + default)

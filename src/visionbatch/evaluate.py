@@ -2,7 +2,7 @@
 
 ``evaluate_dest(DEST)`` computes the metrics below from the counts DEST's manifest
 added up shard by shard (after checking the committed part files) and writes them to
-``DEST/metrics.json``.
+``DEST/_metrics.json``.
 
 Which rows count: a row with an ``error`` is an *error*; a row without an error but with
 no ``true_label`` is *unlabelled*; the rest are *labelled* and are the only rows that
@@ -27,7 +27,7 @@ counts; ``merge_counts`` adds counts of disjoint slices (associative, in any ord
                              per-class support, predicted and true positives are its
                              row sums, column sums and diagonal
 
-metrics.json schema (``schema_version`` 1); every ratio is a float in [0, 1] or ``null``
+_metrics.json schema (``schema_version`` 1); every ratio is a float in [0, 1] or ``null``
 when there is nothing to compute it over (e.g. no labelled rows)::
 
     schema_version           1
@@ -76,7 +76,7 @@ SCHEMA_VERSION = 1
 CALIBRATION_BINS = 15
 # Bins of the top-1 score are (lo, hi]; a score of exactly 0 goes to the first bin.
 CALIBRATION_EDGES = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "_metrics.json"  # "_": readers of DEST as a dataset skip it
 # A row without an error always has a prediction; this stand-in only guards odd input.
 NO_PREDICTION = "<no prediction>"
 # Counts that merge by addition; top_k (a max) and the dict and list counts merge apart.
@@ -231,7 +231,7 @@ def _per_class(confusion: dict[str, dict[str, int]]) -> list[dict]:
 def _confusion(confusion: dict[str, dict[str, int]], per_class: list[dict], max_classes: int) -> dict:
     classes = [c["label"] for c in per_class]
     kept = classes
-    if len(classes) > max_classes:  # metrics.json would hold up to classes² cells
+    if len(classes) > max_classes:  # _metrics.json would hold up to classes² cells
         involvement = {c["label"]: c["support"] + c["predicted"] for c in per_class}
         kept = sorted(sorted(classes, key=lambda c: -involvement[c])[:max_classes])
     kept_set = set(kept)
@@ -316,7 +316,7 @@ def format_metrics(metrics: dict, max_rows: int = 20) -> str:
 
 
 def evaluate_dest(dest: str, s3_endpoint: str | None = None, verify: bool = True) -> dict:
-    """The metrics of DEST's results, written to DEST/metrics.json: from the counts the
+    """The metrics of DEST's results, written to DEST/_metrics.json: from the counts the
     manifest adds up shard by shard (no pass over the rows), after checking that every
     committed part file is there and whole (``verify``)."""
     from visionbatch.sinks import Destination  # the sink imports this module's counting

@@ -1,10 +1,11 @@
 """Labels: the true class of each file, from the folder it sits in, in the model's terms.
 
 Rules, in order: an explicit ``--label-map`` CSV (folder,label); WordNet ids
-(``n01440764``, the ImageNet/Imagenette layout) through the ImageNet-1k class index
-when the model has the 1000 ImageNet classes; otherwise folder names that match a
-model label case-insensitively, whole or by its first comma-separated synonym
-(``tench`` matches ``tench, Tinca tinca``).
+(``n01440764``, the ImageNet/Imagenette layout) through the ImageNet-1k class index:
+by class index when the model has the 1000 ImageNet classes, else by the class's name
+(so zero-shot labels such as ``tench`` match ImageNet folders); otherwise folder names
+that match a model label case-insensitively, whole or by its first comma-separated
+synonym (``tench`` matches ``tench, Tinca tinca``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import csv
 import io
 from dataclasses import dataclass
 
-from visionbatch.imagenet import imagenet_wnids
+from visionbatch.imagenet import imagenet_classes, imagenet_wnids
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,25 @@ def _label_index(labels: list[str]) -> dict[str, str]:
     return index
 
 
+def _find(index: dict[str, str], name: str) -> str | None:
+    """The model label ``name`` names, whole or by its first synonym."""
+    return index.get(name.lower()) or index.get(name.split(",")[0].strip().lower())
+
+
 def build_resolver(id2label: dict[int, str], label_map_text: str | None = None) -> LabelResolver:
     labels = [id2label[i] for i in sorted(id2label)]
     index = _label_index(labels)
     by_folder: dict[str, str] = dict(index)
     if len(labels) == 1000:
         by_folder.update(zip(imagenet_wnids(), labels))
+    else:
+        by_folder.update((wnid, label) for wnid, name in imagenet_classes() if (label := _find(index, name)))
     if label_map_text is not None:
         for row in csv.reader(io.StringIO(label_map_text)):
             if len(row) < 2 or row[0].strip().lower() == "folder":
                 continue
             folder, label = row[0].strip(), row[1].strip()
-            resolved = index.get(label.lower()) or index.get(label.split(",")[0].strip().lower())
+            resolved = _find(index, label)
             if resolved is None:
                 raise ValueError(f"--label-map: label {label!r} (folder {folder!r}) is not one of the model's labels")
             by_folder[folder] = resolved

@@ -1,10 +1,16 @@
-"""Model: load a Hugging Face image classifier safely, and run it on batches.
+"""Model: load a Hugging Face image classifier (or zero-shot model) safely, and run it on batches.
 
 :class:`Predictor` is the model stage. It is a plain callable over numpy batches
 (usable in anyone's ``map_batches``): it loads the model once, takes uint8 pixels at
 the model's input size, applies the rescale/normalise affine on its device, runs the
 forward pass under ``torch.inference_mode`` in the chosen dtype, and returns top-k
-labels and scores as small arrays.
+labels and scores as small arrays, and optionally each image's embedding.
+
+Two kinds of model: an ``AutoModelForImageClassification`` (its own classes; the
+embedding is the vector its classification head receives), or, given candidate
+labels, an ``AutoModelForZeroShotImageClassification`` such as CLIP or SigLIP (the
+labels' text embeddings are computed once, at load; the embedding is the image's
+``image_embeds`` before normalisation).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visionbatch.results import MODEL_TRACEBACK, PREDICTION_FIELDS
+from visionbatch.config import DEFAULT_HYPOTHESIS_TEMPLATE
+from visionbatch.results import EMBEDDING, MODEL_TRACEBACK, PREDICTION_FIELDS
 
 
 class ModelLoadError(Exception):
@@ -124,10 +131,17 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_remote_code: bool = False):
-    """AutoModelForImageClassification with safetensors only (unless allowed) and SDPA where supported."""
-    from transformers import AutoModelForImageClassification
+def _auto_model_class(zero_shot: bool):
+    from transformers import AutoModelForImageClassification, AutoModelForZeroShotImageClassification
 
+    return AutoModelForZeroShotImageClassification if zero_shot else AutoModelForImageClassification
+
+
+def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_remote_code: bool = False,
+               zero_shot: bool = False):
+    """AutoModelForImageClassification (``zero_shot``: AutoModelForZeroShotImageClassification)
+    with safetensors only (unless allowed) and SDPA where supported."""
+    auto_class = _auto_model_class(zero_shot)
     kwargs = dict(
         local_files_only=source.local_files_only,
         trust_remote_code=trust_remote_code,
@@ -137,17 +151,93 @@ def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_
     )
     try:
         try:
-            model = AutoModelForImageClassification.from_pretrained(source.ref, attn_implementation="sdpa", **kwargs)
+            model = auto_class.from_pretrained(source.ref, attn_implementation="sdpa", **kwargs)
         except (ValueError, ImportError) as err:
             if "sdpa" not in str(err).lower() and "attn" not in str(err).lower():
                 raise
-            model = AutoModelForImageClassification.from_pretrained(source.ref, **kwargs)
+            model = auto_class.from_pretrained(source.ref, **kwargs)
     except Exception as err:
         hint = ""
         if not allow_pickle and ("safetensors" in str(err).lower() or "model.safetensors" in str(err)):
             hint = " (only safetensors weights are loaded; pass --allow-pickle to load .bin weights you trust)"
         raise ModelLoadError(f"cannot load model {source.ref}: {_first_line(err)}{hint}") from None
     return model.eval()
+
+
+def check_model_kind(config, zero_shot: bool) -> None:
+    """Zero-shot labels need a zero-shot model: say so before any worker loads it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    if zero_shot and config.model_type not in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES \
+            and not getattr(config, "auto_map", None):
+        raise ModelLoadError(f"--candidate-labels needs a zero-shot image classification model (CLIP, SigLIP, ...); "
+                             f"this one is a {config.model_type}")
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.ref, local_files_only=source.local_files_only,
+                                             trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {source.ref} (zero-shot labels need one): "
+                             f"{_first_line(err)}") from None
+
+
+def classification_head(model):
+    """The module that turns an image's vector into class logits (``classifier``,
+    ``head`` or ``fc``, as transformers names them); refused where there is no single one."""
+    import torch
+
+    for name in ("classifier", "head", "fc"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            if isinstance(head, torch.nn.Identity):
+                raise ModelLoadError(f"--embeddings: {type(model).__name__} has no classification head "
+                                     "(num_labels=0)")
+            return head
+    raise ModelLoadError(f"--embeddings: {type(model).__name__} has no single classification head (no module named "
+                         "classifier, head or fc); models whose logits come from several heads, such as DeiT's "
+                         "distilled ...WithTeacher, are not supported")
+
+
+class HeadInput:
+    """Records what a classifier's head receives in a forward pass (a forward pre-hook):
+    the image's vector, flattened to (N, width)."""
+
+    def __init__(self, model):
+        self.value = None
+        classification_head(model).register_forward_pre_hook(self._record)
+
+    def _record(self, module, args) -> None:
+        self.value = args[0].flatten(1)
+
+    def take(self):
+        value, self.value = self.value, None
+        return value
+
+
+def _features(output):
+    """get_image_features / get_text_features: a tensor (transformers 4), or an output
+    whose pooler_output is the projected vector (transformers 5)."""
+    return output if hasattr(output, "shape") else output.pooler_output
+
+
+def embedding_width(config, image_size: tuple[int, int], *, zero_shot: bool, trust_remote_code: bool = False) -> int:
+    """The width of the model's embedding, from its config alone: the model built on the
+    meta device (no weights, no memory) runs one forward pass of shapes only."""
+    import torch
+
+    with torch.device("meta"):
+        model = _auto_model_class(zero_shot).from_config(config, trust_remote_code=trust_remote_code)
+    pixels = torch.empty(1, 3, *image_size, device="meta")
+    with torch.inference_mode():
+        if zero_shot:
+            return _features(model.get_image_features(pixel_values=pixels)).shape[1]
+        head_input = HeadInput(model)
+        model(pixel_values=pixels)
+        return head_input.take().shape[1]
 
 
 def _remote_code_hint(err: Exception) -> str:
@@ -172,8 +262,14 @@ class Predictor:
     null). The forward pass runs ``batch_size`` images at a time; rows with an error get
     null predictions. Output: a pyarrow Table with the passed-through columns plus
     label, label_id, score, top_k_labels, top_k_scores, ``predict_seconds`` (this call's
-    time, shared per row) and, where a ``true_label`` column exists, ``correct``. If
-    the model itself fails on a batch, its rows get ``model_error`` rows instead.
+    time, shared per row), where a ``true_label`` column exists ``correct``, and with
+    ``embedding_width`` an ``embedding`` column of that width (checked; unit length with
+    ``normalize_embeddings``). If the model itself fails on a batch, its rows get
+    ``model_error`` rows instead.
+
+    With ``candidate_labels`` the model is a zero-shot one and those are its classes:
+    scores are the softmax over ``logits_per_image`` (sigmoid for SigLIP), as
+    transformers' zero-shot pipeline gives them for ``hypothesis_template``.
     """
 
     def __init__(
@@ -191,6 +287,10 @@ class Predictor:
         compile: bool = False,
         batch_size: int | None = None,
         pixel_layout: tuple[tuple[int, ...], str] | None = None,
+        embedding_width: int | None = None,
+        normalize_embeddings: bool = False,
+        candidate_labels: tuple[str, ...] | None = None,
+        hypothesis_template: str = DEFAULT_HYPOTHESIS_TEMPLATE,
     ):
         import torch
 
@@ -199,22 +299,79 @@ class Predictor:
             torch.set_num_threads(num_threads)
         self.device = torch.device(resolve_device(device))
         self.dtype = resolve_dtype(dtype, self.device.type)
+        self.zero_shot = candidate_labels is not None
         self.model = load_model(source, dtype=self.dtype, allow_pickle=allow_pickle,
-                                trust_remote_code=trust_remote_code).to(self.device)
+                                trust_remote_code=trust_remote_code, zero_shot=self.zero_shot).to(self.device)
         config = self.model.config
-        self.labels = np.array([config.id2label.get(i, str(i)) for i in range(config.num_labels)], dtype=object)
-        # The reference pipeline's rule: sigmoid for multi-label or single-logit heads.
-        self.sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
-        self.top_k = min(top_k, config.num_labels)
+        if self.zero_shot:
+            self.labels = np.array(candidate_labels, dtype=object)
+            # The zero-shot pipeline's rule: sigmoid for SigLIP, softmax otherwise.
+            self.sigmoid = "siglip" in config.model_type
+            self._prepare_zero_shot(load_tokenizer(source, trust_remote_code), hypothesis_template)
+        else:
+            self.labels = np.array([config.id2label.get(i, str(i)) for i in range(config.num_labels)], dtype=object)
+            # The reference pipeline's rule: sigmoid for multi-label or single-logit heads.
+            self.sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
+        self.top_k = min(top_k, len(self.labels))
+        self.embedding_width, self.normalize_embeddings = embedding_width, normalize_embeddings
+        # A classifier's embedding is its head's input, recorded during the forward pass.
+        self.head_input = HeadInput(self.model) if embedding_width and not self.zero_shot else None
         self.scale = torch.tensor(scale, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.offset = torch.tensor(offset, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.forward = torch.compile(self.model) if compile else self.model
+        # What runs per batch: the classifier, or a zero-shot model's image tower.
+        forward = self.model.get_image_features if self.zero_shot else self.model
+        self.forward = torch.compile(forward) if compile else forward
         self.batch_size = batch_size
         self.pixel_layout = pixel_layout  # (shape, dtype) of one image in a pipeline block
 
-    def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare_zero_shot(self, tokenizer, template: str) -> None:
+        """The candidate labels' text embeddings, once; then a check, on a random image,
+        that scoring images against them gives the model's own ``logits_per_image``."""
+        import torch
+
+        model = self.model
+        kwargs = {"padding": True}  # the zero-shot pipeline's tokenizer arguments
+        if "siglip" in model.config.model_type:
+            kwargs.update(padding="max_length", max_length=64, truncation=True)
+        text = tokenizer([template.format(label) for label in self.labels], return_tensors="pt", **kwargs)
+        text = text.to(self.device)
+        if not (hasattr(model, "logit_scale") or hasattr(model, "temperature")):
+            raise ModelLoadError(f"zero-shot scoring of {type(model).__name__} is not supported")
+        with torch.inference_mode():
+            # Families differ only in how similarity becomes a logit: exp(logit_scale)
+            # (CLIP), plus logit_bias (SigLIP), or 1 / temperature (ALIGN).
+            scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 1 / model.temperature
+            self.logit_scale = scale.float()
+            self.logit_bias = model.logit_bias.float() if hasattr(model, "logit_bias") else 0.0
+            text_embeds = _features(model.get_text_features(**text)).float()
+            self.text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+            size = model.config.vision_config.image_size
+            probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(self.device, self.dtype)
+            expected = model(pixel_values=probe, **text).logits_per_image.float()
+            got = self._zero_shot_logits(_features(model.get_image_features(pixel_values=probe)))
+        tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
+        if not torch.allclose(got, expected, rtol=tolerance, atol=tolerance * (1 + expected.abs().max().item())):
+            raise ModelLoadError(f"zero-shot scoring of {type(model).__name__} does not reproduce its "
+                                 f"logits_per_image (largest difference {(got - expected).abs().max().item():.3g})")
+
+    def _zero_shot_logits(self, image_embeds):
+        image_embeds = image_embeds.float()
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        return image_embeds @ self.text_embeds.T * self.logit_scale + self.logit_bias
+
+    def _logits_and_embeddings(self, pixel_values):
+        """The model's logits for a batch and, where asked, the images' embeddings (on the device)."""
+        if self.zero_shot:
+            image_embeds = _features(self.forward(pixel_values=pixel_values))
+            return self._zero_shot_logits(image_embeds), image_embeds if self.embedding_width else None
+        logits = self.forward(pixel_values=pixel_values).logits
+        return logits, self.head_input.take() if self.head_input else None
+
+    def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(N, H, W, 3) uint8, or (N, C, H, W) float32 already preprocessed (the slow
-        path) -> (top-k class ids, top-k scores), each (N, k)."""
+        path) -> (top-k class ids, top-k scores), each (N, k), and the embeddings
+        (N, embedding_width) float32, or None where not asked for."""
         import torch
 
         with torch.inference_mode():
@@ -225,10 +382,19 @@ class Predictor:
             if x.dtype == torch.uint8:  # NHWC uint8 -> NCHW float32 affine on the device
                 x = x.permute(0, 3, 1, 2).float() * self.scale + self.offset
             x = x.to(self.dtype)
-            logits = self.forward(pixel_values=x).logits.float()
+            logits, embeddings = self._logits_and_embeddings(x)
+            logits = logits.float()
             probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
             scores, ids = torch.topk(probs, self.top_k, dim=-1)
-            return ids.cpu().numpy(), scores.cpu().numpy()
+            if embeddings is not None:
+                if embeddings.shape[1] != self.embedding_width:
+                    raise ValueError(f"the embedding is {embeddings.shape[1]} wide where the model's config gives "
+                                     f"{self.embedding_width}")
+                embeddings = embeddings.float()
+                if self.normalize_embeddings:
+                    embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+                embeddings = embeddings.cpu().numpy()
+            return ids.cpu().numpy(), scores.cpu().numpy(), embeddings
 
     def fastest_batch_size(self, input_size: tuple[int, int], candidates=(32, 64, 128, 256, 512, 1024)) -> int:
         """The largest batch that fits in device memory and still raises throughput.
@@ -278,13 +444,17 @@ class Predictor:
         n, k = table.num_rows, self.top_k
         ids = np.zeros((n, k), dtype=np.int64)
         scores = np.zeros((n, k), dtype=np.float32)
+        embeddings = np.zeros((n, self.embedding_width or 0), dtype=np.float32)
         if pixels is not None:
             rows = np.flatnonzero(ok)
             step = self.batch_size or len(rows)
             try:
                 for start in range(0, len(rows), step):
-                    ids[rows[start:start + step]], scores[rows[start:start + step]] = \
+                    batch_rows = rows[start:start + step]
+                    ids[batch_rows], scores[batch_rows], batch_embeddings = \
                         self.predict_pixels(pixels[start:start + step])
+                    if batch_embeddings is not None:
+                        embeddings[batch_rows] = batch_embeddings
             except Exception as err:
                 if _is_out_of_memory(err):
                     raise  # not the images' fault: let the task be retried
@@ -312,6 +482,9 @@ class Predictor:
         )
         if "true_label" in table.column_names:  # null where the truth or the prediction is unknown
             table = table.append_column("correct", pc.equal(table.column("true_label"), label))
+        if self.embedding_width:
+            table = table.append_column(EMBEDDING, pa.FixedSizeListArray.from_arrays(
+                pa.array(embeddings.ravel(), pa.float32()), self.embedding_width, mask=mask))
         return table.append_column("predict_seconds", pa.array(np.full(n, (time.perf_counter() - started) / max(n, 1))))
 
 

@@ -27,14 +27,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
+from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs, label_list
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
-from visionbatch.model import ModelSource, Predictor, load_config, load_processor, resolve_model_source
+from visionbatch.model import (ModelSource, Predictor, check_model_kind, embedding_width, load_config, load_processor,
+                               resolve_model_source)
 from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
                                    draft_side, pixel_layout)
-from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
+from visionbatch.results import MODEL_TRACEBACK, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform, result_schema
 from visionbatch.shards import InputSpec, Shard, ShardPlanner
-from visionbatch.sinks import Destination, DestinationError, Lease, Manifest, ShardWriter, write_shard
+from visionbatch.sinks import (EMBEDDINGS_KEY, SUMMARY, Destination, DestinationError, Lease, Manifest, ShardWriter,
+                               write_shard)
 from visionbatch.sources import check_source
 from visionbatch.storage import SourceError, Storage, is_remote
 from visionbatch.summary import Summary
@@ -58,12 +60,25 @@ class JobError(Exception):
 
 
 @dataclass(frozen=True)
-class Plan:
-    """A job's resolved execution plan: plain values shipped to every worker."""
+class ModelPlan:
+    """What the model computes, resolved in the driver from the model's configs and the options."""
 
     source: ModelSource
     spec: Preprocessing
     preprocessing: str  # which path and why, one line
+    candidate_labels: tuple[str, ...] | None  # zero-shot: the classes (from the option or its file)
+    embedding_width: int | None  # --embeddings: the width of the embedding column
+
+    @property
+    def schema(self) -> pa.Schema:
+        return result_schema(self.embedding_width)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A job's resolved execution plan: plain values shipped to every worker."""
+
+    model: ModelPlan
     device: str
     dtype: str
     replicas: int
@@ -105,7 +120,7 @@ def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
     return max(1, (cpus - cpus // 8) // replicas)
 
 
-def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: Preprocessing, preprocessing: str) -> Plan:
+def resolve_plan(config: ClassifyConfig, model: ModelPlan) -> Plan:
     """Device, dtype, replicas and batch sizes from the options and the cluster."""
     cpus, gpus = _cluster_resources()
     device = config.device
@@ -118,7 +133,7 @@ def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: Preprocessin
         gpus_per_replica = config.gpus_per_replica
         # One CPU per GPU replica feeds it; the remaining CPUs decode.
         cpus_per_replica, threads = 1.0, None
-        batch_size = config.batch_size or _probe_gpu_batch_size(config, spec, gpus_per_replica)
+        batch_size = config.batch_size or _probe_gpu_batch_size(config, model, gpus_per_replica)
     else:
         replicas = config.replicas or 1
         gpus_per_replica = 0.0
@@ -131,9 +146,7 @@ def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: Preprocessin
         cpus_per_replica = float(max(1, min(threads, int(cpus) - 1, node_cpus - 1)))
         batch_size = config.batch_size or 16
     return Plan(
-        source=source,
-        spec=spec,
-        preprocessing=preprocessing,
+        model=model,
         device=device,
         dtype="float32" if device == "cpu" and config.dtype == "auto" else config.dtype,
         replicas=replicas,
@@ -144,7 +157,7 @@ def resolve_plan(config: ClassifyConfig, source: ModelSource, spec: Preprocessin
         # Decode tasks live as long as there are shards: left uncapped they would take
         # every CPU before the model replicas start, and the replicas would wait for them.
         decode_concurrency=max(1, int(cpus - replicas * cpus_per_replica)),
-        draft_side=None if config.exact_decode else draft_side(spec),
+        draft_side=None if config.exact_decode else draft_side(model.spec),
     )
 
 
@@ -155,15 +168,21 @@ def _affine(spec: Preprocessing) -> dict:
     return {"scale": spec.scale, "offset": spec.offset}
 
 
-def _probe_gpu_batch_size(config: ClassifyConfig, spec: Preprocessing, gpus: float) -> int:
+def _model_arguments(config: ClassifyConfig, model: ModelPlan) -> dict:
+    """The Predictor's arguments that decide what it computes (the job's and the batch-size probe's)."""
+    return {"model": model.source, **_affine(model.spec), "allow_pickle": config.allow_pickle,
+            "trust_remote_code": config.trust_remote_code, "embedding_width": model.embedding_width,
+            "normalize_embeddings": config.normalize_embeddings, "candidate_labels": model.candidate_labels,
+            "hypothesis_template": config.hypothesis_template}
+
+
+def _probe_gpu_batch_size(config: ClassifyConfig, model: ModelPlan, gpus: float) -> int:
     """Measure the best batch size on one GPU of the cluster (one extra model load)."""
     import ray
 
     def probe() -> int:
-        predictor = Predictor(resolve_model_source(config.model), **_affine(spec),
-                              device="cuda", dtype=config.dtype, allow_pickle=config.allow_pickle,
-                              trust_remote_code=config.trust_remote_code)
-        return predictor.fastest_batch_size(spec.output_size)
+        predictor = Predictor(**_model_arguments(config, model), device="cuda", dtype=config.dtype)
+        return predictor.fastest_batch_size(model.spec.output_size)
 
     try:
         return ray.get(ray.remote(num_gpus=gpus, max_retries=0)(probe).remote())
@@ -244,11 +263,16 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     ``--resume`` with another is refused."""
     from visionbatch import __version__
 
-    return {"visionbatch": __version__, "model": plan.source.ref, "top_k": config.top_k, "format": output.format,
+    model = plan.model
+    return {"visionbatch": __version__, "model": model.source.ref, "top_k": config.top_k, "format": output.format,
             "dtype": plan.dtype, "labels": config.labels, "label_map": config.label_map,
             "sources": list(config.sources), "from_list": config.from_list, "shard_size": config.shard_size,
             "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
-            "exact_decode": config.exact_decode}
+            "exact_decode": config.exact_decode,
+            EMBEDDINGS_KEY: model.embedding_width and {"width": model.embedding_width,
+                                                       "normalized": config.normalize_embeddings},
+            "zero_shot": model.candidate_labels and {"labels": list(model.candidate_labels),
+                                                     "template": config.hypothesis_template}}
 
 
 @dataclass(frozen=True)
@@ -284,13 +308,15 @@ def prepare(config: ClassifyConfig) -> Prepared:
             init_ray(config.address)
             planner = _make_planner(inputs, storage)
         finally:
-            spec, preprocessing, labels = metadata.result()
+            model, labels = metadata.result()
     _warn_local_paths_on_cluster(config)
-    return Prepared(config, resolve_plan(config, source, spec, preprocessing), storage, labels, planner)
+    return Prepared(config, resolve_plan(config, model), storage, labels, planner)
 
 
-def _model_metadata(config: ClassifyConfig, source: ModelSource, storage: Storage):
+def _model_metadata(config: ClassifyConfig, source: ModelSource,
+                    storage: Storage) -> tuple[ModelPlan, LabelResolver | None]:
     model_config = load_config(source, config.trust_remote_code)
+    check_model_kind(model_config, config.zero_shot)
     processor = load_processor(source, config.trust_remote_code)
     try:
         spec, preprocessing = choose_preprocessing(processor)
@@ -298,8 +324,23 @@ def _model_metadata(config: ClassifyConfig, source: ModelSource, storage: Storag
         raise JobError(f"cannot preprocess images for this model: {err}") from None
     if isinstance(spec, ProcessorPath):
         log.warning("preprocessing: %s", preprocessing)
+    candidate_labels = config.candidate_labels
+    if config.candidate_labels_file:
+        try:
+            lines = storage.read(config.candidate_labels_file).decode("utf-8").splitlines()
+        except (OSError, SourceError, UnicodeDecodeError) as err:
+            raise JobError(f"cannot read --candidate-labels-file {config.candidate_labels_file}: {err}") from None
+        try:
+            candidate_labels = label_list(lines, f"--candidate-labels-file {config.candidate_labels_file}")
+        except ValueError as err:
+            raise JobError(str(err)) from None
+    width = embedding_width(model_config, spec.output_size, zero_shot=config.zero_shot,
+                            trust_remote_code=config.trust_remote_code) if config.embeddings else None
+    model = ModelPlan(source, spec, preprocessing, candidate_labels, width)
     if config.labels == "none":
-        return spec, preprocessing, None
+        return model, None
+    id2label = (dict(enumerate(candidate_labels)) if candidate_labels
+                else {int(k): v for k, v in model_config.id2label.items()})
     label_map_text = None
     if config.label_map:
         try:
@@ -307,7 +348,7 @@ def _model_metadata(config: ClassifyConfig, source: ModelSource, storage: Storag
         except (OSError, SourceError, UnicodeDecodeError) as err:
             raise JobError(f"cannot read --label-map {config.label_map}: {err}") from None
     try:
-        return spec, preprocessing, build_resolver({int(k): v for k, v in model_config.id2label.items()}, label_map_text)
+        return model, build_resolver(id2label, label_map_text)
     except ValueError as err:
         raise JobError(str(err)) from None
 
@@ -358,7 +399,7 @@ def build_dataset(prepared: Prepared):
     # Ray Data gathers a task's outputs into blocks of up to target_max_block_size
     # (128 MiB) before passing them on; a decode task lives for the whole job, so its
     # blocks must leave as they are made: the target is one block of images.
-    shape, dtype = pixel_layout(plan.spec)
+    shape, dtype = pixel_layout(plan.model.spec)
     image_bytes = int(np.prod(shape)) * dtype.itemsize
     block_images = _block_images(plan.batch_size, image_bytes, config.shard_size)
     ray.data.DataContext.get_current().target_max_block_size = block_images * image_bytes
@@ -369,7 +410,7 @@ def build_dataset(prepared: Prepared):
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         decoded = slots.map_batches(
             _decode_stage, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"planner": prepared.planner, "spec": plan.spec, "max_pixels": config.max_pixels,
+            fn_kwargs={"planner": prepared.planner, "spec": plan.model.spec, "max_pixels": config.max_pixels,
                        "max_bytes": config.max_bytes,
                        "storage": prepared.storage, "labels": prepared.labels, "batch_size": block_images,
                        "first_batch_size": plan.batch_size, "draft_side": plan.draft_side},
@@ -396,19 +437,16 @@ def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = Tru
     import ray.data
 
     plan, config = prepared.plan, prepared.config
-    shape, dtype = pixel_layout(plan.spec)
+    shape, dtype = pixel_layout(plan.model.spec)
     return ds.map_batches(
         Predictor,
         batch_size=None,
         batch_format="pyarrow" if pyarrow_blocks else "numpy",
         fn_constructor_kwargs={
-            "model": plan.source,
-            **_affine(plan.spec),
+            **_model_arguments(config, plan.model),
             "top_k": config.top_k,
             "device": plan.device,
             "dtype": plan.dtype,
-            "allow_pickle": config.allow_pickle,
-            "trust_remote_code": config.trust_remote_code,
             "num_threads": plan.model_threads,
             "compile": config.compile,
             "batch_size": batch_size,
@@ -432,7 +470,7 @@ def classify(sources, model: str | None = None, **options):
     config = config_from_kwargs(sources, **options)
     prepared = prepare(config)
     start_planner(prepared)
-    return build_dataset(prepared).select_columns(RESULT_SCHEMA.names)
+    return build_dataset(prepared).select_columns(prepared.plan.model.schema.names)
 
 
 def run(sources, output: str, *, format: str = "parquet", overwrite: bool = False, resume: bool = False,
@@ -473,7 +511,7 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
             except DestinationError as err:
                 raise JobError(str(err)) from None
             summary = _Job(prepared, manifest, output, started, progress).run()
-            destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+            destination.write_bytes(SUMMARY, json.dumps(summary.to_dict(), indent=1).encode())
         finally:
             lease.release()
     return summary
@@ -601,7 +639,7 @@ class _Job:
             ds = build_dataset(self.prepared).map_batches(
                 ShardWriter, batch_size=None, batch_format="pyarrow",
                 fn_constructor_args=(self.output.dest, self.prepared.storage, self.output.format,
-                                     self.prepared.config.labels != "none"),
+                                     self.prepared.config.labels != "none", self.prepared.plan.model.schema),
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                 max_restarts=self.prepared.config.max_retries, max_task_retries=self.prepared.config.max_retries)
         for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -664,7 +702,7 @@ class _Job:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
-                                         fn_kwargs={"spec": prepared.plan.spec, "max_pixels": config.max_pixels,
+                                         fn_kwargs={"spec": prepared.plan.model.spec, "max_pixels": config.max_pixels,
                                                     "max_bytes": config.max_bytes, "storage": prepared.storage,
                                                     "draft_side": prepared.plan.draft_side},
                                          num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
@@ -685,9 +723,10 @@ class _Job:
                 missing = missing.append_column("error", pa.array([crash] * missing.num_rows, pa.string()))
                 self._rows_arrived(missing.num_rows)
             parts = [t for t in (done, missing) if t is not None and t.num_rows]
-            table = pa.concat_tables([_with_result_columns(t) for t in parts])
+            schema = prepared.plan.model.schema
+            table = pa.concat_tables([_with_result_columns(t, schema) for t in parts])
             self._commit(write_shard(self.manifest.destination, shard.id, table, self.output.format,
-                                     config.labels != "none"))
+                                     config.labels != "none", schema))
 
     def _shard_rows(self, shards: list[Shard]) -> pa.Table:
         labels = self.prepared.labels
@@ -703,12 +742,12 @@ class _Job:
                          SHARD_ROWS_COLUMN: pa.array(columns[SHARD_ROWS_COLUMN], pa.int32())})
 
 
-def _with_result_columns(table: pa.Table) -> pa.Table:
+def _with_result_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """A table of rows (predicted or crashed) with every result column and the row index."""
     rows = conform(table.set_column(table.schema.get_field_index("true_label"), "true_label",
                                     pa.compute.if_else(pa.compute.equal(table.column("true_label"), ""), None,
                                                        table.column("true_label")))
-                   if table.column("true_label").type == pa.string() else table)
+                   if table.column("true_label").type == pa.string() else table, schema)
     return rows.append_column(ROW_COLUMN, table.column(ROW_COLUMN).cast(pa.int32()))
 
 

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,7 @@ THUMBNAIL_PX = 128
 THUMBNAIL_MAX_BYTES = 64 << 20
 HEATMAP_CLASSES = 15
 MAX_FAILED_ROWS = 500
+log = logging.getLogger("visionbatch")
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;padding:0 16px;color:#222}
@@ -342,6 +344,9 @@ def write_report(dest: str, html_path: str, s3_endpoint: str | None = None) -> s
         summary = None
     page = render_report(table, summary, s3_endpoint).encode("utf-8")
     fs, path = Storage(s3_endpoint).resolve(html_path)
+    if os.path.dirname(path) == destination.root and not os.path.basename(path).startswith(("_", ".")):
+        log.warning("%s sits among DEST's part files: pyarrow.dataset and pandas.read_parquet(DEST) fail on it; "
+                    "write the report elsewhere or give it a name starting with '_'", html_path)
     if not is_remote(html_path):
         fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as out:

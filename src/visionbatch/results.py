@@ -23,6 +23,17 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 
+EMBEDDING = "embedding"
+
+
+def result_schema(embedding_width: int | None = None) -> pa.Schema:
+    """The result row: RESULT_SCHEMA, and with ``embedding_width`` (--embeddings) one more
+    column, the image's embedding (float32, that wide; null on error)."""
+    if not embedding_width:
+        return RESULT_SCHEMA
+    return RESULT_SCHEMA.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_width)))
+
+
 # The model stage's own columns, a subset of RESULT_SCHEMA.
 PREDICTION_FIELDS = [RESULT_SCHEMA.field(name) for name in ("label", "label_id", "score", "top_k_labels", "top_k_scores")]
 
@@ -53,12 +64,12 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """Select and cast to RESULT_SCHEMA, adding all-null columns that are absent."""
+def conform(table: pa.Table, schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
+    """Select and cast to ``schema`` (a :func:`result_schema`), adding all-null columns that are absent."""
     columns = []
-    for field in RESULT_SCHEMA:
+    for field in schema:
         if field.name in table.column_names:
             columns.append(table.column(field.name).cast(field.type))
         else:
             columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=RESULT_SCHEMA)
+    return pa.Table.from_arrays(columns, schema=schema)

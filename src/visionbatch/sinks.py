@@ -8,7 +8,12 @@ Layout of DEST::
                          file, row count, digest of its paths and its counts
     _SUCCESS             written last, when every shard is committed
     _lease.json          while a job runs: which job holds DEST (one at a time)
-    summary.json         the job's summary
+    _summary.json        the job's summary
+    _metrics.json        its metrics (evaluate)
+
+Every name but the part files starts with "_" (temporary names with "."), the names
+Parquet readers skip: DEST reads as a plain dataset (pandas.read_parquet(DEST),
+pyarrow.dataset.dataset(DEST), DuckDB and polars on DEST/*.parquet).
 
 Workers write part files (:class:`ShardWriter`): under a hidden temporary name, then
 renamed (locally) or uploaded whole (an object store shows an object only once its
@@ -35,9 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from visionbatch.evaluate import merge_counts
+from visionbatch.evaluate import METRICS_FILE, merge_counts
 from visionbatch.evaluate import metric_counts as metric_counts_of
-from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
+from visionbatch.results import (EMBEDDING, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN,
+                                 conform, result_schema)
 from visionbatch.shards import paths_digest
 from visionbatch.storage import Storage, describe, is_remote
 from visionbatch.summary import shard_counts
@@ -45,10 +51,11 @@ from visionbatch.summary import shard_counts
 EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
-SUMMARY = "summary.json"
+SUMMARY = "_summary.json"
 MANIFEST_VERSION = 2
-_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, "metrics.json")
-_LIST_COLUMNS = ("top_k_labels", "top_k_scores")
+EMBEDDINGS_KEY = "embeddings"  # in the manifest's job record: {"width", "normalized"}, or null
+_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE)
+_LIST_COLUMNS = ("top_k_labels", "top_k_scores", EMBEDDING)
 log = logging.getLogger("visionbatch")
 
 
@@ -69,8 +76,8 @@ def _encode(table: pa.Table, fmt: str) -> bytes:
     elif fmt == "csv":
         import pyarrow.csv as pacsv
 
-        # CSV has no lists: top-k columns are written as JSON arrays.
-        for name in _LIST_COLUMNS:
+        # CSV has no lists: top-k columns (and embeddings) are written as JSON arrays.
+        for name in (name for name in _LIST_COLUMNS if name in table.column_names):
             encoded = pa.array([None if v is None else json.dumps(v) for v in table.column(name).to_pylist()], pa.string())
             table = table.set_column(table.schema.get_field_index(name), name, encoded)
         pacsv.write_csv(table, sink)
@@ -82,22 +89,29 @@ def _encode(table: pa.Table, fmt: str) -> bytes:
     return sink.getvalue()
 
 
-def _decode(data: bytes, fmt: str) -> pa.Table:
+def _decode(data: bytes, fmt: str, schema: pa.Schema) -> pa.Table:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return conform(pq.read_table(io.BytesIO(data)))
+        return conform(pq.read_table(io.BytesIO(data)), schema)
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        types = {f.name: (pa.string() if f.name in _LIST_COLUMNS else f.type) for f in RESULT_SCHEMA}
+        types = {f.name: (pa.string() if f.name in _LIST_COLUMNS else f.type) for f in schema}
         table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
-        for name in _LIST_COLUMNS:
+        for name in (name for name in _LIST_COLUMNS if name in schema.names):
             decoded = [None if v is None else json.loads(v) for v in table.column(name).to_pylist()]
-            table = table.set_column(table.schema.get_field_index(name), name, pa.array(decoded, RESULT_SCHEMA.field(name).type))
-        return conform(table)
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pa.array(decoded, schema.field(name).type))
+        return conform(table, schema)
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-    return conform(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+    return conform(pa.Table.from_pylist(rows, schema=schema), schema)
+
+
+def job_schema(job: dict) -> pa.Schema:
+    """The result schema of the job a manifest records (pipeline.job_identity)."""
+    embeddings = job.get(EMBEDDINGS_KEY)
+    return result_schema(embeddings and embeddings["width"])
 
 
 def _format_of(name: str) -> str:
@@ -174,9 +188,9 @@ class Destination:
         self.delete(name for name in self.files() if name.startswith("part-") or name in _OWN_FILES
                     or (name.startswith(".") and name.endswith(".tmp")))
 
-    def read_parts(self, names: list[str]) -> pa.Table:
-        tables = [_decode(self.read_bytes(name), _format_of(name)) for name in names]
-        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+    def read_parts(self, names: list[str], schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
+        tables = [_decode(self.read_bytes(name), _format_of(name), schema) for name in names]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def manifest(self) -> dict | None:
         if MANIFEST not in self.files():
@@ -186,10 +200,10 @@ class Destination:
         except ValueError as err:
             raise DestinationError(f"{self.uri}/{MANIFEST} is damaged ({describe(err)})") from None
 
-    def read_part(self, name: str, rows: int) -> pa.Table:
+    def read_part(self, name: str, rows: int, schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
         """One committed part file, checked against the row count the manifest gives it."""
         try:
-            table = _decode(self.read_bytes(name), _format_of(name))
+            table = _decode(self.read_bytes(name), _format_of(name), schema)
         except (OSError, ValueError, pa.ArrowException) as err:  # missing, cut short, not the format
             raise DestinationError(f"{self.uri}/{name} is missing or damaged ({describe(err)}); "
                                    "rerun the job with --resume to redo it") from None
@@ -253,19 +267,21 @@ class Destination:
                 f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume"
             )
         shards = sorted(manifest["shards"].values(), key=lambda s: s["file"])
-        tables = [self.read_part(shard["file"], shard["rows"]) for shard in shards]  # checked as read
-        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+        schema = job_schema(manifest["job"])
+        tables = [self.read_part(shard["file"], shard["rows"], schema) for shard in shards]  # checked as read
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def read_results(dest: str, s3_endpoint: str | None = None) -> pa.Table:
-    """All committed result rows of DEST as one table with RESULT_SCHEMA."""
+    """All committed result rows of DEST as one table (RESULT_SCHEMA, with ``embedding`` where the job made them)."""
     return Destination(dest, Storage(s3_endpoint)).read_table()
 
 
-def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str, labelled: bool = True) -> dict:
+def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str, labelled: bool = True,
+                schema: pa.Schema = RESULT_SCHEMA) -> dict:
     """Write one whole shard's rows (in shard order) as its part file; returns its commit record."""
     table = table.sort_by(ROW_COLUMN) if ROW_COLUMN in table.column_names else table
-    rows = conform(table)
+    rows = conform(table, schema)
     name = part_name(shard, fmt)
     destination.write_bytes(name, _encode(rows, fmt))
     record = {"shard": shard, "file": name, "rows": rows.num_rows,
@@ -284,9 +300,9 @@ class ShardWriter:
     arrives twice (a retried task) is kept once.
     """
 
-    def __init__(self, dest: str, storage: Storage, fmt: str, labelled: bool = True):
+    def __init__(self, dest: str, storage: Storage, fmt: str, labelled: bool = True, schema: pa.Schema = RESULT_SCHEMA):
         self.destination = Destination(dest, storage)
-        self.fmt, self.labelled = fmt, labelled
+        self.fmt, self.labelled, self.schema = fmt, labelled, schema
         self.pending: dict[str, list[pa.Table]] = {}
         self.seen: dict[str, np.ndarray] = {}
 
@@ -306,7 +322,7 @@ class ShardWriter:
             if seen.all():
                 del self.seen[shard]
                 whole = pa.concat_tables(self.pending.pop(shard), promote_options="default")
-                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled))
+                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled, self.schema))
             shards.append(shard)
             rows_in.append(len(rows))
             commits.append(record)
@@ -360,8 +376,8 @@ class Manifest:
             # Counts cannot be taken back out of the sum: count the whole parts again (rare).
             metric_counts = None
             for record in shards.values():
-                metric_counts = merge_counts(metric_counts, metric_counts_of(destination.read_part(record["file"],
-                                                                                                    record["rows"])))
+                part = destination.read_part(record["file"], record["rows"], job_schema(job))
+                metric_counts = merge_counts(metric_counts, metric_counts_of(part))
         return cls(destination, job, shards, metric_counts)
 
     @property

@@ -2,7 +2,7 @@
 
 The writer counts each shard as it writes it (:func:`shard_counts`); the manifest keeps
 those counts; the driver adds them into a :class:`Summary`, printed at the end and
-written to DEST/summary.json. A resumed job adds the counts of the shards an earlier
+written to DEST/_summary.json. A resumed job adds the counts of the shards an earlier
 run committed, so its summary covers the whole job.
 """
 
@@ -58,7 +58,7 @@ def shard_counts(table: pa.Table, labelled: bool = True) -> dict:
 
 @dataclass
 class Summary:
-    """What a job did, printed at the end and written to DEST/summary.json."""
+    """What a job did, printed at the end and written to DEST/_summary.json."""
 
     model: str
     device: str
