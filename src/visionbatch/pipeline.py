@@ -31,8 +31,10 @@ from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
 from visionbatch.model import ModelSource, Predictor, load_config, load_processor, resolve_model_source
 from visionbatch.preprocess import Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
-from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
-from visionbatch.shards import InputSpec, Shard, ShardPlanner
+from visionbatch.results import (MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN,
+                                 SHARD_ROWS_COLUMN, conform, job_columns)
+from visionbatch.samples import Reading
+from visionbatch.shards import AnyShard, InputSpec, Shard, ShardPlanner, describe_shard
 from visionbatch.sinks import Destination, DestinationError, Lease, Manifest, ShardWriter, write_shard
 from visionbatch.sources import check_source
 from visionbatch.storage import SourceError, Storage, is_remote
@@ -244,7 +246,9 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     return {"visionbatch": __version__, "model": plan.source.ref, "top_k": config.top_k, "format": output.format,
             "dtype": plan.dtype, "labels": config.labels, "label_map": config.label_map,
             "sources": list(config.sources), "from_list": config.from_list, "shard_size": config.shard_size,
-            "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes}
+            "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
+            "image_column": config.image_column, "url_column": config.url_column,
+            "keep_columns": list(config.keep_columns), "label_column": config.label_column}
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,7 @@ def prepare(config: ClassifyConfig) -> Prepared:
     Ray starts in the main thread while another thread loads the model's configs: both
     mostly wait (on subprocesses, on storage).
     """
-    storage = Storage(config.s3_endpoint)
+    storage = Storage(config.s3_endpoint, config.download_timeout, config.download_retries)
     try:
         for uri in config.sources:
             check_source(uri, storage, config.from_list)
@@ -279,7 +283,10 @@ def prepare(config: ClassifyConfig) -> Prepared:
             spec, preprocessing, labels = metadata.result()
     _warn_local_paths_on_cluster(config)
     inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
-                       limit=config.limit, cwd=os.getcwd())
+                       limit=config.limit, cwd=os.getcwd(), image_column=config.image_column,
+                       url_column=config.url_column or "path",
+                       columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
+                                                      config.label_column else []), *config.keep_columns])))
     return Prepared(config, resolve_plan(config, source, spec, preprocessing), storage, inputs, labels)
 
 
@@ -327,7 +334,7 @@ def start_planner(prepared: Prepared, committed: dict[str, str] | None = None):
     return actor.remote(prepared.inputs, prepared.storage, committed)
 
 
-def _decode_stage(batch, *, planner, spec, max_pixels, max_bytes, storage, labels, batch_size):
+def _decode_stage(batch, *, planner, spec, max_pixels, reading, labels, batch_size):
     """A decode task: takes shards from the planner until none are left (``batch`` is
     only this task's slot)."""
     import ray
@@ -335,7 +342,23 @@ def _decode_stage(batch, *, planner, spec, max_pixels, max_bytes, storage, label
     from visionbatch.decode import decode_shards
 
     yield from decode_shards(lambda: ray.get(planner.next.remote()), spec=spec, max_pixels=max_pixels,
-                             storage=storage, labels=labels, batch_size=batch_size, max_bytes=max_bytes)
+                             reading=reading, labels=labels, batch_size=batch_size)
+
+
+def _decode_given(batch, *, shards, spec, max_pixels, reading, labels, batch_size):
+    """A decode task for the shards whose indices ``batch`` holds (the redo of container
+    shards whose task died)."""
+    from visionbatch.decode import decode_shards
+
+    given = iter([shards[i] for i in batch["item"]])
+    yield from decode_shards(lambda: next(given, None), spec=spec, max_pixels=max_pixels, reading=reading,
+                             labels=labels, batch_size=batch_size)
+
+
+def _reading(prepared: Prepared) -> Reading:
+    config = prepared.config
+    return Reading(prepared.storage, config.max_bytes, config.label_column if config.labels == "column" else None,
+                   config.image_column, config.keep_columns if config.image_column else ())
 
 
 def build_dataset(prepared: Prepared, planner):
@@ -358,8 +381,7 @@ def build_dataset(prepared: Prepared, planner):
         decoded = slots.map_batches(
             _decode_stage, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"planner": planner, "spec": plan.spec, "max_pixels": config.max_pixels,
-                       "max_bytes": config.max_bytes,
-                       "storage": prepared.storage, "labels": prepared.labels, "batch_size": block_images},
+                       "reading": _reading(prepared), "labels": prepared.labels, "batch_size": block_images},
             num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=plan.decode_concurrency),
             # A decode task that dies loses only the shard it was on (the driver redoes it,
@@ -533,7 +555,7 @@ class _Job:
         status = self.status
         if status["error"]:
             raise JobError(self._stopped(f"cannot list the input: {status['error']}"))
-        if status["listing_done"] and not status["images_listed"]:
+        if status["listing_done"] and not status["shards_listed"]:
             skipped = status["skipped_non_image"] + status["skipped_special"]
             raise JobError(f"no image files found in {', '.join(self.prepared.config.sources)}"
                            + (f" ({skipped} other files skipped)" if skipped else ""))
@@ -572,7 +594,7 @@ class _Job:
             status, self._status_ref = ray.get(ready[0]), None
             if status["listing_done"] and not self.status.get("listing_done"):
                 self.summary.stage_times["listing ended (wall, from start)"] = now - self.started
-                if self.bar is not None:
+                if self.bar is not None and not status["unsized_shards"]:  # a tar's images: counted as read
                     self.bar.total = status["images_listed"]
                     self.bar.refresh()
             self.status = status
@@ -586,7 +608,8 @@ class _Job:
             ds = build_dataset(self.prepared, self.planner).map_batches(
                 ShardWriter, batch_size=None, batch_format="pyarrow",
                 fn_constructor_args=(self.output.dest, self.prepared.storage, self.output.format,
-                                     self.prepared.config.labels != "none"),
+                                     self.prepared.config.labels != "none",
+                                     job_columns(self.prepared.config.keep_columns)),
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                 max_restarts=self.prepared.config.max_retries, max_task_retries=self.prepared.config.max_retries)
         for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -635,14 +658,20 @@ class _Job:
         self._streamed += rows
         self.bar.update(rows)
 
-    def _redo_isolated(self, shards: list[Shard]) -> None:
+    def _redo_isolated(self, lost: list[AnyShard]) -> None:
         """Redo whole shards one file per task; files whose every attempt fails get a
         ``worker_crash`` row. Their part files are written here, by the driver: this
-        is the rare path, and its rows (a few shards) fit in the driver."""
+        is the rare path, and its rows (a few shards) fit in the driver. Shards of tars
+        and tables cannot be cut into files: each is redone whole by one task."""
         import ray.data
 
         from visionbatch.decode import decode_batch
 
+        shards = [shard for shard in lost if isinstance(shard, Shard)]
+        if len(shards) < len(lost):
+            self._redo_whole([shard for shard in lost if not isinstance(shard, Shard)])
+        if not shards:
+            return
         prepared, config = self.prepared, self.prepared.config
         rows = self._shard_rows(shards)
         ds = ray.data.from_arrow([rows.slice(i, 1) for i in range(rows.num_rows)])
@@ -657,9 +686,7 @@ class _Job:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             results[table.column(SHARD_COLUMN)[0].as_py()].append(table)
             self._rows_arrived(table.num_rows)
-        retries = config.max_retries
-        crash = (f"worker_crash: processing this file failed {retries + 1} times "
-                 "(its worker process died or its task failed)")
+        crash = self._crash_error("file")
         for shard in shards:
             mine = rows.filter(pa.compute.equal(rows.column(SHARD_COLUMN), shard.id))
             done = pa.concat_tables(results[shard.id], promote_options="permissive") if results[shard.id] else None
@@ -669,12 +696,50 @@ class _Job:
                 missing = missing.append_column("error", pa.array([crash] * missing.num_rows, pa.string()))
                 self._rows_arrived(missing.num_rows)
             parts = [t for t in (done, missing) if t is not None and t.num_rows]
-            table = pa.concat_tables([_with_result_columns(t) for t in parts])
+            extra = job_columns(config.keep_columns)
+            table = pa.concat_tables([_with_result_columns(t, extra) for t in parts], promote_options="permissive")
             self._commit(write_shard(self.manifest.destination, shard.id, table, self.output.format,
-                                     config.labels != "none"))
+                                     config.labels != "none", extra))
+
+    def _crash_error(self, what: str) -> str:
+        return (f"worker_crash: processing this {what} failed {self.prepared.config.max_retries + 1} times "
+                "(its worker process died or its task failed)")
+
+    def _redo_whole(self, shards: list[AnyShard]) -> None:
+        """Redo tar and table shards, one task each (retried); a shard that no attempt
+        finishes gets one ``worker_crash`` row naming its file."""
+        import ray.data
+
+        prepared, config = self.prepared, self.prepared.config
+        writer = ShardWriter(self.output.dest, prepared.storage, self.output.format, config.labels != "none",
+                             job_columns(config.keep_columns))
+        ds = ray.data.from_items(list(range(len(shards))), override_num_blocks=len(shards))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = _predict(ds.map_batches(_decode_given, batch_size=1, batch_format="numpy",
+                                         fn_kwargs={"shards": shards, "spec": prepared.plan.spec,
+                                                    "max_pixels": config.max_pixels, "reading": _reading(prepared),
+                                                    "labels": prepared.labels, "batch_size": prepared.plan.batch_size},
+                                         num_cpus=1, max_retries=config.max_retries), prepared,
+                           batch_size=prepared.plan.batch_size)
+        committed = set()
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rows_in, commit in zip(*writer(table).select(["rows_in", "commit"]).columns):
+                self._rows_arrived(rows_in.as_py())
+                if commit.as_py() is not None:
+                    record = json.loads(commit.as_py())
+                    self._commit(record)
+                    committed.add(record["shard"])
+        for shard in shards:
+            if shard.id not in committed:
+                crash = pa.table({"path": [describe_shard(shard)], "error": [self._crash_error("shard")],
+                                  SHARD_DIGEST_COLUMN: [shard.digest]})
+                self._rows_arrived(1)
+                self._commit(write_shard(self.manifest.destination, shard.id, crash, self.output.format,
+                                         config.labels != "none"))
 
     def _shard_rows(self, shards: list[Shard]) -> pa.Table:
-        labels = self.prepared.labels
+        labels = self.prepared.labels if self.prepared.config.labels == "dirs" else None
         columns = {SHARD_COLUMN: [], ROW_COLUMN: [], SHARD_ROWS_COLUMN: [], "path": [], "true_label": []}
         for shard in shards:
             for row, path in enumerate(shard.paths):
@@ -683,16 +748,22 @@ class _Job:
                 columns[SHARD_ROWS_COLUMN].append(len(shard.paths))
                 columns["path"].append(path)
                 columns["true_label"].append((labels(folder_of(path)) if labels else None) or "")
-        return pa.table({**columns, ROW_COLUMN: pa.array(columns[ROW_COLUMN], pa.int32()),
-                         SHARD_ROWS_COLUMN: pa.array(columns[SHARD_ROWS_COLUMN], pa.int32())})
+        table = pa.table({**columns, ROW_COLUMN: pa.array(columns[ROW_COLUMN], pa.int32()),
+                          SHARD_ROWS_COLUMN: pa.array(columns[SHARD_ROWS_COLUMN], pa.int32())})
+        kept = [shard.columns for shard in shards if shard.columns is not None]
+        if kept:  # the list's kept columns travel with each file
+            kept = pa.concat_tables(kept)
+            table = pa.Table.from_arrays([*table.columns, *kept.columns], [*table.column_names, *kept.column_names])
+        return table
 
 
-def _with_result_columns(table: pa.Table) -> pa.Table:
-    """A table of rows (predicted or crashed) with every result column and the row index."""
+def _with_result_columns(table: pa.Table, extra: tuple[str, ...] = ()) -> pa.Table:
+    """A table of rows (predicted or crashed) with every result column, the job's own
+    columns and the row index."""
     rows = conform(table.set_column(table.schema.get_field_index("true_label"), "true_label",
                                     pa.compute.if_else(pa.compute.equal(table.column("true_label"), ""), None,
                                                        table.column("true_label")))
-                   if table.column("true_label").type == pa.string() else table)
+                   if table.column("true_label").type == pa.string() else table, extra)
     return rows.append_column(ROW_COLUMN, table.column(ROW_COLUMN).cast(pa.int32()))
 
 
