@@ -96,6 +96,8 @@ class ClassifyConfig:
             object.__setattr__(self, "from_list", True)
         if self.image_column and self.from_list:
             raise ValueError("--image-column reads Parquet SOURCEs, --from-list/--url-column list files: choose one")
+        if self.label_column and self.from_list:
+            raise ValueError("--label-column reads WebDataset members or --image-column tables, not list files")
         if self.download_timeout <= 0 or self.download_retries < 0:
             raise ValueError("--download-timeout must be positive and --download-retries at least 0")
         for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size"):
