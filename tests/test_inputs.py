@@ -171,7 +171,10 @@ def test_webdataset_job_killed_then_resumed_gives_every_row_once(tmp_path, slow_
     files = [write_image(tmp_path / "img" / WNIDS[i % 4] / f"{i:03d}.jpg", seed=500 + i) for i in range(120)]
     members = pack_tars(files, tmp_path / "tars", 15)
     dest = tmp_path / "out"
-    args = ["classify", tmp_path / "tars", "--model", slow_vit, "--output", dest, "-q", "--label-column", "cls"]
+    # --shard-size caps the blocks between stages (Ray Data gathers a task's small blocks
+    # up to that size), so these small tars reach the writer a few at a time.
+    args = ["classify", tmp_path / "tars", "--model", slow_vit, "--output", dest, "-q", "--label-column", "cls",
+            "--shard-size", "8"]
     first = start(args, tmp_path / "run1")
     first.wait_for_commit(dest)
     kill_session(first, grace=10)
