@@ -19,7 +19,7 @@ def _list(uri: str) -> tuple[list[str], ListingCounts]:
 
 
 def _read_list(uri: str, counts: ListingCounts, cwd: str = "/") -> list[str]:
-    return [path for batch in iter_list_file(uri, Storage(), counts, cwd) for path in batch]
+    return [path for paths, _ in iter_list_file(uri, Storage(), counts, cwd) for path in paths]
 
 
 def test_folder_listing_is_recursive_and_counts_non_images(image_tree):

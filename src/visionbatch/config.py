@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+from visionbatch.results import check_keep_columns
+
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline's
 
@@ -24,7 +26,7 @@ DEFAULT_MAX_BYTES = 50_000_000  # a 12-MP JPEG is ~5 MB, a 100-MP TIFF ~300 MB: 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Format = Literal["parquet", "csv", "jsonl"]
-LabelsMode = Literal["dirs", "none"]
+LabelsMode = Literal["dirs", "column", "none"]
 
 
 def option(default, help: str, *, flag: str | None = None, metavar: str | None = None, cli: bool = True):
@@ -38,7 +40,15 @@ class ClassifyConfig:
 
     sources: tuple[str, ...]
     model: str = option(DEFAULT_MODEL, f"hub id or local save_pretrained folder (default {DEFAULT_MODEL})")
-    from_list: bool = option(False, "SOURCEs are text files (one path per line) or CSV/Parquet files with a 'path' column")
+    from_list: bool = option(False, "SOURCEs are text files (one path or http(s) URL per line) or CSV/Parquet files "
+                             "with a 'path' column")
+    url_column: str | None = option(None, "the CSV/Parquet list column that holds the paths or URLs (implies "
+                                    "--from-list; default path)", metavar="NAME")
+    image_column: str | None = option(None, "SOURCEs are Parquet files (file, folder, prefix, glob) whose column NAME "
+                                      "holds the image: binary, or a {bytes, path} struct as Hugging Face datasets "
+                                      "writes it", metavar="NAME")
+    keep_columns: tuple[str, ...] = option((), "comma-separated input columns copied into the results (Parquet "
+                                           "with --image-column, CSV/Parquet lists; default none)", metavar="A,B")
     top_k: int = option(5, "labels and scores kept per image")
     batch_size: int | None = option(None, "images per forward pass (default: measured on GPU, largest that "
                                     "still speeds up; 16 on CPU)")
@@ -49,7 +59,11 @@ class ClassifyConfig:
     device: Device = option("auto", "where the model runs")
     dtype: DType = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
     limit: int | None = option(None, "classify only the first N images (in listing order)", metavar="N")
-    labels: LabelsMode = option("dirs", "dirs: true label from the parent folder's name; none: no labels")
+    labels: LabelsMode = option("dirs", "dirs: true label from the parent folder's name; column: from "
+                                "--label-column; none: no labels")
+    label_column: str | None = option(None, "the true label's column (with --image-column) or WebDataset member "
+                                      "extension (cls: a class index, txt: a class name); implies --labels column",
+                                      metavar="NAME")
     label_map: str | None = option(None, "CSV of folder,label that overrides folder-name matching", metavar="FILE")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this, checked from the header")
     max_bytes: int = option(DEFAULT_MAX_BYTES, "refuse files larger than this many bytes (a read_error row)")
@@ -60,6 +74,9 @@ class ClassifyConfig:
                              "--resume", metavar="N")
     allow_pickle: bool = option(False, "also load pickled (.bin) weights; only for models you trust")
     trust_remote_code: bool = option(False, "run model code from the hub repo; only for repos you trust")
+    download_timeout: float = option(30.0, "seconds an http(s) server may take to connect or to send (URLs)",
+                                     metavar="S")
+    download_retries: int = option(3, "retries of an http(s) download answered 429 or 5xx, or not connected")
     s3_endpoint: str | None = option(None, "S3-compatible endpoint (default: $AWS_ENDPOINT_URL)", metavar="URL")
     address: str | None = option(None, "join a running Ray cluster (default: start a local Ray)")
     compile: bool = option(False, "torch.compile the model")
@@ -80,6 +97,21 @@ class ClassifyConfig:
             object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
         if not self.sources:
             raise ValueError("at least one source is required")
+        if isinstance(self.keep_columns, str):
+            object.__setattr__(self, "keep_columns", tuple(c.strip() for c in self.keep_columns.split(",") if c.strip()))
+        check_keep_columns(self.keep_columns)
+        if self.label_column and self.labels == "dirs":
+            object.__setattr__(self, "labels", "column")
+        if self.labels == "column" and not self.label_column:
+            raise ValueError("--labels column needs --label-column NAME")
+        if self.url_column:
+            object.__setattr__(self, "from_list", True)
+        if self.image_column and self.from_list:
+            raise ValueError("--image-column reads Parquet SOURCEs, --from-list/--url-column list files: choose one")
+        if self.label_column and self.from_list:
+            raise ValueError("--label-column reads WebDataset members or --image-column tables, not list files")
+        if self.download_timeout <= 0 or self.download_retries < 0:
+            raise ValueError("--download-timeout must be positive and --download-retries at least 0")
         for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

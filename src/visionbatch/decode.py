@@ -8,8 +8,6 @@ never raises past this module: every failure becomes a :class:`DecodeError` whos
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import io
 import itertools
 import os
@@ -22,7 +20,9 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from visionbatch.labels import LabelResolver, folder_of
 from visionbatch.preprocess import Preprocessing, pixel_layout, prepare_image
-from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN
+from visionbatch.results import KEY_COLUMN, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN
+from visionbatch.samples import Reading, read_file, shard_samples
+from visionbatch.shards import TarShard
 from visionbatch.storage import Storage, describe
 
 # Formats Pillow may try. Everything else (EPS/PDF via Ghostscript, exotic plugins)
@@ -33,7 +33,6 @@ Image.init()  # register every plugin up front: open(formats=...) looks each nam
 # Pillow's bomb check (an error at twice its own limit) is replaced by ours, which reads
 # the header and applies the user's --max-pixels before any pixel is decoded.
 Image.MAX_IMAGE_PIXELS = None
-READ_AHEAD = 16  # reads in flight per decode task
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees (exif_transpose)
 
 
@@ -79,28 +78,6 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
         raise DecodeError(kind, describe(err), size=(width, height)) from None
     except Exception as err:
         raise DecodeError("decode_error", describe(err), size=(width, height)) from None
-
-
-def read_file(path: str, storage: Storage, max_bytes: int | None = None) -> bytes | str:
-    """A file's bytes, or its ``read_error`` text (never raises)."""
-    try:
-        return storage.read(path, max_bytes)
-    except Exception as err:  # missing, permission, network: keep the row
-        return f"read_error: {describe(err)}"
-
-
-def read_ahead(paths, storage: Storage, max_bytes: int | None, window: int = READ_AHEAD) -> Iterator[bytes | str]:
-    """:func:`read_file` of each path, in order, with up to ``window`` reads in flight:
-    object-store requests wait on the network for tens of ms each, and pyarrow's reads
-    release the GIL, so a few threads hide that latency behind decoding."""
-    with concurrent.futures.ThreadPoolExecutor(min(window, max(len(paths), 1))) as pool:
-        pending: collections.deque = collections.deque()
-        for path in paths:
-            pending.append(pool.submit(read_file, path, storage, max_bytes))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage,
@@ -154,69 +131,102 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
     return {**batch, "width": widths, "height": heights, "error": errors, "pixels": pixels, "decode_seconds": seconds}
 
 
-def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, storage: Storage,
-                  labels: LabelResolver | None, batch_size: int, max_bytes: int | None = None,
-                  first_batch_size: int | None = None, draft_side: int | None = None) -> Iterator[pa.Table]:
+def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, reading: Reading,
+                  labels: LabelResolver | None, batch_size: int, first_batch_size: int | None = None,
+                  draft_side: int | None = None) -> Iterator[pa.Table]:
     """The CPU stage: take shards until there are none; yield model-ready blocks.
 
     Each block holds up to ``batch_size`` decoded images and the failed rows met on the
     way; the task's first block holds only ``first_batch_size`` (a first result comes
     after one forward pass, not after a large block's worth). Every row carries its
     shard, its index in the shard and the shard's size, from which the writer knows when
-    a shard is whole.
+    a shard is whole. A shard whose size is known only once read (a tar) says -1 until
+    its last block, which is held back until the shard ends so that it always has rows
+    to say the size with. ``draft_side``: see :func:`decode_image`.
     """
     block_sizes = itertools.chain([first_batch_size or batch_size], itertools.repeat(batch_size))
     while (shard := next_shard()) is not None:
-        yield from _decode_shard(shard, spec, max_pixels, storage, labels, block_sizes, max_bytes, draft_side)
+        yield from _decode_shard(shard, spec, max_pixels, reading, labels, block_sizes, draft_side)
 
 
-def _decode_shard(shard, spec, max_pixels, storage, labels, block_sizes: Iterator[int], max_bytes, draft_side
-                  ) -> Iterator[pa.Table]:
+def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, block_sizes: Iterator[int],
+                  draft_side: int | None) -> Iterator[pa.Table]:
+    samples, kept = shard_samples(shard, reading)
     by_folder: dict[str, str | None] = {}
 
-    def true_label(path: str) -> str | None:
-        folder = folder_of(path)
+    def true_label(sample) -> str | None:
+        if labels is None:
+            return None
+        if reading.label_column:
+            return labels.of_value(sample.label)
+        folder = folder_of(sample.path)
         if folder not in by_folder:
-            by_folder[folder] = labels(folder) if labels else None
+            by_folder[folder] = labels(folder)
         return by_folder[folder]
 
-    rows: list[tuple[int, np.ndarray | None, int, int, str]] = []
-    images, block_images = 0, next(block_sizes)
+    block = _BlockMaker(shard, kept)
+    held = None  # a full block of a shard of unknown size, until the next row or the end
+    rows: list = []
+    images, index, block_images = 0, 0, next(block_sizes)
     started = time.perf_counter()
-    for i, (path, data) in enumerate(zip(shard.paths, read_ahead(shard.paths, storage, max_bytes))):
-        rows.append((i, *decode_file(path, spec, max_pixels, storage, max_bytes, data, draft_side)))
-        images += rows[-1][1] is not None
+    for index, sample in enumerate(samples):
+        if held is not None:
+            yield block(*held, size=-1)
+            held = None
+        rows.append((index, sample.path, true_label(sample), sample.key,
+                     *decode_file(sample.path, spec, max_pixels, reading.storage, reading.max_bytes, sample.data,
+                                  draft_side)))
+        images += rows[-1][4] is not None
         if images == block_images:
-            yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))
+            made = (rows, (time.perf_counter() - started) / len(rows))
+            if shard.rows is None:
+                held = made
+            else:
+                yield block(*made, size=shard.rows)
             rows, images, block_images, started = [], 0, next(block_sizes), time.perf_counter()
+    size = index + 1 if shard.rows is None else shard.rows
+    if held is not None:
+        yield block(*held, size=size)
     if rows:
-        yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))
+        yield block(rows, (time.perf_counter() - started) / len(rows), size=size)
 
 
-def _block(shard, rows, true_label, seconds_per_row: float) -> pa.Table:
-    """Rows of one shard as a table; the decoded images go in one binary column whose
-    data buffer is the images back to back (a failed row holds no bytes), so a block
-    has one schema whatever failed, and the model stage reads the images without a copy."""
-    index, images, widths, heights, errors = zip(*rows)
-    n = len(rows)
-    sizes = np.array([0 if image is None else image.nbytes for image in images], dtype=np.int64)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    decoded = [image.reshape(-1).view(np.uint8) for image in images if image is not None]
-    data = np.concatenate(decoded) if decoded else np.zeros(0, dtype=np.uint8)
-    pixels = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-    return pa.table({
-        SHARD_COLUMN: pa.array([shard.id] * n, pa.string()),
-        ROW_COLUMN: pa.array(index, pa.int32()),
-        SHARD_ROWS_COLUMN: pa.array([len(shard.paths)] * n, pa.int32()),
-        "path": pa.array([shard.paths[i] for i in index], pa.string()),
-        "true_label": pa.array([true_label(shard.paths[i]) for i in index], pa.string()),
-        "width": _size_column(widths),
-        "height": _size_column(heights),
-        "error": pa.array([error or None for error in errors], pa.string()),
-        "pixels": pixels,
-        "decode_seconds": pa.array(np.full(n, seconds_per_row)),
-    })
+class _BlockMaker:
+    def __init__(self, shard, kept: pa.Table | None):
+        self.shard, self.kept = shard, kept
+        self.keyed = isinstance(shard, TarShard)
+
+    def __call__(self, rows, seconds_per_row: float, size: int) -> pa.Table:
+        """Rows of one shard as a table; the decoded images go in one binary column whose
+        data buffer is the images back to back (a failed row holds no bytes), so a block
+        has one schema whatever failed, and the model stage reads the images without a copy."""
+        index, paths, truths, keys, images, widths, heights, errors = zip(*rows)
+        n = len(rows)
+        sizes = np.array([0 if image is None else image.nbytes for image in images], dtype=np.int64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        decoded = [image.reshape(-1).view(np.uint8) for image in images if image is not None]
+        data = np.concatenate(decoded) if decoded else np.zeros(0, dtype=np.uint8)
+        pixels = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+        columns = {
+            SHARD_COLUMN: pa.array([self.shard.id] * n, pa.string()),
+            ROW_COLUMN: pa.array(index, pa.int32()),
+            SHARD_ROWS_COLUMN: pa.array([size] * n, pa.int32()),
+            SHARD_DIGEST_COLUMN: pa.array([self.shard.digest] * n, pa.string()),
+            "path": pa.array(paths, pa.string()),
+            "true_label": pa.array(truths, pa.string()),
+            "width": _size_column(widths),
+            "height": _size_column(heights),
+            "error": pa.array([error or None for error in errors], pa.string()),
+            "pixels": pixels,
+            "decode_seconds": pa.array(np.full(n, seconds_per_row)),
+        }
+        if self.keyed:
+            columns[KEY_COLUMN] = pa.array(keys, pa.string())
+        if self.kept is not None:
+            taken = self.kept.take(pa.array(index, pa.int64()))
+            columns.update(zip(taken.column_names, taken.columns))
+        return pa.table(columns)
 
 
 def _size_column(values) -> pa.Array:

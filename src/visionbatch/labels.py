@@ -22,11 +22,25 @@ class LabelResolver:
     """Maps a folder name to a model label (or None)."""
 
     by_folder: dict[str, str]
+    labels: tuple[str, ...] = ()  # the model's labels by class index
 
     def __call__(self, folder: str | None) -> str | None:
         if not folder:
             return None
         return self.by_folder.get(folder) or self.by_folder.get(folder.lower())
+
+    def of_value(self, value) -> str | None:
+        """A label column's value (or a WebDataset member's text): a class index into
+        the model's labels, or a name matched as folder names are."""
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        text = str(value).strip()
+        if text.lstrip("-").isdigit():
+            index = int(text)
+            return self.labels[index] if 0 <= index < len(self.labels) else None
+        return self(text)
 
 
 def folder_of(path: str) -> str:
@@ -66,4 +80,4 @@ def build_resolver(id2label: dict[int, str], label_map_text: str | None = None) 
             if resolved is None:
                 raise ValueError(f"--label-map: label {label!r} (folder {folder!r}) is not one of the model's labels")
             by_folder[folder] = resolved
-    return LabelResolver(by_folder)
+    return LabelResolver(by_folder, tuple(labels))

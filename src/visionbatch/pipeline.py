@@ -33,8 +33,10 @@ from visionbatch.model import (ModelSource, Predictor, check_model_kind, embeddi
                                resolve_model_source)
 from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
                                    draft_side, pixel_layout)
-from visionbatch.results import MODEL_TRACEBACK, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform, result_schema
-from visionbatch.shards import InputSpec, Shard, ShardPlanner
+from visionbatch.results import (MODEL_TRACEBACK, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN,
+                                 conform, job_columns, result_schema)
+from visionbatch.samples import Reading
+from visionbatch.shards import AnyShard, InputSpec, Shard, ShardPlanner, describe_shard
 from visionbatch.sinks import (EMBEDDINGS_KEY, SUMMARY, Destination, DestinationError, Lease, Manifest, ShardWriter,
                                write_shard)
 from visionbatch.sources import check_source
@@ -272,7 +274,9 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
             EMBEDDINGS_KEY: model.embedding_width and {"width": model.embedding_width,
                                                        "normalized": config.normalize_embeddings},
             "zero_shot": model.candidate_labels and {"labels": list(model.candidate_labels),
-                                                     "template": config.hypothesis_template}}
+                                                     "template": config.hypothesis_template},
+            "image_column": config.image_column, "url_column": config.url_column,
+            "keep_columns": list(config.keep_columns), "label_column": config.label_column}
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ def prepare(config: ClassifyConfig) -> Prepared:
     mostly wait (on subprocesses, on storage); the planner's worker then starts while
     the configs are still loading.
     """
-    storage = Storage(config.s3_endpoint)
+    storage = Storage(config.s3_endpoint, config.download_timeout, config.download_retries)
     try:
         for uri in config.sources:
             check_source(uri, storage, config.from_list)
@@ -301,7 +305,10 @@ def prepare(config: ClassifyConfig) -> Prepared:
         raise JobError(str(err)) from None
     source = resolve_model_source(config.model)
     inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
-                       limit=config.limit, cwd=os.getcwd())
+                       limit=config.limit, cwd=os.getcwd(), image_column=config.image_column,
+                       url_column=config.url_column or "path",
+                       columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
+                                                      config.label_column else []), *config.keep_columns])))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         metadata = pool.submit(_model_metadata, config, source, storage)
         try:
@@ -391,6 +398,24 @@ def _decode_stage(batch, *, planner, **decode_options):
     yield from decode_shards(lambda: ray.get(planner.next.remote()), **decode_options)
 
 
+def _decode_given(batch, *, shards, **decode_options):
+    """A decode task for the shards whose indices ``batch`` holds (the redo of container
+    shards whose task died)."""
+    from visionbatch.decode import decode_shards
+
+    given = iter([shards[i] for i in batch["item"]])
+    yield from decode_shards(lambda: next(given, None), **decode_options)
+
+
+def _decode_options(prepared: Prepared, batch_size: int) -> dict:
+    """What every decode task is given (besides where its shards come from)."""
+    config, plan = prepared.config, prepared.plan
+    reading = Reading(prepared.storage, config.max_bytes, config.label_column if config.labels == "column" else None,
+                      config.image_column, config.keep_columns if config.image_column else ())
+    return {"spec": plan.model.spec, "max_pixels": config.max_pixels, "reading": reading, "labels": prepared.labels,
+            "batch_size": batch_size, "first_batch_size": plan.batch_size, "draft_side": plan.draft_side}
+
+
 def build_dataset(prepared: Prepared):
     """The lazy Ray Data pipeline: shards -> decode tasks -> predictor actors."""
     import ray.data
@@ -410,10 +435,7 @@ def build_dataset(prepared: Prepared):
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         decoded = slots.map_batches(
             _decode_stage, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"planner": prepared.planner, "spec": plan.model.spec, "max_pixels": config.max_pixels,
-                       "max_bytes": config.max_bytes,
-                       "storage": prepared.storage, "labels": prepared.labels, "batch_size": block_images,
-                       "first_batch_size": plan.batch_size, "draft_side": plan.draft_side},
+            fn_kwargs={"planner": prepared.planner, **_decode_options(prepared, block_images)},
             num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=plan.decode_concurrency),
             # A decode task that dies loses only the shard it was on (the driver redoes it,
@@ -586,7 +608,7 @@ class _Job:
         status = self.status
         if status["error"]:
             raise JobError(self._stopped(f"cannot list the input: {status['error']}"))
-        if status["listing_done"] and not status["images_listed"]:
+        if status["listing_done"] and not status["shards_listed"]:
             skipped = status["skipped_non_image"] + status["skipped_special"]
             raise JobError(f"no image files found in {', '.join(self.prepared.config.sources)}"
                            + (f" ({skipped} other files skipped)" if skipped else ""))
@@ -625,7 +647,7 @@ class _Job:
             status, self._status_ref = ray.get(ready[0]), None
             if status["listing_done"] and not self.status.get("listing_done"):
                 self.summary.stage_times["listing ended (wall, from start)"] = now - self.started
-                if self.bar is not None:
+                if self.bar is not None and not status["unsized_shards"]:  # a tar's images: counted as read
                     self.bar.total = status["images_listed"]
                     self.bar.refresh()
             self.status = status
@@ -639,7 +661,8 @@ class _Job:
             ds = build_dataset(self.prepared).map_batches(
                 ShardWriter, batch_size=None, batch_format="pyarrow",
                 fn_constructor_args=(self.output.dest, self.prepared.storage, self.output.format,
-                                     self.prepared.config.labels != "none", self.prepared.plan.model.schema),
+                                     self.prepared.config.labels != "none", self.prepared.plan.model.schema,
+                                     job_columns(self.prepared.config.keep_columns)),
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                 max_restarts=self.prepared.config.max_retries, max_task_retries=self.prepared.config.max_retries)
         for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -688,14 +711,20 @@ class _Job:
         self._streamed += rows
         self.bar.update(rows)
 
-    def _redo_isolated(self, shards: list[Shard]) -> None:
+    def _redo_isolated(self, lost: list[AnyShard]) -> None:
         """Redo whole shards one file per task; files whose every attempt fails get a
         ``worker_crash`` row. Their part files are written here, by the driver: this
-        is the rare path, and its rows (a few shards) fit in the driver."""
+        is the rare path, and its rows (a few shards) fit in the driver. Shards of tars
+        and tables cannot be cut into files: each is redone whole by one task."""
         import ray.data
 
         from visionbatch.decode import decode_batch
 
+        shards = [shard for shard in lost if isinstance(shard, Shard)]
+        if len(shards) < len(lost):
+            self._redo_whole([shard for shard in lost if not isinstance(shard, Shard)])
+        if not shards:
+            return
         prepared, config = self.prepared, self.prepared.config
         rows = self._shard_rows(shards)
         ds = ray.data.from_arrow([rows.slice(i, 1) for i in range(rows.num_rows)])
@@ -711,9 +740,7 @@ class _Job:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             results[table.column(SHARD_COLUMN)[0].as_py()].append(table)
             self._rows_arrived(table.num_rows)
-        retries = config.max_retries
-        crash = (f"worker_crash: processing this file failed {retries + 1} times "
-                 "(its worker process died or its task failed)")
+        crash = self._crash_error("file")
         for shard in shards:
             mine = rows.filter(pa.compute.equal(rows.column(SHARD_COLUMN), shard.id))
             done = pa.concat_tables(results[shard.id], promote_options="permissive") if results[shard.id] else None
@@ -723,13 +750,51 @@ class _Job:
                 missing = missing.append_column("error", pa.array([crash] * missing.num_rows, pa.string()))
                 self._rows_arrived(missing.num_rows)
             parts = [t for t in (done, missing) if t is not None and t.num_rows]
-            schema = prepared.plan.model.schema
-            table = pa.concat_tables([_with_result_columns(t, schema) for t in parts])
+            schema, extra = prepared.plan.model.schema, job_columns(config.keep_columns)
+            table = pa.concat_tables([_with_result_columns(t, schema, extra) for t in parts],
+                                     promote_options="permissive")
             self._commit(write_shard(self.manifest.destination, shard.id, table, self.output.format,
-                                     config.labels != "none", schema))
+                                     config.labels != "none", schema, extra))
+
+    def _crash_error(self, what: str) -> str:
+        return (f"worker_crash: processing this {what} failed {self.prepared.config.max_retries + 1} times "
+                "(its worker process died or its task failed)")
+
+    def _redo_whole(self, shards: list[AnyShard]) -> None:
+        """Redo tar and table shards, one task each (retried); a shard that no attempt
+        finishes gets one ``worker_crash`` row naming its file."""
+        import ray.data
+
+        prepared, config = self.prepared, self.prepared.config
+        schema = prepared.plan.model.schema
+        writer = ShardWriter(self.output.dest, prepared.storage, self.output.format, config.labels != "none",
+                             schema, job_columns(config.keep_columns))
+        ds = ray.data.from_items(list(range(len(shards))), override_num_blocks=len(shards))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = _predict(ds.map_batches(_decode_given, batch_size=1, batch_format="numpy",
+                                         fn_kwargs={"shards": shards,
+                                                    **_decode_options(prepared, prepared.plan.batch_size)},
+                                         num_cpus=1, max_retries=config.max_retries), prepared,
+                           batch_size=prepared.plan.batch_size)
+        committed = set()
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rows_in, commit in zip(*writer(table).select(["rows_in", "commit"]).columns):
+                self._rows_arrived(rows_in.as_py())
+                if commit.as_py() is not None:
+                    record = json.loads(commit.as_py())
+                    self._commit(record)
+                    committed.add(record["shard"])
+        for shard in shards:
+            if shard.id not in committed:
+                crash = pa.table({"path": [describe_shard(shard)], "error": [self._crash_error("shard")],
+                                  SHARD_DIGEST_COLUMN: [shard.digest]})
+                self._rows_arrived(1)
+                self._commit(write_shard(self.manifest.destination, shard.id, crash, self.output.format,
+                                         config.labels != "none", schema))
 
     def _shard_rows(self, shards: list[Shard]) -> pa.Table:
-        labels = self.prepared.labels
+        labels = self.prepared.labels if self.prepared.config.labels == "dirs" else None
         columns = {SHARD_COLUMN: [], ROW_COLUMN: [], SHARD_ROWS_COLUMN: [], "path": [], "true_label": []}
         for shard in shards:
             for row, path in enumerate(shard.paths):
@@ -738,16 +803,22 @@ class _Job:
                 columns[SHARD_ROWS_COLUMN].append(len(shard.paths))
                 columns["path"].append(path)
                 columns["true_label"].append((labels(folder_of(path)) if labels else None) or "")
-        return pa.table({**columns, ROW_COLUMN: pa.array(columns[ROW_COLUMN], pa.int32()),
-                         SHARD_ROWS_COLUMN: pa.array(columns[SHARD_ROWS_COLUMN], pa.int32())})
+        table = pa.table({**columns, ROW_COLUMN: pa.array(columns[ROW_COLUMN], pa.int32()),
+                          SHARD_ROWS_COLUMN: pa.array(columns[SHARD_ROWS_COLUMN], pa.int32())})
+        kept = [shard.columns for shard in shards if shard.columns is not None]
+        if kept:  # the list's kept columns travel with each file
+            kept = pa.concat_tables(kept)
+            table = pa.Table.from_arrays([*table.columns, *kept.columns], [*table.column_names, *kept.column_names])
+        return table
 
 
-def _with_result_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A table of rows (predicted or crashed) with every result column and the row index."""
+def _with_result_columns(table: pa.Table, schema: pa.Schema, extra: tuple[str, ...] = ()) -> pa.Table:
+    """A table of rows (predicted or crashed) with every result column, the job's own
+    columns and the row index."""
     rows = conform(table.set_column(table.schema.get_field_index("true_label"), "true_label",
                                     pa.compute.if_else(pa.compute.equal(table.column("true_label"), ""), None,
                                                        table.column("true_label")))
-                   if table.column("true_label").type == pa.string() else table, schema)
+                   if table.column("true_label").type == pa.string() else table, schema, extra)
     return rows.append_column(ROW_COLUMN, table.column(ROW_COLUMN).cast(pa.int32()))
 
 

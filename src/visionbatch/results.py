@@ -40,6 +40,7 @@ PREDICTION_FIELDS = [RESULT_SCHEMA.field(name) for name in ("label", "label_id",
 # ``error`` is null or "<kind>: <message>"; the kinds, in the order a file meets them.
 ERROR_KINDS = (
     "read_error",  # missing, unreadable, unreachable
+    "download_error",  # an http(s) URL that failed (status, timeout, size, redirects) or a refused scheme
     "empty_file",
     "not_an_image",
     "too_large",  # more pixels than --max-pixels, from the header
@@ -53,7 +54,9 @@ ERROR_KINDS = (
 # Columns that travel with each row inside the pipeline, never written to DEST: which
 # shard a row belongs to, its index in that shard and the shard's size (so that the
 # writer knows when a shard is whole), and the seconds each stage spent on it.
+# A shard whose size is only known once read (a WebDataset tar) says -1 until its last block.
 SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN = "shard", "row", "shard_rows"
+SHARD_DIGEST_COLUMN = "shard_digest"  # what the manifest checks on --resume (see shards.Shard.digest)
 STAGE_COLUMNS = {"decode_seconds": "read, decode and preprocess (task-seconds)",
                  "predict_seconds": "model (actor-seconds)"}
 # The traceback of a model_error, for the driver's log (not written to DEST).
@@ -64,12 +67,39 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def conform(table: pa.Table, schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
-    """Select and cast to ``schema`` (a :func:`result_schema`), adding all-null columns that are absent."""
-    columns = []
+def conform(table: pa.Table, schema: pa.Schema = RESULT_SCHEMA, extra: tuple[str, ...] | None = ()) -> pa.Table:
+    """Select and cast to ``schema`` (a :func:`result_schema`), adding all-null columns
+    that are absent, then the job's own columns (``extra``: those of them the table has,
+    with their types; None: every other column the table has, as a reader of DEST wants)."""
+    columns, fields = [], list(schema)
     for field in schema:
         if field.name in table.column_names:
             columns.append(table.column(field.name).cast(field.type))
         else:
             columns.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
+    for name in (table.column_names if extra is None else extra):
+        if name in table.column_names and name not in schema.names:
+            columns.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+# --------------------------------------------------------------------------- a job's own columns
+# After the result schema's columns, a job's results may carry columns of its input: the
+# WebDataset sample key, and the input columns named by --keep-columns.
+KEY_COLUMN = "key"  # a WebDataset sample's __key__
+
+
+def job_columns(keep_columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The input columns a job writes after the result schema's (each where its rows have it)."""
+    return (KEY_COLUMN, *keep_columns)
+
+
+def check_keep_columns(keep_columns: tuple[str, ...]) -> None:
+    """Refuse kept input columns whose names a result column already has."""
+    taken = (set(RESULT_SCHEMA.names)
+             | {EMBEDDING, KEY_COLUMN, SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN, SHARD_DIGEST_COLUMN})
+    clash = [name for name in keep_columns if name in taken]
+    if clash:
+        raise ValueError(f"--keep-columns: {', '.join(clash)} would collide with result column(s) of the same name; "
+                         "rename the input column(s) or leave them out")

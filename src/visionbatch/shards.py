@@ -18,20 +18,71 @@ import hashlib
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Union
 
-from visionbatch.sources import ListingCounts, iter_list_file, iter_source
+import pyarrow as pa
+
+from visionbatch.sources import Container, ListingCounts, iter_list_file, iter_source, iter_tables
 from visionbatch.storage import Storage, describe
 
 
 @dataclass(frozen=True)
 class Shard:
+    """Image files (or URLs) in order; ``columns``: the list's kept columns, a row per path."""
+
     id: str
     paths: tuple[str, ...]
+    columns: pa.Table | None = None
+
+    @property
+    def rows(self) -> int | None:
+        return len(self.paths)
 
     @property
     def digest(self) -> str:
         return paths_digest(self.paths)
+
+
+@dataclass(frozen=True)
+class TarShard:
+    """One WebDataset tar: its rows (image members) are known only once it is read."""
+
+    id: str
+    uri: str
+    size: int
+    mtime_ns: int
+
+    rows = None
+
+    @property
+    def digest(self) -> str:  # a changed tar is a changed shard
+        return paths_digest([f"{self.uri} {self.size} {self.mtime_ns}"])
+
+
+@dataclass(frozen=True)
+class TableShard:
+    """Rows ``start`` to ``start + count`` of one row group of a Parquet file with images;
+    ``first_row``: the first one's number in the file."""
+
+    id: str
+    uri: str
+    size: int
+    mtime_ns: int
+    row_group: int
+    start: int
+    count: int
+    first_row: int
+
+    @property
+    def rows(self) -> int:
+        return self.count
+
+    @property
+    def digest(self) -> str:
+        return paths_digest([f"{self.uri} {self.size} {self.mtime_ns} {self.row_group} {self.start} {self.count}"])
+
+
+AnyShard = Union[Shard, TarShard, TableShard]
 
 
 def shard_id(source_index: int, seq: int) -> str:
@@ -52,31 +103,68 @@ class InputSpec:
     shard_size: int
     limit: int | None
     cwd: str  # relative paths in list files are taken relative to the driver's directory
+    image_column: str | None = None  # SOURCEs are Parquet tables of images
+    url_column: str = "path"  # the list files' column of paths or URLs
+    columns: tuple[str, ...] = ()  # input columns the decode stage reads besides the image (kept, label)
 
 
-def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Iterator[Shard]:
-    """Every shard of the input, in order."""
+def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Iterator[AnyShard]:
+    """Every shard of the input, in order: image files cut into shards of ``shard_size``,
+    each WebDataset tar a shard, each Parquet row group cut into shards of ``shard_size``."""
     remaining = spec.limit
     for index, uri in enumerate(spec.sources):
-        batches = (iter_list_file(uri, storage, counts, spec.cwd) if spec.from_list
-                   else iter_source(uri, storage, counts))
-        seq, pending = 0, []
-        for paths in batches:
+        if spec.image_column:
+            items = iter_tables(uri, storage, counts, spec.image_column, spec.columns)
+        elif spec.from_list:
+            items = iter_list_file(uri, storage, counts, spec.cwd, spec.url_column, spec.columns)
+        else:
+            items = iter_source(uri, storage, counts)
+        seq, pending, kept = 0, [], None  # kept: the pending paths' kept list columns
+        for item in items:
+            if isinstance(item, Container):
+                if item.rows is None:  # a tar: one shard, however many images it holds
+                    yield TarShard(shard_id(index, seq), item.uri, item.size, item.mtime_ns)
+                    seq += 1
+                    continue
+                for start in range(0, item.rows, spec.shard_size):
+                    count = min(spec.shard_size, item.rows - start, item.rows if remaining is None else remaining)
+                    yield TableShard(shard_id(index, seq), item.uri, item.size, item.mtime_ns, item.row_group,
+                                     start, count, item.first_row + start)
+                    seq += 1
+                    if remaining is not None:
+                        remaining -= count
+                        if remaining == 0:
+                            return
+                continue
+            paths, columns = item if isinstance(item, tuple) else (item, None)  # a list's batches keep columns
             if remaining is not None:
-                paths = paths[:remaining]
+                paths, columns = paths[:remaining], None if columns is None else columns.slice(0, remaining)
                 remaining -= len(paths)
             pending.extend(paths)
+            if columns is not None:
+                kept = columns if kept is None else pa.concat_tables([kept, columns])
             start = 0
             while len(pending) - start >= spec.shard_size:
-                yield Shard(shard_id(index, seq), tuple(pending[start:start + spec.shard_size]))
+                yield _files_shard(index, seq, pending[start:start + spec.shard_size], kept, start)
                 seq, start = seq + 1, start + spec.shard_size
             del pending[:start]
+            kept = kept.slice(start) if kept is not None and start else kept
             if remaining == 0:
                 break
         if pending:
-            yield Shard(shard_id(index, seq), tuple(pending))
+            yield _files_shard(index, seq, pending, kept, 0)
         if remaining == 0:
             return
+
+
+def _files_shard(index: int, seq: int, paths: list[str], kept: pa.Table | None, start: int) -> Shard:
+    columns = None if kept is None else kept.slice(start, len(paths)).combine_chunks()
+    return Shard(shard_id(index, seq), tuple(paths), columns)
+
+
+def describe_shard(shard: AnyShard) -> str:
+    """Where a shard's input is, for messages."""
+    return shard.paths[0] if isinstance(shard, Shard) else shard.uri
 
 
 class ShardPlanner:
@@ -91,9 +179,10 @@ class ShardPlanner:
         self._committed: dict[str, str] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
-        self._outstanding: dict[str, Shard] = {}  # handed out, not yet committed
+        self._outstanding: dict[str, AnyShard] = {}  # handed out, not yet committed
         self._counts = ListingCounts()
-        self._status = {"images_listed": 0, "already_done": 0, "shards_listed": 0, "listing_done": False,
+        self._status = {"images_listed": 0, "already_done": 0, "shards_listed": 0, "unsized_shards": 0,
+                        "listing_done": False,
                         "error": None}
         self._started = threading.Event()  # a first shard is ready, or listing ended
 
@@ -107,15 +196,16 @@ class ShardPlanner:
         try:
             for shard in iter_shards(self._spec, self._storage, self._counts):
                 with self._lock:
-                    self._status["images_listed"] += len(shard.paths)
+                    self._status["images_listed"] += shard.rows or 0
+                    self._status["unsized_shards"] += shard.rows is None
                     self._status["shards_listed"] += 1
                 done = self._committed.pop(shard.id, None)
                 if done is not None:
                     if done != shard.digest:
                         raise ValueError(f"the input changed since DEST was written: shard {shard.id} (from "
-                                         f"{shard.paths[0]}) now holds other files; write to a new DEST")
+                                         f"{describe_shard(shard)}) now holds other files; write to a new DEST")
                     with self._lock:
-                        self._status["already_done"] += len(shard.paths)
+                        self._status["already_done"] += shard.rows or 0
                     continue
                 self._queue.put(shard)
                 self._started.set()
@@ -132,7 +222,7 @@ class ShardPlanner:
         self._started.wait(timeout)
         return self.status()
 
-    def next(self) -> Shard | None:
+    def next(self) -> AnyShard | None:
         """The next shard to do, or None when there are no more (waits while listing)."""
         shard = self._queue.get()
         if shard is None:
@@ -147,7 +237,7 @@ class ShardPlanner:
             for shard in ids:
                 self._outstanding.pop(shard, None)
 
-    def unfinished(self) -> list[Shard]:
+    def unfinished(self) -> list[AnyShard]:
         """Shards handed out whose commit never came (their task or worker died)."""
         with self._lock:
             return sorted(self._outstanding.values(), key=lambda shard: shard.id)

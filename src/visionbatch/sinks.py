@@ -42,8 +42,8 @@ import pyarrow.fs as pafs
 
 from visionbatch.evaluate import METRICS_FILE, merge_counts
 from visionbatch.evaluate import metric_counts as metric_counts_of
-from visionbatch.results import (EMBEDDING, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN,
-                                 conform, result_schema)
+from visionbatch.results import (EMBEDDING, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN,
+                                 SHARD_ROWS_COLUMN, conform, result_schema)
 from visionbatch.shards import paths_digest
 from visionbatch.storage import Storage, describe, is_remote
 from visionbatch.summary import shard_counts
@@ -93,7 +93,7 @@ def _decode(data: bytes, fmt: str, schema: pa.Schema) -> pa.Table:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return conform(pq.read_table(io.BytesIO(data)), schema)
+        return conform(pq.read_table(io.BytesIO(data)), schema, extra=None)
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
@@ -103,9 +103,11 @@ def _decode(data: bytes, fmt: str, schema: pa.Schema) -> pa.Table:
             decoded = [None if v is None else json.loads(v) for v in table.column(name).to_pylist()]
             table = table.set_column(table.schema.get_field_index(name), name,
                                      pa.array(decoded, schema.field(name).type))
-        return conform(table, schema)
+        return conform(table, schema, extra=None)
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-    return conform(pa.Table.from_pylist(rows, schema=schema), schema)
+    extra = list(dict.fromkeys(name for row in rows for name in row if name not in schema.names))
+    with_extra = pa.schema([*schema, *(pa.field(name, pa.string()) for name in extra)]) if extra else schema
+    return conform(pa.Table.from_pylist(rows, schema=with_extra), schema, extra=None)
 
 
 def job_schema(job: dict) -> pa.Schema:
@@ -190,7 +192,7 @@ class Destination:
 
     def read_parts(self, names: list[str], schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
         tables = [_decode(self.read_bytes(name), _format_of(name), schema) for name in names]
-        return pa.concat_tables(tables) if tables else schema.empty_table()
+        return pa.concat_tables(tables, promote_options="permissive") if tables else schema.empty_table()
 
     def manifest(self) -> dict | None:
         if MANIFEST not in self.files():
@@ -269,23 +271,29 @@ class Destination:
         shards = sorted(manifest["shards"].values(), key=lambda s: s["file"])
         schema = job_schema(manifest["job"])
         tables = [self.read_part(shard["file"], shard["rows"], schema) for shard in shards]  # checked as read
-        return pa.concat_tables(tables) if tables else schema.empty_table()
+        return pa.concat_tables(tables, promote_options="permissive") if tables else schema.empty_table()
 
 
 def read_results(dest: str, s3_endpoint: str | None = None) -> pa.Table:
-    """All committed result rows of DEST as one table (RESULT_SCHEMA, with ``embedding`` where the job made them)."""
+    """All committed result rows of DEST as one table: the job's result schema (with
+    ``embedding`` where it made them), then its own columns (``key``, kept input columns)."""
     return Destination(dest, Storage(s3_endpoint)).read_table()
 
 
 def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str, labelled: bool = True,
-                schema: pa.Schema = RESULT_SCHEMA) -> dict:
-    """Write one whole shard's rows (in shard order) as its part file; returns its commit record."""
+                schema: pa.Schema = RESULT_SCHEMA, extra: tuple[str, ...] = ()) -> dict:
+    """Write one whole shard's rows (in shard order) as its part file, with the job's
+    ``extra`` columns that the rows have; returns its commit record. The digest is the
+    shard's own where its rows carry it (a tar's rows are not its listing), else that
+    of the rows' paths."""
     table = table.sort_by(ROW_COLUMN) if ROW_COLUMN in table.column_names else table
-    rows = conform(table, schema)
+    rows = conform(table, schema, extra)
     name = part_name(shard, fmt)
     destination.write_bytes(name, _encode(rows, fmt))
-    record = {"shard": shard, "file": name, "rows": rows.num_rows,
-              "digest": paths_digest(rows.column("path").to_pylist()), "counts": shard_counts(table, labelled)}
+    digest = (table.column(SHARD_DIGEST_COLUMN)[0].as_py() if SHARD_DIGEST_COLUMN in table.column_names
+              else paths_digest(rows.column("path").to_pylist()))
+    record = {"shard": shard, "file": name, "rows": rows.num_rows, "digest": digest,
+              "counts": shard_counts(table, labelled)}
     if MODEL_TRACEBACK in table.column_names:  # for the driver's log, not the manifest
         record[MODEL_TRACEBACK] = pc.drop_null(table.column(MODEL_TRACEBACK))[0].as_py()
     return record
@@ -297,14 +305,17 @@ class ShardWriter:
 
     Returns one small record per block: the shard, how many new rows it brought and,
     when the shard became whole, the commit record (JSON) for the driver. A row that
-    arrives twice (a retried task) is kept once.
+    arrives twice (a retried task) is kept once. A shard is whole once its size is
+    known (a tar's comes with its last rows) and every row up to it has arrived.
     """
 
-    def __init__(self, dest: str, storage: Storage, fmt: str, labelled: bool = True, schema: pa.Schema = RESULT_SCHEMA):
+    def __init__(self, dest: str, storage: Storage, fmt: str, labelled: bool = True, schema: pa.Schema = RESULT_SCHEMA,
+                 extra: tuple[str, ...] = ()):
         self.destination = Destination(dest, storage)
-        self.fmt, self.labelled, self.schema = fmt, labelled, schema
+        self.fmt, self.labelled, self.schema, self.extra = fmt, labelled, schema, extra
         self.pending: dict[str, list[pa.Table]] = {}
         self.seen: dict[str, np.ndarray] = {}
+        self.sizes: dict[str, int] = {}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         shards, rows_in, commits = [], [], []
@@ -312,17 +323,24 @@ class ShardWriter:
         for shard in pc.unique(shard_column).to_pylist():
             part = table.filter(pc.equal(shard_column, shard))
             rows = part.column(ROW_COLUMN).to_numpy()
-            seen = self.seen.setdefault(shard, np.zeros(part.column(SHARD_ROWS_COLUMN)[0].as_py(), dtype=bool))
+            size = pc.max(part.column(SHARD_ROWS_COLUMN)).as_py()
+            if size >= 0:
+                self.sizes[shard] = size
+            seen = self.seen.get(shard, np.zeros(0, dtype=bool))
+            if rows.max() >= len(seen):
+                seen = np.concatenate([seen, np.zeros(rows.max() + 1 - len(seen), dtype=bool)])
+            self.seen[shard] = seen
             fresh = ~seen[rows]
             if not fresh.all():
                 part, rows = part.filter(pa.array(fresh)), rows[fresh]
             seen[rows] = True
             self.pending.setdefault(shard, []).append(part)
             record = None
-            if seen.all():
-                del self.seen[shard]
+            if self.sizes.get(shard) == len(seen) and seen.all():
+                del self.seen[shard], self.sizes[shard]
                 whole = pa.concat_tables(self.pending.pop(shard), promote_options="default")
-                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled, self.schema))
+                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled, self.schema,
+                                                self.extra))
             shards.append(shard)
             rows_in.append(len(rows))
             commits.append(record)

@@ -23,7 +23,7 @@ from visionbatch.storage import REMOTE_SCHEMES, SourceError, Storage, describe, 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _GLOB_CHARS = "*?["
 _LIST_BATCH_ROWS = 65_536
-REMOTE_PREFIXES = tuple(f"{scheme}://" for scheme in REMOTE_SCHEMES)
+_URL = r"^[A-Za-z][A-Za-z0-9+.-]*://"  # an entry with a scheme: s3://, http://, file://, ...
 _UNNORMAL = r"//|/\.\.?(/|$)"  # what os.path.normpath would change in an absolute path
 _IMAGE_NAME = r"\.(" + "|".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)) + r")$"
 
@@ -65,25 +65,87 @@ def check_source(uri: str, storage: Storage, from_list: bool) -> None:
     _source_root(uri, storage, from_list)
 
 
-def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[list[str]]:
-    """Image paths under a file, folder, glob or prefix, in a deterministic order, in
-    batches (a folder's files)."""
+@dataclass(frozen=True)
+class Container:
+    """A file that holds many images: a WebDataset tar (``rows`` None: known once read)
+    or one row group of a Parquet table of images."""
+
+    uri: str
+    size: int
+    mtime_ns: int
+    rows: int | None = None
+    row_group: int = 0
+    first_row: int = 0  # the row group's first row's number in the file
+
+
+def is_tar_name(name: str) -> bool:
+    return name.lower().endswith(".tar")
+
+
+def _iter_files(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[tuple[pafs.FileSystem, list[str]]]:
+    """The files under a file, folder, glob or prefix, in a deterministic order, in batches
+    (a folder's files), with their filesystem."""
     fs, path, pattern, info = _source_root(uri, storage)
-    prefix = uri_prefix(uri)
     if info.type == pafs.FileType.File and pattern is None:
-        if is_image_name(path):
-            yield [prefix + path]
-        else:
-            counts.skipped_non_image += 1
+        yield fs, [path]
         return
     walk = _walk_local(path, counts) if isinstance(fs, pafs.LocalFileSystem) else _walk_remote(fs, path, uri)
     for names in walk:
         if pattern is not None:
             names = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        yield fs, names
+
+
+def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[list[str] | Container]:
+    """Image paths under a file, folder, glob or prefix, in a deterministic order, in
+    batches (a folder's files); each ``.tar`` file met is a WebDataset :class:`Container`."""
+    prefix = uri_prefix(uri)
+    for fs, names in _iter_files(uri, storage, counts):
         images = [prefix + name for name in names if is_image_name(name)]
-        counts.skipped_non_image += len(names) - len(images)
+        tars = [name for name in names if is_tar_name(name)]
+        counts.skipped_non_image += len(names) - len(images) - len(tars)
         if images:
             yield images
+        for info in _file_infos(fs, tars, uri):
+            yield Container(prefix + info.path, info.size, info.mtime_ns)
+
+
+def _file_infos(fs: pafs.FileSystem, paths: list[str], uri: str) -> list[pafs.FileInfo]:
+    """Size and modification time of files (a changed file is a changed shard)."""
+    if not paths:
+        return []
+    try:
+        return fs.get_file_info(paths)
+    except (OSError, pa.ArrowException) as err:
+        raise SourceError(f"cannot list {uri}: {describe(err)}") from err
+
+
+def iter_tables(uri: str, storage: Storage, counts: ListingCounts, image_column: str,
+                columns: tuple[str, ...]) -> Iterator[Container]:
+    """The row groups of the Parquet files under a file, folder, glob or prefix, each
+    checked for the image column and the other ``columns`` the job reads."""
+    import pyarrow.parquet as pq
+
+    prefix = uri_prefix(uri)
+    for fs, names in _iter_files(uri, storage, counts):
+        tables = [name for name in names if name.lower().endswith(".parquet")]
+        counts.skipped_non_image += len(names) - len(tables)
+        for info in _file_infos(fs, tables, uri):
+            try:
+                with fs.open_input_file(info.path) as file:
+                    metadata = pq.ParquetFile(file).metadata
+            except (OSError, pa.ArrowException) as err:
+                raise SourceError(f"cannot read {prefix + info.path}: {describe(err)}") from err
+            names_in = metadata.schema.to_arrow_schema().names
+            missing = [name for name in (image_column, *columns) if name not in names_in]
+            if missing:
+                raise SourceError(f"{prefix + info.path} has no column {', '.join(map(repr, missing))} (columns: "
+                                  f"{', '.join(names_in)})")
+            first = 0
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                yield Container(prefix + info.path, info.size, info.mtime_ns, rows, group, first)
+                first += rows
 
 
 def _walk_local(root: str, counts: ListingCounts) -> Iterator[list[str]]:
@@ -143,68 +205,68 @@ def _walk_remote(fs: pafs.FileSystem, root: str, uri: str) -> Iterator[list[str]
         stack.extend(folders)
 
 
-def iter_list_file(list_uri: str, storage: Storage, counts: ListingCounts, cwd: str) -> Iterator[list[str]]:
-    """Image paths from a text file (one per line) or a CSV/Parquet file with a ``path``
-    column, read as a stream of batches. Relative local paths are taken relative to
-    ``cwd``.
+def iter_list_file(list_uri: str, storage: Storage, counts: ListingCounts, cwd: str, column: str = "path",
+                   keep: tuple[str, ...] = ()) -> Iterator[tuple[list[str], pa.Table | None]]:
+    """Image paths and URLs from a text file (one per line) or a CSV/Parquet file with a
+    ``column`` of them, read as a stream of batches, with the ``keep`` columns of the
+    same entries (None when there are none). Relative local paths are taken relative to
+    ``cwd``. An entry with a scheme (``http://``, ``file://``) is kept whatever its name:
+    the decode stage downloads http(s) and refuses the rest with an error row.
 
     Lists run to 100M entries, so each batch is sifted with Arrow's vectorised string
     kernels; only entries that need it (relative, or not normal) go through os.path.
     """
-    for entries in _iter_list_batches(list_uri, storage):
-        entries = pc.utf8_trim_whitespace(entries.cast(pa.string()))
-        images = pc.match_substring_regex(entries, _IMAGE_NAME, ignore_case=True)
+    for batch in _iter_list_batches(list_uri, storage, column, keep):
+        entries = pc.utf8_trim_whitespace(batch.column(column).cast(pa.string()))
+        images = pc.or_(pc.match_substring_regex(entries, _IMAGE_NAME, ignore_case=True),
+                        pc.match_substring_regex(entries, _URL))
         images = pc.fill_null(images, False)
         counts.skipped_non_image += pc.sum(pc.and_(pc.invert(images), pc.not_equal(entries, ""))).as_py() or 0
         entries = entries.filter(images)
         absolute = pc.and_(pc.starts_with(entries, "/"), pc.invert(pc.match_substring_regex(entries, _UNNORMAL)))
-        normal = pc.or_(absolute, _starts_with_any(entries, REMOTE_PREFIXES))
+        normal = pc.or_(absolute, pc.match_substring_regex(entries, _URL))
         paths = entries.to_pylist()
         if not pc.all(normal).as_py():
             paths = [path if ok else _local_path(path, cwd) for path, ok in zip(paths, normal.to_pylist())]
-        yield paths
-
-
-def _starts_with_any(entries: pa.Array, prefixes: tuple[str, ...]) -> pa.Array:
-    found = pc.starts_with(entries, prefixes[0])
-    for prefix in prefixes[1:]:
-        found = pc.or_(found, pc.starts_with(entries, prefix))
-    return found
+        yield paths, (pa.Table.from_batches([batch.select(list(keep))]).filter(images) if keep else None)
 
 
 def _local_path(path: str, cwd: str) -> str:
     return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
 
 
-def _iter_list_batches(list_uri: str, storage: Storage) -> Iterator[pa.Array]:
+def _iter_list_batches(list_uri: str, storage: Storage, column: str, keep: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
     fs, path = storage.resolve(list_uri)
     lower = path.lower()
+    wanted = [column, *keep]
     try:
         if lower.endswith(".parquet"):
             import pyarrow.parquet as pq
 
             parquet = pq.ParquetFile(fs.open_input_file(path))
-            if "path" not in parquet.schema_arrow.names:
-                raise SourceError(f"{list_uri} has no 'path' column (columns: {', '.join(parquet.schema_arrow.names)})")
-            for batch in parquet.iter_batches(batch_size=_LIST_BATCH_ROWS, columns=["path"]):
-                yield batch.column(0)
+            names = parquet.schema_arrow.names
+            missing = [name for name in wanted if name not in names]
+            if missing:
+                raise SourceError(f"{list_uri} has no {', '.join(map(repr, missing))} column (columns: "
+                                  f"{', '.join(names)})")
+            yield from parquet.iter_batches(batch_size=_LIST_BATCH_ROWS, columns=wanted)
             return
         import pyarrow.csv as pacsv
 
-        if lower.endswith(".csv"):
-            reader = pacsv.open_csv(fs.open_input_stream(path),
-                                    convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
-            if "path" not in reader.schema.names:
-                raise SourceError(f"{list_uri} has no 'path' column (columns: {', '.join(reader.schema.names)})")
+        if lower.endswith(".csv"):  # only the columns read, as text: the same type in every batch
+            reader = pacsv.open_csv(fs.open_input_stream(path), convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in wanted}, include_columns=wanted))
         else:  # one path per line: read as a one-column CSV that has no quoting and no delimiter
+            if keep:
+                raise SourceError(f"--keep-columns needs a CSV or Parquet list; {list_uri} is a text list")
             reader = pacsv.open_csv(
                 fs.open_input_stream(path),
-                read_options=pacsv.ReadOptions(column_names=["path"], block_size=1 << 22),
+                read_options=pacsv.ReadOptions(column_names=[column], block_size=1 << 22),
                 parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
-                convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
-        for batch in reader:
-            yield batch.column(batch.schema.get_field_index("path"))
+                convert_options=pacsv.ConvertOptions(column_types={column: pa.string()}))
+        yield from reader
     except SourceError:
         raise
     except (OSError, pa.ArrowException) as err:
         raise SourceError(f"cannot read list {list_uri}: {describe(err)}") from err
+

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
+URL_SCHEMES = ("http", "https")  # the only schemes downloaded; a list entry with another is refused
+MAX_REDIRECTS = 5
+_DOWNLOAD_CHUNK = 1 << 16
 
 
 class SourceError(Exception):
@@ -26,6 +29,12 @@ class SourceError(Exception):
 
 def is_remote(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in REMOTE_SCHEMES
+
+
+def is_url(uri: str) -> bool:
+    """An entry with a scheme that is not storage's (http://, file://, ftp://): downloaded or refused."""
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    return "://" in uri and len(scheme) > 1 and scheme not in REMOTE_SCHEMES
 
 
 def uri_prefix(uri: str) -> str:
@@ -71,6 +80,8 @@ class Storage:
     """How to reach storage: today only the S3-compatible endpoint (None: AWS's own)."""
 
     s3_endpoint: str | None = None
+    download_timeout: float = 30.0  # seconds to connect, and between bytes received
+    download_retries: int = 3  # for 429/5xx answers and failed connections
 
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """Map a URI or local path to (filesystem, path inside it)."""
@@ -100,6 +111,8 @@ class Storage:
     def read(self, uri: str, max_bytes: int | None = None) -> bytes:
         """A whole file by URI, at most ``max_bytes`` of it; raises OSError-like errors
         for the caller to record."""
+        if is_url(uri):
+            return self.download(uri, max_bytes)
         fs, path = self.resolve(uri)
         if isinstance(fs, pafs.LocalFileSystem):
             # A FIFO would block the read forever and a device (/dev/zero) never ends:
@@ -114,6 +127,62 @@ class Storage:
             if len(data) > max_bytes:
                 raise OSError(f"larger than {max_bytes} bytes (--max-bytes)")
             return data
+
+
+    def download(self, url: str, max_bytes: int | None = None) -> bytes:
+        """An http(s) URL's body, streamed and cut off past ``max_bytes``; 429 and 5xx
+        answers and failed connections are retried (with backoff, honouring
+        Retry-After), redirects followed up to MAX_REDIRECTS and only to http(s).
+        A read that times out is not retried: the next one would likely wait as long."""
+        import urllib3
+
+        scheme = urllib.parse.urlparse(url).scheme.lower()
+        if scheme not in URL_SCHEMES:
+            raise OSError(f"refusing a {scheme}:// entry: only http and https URLs are downloaded")
+        retries = urllib3.Retry(total=self.download_retries + MAX_REDIRECTS, connect=self.download_retries,
+                                read=0, status=self.download_retries, other=0, redirect=MAX_REDIRECTS,
+                                status_forcelist=(429, 500, 502, 503, 504), backoff_factor=0.2, backoff_max=10,
+                                allowed_methods=frozenset({"GET"}), raise_on_status=False,
+                                raise_on_redirect=True)
+        try:
+            response = _http().request("GET", url, preload_content=False, retries=retries,
+                                       timeout=urllib3.Timeout(connect=self.download_timeout,
+                                                               read=self.download_timeout))
+        except urllib3.exceptions.MaxRetryError as err:
+            raise OSError(_retry_reason(err)) from None
+        except urllib3.exceptions.HTTPError as err:
+            raise OSError(describe(err)) from None
+        try:
+            if response.status >= 400:
+                raise OSError(f"HTTP {response.status} {response.reason or ''}".strip())
+            length = response.headers.get("Content-Length")
+            if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
+                raise OSError(f"larger than {max_bytes} bytes (--max-bytes): Content-Length {length}")
+            body = bytearray()
+            for chunk in response.stream(_DOWNLOAD_CHUNK):
+                body += chunk
+                if max_bytes is not None and len(body) > max_bytes:
+                    raise OSError(f"larger than {max_bytes} bytes (--max-bytes)")
+            return bytes(body)
+        except urllib3.exceptions.HTTPError as err:
+            raise OSError(describe(err)) from None
+        finally:
+            response.release_conn()
+
+
+@functools.lru_cache(maxsize=1)
+def _http():
+    """One connection pool per process; it follows redirects only to http(s)."""
+    import urllib3
+
+    return urllib3.PoolManager(num_pools=64, maxsize=16)
+
+
+def _retry_reason(err) -> str:
+    """What made urllib3 give up, without its retry bookkeeping."""
+    if "redirect" in str(err.reason):
+        return f"too many redirects (more than {MAX_REDIRECTS})"
+    return describe(err.reason) if err.reason is not None else describe(err)
 
 
 def _file_kind(mode: int) -> str:

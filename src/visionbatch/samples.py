@@ -1,0 +1,209 @@
+"""Samples: a shard's inputs as (path, bytes or error, true-label value, key), whatever holds them.
+
+Image files and URLs are read one each, a few reads in flight; a WebDataset tar is read
+as one stream, member by member (never whole into memory); a Parquet shard's rows come
+from its row group. Nothing here raises for a bad input: a failure is the sample's
+``data``, an error text ``"<kind>: message"`` that becomes its result row's ``error``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+
+from visionbatch.shards import AnyShard, Shard, TarShard
+from visionbatch.sources import is_image_name
+from visionbatch.storage import Storage, describe, is_url
+
+READ_AHEAD = 16  # reads in flight per decode task
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    data: bytes | str  # the image's bytes, or its error text
+    label: object = None  # the true label's raw value: a WebDataset member's text, a label column's value
+    key: str | None = None  # a WebDataset sample's __key__
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How the decode stage reads a shard's inputs (plain values, shipped to every task)."""
+
+    storage: Storage
+    max_bytes: int | None = None
+    label_column: str | None = None  # WebDataset member extension or Parquet column of the true label
+    image_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+
+
+def read_file(path: str, storage: Storage, max_bytes: int | None = None) -> bytes | str:
+    """A file's (or URL's) bytes, or its ``read_error`` / ``download_error`` text (never raises)."""
+    try:
+        return storage.read(path, max_bytes)
+    except Exception as err:  # missing, permission, network: keep the row
+        return f"{'download_error' if is_url(path) else 'read_error'}: {describe(err)}"
+
+
+def read_ahead(paths, storage: Storage, max_bytes: int | None, window: int = READ_AHEAD) -> Iterator[bytes | str]:
+    """:func:`read_file` of each path, in order, with up to ``window`` reads in flight:
+    object-store and http requests wait on the network for tens of ms each, and their
+    reads release the GIL, so a few threads hide that latency behind decoding."""
+    with concurrent.futures.ThreadPoolExecutor(min(window, max(len(paths), 1))) as pool:
+        pending: collections.deque = collections.deque()
+        for path in paths:
+            pending.append(pool.submit(read_file, path, storage, max_bytes))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def shard_samples(shard: AnyShard, reading: Reading) -> tuple[Iterator[Sample], pa.Table | None]:
+    """The shard's samples in order, and the input columns its rows keep (a row per sample;
+    None when none are kept)."""
+    if isinstance(shard, Shard):
+        samples = (Sample(path, data) for path, data in
+                   zip(shard.paths, read_ahead(shard.paths, reading.storage, reading.max_bytes)))
+        return samples, shard.columns
+    if isinstance(shard, TarShard):
+        return tar_samples(shard, reading), None
+    return _table_samples(shard, reading)
+
+
+# --------------------------------------------------------------------------- WebDataset
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """A tar member's (__key__, extension), as webdataset splits them: at the first dot
+    of the name's last path component."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension
+
+
+def tar_samples(shard: TarShard, reading: Reading) -> Iterator[Sample]:
+    """A sample per image member of a WebDataset tar, in tar order; members of one
+    sample are consecutive and share a key. A member that cannot be read gets an error
+    sample; a tar cut short gives the samples before the cut and one for the cut."""
+    uri, storage = shard.uri, reading.storage
+    fs, path = storage.resolve(uri)
+    try:
+        stream = fs.open_input_stream(path)
+    except Exception as err:
+        yield Sample(uri, f"read_error: {describe(err)}")
+        return
+    with stream:
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|")
+        except (tarfile.TarError, OSError) as err:
+            yield Sample(uri, f"read_error: not a tar file ({describe(err)})")
+            return
+        key, images, label, found = None, [], None, 0
+
+        def sample_rows() -> Iterator[Sample]:  # the sample met so far: a row per image member
+            return (Sample(f"{uri}#{name}", image, label, key) for name, image in images)
+
+        for member, data in _members(archive, shard, reading):
+            if isinstance(data, _Cut):
+                found += len(images)
+                yield from sample_rows()
+                yield Sample(f"{uri}#{member or f'@{data.offset}'}", f"truncated: {data.why}", None,
+                             split_key(member)[0] if member else None)
+                return
+            member_key, extension = split_key(member)
+            if member_key != key:
+                found += len(images)
+                yield from sample_rows()
+                key, images, label = member_key, [], None
+            if extension == reading.label_column and isinstance(data, bytes):
+                label = data
+            elif data is not None and is_image_name(member):
+                images.append((member, data))
+        found += len(images)
+        yield from sample_rows()
+        if not found:
+            yield Sample(uri, "not_an_image: no image member in this tar")
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Where a tar was cut short."""
+
+    offset: int
+    why: str
+
+
+def _members(archive: tarfile.TarFile, shard: TarShard, reading: Reading):
+    """(member name, its bytes or error text) for the regular files that are images or
+    labels ((name, None) for the others, unread); a last ``_Cut`` where the tar breaks.
+    The member name is "" when the break is in a header."""
+    while True:
+        offset = archive.offset
+        try:
+            member = archive.next()
+        except (tarfile.TarError, OSError) as err:
+            yield "", _Cut(offset, f"the tar breaks in the member header at byte {offset} ({describe(err)})")
+            return
+        if member is None:
+            # tarfile ends quietly where a header is cut or missing: a whole tar ends
+            # with zero blocks after its last member.
+            if shard.size - archive.offset < tarfile.BLOCKSIZE:
+                yield "", _Cut(archive.offset, f"the tar ends at byte {shard.size}, after its last whole member "
+                                               "and without the end-of-archive blocks")
+            return
+        if not member.isfile() or not (is_image_name(member.name)
+                                       or split_key(member.name)[1] == reading.label_column):
+            yield member.name, None
+            continue
+        if reading.max_bytes is not None and member.size > reading.max_bytes:
+            yield member.name, f"read_error: larger than {reading.max_bytes} bytes (--max-bytes)"
+            continue
+        try:
+            yield member.name, archive.extractfile(member).read()
+        except (tarfile.TarError, OSError) as err:
+            yield member.name, _Cut(offset, f"the tar ends inside this member ({describe(err)})")
+            return
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def _table_samples(shard, reading: Reading) -> tuple[Iterator[Sample], pa.Table | None]:
+    """The shard's rows of its row group: the image column (binary, or a struct with
+    ``bytes`` and ``path``), the label column, the kept columns."""
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys([reading.image_column, *filter(None, [reading.label_column]),
+                                  *reading.keep_columns]))
+    fs, path = reading.storage.resolve(shard.uri)
+    try:
+        with fs.open_input_file(path) as file:
+            rows = pq.ParquetFile(file).read_row_group(shard.row_group, columns=columns).slice(shard.start, shard.count)
+    except Exception as err:  # the file changed or broke since it was listed: every row says so
+        error = f"read_error: {describe(err)}"
+        return (Sample(f"{shard.uri}#{shard.first_row + i}", error) for i in range(shard.count)), None
+    images = rows.column(reading.image_column).combine_chunks()
+    if pa.types.is_struct(images.type):
+        names = [images.type.field(i).name for i in range(images.type.num_fields)]
+        paths = images.field("path").to_pylist() if "path" in names else [None] * len(rows)
+        images = images.field("bytes")
+    else:
+        paths = [None] * len(rows)
+    labels = rows.column(reading.label_column).to_pylist() if reading.label_column else [None] * len(rows)
+
+    def samples() -> Iterator[Sample]:
+        for i, (named, image, label) in enumerate(zip(paths, images, labels)):
+            data = image.as_py()
+            if data is None:
+                data = "empty_file: no image bytes in this row"
+            elif reading.max_bytes is not None and len(data) > reading.max_bytes:
+                data = f"read_error: larger than {reading.max_bytes} bytes (--max-bytes)"
+            yield Sample(named or f"{shard.uri}#{shard.first_row + i}", data, label)
+
+    return samples(), rows.select(list(reading.keep_columns)) if reading.keep_columns else None
