@@ -19,7 +19,7 @@ from visionbatch.cli import main
 from visionbatch.imagenet import imagenet_wnids
 from visionbatch.samples import Reading, tar_samples
 from visionbatch.shards import TarShard
-from visionbatch.sinks import read_results
+from visionbatch.sinks import SUMMARY, read_results
 from visionbatch.storage import Storage
 
 from conftest import WNIDS, write_image
@@ -184,7 +184,7 @@ def test_webdataset_job_killed_then_resumed_gives_every_row_once(tmp_path, slow_
     assert resumed.wait(300) == 0, resumed.stderr
     table = _check_exactly_once(dest, set(members))
     assert table.column("error").null_count == len(members) and table.column("key").null_count == 0
-    summary = json.loads((dest / "summary.json").read_text())
+    summary = json.loads((dest / SUMMARY).read_text())
     assert summary["already_done"] == len(committed) and summary["images_found"] == len(members)
     assert summary["labelled"] == len(members)
 
@@ -226,7 +226,7 @@ def test_parquet_image_tables_match_loose_files(sample_files, loose_results, tin
     assert table.column_names[-1] == "caption" and table.num_rows == 200
     _same_predictions(_by_file(table), loose_results)  # path: the struct's path field
     assert all(row["caption"] == f"a photo of {Path(row['path']).stem}" for row in table.to_pylist())
-    summary = json.loads((dest / "summary.json").read_text())
+    summary = json.loads((dest / SUMMARY).read_text())
     assert summary["labelled"] == 200 and summary["top1"] is not None
 
     dest = tmp_path / "plain-out"
