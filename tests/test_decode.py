@@ -116,3 +116,19 @@ def test_special_files_are_never_opened(tmp_path):
     counts = ListingCounts()
     assert list(iter_source(str(tmp_path), Storage(), counts)) == [[str(big)]]
     assert counts.skipped_special == 3 and len(counts.special_examples) == 3
+
+
+def test_a_hung_read_times_out(tmp_path, silent_server):
+    """Reads from a server that never answers end as read_error rows after the timeout;
+    the other files of the batch are decoded (nothing waits forever)."""
+    from transformers import ViTImageProcessor
+
+    from visionbatch.storage import Storage
+
+    spec = resolve_spec(ViTImageProcessor(size={"height": 32, "width": 32}))
+    good = [str(write_image(tmp_path / f"good{i}.jpg", seed=i)) for i in range(3)]
+    paths = [good[0], "s3://bucket/hung-1.jpg", good[1], "s3://bucket/hung-2.jpg", good[2]]
+    out = decode_batch({"path": np.array(paths, dtype=object)}, spec=spec, max_pixels=LIMIT,
+                       storage=Storage(silent_server), read_timeout=1.0)
+    assert list(out["error"]) == ["", "read_error: timed out after 1 s (--read-timeout)", "",
+                                  "read_error: timed out after 1 s (--read-timeout)", ""]

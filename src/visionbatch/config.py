@@ -18,6 +18,7 @@ DEFAULT_MODEL = "google/vit-base-patch16-224"
 
 # Pillow's own default decompression-bomb threshold (Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_MAX_BYTES = 50_000_000  # a 12-MP JPEG is ~5 MB, a 100-MP TIFF ~300 MB: raise it for such collections
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -37,7 +38,10 @@ class ClassifyConfig:
 
     sources: tuple[str, ...]
     model: str = option(DEFAULT_MODEL, f"hub id or local save_pretrained folder (default {DEFAULT_MODEL})")
-    from_list: bool = option(False, "SOURCEs are text files (one path per line) or CSV/Parquet files with a 'path' column")
+    from_list: bool = option(False, "SOURCEs are text files (one path per line) or CSV/Parquet files with a 'path' "
+                             "column; relative paths are taken from the working directory")
+    follow_symlinks: bool = option(False, "follow folder symlinks that lead out of a SOURCE folder (each folder "
+                                   "once: cycles are cut)")
     top_k: int = option(5, "labels and scores kept per image")
     batch_size: int | None = option(None, "images per forward pass (default: measured on GPU, largest that "
                                     "still speeds up; 16 on CPU)")
@@ -52,6 +56,8 @@ class ClassifyConfig:
     label_map: str | None = option(None, "CSV of folder,label that overrides folder-name matching", metavar="FILE")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images with more pixels than this, checked from the header")
     max_bytes: int = option(DEFAULT_MAX_BYTES, "refuse files larger than this many bytes (a read_error row)")
+    read_timeout: float = option(DEFAULT_READ_TIMEOUT_S, "seconds to wait for one file's bytes before giving it a "
+                                 "read_error row (a hung mount or server)", metavar="SECONDS")
     shard_size: int = option(1000, "images per shard: the unit of work, of output (one part file each) and of "
                              "--resume", metavar="N")
     allow_pickle: bool = option(False, "also load pickled (.bin) weights; only for models you trust")
@@ -68,7 +74,7 @@ class ClassifyConfig:
             object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
         if not self.sources:
             raise ValueError("at least one source is required")
-        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size"):
+        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size", "read_timeout"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import io
 import os
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from visionbatch.config import DEFAULT_READ_TIMEOUT_S
 from visionbatch.labels import LabelResolver, folder_of
 from visionbatch.preprocess import Preprocessing, pixel_layout, prepare_image
 from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN
@@ -78,34 +80,53 @@ def read_file(path: str, storage: Storage, max_bytes: int | None = None) -> byte
         return f"read_error: {describe(err)}"
 
 
-def read_ahead(paths, storage: Storage, max_bytes: int | None, window: int = READ_AHEAD) -> Iterator[bytes | str]:
+def read_ahead(paths, storage: Storage, max_bytes: int | None, timeout: float = DEFAULT_READ_TIMEOUT_S,
+               window: int = READ_AHEAD) -> Iterator[bytes | str]:
     """:func:`read_file` of each path, in order, with up to ``window`` reads in flight:
     object-store requests wait on the network for tens of ms each, and pyarrow's reads
-    release the GIL, so a few threads hide that latency behind decoding."""
-    with concurrent.futures.ThreadPoolExecutor(min(window, max(len(paths), 1))) as pool:
-        pending: collections.deque = collections.deque()
-        for path in paths:
-            pending.append(pool.submit(read_file, path, storage, max_bytes))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    release the GIL, so a few threads hide that latency behind decoding.
+
+    A read not done ``timeout`` seconds after it started gives a ``read_error`` (a hung
+    mount or server must not hold the shard forever). Its thread cannot be stopped, so
+    each read has a daemon thread of its own: one left hanging blocks neither the next
+    reads nor the process's exit.
+    """
+    pending: collections.deque = collections.deque()
+
+    def result(read: tuple[concurrent.futures.Future, float]) -> bytes | str:
+        future, deadline = read
+        try:
+            return future.result(max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            return f"read_error: timed out after {timeout:g} s (--read-timeout)"
+
+    for path in paths:
+        pending.append(_start_read(path, storage, max_bytes, timeout))
+        if len(pending) >= window:
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
 
 
-def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage,
-                max_bytes: int | None = None, data: bytes | str | None = None
+def _start_read(path: str, storage: Storage, max_bytes: int | None, timeout: float):
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    thread = threading.Thread(target=lambda: future.set_result(read_file(path, storage, max_bytes)),
+                              daemon=True, name="visionbatch-read")
+    thread.start()
+    return future, time.monotonic() + timeout
+
+
+def decode_file(path: str, data: bytes | str, spec: Preprocessing, max_pixels: int
                 ) -> tuple[np.ndarray | None, int, int, str]:
-    """One file -> (the model stage's pixels for it or None, width, height, error).
+    """One file's bytes (or its read error) -> (the model stage's pixels for it or None,
+    width, height, error).
 
-    ``data``: the file's bytes or read error when already read. Never raises: a file
-    that cannot be read or decoded gives its error text ("" for none) and whatever size
-    its header told (-1 where unknown).
+    Never raises: a file that cannot be read or decoded gives its error text ("" for
+    none) and whatever size its header told (-1 where unknown).
     """
     crash_on = os.environ.get("VISIONBATCH_FAILPOINT_EXIT_ON")
     if crash_on and crash_on in path:  # a failpoint for fault tests: die like a segfaulting decoder
         os._exit(70)
-    if data is None:
-        data = read_file(path, storage, max_bytes)
     if isinstance(data, str):
         return None, -1, -1, data
     try:
@@ -120,7 +141,8 @@ def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storag
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixels: int,
-                 storage: Storage = Storage(), max_bytes: int | None = None) -> dict[str, np.ndarray]:
+                 storage: Storage = Storage(), max_bytes: int | None = None,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT_S) -> dict[str, np.ndarray]:
     """Paths in; model-ready pixels, sizes and errors out, one row per path.
 
     Rows that fail keep zero pixels and their ``error``; other input columns pass
@@ -133,8 +155,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
     pixels = np.zeros((n, *shape), dtype=dtype)
     widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
-    for i, path in enumerate(batch["path"]):
-        image, widths[i], heights[i], errors[i] = decode_file(path, spec, max_pixels, storage, max_bytes)
+    paths = batch["path"]
+    for i, (path, data) in enumerate(zip(paths, read_ahead(paths, storage, max_bytes, read_timeout))):
+        image, widths[i], heights[i], errors[i] = decode_file(path, data, spec, max_pixels)
         if image is not None:
             pixels[i] = image
     seconds = np.full(n, (time.perf_counter() - started) / max(n, 1))  # this stage's share, per row
@@ -142,7 +165,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
 
 
 def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, storage: Storage,
-                  labels: LabelResolver | None, batch_size: int, max_bytes: int | None = None) -> Iterator[pa.Table]:
+                  labels: LabelResolver | None, batch_size: int, max_bytes: int | None = None,
+                  read_timeout: float = DEFAULT_READ_TIMEOUT_S) -> Iterator[pa.Table]:
     """The CPU stage: take shards until there are none; yield model-ready blocks.
 
     Each block holds up to ``batch_size`` decoded images (one forward pass) and the
@@ -150,10 +174,11 @@ def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_
     the shard's size, from which the writer knows when a shard is whole.
     """
     while (shard := next_shard()) is not None:
-        yield from _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes)
+        yield from _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes, read_timeout)
 
 
-def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes) -> Iterator[pa.Table]:
+def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_bytes, read_timeout
+                  ) -> Iterator[pa.Table]:
     by_folder: dict[str, str | None] = {}
 
     def true_label(path: str) -> str | None:
@@ -165,8 +190,8 @@ def _decode_shard(shard, spec, max_pixels, storage, labels, batch_size, max_byte
     rows: list[tuple[int, np.ndarray | None, int, int, str]] = []
     images = 0
     started = time.perf_counter()
-    for i, (path, data) in enumerate(zip(shard.paths, read_ahead(shard.paths, storage, max_bytes))):
-        rows.append((i, *decode_file(path, spec, max_pixels, storage, max_bytes, data)))
+    for i, (path, data) in enumerate(zip(shard.paths, read_ahead(shard.paths, storage, max_bytes, read_timeout))):
+        rows.append((i, *decode_file(path, data, spec, max_pixels)))
         images += rows[-1][1] is not None
         if images == batch_size:
             yield _block(shard, rows, true_label, (time.perf_counter() - started) / len(rows))

@@ -327,7 +327,7 @@ def start_planner(prepared: Prepared, committed: dict[str, str] | None = None):
     return actor.remote(prepared.inputs, prepared.storage, committed)
 
 
-def _decode_stage(batch, *, planner, spec, max_pixels, max_bytes, storage, labels, batch_size):
+def _decode_stage(batch, *, planner, spec, max_pixels, max_bytes, read_timeout, storage, labels, batch_size):
     """A decode task: takes shards from the planner until none are left (``batch`` is
     only this task's slot)."""
     import ray
@@ -335,7 +335,8 @@ def _decode_stage(batch, *, planner, spec, max_pixels, max_bytes, storage, label
     from visionbatch.decode import decode_shards
 
     yield from decode_shards(lambda: ray.get(planner.next.remote()), spec=spec, max_pixels=max_pixels,
-                             storage=storage, labels=labels, batch_size=batch_size, max_bytes=max_bytes)
+                             storage=storage, labels=labels, batch_size=batch_size, max_bytes=max_bytes,
+                             read_timeout=read_timeout)
 
 
 def build_dataset(prepared: Prepared, planner):
@@ -358,7 +359,7 @@ def build_dataset(prepared: Prepared, planner):
         decoded = slots.map_batches(
             _decode_stage, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"planner": planner, "spec": plan.spec, "max_pixels": config.max_pixels,
-                       "max_bytes": config.max_bytes,
+                       "max_bytes": config.max_bytes, "read_timeout": config.read_timeout,
                        "storage": prepared.storage, "labels": prepared.labels, "batch_size": block_images},
             num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=plan.decode_concurrency),
@@ -650,7 +651,8 @@ class _Job:
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
                                          fn_kwargs={"spec": prepared.plan.spec, "max_pixels": config.max_pixels,
-                                                    "max_bytes": config.max_bytes, "storage": prepared.storage},
+                                                    "max_bytes": config.max_bytes, "storage": prepared.storage,
+                                                    "read_timeout": config.read_timeout},
                                          num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
                            pyarrow_blocks=False)
         results = {shard.id: [] for shard in shards}

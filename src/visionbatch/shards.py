@@ -52,6 +52,7 @@ class InputSpec:
     shard_size: int
     limit: int | None
     cwd: str  # relative paths in list files are taken relative to the driver's directory
+    follow_symlinks: bool = False
 
 
 def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Iterator[Shard]:
@@ -59,7 +60,7 @@ def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Ite
     remaining = spec.limit
     for index, uri in enumerate(spec.sources):
         batches = (iter_list_file(uri, storage, counts, spec.cwd) if spec.from_list
-                   else iter_source(uri, storage, counts))
+                   else iter_source(uri, storage, counts, spec.follow_symlinks))
         seq, pending = 0, []
         for paths in batches:
             if remaining is not None:
@@ -153,4 +154,5 @@ class ShardPlanner:
             counts = self._counts
             return {**self._status, "skipped_non_image": counts.skipped_non_image,
                     "skipped_special": counts.skipped_special, "special_examples": list(counts.special_examples),
+                    "skipped_folder_links": counts.skipped_folder_links,
                     "undecodable_names": counts.undecodable_names}
