@@ -29,7 +29,8 @@ import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
-from visionbatch.model import ModelSource, Predictor, load_config, load_processor, resolve_model_source
+from visionbatch.model import (ModelSource, Predictor, load_config, load_processor, model_revision,
+                               resolve_model_source)
 from visionbatch.preprocess import Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
 from visionbatch.results import MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, Shard, ShardPlanner
@@ -54,6 +55,10 @@ _MODEL_FAILURES_TO_STOP = 3
 
 class JobError(Exception):
     """The job cannot run; the message is the one line the user sees."""
+
+
+class JobInterrupted(JobError):
+    """Ctrl-C or SIGTERM stopped the job; the message says what was kept."""
 
 
 @dataclass(frozen=True)
@@ -185,12 +190,15 @@ def init_ray(address: str | None) -> None:
         include_dashboard=False,
         runtime_env={"env_vars": env} if env else None,
     )
+    sigterm = _sigterm_handler()
     try:
         if address:
             ray.init(address=address, **kwargs)
         else:
             ray.init(address="local", **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+        if sigterm is _raise_interrupt:  # ray.init installs its own, which exits without a word
+            _signal_in_main_thread(sigterm)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as err:  # OSError: an unwritable temp dir
         if address and _token_refused(err):
             raise JobError(f"the Ray cluster at {address} uses token authentication and refused this client: set "
                            "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
@@ -241,10 +249,11 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     ``--resume`` with another is refused."""
     from visionbatch import __version__
 
-    return {"visionbatch": __version__, "model": plan.source.ref, "top_k": config.top_k, "format": output.format,
-            "dtype": plan.dtype, "labels": config.labels, "label_map": config.label_map,
-            "sources": list(config.sources), "from_list": config.from_list, "shard_size": config.shard_size,
-            "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes}
+    return {"visionbatch": __version__, "model": plan.source.ref, "model_revision": model_revision(plan.source),
+            "top_k": config.top_k, "format": output.format, "dtype": plan.dtype, "labels": config.labels,
+            "label_map": config.label_map, "sources": list(config.sources), "from_list": config.from_list,
+            "follow_symlinks": config.follow_symlinks, "shard_size": config.shard_size, "limit": config.limit,
+            "max_pixels": config.max_pixels, "max_bytes": config.max_bytes}
 
 
 @dataclass(frozen=True)
@@ -279,7 +288,7 @@ def prepare(config: ClassifyConfig) -> Prepared:
             spec, preprocessing, labels = metadata.result()
     _warn_local_paths_on_cluster(config)
     inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
-                       limit=config.limit, cwd=os.getcwd())
+                       limit=config.limit, cwd=os.getcwd(), follow_symlinks=config.follow_symlinks)
     return Prepared(config, resolve_plan(config, source, spec, preprocessing), storage, inputs, labels)
 
 
@@ -436,7 +445,7 @@ def run(sources, output: str, *, format: str = "parquet", overwrite: bool = Fals
 def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summary:
     """Run a job to the end; ``progress`` is the stream for the progress bar (None: no bar)."""
     started = time.monotonic()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             destination = Destination(output.dest, Storage(config.s3_endpoint))
             if destination.has_results() and not (output.overwrite or output.resume):
@@ -450,17 +459,18 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
         try:
             try:
                 prepared = prepare(config)
-            except KeyboardInterrupt:
-                raise JobError("interrupted while starting; nothing was written") from None
-            _interrupt_on_sigterm()  # ray.init replaced it with its own
-            try:
                 lease.confirm()
                 manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
                                          overwrite=output.overwrite, resume=output.resume)
+            except KeyboardInterrupt:
+                raise JobInterrupted("interrupted during start-up; nothing was written") from None
             except DestinationError as err:
                 raise JobError(str(err)) from None
             summary = _Job(prepared, manifest, output, started, progress).run()
-            destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+            try:
+                destination.write_bytes("summary.json", json.dumps(summary.to_dict(), indent=1).encode())
+            except DestinationError as err:  # the results are committed: DEST is whole without it
+                log.warning("the results are complete, but %s", err)
         finally:
             lease.release()
     return summary
@@ -510,15 +520,17 @@ class _Job:
                     # hand; redo them one file per task to isolate a file that kills its worker.
                     log.warning("%d shard(s) were in tasks that failed; redoing them one file per task", len(lost))
                     self._redo_isolated(lost)
+            if self._model_failures and not self.summary.predicted:  # fewer shards than the stopping rule needs
+                raise JobError(self._model_failed())
+            self.manifest.write(complete=True)
         except KeyboardInterrupt:
-            raise JobError(self._stopped("interrupted")) from None
+            raise JobInterrupted(self._stopped("interrupted")) from None
         except ray.exceptions.RayError as err:
             raise JobError(self._stopped(f"the job failed: {_root_cause(err)}")) from None
+        except DestinationError as err:  # a full disk, a read-only mount, a bucket gone
+            raise JobError(self._stopped(str(err))) from None
         finally:
             self.bar.close()  # (made before the try)
-        if self._model_failures and not self.summary.predicted:  # fewer shards than the stopping rule needs
-            raise JobError(self._model_failed())
-        self.manifest.write(complete=True)
         summary = self.summary
         # A name that is not UTF-8 cannot be a result row's path: skipped, and said.
         summary.skipped_non_image = self.status["skipped_non_image"] + self.status["undecodable_names"]
@@ -526,12 +538,16 @@ class _Job:
             log.warning("skipped %d file(s) whose names are not valid UTF-8 (rename them to classify them)",
                         self.status["undecodable_names"])
         summary.skipped_special = self.status["skipped_special"]
+        summary.special_files = self.status["special_examples"]
+        summary.skipped_folder_links = self.status["skipped_folder_links"]
         summary.wall_time_s = time.monotonic() - self.started
         summary.images_per_s = (summary.images_found - summary.already_done) / summary.wall_time_s
         return summary
 
     def _check_listing(self) -> None:
         status = self.status
+        if status["input_changed"]:  # resuming would mix two inputs in one DEST
+            raise JobError(self._stopped(status["input_changed"], resumable=False))
         if status["error"]:
             raise JobError(self._stopped(f"cannot list the input: {status['error']}"))
         if status["listing_done"] and not status["images_listed"]:
@@ -545,11 +561,13 @@ class _Job:
         return tqdm(total=None, initial=self.summary.already_done, unit="img", disable=self.progress is None,
                     dynamic_ncols=True, file=self.progress, desc="classify", smoothing=0.1)
 
-    def _stopped(self, why: str) -> str:
+    def _stopped(self, why: str, resumable: bool = True) -> str:
         """Commit what finished; the message says what was kept and how to go on."""
         with contextlib.suppress(Exception):
             self.manifest.write()
-        kept = self.manifest.rows
+        kept = self.manifest.saved_rows  # what DEST's manifest lists (the last write may have failed)
+        if not resumable:
+            return why
         if not kept:
             return f"{why}; no results had been committed yet, so nothing was kept"
         return (f"{why}; {kept} finished rows are saved in {self.output.dest}: "
@@ -596,6 +614,8 @@ class _Job:
                 self._rows_arrived(rows_in)
                 if commit is not None:
                     record = json.loads(commit)
+                    if "write_error" in record:
+                        raise DestinationError(record["write_error"])
                     self._commit(record)
                     committed.append(record["shard"])
             if committed:
@@ -716,31 +736,30 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues.
-    (ray.init installs its own SIGTERM handler, which would exit without committing;
-    this is called again after it.)"""
+def _sigterm_handler():
+    import signal
+
+    return signal.getsignal(signal.SIGTERM)
+
+
+def _signal_in_main_thread(handler) -> None:
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = signal.getsignal(signal.SIGTERM)
-    _interrupt_on_sigterm()
+def sigterm_as_interrupt():
+    """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues
+    (in the main thread; elsewhere signals cannot be handled)."""
+    saved = _sigterm_handler()
+    _signal_in_main_thread(_raise_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, saved)
+        _signal_in_main_thread(saved)
 
 
 def _root_cause(err: Exception) -> str:

@@ -80,6 +80,11 @@ def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Ite
             return
 
 
+def _input_changed(what: str) -> str:
+    return (f"the input changed since DEST was written (files added, removed or renamed): {what}; resuming "
+            "would mix results of two inputs: write to a new DEST, or pass --overwrite to start again")
+
+
 class ShardPlanner:
     """Lists the input in a thread and hands out shards that are not yet committed.
 
@@ -95,7 +100,7 @@ class ShardPlanner:
         self._outstanding: dict[str, Shard] = {}  # handed out, not yet committed
         self._counts = ListingCounts()
         self._status = {"images_listed": 0, "already_done": 0, "shards_listed": 0, "listing_done": False,
-                        "error": None}
+                        "error": None, "input_changed": None}
         self._started = threading.Event()  # a first shard is ready, or listing ended
         self._thread = threading.Thread(target=self._list, args=(spec, storage), daemon=True)
         self._thread.start()
@@ -109,13 +114,17 @@ class ShardPlanner:
                 done = self._committed.pop(shard.id, None)
                 if done is not None:
                     if done != shard.digest:
-                        raise ValueError(f"the input changed since DEST was written: shard {shard.id} (from "
-                                         f"{shard.paths[0]}) now holds other files; write to a new DEST")
+                        self._status["input_changed"] = _input_changed(
+                            f"shard {shard.id} (from {shard.paths[0]}) now holds other files")
+                        return
                     with self._lock:
                         self._status["already_done"] += len(shard.paths)
                     continue
                 self._queue.put(shard)
                 self._started.set()
+            if self._committed:
+                self._status["input_changed"] = _input_changed(
+                    f"{len(self._committed)} committed shard(s) ({min(self._committed)}, ...) are no longer in it")
         except Exception as err:  # reported through status(); the driver stops the job
             self._status["error"] = describe(err)
         finally:
