@@ -190,14 +190,11 @@ def init_ray(address: str | None) -> None:
         include_dashboard=False,
         runtime_env={"env_vars": env} if env else None,
     )
-    sigterm = _sigterm_handler()
     try:
         if address:
             ray.init(address=address, **kwargs)
         else:
             ray.init(address="local", **kwargs)
-        if sigterm is _raise_interrupt:  # ray.init installs its own, which exits without a word
-            _signal_in_main_thread(sigterm)
     except (ConnectionError, RuntimeError, ValueError, OSError) as err:  # OSError: an unwritable temp dir
         if address and _token_refused(err):
             raise JobError(f"the Ray cluster at {address} uses token authentication and refused this client: set "
@@ -270,8 +267,10 @@ class Prepared:
 def prepare(config: ClassifyConfig) -> Prepared:
     """Check the sources, load the model's configs and resolve the plan (no image is read).
 
-    Ray starts in the main thread while another thread loads the model's configs: both
-    mostly wait (on subprocesses, on storage).
+    Ray starts in one thread while another loads the model's configs: both mostly wait
+    (on subprocesses, on storage). The main thread only waits for them, so a Ctrl-C or
+    SIGTERM lands there, never inside an import or inside ray.init (which, in the main
+    thread, would also replace the SIGTERM handler with one that exits without a word).
     """
     storage = Storage(config.s3_endpoint)
     try:
@@ -280,12 +279,12 @@ def prepare(config: ClassifyConfig) -> Prepared:
     except SourceError as err:
         raise JobError(str(err)) from None
     source = resolve_model_source(config.model)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         metadata = pool.submit(_model_metadata, config, source, storage)
-        try:
-            init_ray(config.address)
-        finally:
-            spec, preprocessing, labels = metadata.result()
+        ray_started = pool.submit(init_ray, config.address)
+        concurrent.futures.wait([metadata, ray_started])
+        spec, preprocessing, labels = metadata.result()  # a model that cannot load says more than Ray
+        ray_started.result()
     _warn_local_paths_on_cluster(config)
     inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
                        limit=config.limit, cwd=os.getcwd(), follow_symlinks=config.follow_symlinks)
@@ -736,30 +735,21 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _sigterm_handler():
-    import signal
-
-    return signal.getsignal(signal.SIGTERM)
-
-
-def _signal_in_main_thread(handler) -> None:
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues
-    (in the main thread; elsewhere signals cannot be handled)."""
-    saved = _sigterm_handler()
-    _signal_in_main_thread(_raise_interrupt)
+    (signals can be handled in the main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:
-        _signal_in_main_thread(saved)
+        signal.signal(signal.SIGTERM, saved)
 
 
 def _root_cause(err: Exception) -> str:
