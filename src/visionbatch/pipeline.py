@@ -267,10 +267,8 @@ class Prepared:
 def prepare(config: ClassifyConfig) -> Prepared:
     """Check the sources, load the model's configs and resolve the plan (no image is read).
 
-    Ray starts in one thread while another loads the model's configs: both mostly wait
-    (on subprocesses, on storage). The main thread only waits for them, so a Ctrl-C or
-    SIGTERM lands there, never inside an import or inside ray.init (which, in the main
-    thread, would also replace the SIGTERM handler with one that exits without a word).
+    Ray starts in the main thread while another thread loads the model's configs: both
+    mostly wait (on subprocesses, on storage).
     """
     storage = Storage(config.s3_endpoint)
     try:
@@ -279,12 +277,12 @@ def prepare(config: ClassifyConfig) -> Prepared:
     except SourceError as err:
         raise JobError(str(err)) from None
     source = resolve_model_source(config.model)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         metadata = pool.submit(_model_metadata, config, source, storage)
-        ray_started = pool.submit(init_ray, config.address)
-        concurrent.futures.wait([metadata, ray_started])
-        spec, preprocessing, labels = metadata.result()  # a model that cannot load says more than Ray
-        ray_started.result()
+        try:
+            init_ray(config.address)
+        finally:
+            spec, preprocessing, labels = metadata.result()
     _warn_local_paths_on_cluster(config)
     inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
                        limit=config.limit, cwd=os.getcwd(), follow_symlinks=config.follow_symlinks)
@@ -457,7 +455,13 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
             raise JobError(str(err)) from None
         try:
             try:
-                prepared = prepare(config)
+                with _interrupts_held() as interrupted:
+                    try:
+                        prepared = prepare(config)
+                    except SystemExit:  # SIGTERM met the handler that ray.init installs first
+                        interrupted.set()
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 lease.confirm()
                 manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
                                          overwrite=output.overwrite, resume=output.resume)
@@ -733,6 +737,26 @@ def _failures_become_rows():
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C and SIGTERM during start-up take effect once it is done: raised at any
+    point, they could break an import half done in the thread that loads the model's
+    configs. Yields the event that says one came."""
+    import signal
+    import threading
+
+    came = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    saved = {signum: signal.signal(signum, lambda *_: came.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
