@@ -36,6 +36,7 @@ def _tree_with_links_and_special_files(root):
         str(src / WNIDS[1] / "urandom.jpg")}
 
 
+@pytest.mark.slow
 def test_folder_links_and_special_files(tiny_vit, tmp_path):
     """Acceptance 3 and 4 (folder): one row per file with and without
     --follow-symlinks; FIFOs and devices skipped, counted and named in the summary."""
@@ -78,6 +79,7 @@ def test_listed_special_files_and_hung_reads_get_error_rows(tiny_vit, tmp_path, 
     assert summary.errors_by_kind == {"read_error": 4} and summary.predicted == len(images)
 
 
+@pytest.mark.slow
 def test_resume_with_other_weights_in_the_same_folder_is_refused(tiny_vit, image_tree, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_vit, model)
@@ -91,6 +93,7 @@ def test_resume_with_other_weights_in_the_same_folder_is_refused(tiny_vit, image
         visionbatch.run([str(image_tree)], dest, model=str(model), resume=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("removed", ["inside a committed shard", "the last shard"])
 def test_resume_after_input_files_were_removed_is_refused(removed, tiny_vit, image_tree, tmp_path):
     """Rows of files no longer in the input are not kept silently: the command names the
