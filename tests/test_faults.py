@@ -597,11 +597,13 @@ def tmpfs(tmp_path):
 
 def _fill(folder: Path) -> None:
     """Write until the file system is full."""
-    with open(folder / "filler", "wb") as out:
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
         with contextlib.suppress(OSError):
             while True:
-                out.write(b"\0" * 4096)
-                out.flush()
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
 
 
 def _one_error_line(run: Run) -> str:

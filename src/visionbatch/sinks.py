@@ -141,31 +141,34 @@ class Destination:
         """Write a file so that it appears whole or not at all; a failure (a full disk, a
         read-only mount, no permission) is a DestinationError naming the file."""
         try:
-            if self.remote:  # an object is visible only once its upload completes
-                with self.fs.open_output_stream(self._path(name)) as out:
-                    out.write(data)
-                return
-            self.fs.create_dir(self.root, recursive=True)
-            tmp = self._path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers of DEST skip it
-            try:
-                with self.fs.open_output_stream(tmp) as out:
-                    out.write(data)
-                self.fs.move(tmp, self._path(name))
-            except BaseException:
-                with contextlib.suppress(OSError, pa.ArrowException):
-                    self.fs.delete_file(tmp)
-                raise
+            self._write(name, data)
         except (OSError, pa.ArrowException) as err:
             raise DestinationError(f"cannot write {self.uri}/{name}: {describe(err)}") from None
+
+    def _write(self, name: str, data: bytes) -> None:
+        if self.remote:  # an object is visible only once its upload completes
+            with self.fs.open_output_stream(self._path(name)) as out:
+                out.write(data)
+            return
+        self.fs.create_dir(self.root, recursive=True)
+        tmp = self._path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers of DEST skip it
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, self._path(name))
+        except BaseException:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self.fs.delete_file(tmp)
+            raise
 
     def check_writable(self) -> None:
         """Fail before any work where results could not be written (read-only, full,
         no permission, no such bucket)."""
         probe = f".visionbatch-probe-{uuid.uuid4().hex[:8]}"
         try:
-            self.write_bytes(probe, b"probe")
+            self._write(probe, b"probe")
             self.delete([probe])
-        except (DestinationError, OSError, pa.ArrowException) as err:
+        except (OSError, pa.ArrowException) as err:
             raise DestinationError(f"cannot write results to {self.uri}: {describe(err)}") from None
 
     def delete(self, names) -> None:
