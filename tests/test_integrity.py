@@ -80,13 +80,19 @@ def test_listed_special_files_and_hung_reads_get_error_rows(tiny_vit, tmp_path, 
 
 
 @pytest.mark.slow
-def test_resume_with_other_weights_in_the_same_folder_is_refused(tiny_vit, image_tree, tmp_path):
+def test_resume_with_other_options_or_weights_is_refused(tiny_vit, image_tree, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_vit, model)
     dest = str(tmp_path / "out")
     visionbatch.run([str(image_tree)], dest, model=str(model), progress=False)
     again = visionbatch.run([str(image_tree)], dest, model=str(model), resume=True, progress=False)
     assert again.already_done == again.images_found == 12  # same model: resumes (nothing left to do)
+    # Acceptance 1: other options are refused, each named.
+    with pytest.raises(JobError, match="format: 'parquet' there, 'csv' now; top_k: 5 there, 2 now"):
+        visionbatch.run([str(image_tree)], dest, model=str(model), top_k=2, format="csv", resume=True,
+                        progress=False)
+    with pytest.raises(JobError, match=f"model: '{model}' there, '{tiny_vit}' now"):
+        visionbatch.run([str(image_tree)], dest, model=tiny_vit, resume=True, progress=False)
     save_random_vit(model, hidden=48, layers=2, heads=3, mlp=96, seed=1)  # retrained: same path, same shapes
     with pytest.raises(JobError, match="--resume with other options .*model_revision: '[0-9a-f]+' there, "
                                        "'[0-9a-f]+' now"):
