@@ -203,6 +203,33 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture
+def silent_server():
+    """An HTTP endpoint that accepts connections and never answers (a hung server or
+    mount): every read from it blocks until the client gives up. Yields its URL."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+    stopped = threading.Event()
+
+    def accept() -> None:
+        while not stopped.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stopped.set()
+    listener.close()
+    for connection in held:
+        connection.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray():
     yield

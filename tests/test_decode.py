@@ -165,3 +165,19 @@ def test_a_decode_task_sends_its_first_block_after_one_forward_pass(tmp_path):
                                 labels=None, batch_size=4, first_batch_size=1))
     assert [(b.column("shard")[0].as_py(), b.num_rows) for b in blocks] == [
         ("000-0000000", 1), ("000-0000000", 4), ("000-0000000", 2), ("000-0000001", 4)]
+
+
+def test_a_hung_read_times_out(tmp_path, silent_server):
+    """Reads from a server that never answers end as read_error rows after the timeout;
+    the other files of the batch are decoded (nothing waits forever)."""
+    from transformers import ViTImageProcessor
+
+    from visionbatch.storage import Storage
+
+    spec = resolve_spec(ViTImageProcessor(size={"height": 32, "width": 32}))
+    good = [str(write_image(tmp_path / f"good{i}.jpg", seed=i)) for i in range(3)]
+    paths = [good[0], "s3://bucket/hung-1.jpg", good[1], "s3://bucket/hung-2.jpg", good[2]]
+    out = decode_batch({"path": np.array(paths, dtype=object)}, spec=spec, max_pixels=LIMIT,
+                       storage=Storage(silent_server), read_timeout=1.0)
+    assert list(out["error"]) == ["", "read_error: timed out after 1 s (--read-timeout)", "",
+                                  "read_error: timed out after 1 s (--read-timeout)", ""]

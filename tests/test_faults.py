@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from visionbatch.evaluate import METRICS_FILE
 from visionbatch.sinks import SUMMARY, Destination, read_results
 
 from conftest import WNIDS, save_random_vit, write_image
@@ -567,3 +568,131 @@ def test_two_jobs_into_one_dest_only_one_runs(where, images, tiny_vit, s3_server
 
 def _names(dest, endpoint: str | None) -> set[str]:
     return set(Destination(str(dest), endpoint).files())
+
+
+# --------------------------------------------------------------------------- 8. DEST or TMPDIR unusable
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs file systems (a real full or read-only disk); skipped where
+    mounting is not permitted. Unmounted at the end."""
+    mounted: list[Path] = []
+
+    def _mount(name: str, size: str, read_only: bool = False) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        return folder
+
+    yield _mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    """Write until the file system is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+
+
+def _one_error_line(run: Run) -> str:
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("visionbatch: error: "), run.stderr
+    assert "Traceback" not in run.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["read-only DEST", "full DEST", "read-only TMPDIR"])
+def test_unusable_dest_or_tmpdir_fails_before_any_work(case, images, tiny_vit, tmp_path, tmpfs, start):
+    """Exit 1 with one line naming the place, before any work starts (the seconds it
+    took are printed, not asserted)."""
+    disk = tmpfs("disk", "64k", read_only=case.startswith("read-only"))
+    dest, env = (disk / "out", None) if case.endswith("DEST") else (tmp_path / "out", {"TMPDIR": str(disk)})
+    if case == "full DEST":
+        dest.mkdir()
+        _fill(disk)
+    run = start(_classify_args(images, tiny_vit, dest), tmp_path / "run", env=env)
+    code = run.wait(300)
+    seconds = time.monotonic() - run.started
+    line = _one_error_line(run)
+    assert code == 1, run.stderr
+    assert str(disk) in line and ("No space left" if case == "full DEST" else "Read-only file system") in line, line
+    assert not session_processes(run.pid)  # no Ray, no model: nothing was started
+    if dest.exists():
+        assert not [p.name for p in dest.iterdir()], "DEST should be left empty"
+    print(f"\n[faults] {case}: exit {code} after {seconds:.1f} s: {line}")
+
+
+@pytest.mark.slow
+def test_disk_that_fills_mid_job_keeps_what_was_committed(images, tiny_vit, tmp_path, tmpfs, start):
+    """A DEST that fills up after a few shards: exit 1 with one line naming the file and
+    saying how to resume; the committed shards are whole and listed, no temporary file is
+    left; with room again, --resume ends with every file exactly once."""
+    disk = tmpfs("disk", "40k")  # room for a few of the 15 part files (4 KB each) and the manifest
+    dest = disk / "out"
+    run = start(_classify_args(images, tiny_vit, dest), tmp_path / "run1")
+    code = run.wait(300)
+    line = _one_error_line(run)
+    assert code == 1 and "No space left on device" in line and f"cannot write {dest}/" in line, line
+    assert line.endswith("rerun the same command with --resume"), line
+    kept = _rows_on_disk(dest)  # every part the manifest lists is whole
+    assert f"; {len(kept)} finished rows are saved in {dest}:" in line and 0 < len(kept) < N_IMAGES, line
+    assert len(kept) == len(set(kept))
+    _no_tmp_files(dest)
+    assert not (dest / "_SUCCESS").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    table, _, seconds = _resume_and_check(start, images, tiny_vit, dest, tmp_path / "run2", _expected_paths(images),
+                                          kept)
+    _outcome("DEST full mid-job, then --resume", N_IMAGES, table, seconds, line)
+
+
+def test_unwritable_summary_and_metrics_leave_a_finished_job(images, tiny_vit, tmp_path, start):
+    """_summary.json and _metrics.json are written after the results are committed: failing
+    to write them is a warning, and DEST stays a finished, readable result."""
+    dest = tmp_path / "out"
+    for name in (SUMMARY, METRICS_FILE):  # folders where files should go: their writes fail
+        (dest / name).mkdir(parents=True)
+        (dest / name / "keep").write_text("")
+    run = start(_classify_args(images, tiny_vit, dest, "--limit", 16), tmp_path / "run")
+    assert run.wait(300) == 0, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 2 and all("the results are complete, but cannot write" in w for w in warnings), warnings
+    assert SUMMARY in warnings[0] and METRICS_FILE in warnings[1]
+    assert len(read_results(str(dest))) == 16 and (dest / "_SUCCESS").exists()
+    _no_tmp_files(dest)
+    evaluate = start(["evaluate", dest], tmp_path / "evaluate")  # asked for: an error
+    assert evaluate.wait(300) == 1 and f"cannot write {dest}/{METRICS_FILE}" in _one_error_line(evaluate)
+
+
+# --------------------------------------------------------------------------- 9. SIGTERM during start-up
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up(images, tiny_vit, tmp_path, start):
+    """Once the job holds DEST (its lease is there) and before anything is committed:
+    one line, the interrupt exit status, nothing left behind."""
+    dest = tmp_path / "out"
+    run = start(_classify_args(images, tiny_vit, dest), tmp_path / "run")
+    while not (dest / "_lease.json").exists():
+        assert run.proc.poll() is None, run.stderr
+        time.sleep(0.01)
+    os.kill(run.pid, signal.SIGTERM)
+    code = run.wait(300)
+    line = _one_error_line(run)
+    assert code == 130, run.stderr
+    assert line == "visionbatch: error: interrupted during start-up; nothing was written"
+    assert not wait_session_gone(run), "the interrupted run left processes behind"
+    assert not list(dest.iterdir()), "DEST should be left empty (the lease released)"

@@ -60,7 +60,14 @@ def test_planner_skips_committed_shards_and_refuses_a_changed_input(image_tree):
     changed = ShardPlanner(_spec(image_tree), Storage())
     changed.start(committed={shards[0].id: "0" * 16})
     assert changed.next() is None
-    assert "input changed" in changed.status()["error"]
+    assert f"shard {shards[0].id} (from {shards[0].paths[0]}) now holds other files" in \
+        changed.status()["input_changed"]
+    # Files removed from the end: a committed shard the listing no longer makes.
+    gone = ShardPlanner(_spec(image_tree), Storage(), committed={"000-0000009": "0" * 16})
+    while gone.next() is not None:
+        pass
+    message = gone.status()["input_changed"]
+    assert "000-0000009" in message and "no longer in it" in message and "new DEST" in message
 
 
 def _block(shard: str, rows: list[int], total: int) -> pa.Table:

@@ -77,3 +77,35 @@ def test_results_round_trip(fmt, tmp_path):
     assert back.schema == RESULT_SCHEMA
     assert back.to_pylist() == rows.cast(RESULT_SCHEMA).to_pylist()
     assert not [p for p in (tmp_path / "dest").iterdir() if p.name.endswith(".tmp")]
+
+
+def _linked_tree(tmp_path):
+    """src/ with `up -> ..` and mutual links a/tob -> ../b, b/toa -> ../a; outside/ (out of
+    src, reached through src/ext) with a link to itself and one back into src."""
+    from conftest import write_image
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    files = [write_image(src / name, seed=i) for i, name in enumerate(["n01440764/x.jpg", "a/1.jpg", "b/2.jpg"])]
+    far = [write_image(outside / "o.jpg", seed=9), write_image(outside / "deep" / "p.jpg", seed=10)]
+    (src / "n01440764" / "up").symlink_to("..")
+    (src / "a" / "tob").symlink_to("../b")
+    (src / "b" / "toa").symlink_to("../a")
+    (src / "ext").symlink_to("../outside")
+    (outside / "self").symlink_to(".")
+    (outside / "deep" / "loop").symlink_to("../../outside")
+    (outside / "home").symlink_to("../src")
+    return src, [str(p) for p in files], [str(src / "ext" / p.relative_to(outside)) for p in far]
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_folder_symlinks_give_every_file_one_path(follow, tmp_path):
+    """Not followed by default (counted); followed with --follow-symlinks where they lead
+    out of the source, each folder once (by device and inode): cycles are cut."""
+    src, inside, beyond = _linked_tree(tmp_path)
+    counts = ListingCounts()
+    paths = [p for batch in iter_source(str(src), Storage(), counts, follow_symlinks=follow) for p in batch]
+    assert len(paths) == len(set(paths))
+    assert sorted(paths) == sorted(inside + beyond if follow else inside)
+    # Not followed: up, tob, toa, ext; followed: up, tob, toa lead into src, and
+    # outside's self, loop (cycles) and home (into src) are cut.
+    assert counts.skipped_folder_links == (6 if follow else 4)

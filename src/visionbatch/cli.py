@@ -13,7 +13,7 @@ from typing import NamedTuple, TextIO
 
 from visionbatch.config import ClassifyConfig, OutputConfig, add_options, options_of
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _classify_parser(sub) -> None:
@@ -62,7 +62,7 @@ def _run_classify(args) -> int:
     if summary.labelled:
         from visionbatch.evaluate import evaluate_dest, format_metrics
 
-        metrics = evaluate_dest(args.dest, args.s3_endpoint, verify=False)  # just written
+        metrics = evaluate_dest(args.dest, args.s3_endpoint, verify=False, must_write=False)  # just written
         if not args.quiet:
             print(format_metrics(metrics), file=args.terminal.out)
     if args.report:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
     from visionbatch.model import ModelLoadError
-    from visionbatch.pipeline import JobError
+    from visionbatch.pipeline import JobError, JobInterrupted, sigterm_as_interrupt
     from visionbatch.sinks import DestinationError
     from visionbatch.storage import SourceError
 
@@ -135,32 +135,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visionbatch: error: cannot write the log file to the temporary folder (TMPDIR="
               f"{os.environ.get('TMPDIR', '/tmp')}): {err}", file=sys.stderr)
         return EXIT_FAILED
-    with _library_noise_to(log_path) as terminal:
+    with _library_noise_to(log_path) as terminal, sigterm_as_interrupt():
         args.terminal = terminal
         try:
             return COMMANDS[args.command](args)
         except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
             message = str(err).replace("is in the log", f"is in {log_path}")
             print(f"visionbatch: error: {message}", file=terminal.err)
+            if isinstance(err, JobInterrupted):
+                return EXIT_INTERRUPTED
             return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
         except KeyboardInterrupt:
             print("visionbatch: interrupted", file=terminal.err)
-            return 130
+            return EXIT_INTERRUPTED
         finally:
             _stop_ray()
 
 
 def _stop_ray() -> None:
-    """Shut a local Ray down while its late log lines still go to the log file."""
+    """Shut a local Ray down while its late log lines still go to the log file (also
+    one whose start was interrupted: its processes are already running)."""
     if "ray" in sys.modules:
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        ray.shutdown()
 
 
 def _log_path() -> str:
-    folder = os.path.join(tempfile.gettempdir(), "visionbatch")
+    # $TMPDIR itself, as Ray takes it (tempfile.gettempdir() would quietly fall back to /tmp).
+    folder = os.path.join(os.environ.get("TMPDIR") or tempfile.gettempdir(), "visionbatch")
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
 

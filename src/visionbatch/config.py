@@ -21,6 +21,7 @@ DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."  # transformers' zero-sho
 
 # Pillow's own default decompression-bomb threshold (Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_MAX_BYTES = 50_000_000  # a 12-MP JPEG is ~5 MB, a 100-MP TIFF ~300 MB: raise it for such collections
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -41,7 +42,7 @@ class ClassifyConfig:
     sources: tuple[str, ...]
     model: str = option(DEFAULT_MODEL, f"hub id or local save_pretrained folder (default {DEFAULT_MODEL})")
     from_list: bool = option(False, "SOURCEs are text files (one path or http(s) URL per line) or CSV/Parquet files "
-                             "with a 'path' column")
+                             "with a 'path' column; relative paths are taken from the working directory")
     url_column: str | None = option(None, "the CSV/Parquet list column that holds the paths or URLs (implies "
                                     "--from-list; default path)", metavar="NAME")
     image_column: str | None = option(None, "SOURCEs are Parquet files (file, folder, prefix, glob) whose column NAME "
@@ -49,6 +50,8 @@ class ClassifyConfig:
                                       "writes it", metavar="NAME")
     keep_columns: tuple[str, ...] = option((), "comma-separated input columns copied into the results (Parquet "
                                            "with --image-column, CSV/Parquet lists; default none)", metavar="A,B")
+    follow_symlinks: bool = option(False, "follow folder symlinks that lead out of a SOURCE folder (each folder "
+                                   "once: cycles are cut)")
     top_k: int = option(5, "labels and scores kept per image")
     batch_size: int | None = option(None, "images per forward pass (default: measured on GPU, largest that "
                                     "still speeds up; 16 on CPU)")
@@ -70,6 +73,8 @@ class ClassifyConfig:
     exact_decode: bool = option(False, "decode every JPEG at full size, for bit-for-bit parity with the "
                                 "transformers pipeline (default: large JPEGs are decoded at 1/2-1/8 scale where "
                                 "that leaves at least three times the model's resize side)")
+    read_timeout: float = option(DEFAULT_READ_TIMEOUT_S, "seconds to wait for one file's bytes before giving it a "
+                                 "read_error row (a hung mount or server)", metavar="SECONDS")
     shard_size: int = option(1000, "images per shard: the unit of work, of output (one part file each) and of "
                              "--resume", metavar="N")
     allow_pickle: bool = option(False, "also load pickled (.bin) weights; only for models you trust")
@@ -112,7 +117,7 @@ class ClassifyConfig:
             raise ValueError("--label-column reads WebDataset members or --image-column tables, not list files")
         if self.download_timeout <= 0 or self.download_retries < 0:
             raise ValueError("--download-timeout must be positive and --download-retries at least 0")
-        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size"):
+        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size", "read_timeout"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

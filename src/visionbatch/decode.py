@@ -18,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from visionbatch.config import DEFAULT_READ_TIMEOUT_S
 from visionbatch.labels import LabelResolver, folder_of
 from visionbatch.preprocess import Preprocessing, pixel_layout, prepare_image
 from visionbatch.results import KEY_COLUMN, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN
-from visionbatch.samples import Reading, read_file, shard_samples
+from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import TarShard
 from visionbatch.storage import Storage, describe
 
@@ -80,20 +81,17 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
         raise DecodeError("decode_error", describe(err), size=(width, height)) from None
 
 
-def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storage,
-                max_bytes: int | None = None, data: bytes | str | None = None, draft_side: int | None = None
+def decode_file(path: str, data: bytes | str, spec: Preprocessing, max_pixels: int, draft_side: int | None = None
                 ) -> tuple[np.ndarray | None, int, int, str]:
-    """One file -> (the model stage's pixels for it or None, width, height, error).
+    """One file's bytes (or its read error) -> (the model stage's pixels for it or None,
+    width, height, error).
 
-    ``data``: the file's bytes or read error when already read. Never raises: a file
-    that cannot be read or decoded gives its error text ("" for none) and whatever size
-    its header told (-1 where unknown).
+    Never raises: a file that cannot be read or decoded gives its error text ("" for
+    none) and whatever size its header told (-1 where unknown).
     """
     crash_on = os.environ.get("VISIONBATCH_FAILPOINT_EXIT_ON")
     if crash_on and crash_on in path:  # a failpoint for fault tests: die like a segfaulting decoder
         os._exit(70)
-    if data is None:
-        data = read_file(path, storage, max_bytes)
     if isinstance(data, str):
         return None, -1, -1, data
     try:
@@ -109,7 +107,7 @@ def decode_file(path: str, spec: Preprocessing, max_pixels: int, storage: Storag
 
 def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixels: int,
                  storage: Storage = Storage(), max_bytes: int | None = None,
-                 draft_side: int | None = None) -> dict[str, np.ndarray]:
+                 read_timeout: float = DEFAULT_READ_TIMEOUT_S, draft_side: int | None = None) -> dict[str, np.ndarray]:
     """Paths in; model-ready pixels, sizes and errors out, one row per path.
 
     Rows that fail keep zero pixels and their ``error``; other input columns pass
@@ -122,9 +120,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
     pixels = np.zeros((n, *shape), dtype=dtype)
     widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
-    for i, path in enumerate(batch["path"]):
-        image, widths[i], heights[i], errors[i] = decode_file(path, spec, max_pixels, storage, max_bytes,
-                                                                    draft_side=draft_side)
+    paths = batch["path"]
+    for i, (path, data) in enumerate(zip(paths, read_ahead(paths, storage, max_bytes, read_timeout))):
+        image, widths[i], heights[i], errors[i] = decode_file(path, data, spec, max_pixels, draft_side)
         if image is not None:
             pixels[i] = image
     seconds = np.full(n, (time.perf_counter() - started) / max(n, 1))  # this stage's share, per row
@@ -174,8 +172,7 @@ def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, block_sizes
             yield block(*held, size=-1)
             held = None
         rows.append((index, sample.path, true_label(sample), sample.key,
-                     *decode_file(sample.path, spec, max_pixels, reading.storage, reading.max_bytes, sample.data,
-                                  draft_side)))
+                     *decode_file(sample.path, sample.data, spec, max_pixels, draft_side)))
         images += rows[-1][4] is not None
         if images == block_images:
             made = (rows, (time.perf_counter() - started) / len(rows))

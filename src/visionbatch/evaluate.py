@@ -65,6 +65,7 @@ when there is nothing to compute it over (e.g. no labelled rows)::
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -315,14 +316,20 @@ def format_metrics(metrics: dict, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
-def evaluate_dest(dest: str, s3_endpoint: str | None = None, verify: bool = True) -> dict:
+def evaluate_dest(dest: str, s3_endpoint: str | None = None, verify: bool = True, must_write: bool = True) -> dict:
     """The metrics of DEST's results, written to DEST/_metrics.json: from the counts the
     manifest adds up shard by shard (no pass over the rows), after checking that every
-    committed part file is there and whole (``verify``)."""
-    from visionbatch.sinks import Destination  # the sink imports this module's counting
+    committed part file is there and whole (``verify``). ``must_write=False``: a
+    _metrics.json that cannot be written (a full disk) is a warning, not an error."""
+    from visionbatch.sinks import Destination, DestinationError  # the sink imports this module's counting
 
     destination = Destination(dest, s3_endpoint)
     counts = destination.committed_metric_counts(verify=verify)
     metrics = metrics_from_counts(counts)
-    destination.write_bytes(METRICS_FILE, json.dumps(metrics, indent=1).encode())
+    try:
+        destination.write_bytes(METRICS_FILE, json.dumps(metrics, indent=1).encode())
+    except DestinationError as err:
+        if must_write:
+            raise
+        logging.getLogger("visionbatch").warning("the results are complete, but %s", err)
     return metrics

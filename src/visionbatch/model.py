@@ -15,6 +15,7 @@ labels' text embeddings are computed once, at load; the embedding is the image's
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -84,6 +85,32 @@ def resolve_model_source(ref: str) -> ModelSource:
         "(--model PATH; `visionbatch models make-efficientnet-lite0 DIR` writes one offline), or "
         "pre-download it where the hub is reachable and set HF_HUB_OFFLINE=1."
     )
+
+
+_SAMPLE_BYTES = 1 << 20
+
+
+def model_revision(source: ModelSource) -> str | None:
+    """Which weights ``source`` names, for a job's identity: a hub model's commit (from
+    the cache's snapshot folder), or for a local folder a hash of its files' names,
+    sizes and first and last MiB (new weights change all of these; gigabytes are not read)."""
+    if not os.path.isdir(source.ref):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.ref, "config.json")
+        return os.path.basename(os.path.dirname(cached)) if isinstance(cached, str) else None
+    digest = hashlib.blake2b(digest_size=8)
+    for entry in sorted(os.scandir(source.ref), key=lambda entry: entry.name):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        size = entry.stat().st_size
+        digest.update(f"{entry.name}\0{size}\0".encode())
+        with open(entry.path, "rb") as file:
+            head = file.read(_SAMPLE_BYTES)
+            if size > 2 * _SAMPLE_BYTES:
+                file.seek(-_SAMPLE_BYTES, os.SEEK_END)
+            digest.update(head + file.read())  # the rest, or the last MiB
+    return digest.hexdigest()
 
 
 def load_processor(source: ModelSource, trust_remote_code: bool = False):

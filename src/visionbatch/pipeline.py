@@ -30,7 +30,7 @@ import pyarrow as pa
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs, label_list
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
 from visionbatch.model import (ModelSource, Predictor, check_model_kind, embedding_width, load_config, load_processor,
-                               resolve_model_source)
+                               model_revision, resolve_model_source)
 from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
                                    draft_side, pixel_layout)
 from visionbatch.results import (MODEL_TRACEBACK, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN,
@@ -59,6 +59,10 @@ _MODEL_FAILURES_TO_STOP = 3
 
 class JobError(Exception):
     """The job cannot run; the message is the one line the user sees."""
+
+
+class JobInterrupted(JobError):
+    """Ctrl-C or SIGTERM stopped the job; the message says what was kept."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ def init_ray(address: str | None) -> None:
             ray.init(address=address, **kwargs)
         else:
             ray.init(address="local", **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except (ConnectionError, RuntimeError, ValueError, OSError) as err:  # OSError: an unwritable temp dir
         if address and _token_refused(err):
             raise JobError(f"the Ray cluster at {address} uses token authentication and refused this client: set "
                            "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
@@ -266,11 +270,11 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     from visionbatch import __version__
 
     model = plan.model
-    return {"visionbatch": __version__, "model": model.source.ref, "top_k": config.top_k, "format": output.format,
-            "dtype": plan.dtype, "labels": config.labels, "label_map": config.label_map,
-            "sources": list(config.sources), "from_list": config.from_list, "shard_size": config.shard_size,
-            "limit": config.limit, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
-            "exact_decode": config.exact_decode,
+    return {"visionbatch": __version__, "model": model.source.ref, "model_revision": model_revision(model.source),
+            "top_k": config.top_k, "format": output.format, "dtype": plan.dtype, "labels": config.labels,
+            "label_map": config.label_map, "sources": list(config.sources), "from_list": config.from_list,
+            "follow_symlinks": config.follow_symlinks, "shard_size": config.shard_size, "limit": config.limit,
+            "max_pixels": config.max_pixels, "max_bytes": config.max_bytes, "exact_decode": config.exact_decode,
             EMBEDDINGS_KEY: model.embedding_width and {"width": model.embedding_width,
                                                        "normalized": config.normalize_embeddings},
             "zero_shot": model.candidate_labels and {"labels": list(model.candidate_labels),
@@ -308,7 +312,8 @@ def prepare(config: ClassifyConfig) -> Prepared:
                        limit=config.limit, cwd=os.getcwd(), image_column=config.image_column,
                        url_column=config.url_column or "path",
                        columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
-                                                      config.label_column else []), *config.keep_columns])))
+                                                      config.label_column else []), *config.keep_columns])),
+                       follow_symlinks=config.follow_symlinks)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         metadata = pool.submit(_model_metadata, config, source, storage)
         try:
@@ -411,7 +416,7 @@ def _decode_options(prepared: Prepared, batch_size: int) -> dict:
     """What every decode task is given (besides where its shards come from)."""
     config, plan = prepared.config, prepared.plan
     reading = Reading(prepared.storage, config.max_bytes, config.label_column if config.labels == "column" else None,
-                      config.image_column, config.keep_columns if config.image_column else ())
+                      config.image_column, config.keep_columns if config.image_column else (), config.read_timeout)
     return {"spec": plan.model.spec, "max_pixels": config.max_pixels, "reading": reading, "labels": prepared.labels,
             "batch_size": batch_size, "first_batch_size": plan.batch_size, "draft_side": plan.draft_side}
 
@@ -509,7 +514,7 @@ def run(sources, output: str, *, format: str = "parquet", overwrite: bool = Fals
 def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summary:
     """Run a job to the end; ``progress`` is the stream for the progress bar (None: no bar)."""
     started = time.monotonic()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             destination = Destination(output.dest, Storage(config.s3_endpoint))
             if destination.has_results() and not (output.overwrite or output.resume):
@@ -522,18 +527,25 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
             raise JobError(str(err)) from None
         try:
             try:
-                prepared = prepare(config)
-            except KeyboardInterrupt:
-                raise JobError("interrupted while starting; nothing was written") from None
-            _interrupt_on_sigterm()  # ray.init replaced it with its own
-            try:
+                with _interrupts_held() as interrupted:
+                    try:
+                        prepared = prepare(config)
+                    except SystemExit:  # SIGTERM met the handler that ray.init installs first
+                        interrupted.set()
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 lease.confirm()
                 manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
                                          overwrite=output.overwrite, resume=output.resume)
+            except KeyboardInterrupt:
+                raise JobInterrupted("interrupted during start-up; nothing was written") from None
             except DestinationError as err:
                 raise JobError(str(err)) from None
             summary = _Job(prepared, manifest, output, started, progress).run()
-            destination.write_bytes(SUMMARY, json.dumps(summary.to_dict(), indent=1).encode())
+            try:
+                destination.write_bytes(SUMMARY, json.dumps(summary.to_dict(), indent=1).encode())
+            except DestinationError as err:  # the results are committed: DEST is whole without it
+                log.warning("the results are complete, but %s", err)
         finally:
             lease.release()
     return summary
@@ -584,15 +596,17 @@ class _Job:
                     # hand; redo them one file per task to isolate a file that kills its worker.
                     log.warning("%d shard(s) were in tasks that failed; redoing them one file per task", len(lost))
                     self._redo_isolated(lost)
+            if self._model_failures and not self.summary.predicted:  # fewer shards than the stopping rule needs
+                raise JobError(self._model_failed())
+            self.manifest.write(complete=True)
         except KeyboardInterrupt:
-            raise JobError(self._stopped("interrupted")) from None
+            raise JobInterrupted(self._stopped("interrupted")) from None
         except ray.exceptions.RayError as err:
             raise JobError(self._stopped(f"the job failed: {_root_cause(err)}")) from None
+        except DestinationError as err:  # a full disk, a read-only mount, a bucket gone
+            raise JobError(self._stopped(str(err))) from None
         finally:
             self.bar.close()  # (made before the try)
-        if self._model_failures and not self.summary.predicted:  # fewer shards than the stopping rule needs
-            raise JobError(self._model_failed())
-        self.manifest.write(complete=True)
         summary = self.summary
         # A name that is not UTF-8 cannot be a result row's path: skipped, and said.
         summary.skipped_non_image = self.status["skipped_non_image"] + self.status["undecodable_names"]
@@ -600,12 +614,16 @@ class _Job:
             log.warning("skipped %d file(s) whose names are not valid UTF-8 (rename them to classify them)",
                         self.status["undecodable_names"])
         summary.skipped_special = self.status["skipped_special"]
+        summary.special_files = self.status["special_examples"]
+        summary.skipped_folder_links = self.status["skipped_folder_links"]
         summary.wall_time_s = time.monotonic() - self.started
         summary.images_per_s = (summary.images_found - summary.already_done) / summary.wall_time_s
         return summary
 
     def _check_listing(self) -> None:
         status = self.status
+        if status["input_changed"]:  # resuming would mix two inputs in one DEST
+            raise JobError(self._stopped(status["input_changed"], resumable=False))
         if status["error"]:
             raise JobError(self._stopped(f"cannot list the input: {status['error']}"))
         if status["listing_done"] and not status["shards_listed"]:
@@ -619,11 +637,13 @@ class _Job:
         return tqdm(total=None, initial=self.summary.already_done, unit="img", disable=self.progress is None,
                     dynamic_ncols=True, file=self.progress, desc="classify", smoothing=0.1)
 
-    def _stopped(self, why: str) -> str:
+    def _stopped(self, why: str, resumable: bool = True) -> str:
         """Commit what finished; the message says what was kept and how to go on."""
         with contextlib.suppress(Exception):
             self.manifest.write()
-        kept = self.manifest.rows
+        kept = self.manifest.saved_rows  # what DEST's manifest lists (the last write may have failed)
+        if not resumable:
+            return why
         if not kept:
             return f"{why}; no results had been committed yet, so nothing was kept"
         return (f"{why}; {kept} finished rows are saved in {self.output.dest}: "
@@ -671,6 +691,8 @@ class _Job:
                 self._rows_arrived(rows_in)
                 if commit is not None:
                     record = json.loads(commit)
+                    if "write_error" in record:
+                        raise DestinationError(record["write_error"])
                     self._commit(record)
                     committed.append(record["shard"])
             if committed:
@@ -733,6 +755,7 @@ class _Job:
             ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
                                          fn_kwargs={"spec": prepared.plan.model.spec, "max_pixels": config.max_pixels,
                                                     "max_bytes": config.max_bytes, "storage": prepared.storage,
+                                                    "read_timeout": config.read_timeout,
                                                     "draft_side": prepared.plan.draft_side},
                                          num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
                            pyarrow_blocks=False)
@@ -840,27 +863,37 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues.
-    (ray.init installs its own SIGTERM handler, which would exit without committing;
-    this is called again after it.)"""
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C and SIGTERM during start-up take effect once it is done: raised at any
+    point, they could break an import half done in the thread that loads the model's
+    configs. Yields the event that says one came."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    came = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    saved = {signum: signal.signal(signum, lambda *_: came.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def sigterm_as_interrupt():
+    """SIGTERM stops the job like Ctrl-C: committed rows stay and --resume continues
+    (signals can be handled in the main thread only)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = signal.getsignal(signal.SIGTERM)
-    _interrupt_on_sigterm()
+    saved = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:

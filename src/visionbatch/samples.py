@@ -11,11 +11,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import tarfile
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
 
+from visionbatch.config import DEFAULT_READ_TIMEOUT_S
 from visionbatch.shards import AnyShard, Shard, TarShard
 from visionbatch.sources import is_image_name
 from visionbatch.storage import Storage, describe, is_url
@@ -40,6 +43,7 @@ class Reading:
     label_column: str | None = None  # WebDataset member extension or Parquet column of the true label
     image_column: str | None = None
     keep_columns: tuple[str, ...] = ()
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S  # per file or URL read (not per tar or table: those stream)
 
 
 def read_file(path: str, storage: Storage, max_bytes: int | None = None) -> bytes | str:
@@ -50,18 +54,40 @@ def read_file(path: str, storage: Storage, max_bytes: int | None = None) -> byte
         return f"{'download_error' if is_url(path) else 'read_error'}: {describe(err)}"
 
 
-def read_ahead(paths, storage: Storage, max_bytes: int | None, window: int = READ_AHEAD) -> Iterator[bytes | str]:
+def read_ahead(paths, storage: Storage, max_bytes: int | None, timeout: float = DEFAULT_READ_TIMEOUT_S,
+               window: int = READ_AHEAD) -> Iterator[bytes | str]:
     """:func:`read_file` of each path, in order, with up to ``window`` reads in flight:
     object-store and http requests wait on the network for tens of ms each, and their
-    reads release the GIL, so a few threads hide that latency behind decoding."""
-    with concurrent.futures.ThreadPoolExecutor(min(window, max(len(paths), 1))) as pool:
-        pending: collections.deque = collections.deque()
-        for path in paths:
-            pending.append(pool.submit(read_file, path, storage, max_bytes))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    reads release the GIL, so a few threads hide that latency behind decoding.
+
+    A read not done ``timeout`` seconds after it started gives a ``read_error`` (a hung
+    mount or server must not hold the shard forever). Its thread cannot be stopped, so
+    each read has a daemon thread of its own: one left hanging blocks neither the next
+    reads nor the process's exit.
+    """
+    pending: collections.deque = collections.deque()
+
+    def result(read: tuple[concurrent.futures.Future, float]) -> bytes | str:
+        future, deadline = read
+        try:
+            return future.result(max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            return f"read_error: timed out after {timeout:g} s (--read-timeout)"
+
+    for path in paths:
+        pending.append(_start_read(path, storage, max_bytes, timeout))
+        if len(pending) >= window:
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
+
+
+def _start_read(path: str, storage: Storage, max_bytes: int | None, timeout: float):
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    thread = threading.Thread(target=lambda: future.set_result(read_file(path, storage, max_bytes)),
+                              daemon=True, name="visionbatch-read")
+    thread.start()
+    return future, time.monotonic() + timeout
 
 
 def shard_samples(shard: AnyShard, reading: Reading) -> tuple[Iterator[Sample], pa.Table | None]:
@@ -69,7 +95,7 @@ def shard_samples(shard: AnyShard, reading: Reading) -> tuple[Iterator[Sample], 
     None when none are kept)."""
     if isinstance(shard, Shard):
         samples = (Sample(path, data) for path, data in
-                   zip(shard.paths, read_ahead(shard.paths, reading.storage, reading.max_bytes)))
+                   zip(shard.paths, read_ahead(shard.paths, reading.storage, reading.max_bytes, reading.read_timeout)))
         return samples, shard.columns
     if isinstance(shard, TarShard):
         return tar_samples(shard, reading), None

@@ -106,6 +106,7 @@ class InputSpec:
     image_column: str | None = None  # SOURCEs are Parquet tables of images
     url_column: str = "path"  # the list files' column of paths or URLs
     columns: tuple[str, ...] = ()  # input columns the decode stage reads besides the image (kept, label)
+    follow_symlinks: bool = False
 
 
 def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Iterator[AnyShard]:
@@ -114,11 +115,11 @@ def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Ite
     remaining = spec.limit
     for index, uri in enumerate(spec.sources):
         if spec.image_column:
-            items = iter_tables(uri, storage, counts, spec.image_column, spec.columns)
+            items = iter_tables(uri, storage, counts, spec.image_column, spec.columns, spec.follow_symlinks)
         elif spec.from_list:
             items = iter_list_file(uri, storage, counts, spec.cwd, spec.url_column, spec.columns)
         else:
-            items = iter_source(uri, storage, counts)
+            items = iter_source(uri, storage, counts, spec.follow_symlinks)
         seq, pending, kept = 0, [], None  # kept: the pending paths' kept list columns
         for item in items:
             if isinstance(item, Container):
@@ -167,6 +168,11 @@ def describe_shard(shard: AnyShard) -> str:
     return shard.paths[0] if isinstance(shard, Shard) else shard.uri
 
 
+def _input_changed(what: str) -> str:
+    return (f"the input changed since DEST was written (files added, removed or renamed): {what}; resuming "
+            "would mix results of two inputs: write to a new DEST, or pass --overwrite to start again")
+
+
 class ShardPlanner:
     """Lists the input in a thread and hands out shards that are not yet committed.
 
@@ -182,8 +188,7 @@ class ShardPlanner:
         self._outstanding: dict[str, AnyShard] = {}  # handed out, not yet committed
         self._counts = ListingCounts()
         self._status = {"images_listed": 0, "already_done": 0, "shards_listed": 0, "unsized_shards": 0,
-                        "listing_done": False,
-                        "error": None}
+                        "listing_done": False, "error": None, "input_changed": None}
         self._started = threading.Event()  # a first shard is ready, or listing ended
 
     def start(self, committed: dict[str, str] | None = None) -> None:
@@ -202,13 +207,17 @@ class ShardPlanner:
                 done = self._committed.pop(shard.id, None)
                 if done is not None:
                     if done != shard.digest:
-                        raise ValueError(f"the input changed since DEST was written: shard {shard.id} (from "
-                                         f"{describe_shard(shard)}) now holds other files; write to a new DEST")
+                        self._status["input_changed"] = _input_changed(
+                            f"shard {shard.id} (from {describe_shard(shard)}) now holds other files")
+                        return
                     with self._lock:
                         self._status["already_done"] += shard.rows or 0
                     continue
                 self._queue.put(shard)
                 self._started.set()
+            if self._committed:
+                self._status["input_changed"] = _input_changed(
+                    f"{len(self._committed)} committed shard(s) ({min(self._committed)}, ...) are no longer in it")
         except Exception as err:  # reported through status(); the driver stops the job
             self._status["error"] = describe(err)
         finally:
@@ -247,4 +256,5 @@ class ShardPlanner:
             counts = self._counts
             return {**self._status, "skipped_non_image": counts.skipped_non_image,
                     "skipped_special": counts.skipped_special, "special_examples": list(counts.special_examples),
+                    "skipped_folder_links": counts.skipped_folder_links,
                     "undecodable_names": counts.undecodable_names}

@@ -154,23 +154,35 @@ class Destination:
             return stream.read()
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a file so that it appears whole or not at all."""
+        """Write a file so that it appears whole or not at all; a failure (a full disk, a
+        read-only mount, no permission) is a DestinationError naming the file."""
+        try:
+            self._write(name, data)
+        except (OSError, pa.ArrowException) as err:
+            raise DestinationError(f"cannot write {self.uri}/{name}: {describe(err)}") from None
+
+    def _write(self, name: str, data: bytes) -> None:
         if self.remote:  # an object is visible only once its upload completes
             with self.fs.open_output_stream(self._path(name)) as out:
                 out.write(data)
             return
         self.fs.create_dir(self.root, recursive=True)
         tmp = self._path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers of DEST skip it
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, self._path(name))
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, self._path(name))
+        except BaseException:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self.fs.delete_file(tmp)
+            raise
 
     def check_writable(self) -> None:
         """Fail before any work where results could not be written (read-only, full,
         no permission, no such bucket)."""
         probe = f".visionbatch-probe-{uuid.uuid4().hex[:8]}"
         try:
-            self.write_bytes(probe, b"probe")
+            self._write(probe, b"probe")
             self.delete([probe])
         except (OSError, pa.ArrowException) as err:
             raise DestinationError(f"cannot write results to {self.uri}: {describe(err)}") from None
@@ -339,8 +351,11 @@ class ShardWriter:
             if self.sizes.get(shard) == len(seen) and seen.all():
                 del self.seen[shard], self.sizes[shard]
                 whole = pa.concat_tables(self.pending.pop(shard), promote_options="default")
-                record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled, self.schema,
-                                                self.extra))
+                try:
+                    record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled,
+                                                    self.schema, self.extra))
+                except DestinationError as err:  # the driver stops the job, keeping what it committed
+                    record = json.dumps({"shard": shard, "write_error": str(err)})
             shards.append(shard)
             rows_in.append(len(rows))
             commits.append(record)
@@ -357,6 +372,7 @@ class Manifest:
         self.job = job
         self.shards: dict[str, dict] = dict(shards or {})
         self.metric_counts = metric_counts or {}  # of the committed shards, added up (see evaluate)
+        self.saved_rows = self.rows  # rows the manifest in DEST lists
         self._written_at = time.monotonic()
         self._write_seconds = 0.0
 
@@ -425,6 +441,7 @@ class Manifest:
                 "shards": self.shards, "metric_counts": self.metric_counts}
         started = time.monotonic()
         self.destination.write_bytes(MANIFEST, json.dumps(body, separators=(",", ":")).encode())
+        self.saved_rows = self.rows
         self._written_at = time.monotonic()
         self._write_seconds = self._written_at - started
         if complete:

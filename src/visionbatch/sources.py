@@ -25,6 +25,7 @@ _GLOB_CHARS = "*?["
 _LIST_BATCH_ROWS = 65_536
 _URL = r"^[A-Za-z][A-Za-z0-9+.-]*://"  # an entry with a scheme: s3://, http://, file://, ...
 _UNNORMAL = r"//|/\.\.?(/|$)"  # what os.path.normpath would change in an absolute path
+SPECIAL_EXAMPLES = 20  # special files named in the summary (bounded: the driver never grows with the input)
 _IMAGE_NAME = r"\.(" + "|".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)) + r")$"
 
 
@@ -33,9 +34,15 @@ class ListingCounts:
     """What a listing passed over, counted as it goes."""
 
     skipped_non_image: int = 0
-    skipped_special: int = 0  # FIFOs, sockets, devices: never opened
+    skipped_special: int = 0  # FIFOs, sockets, devices, broken links: never opened
+    skipped_folder_links: int = 0  # folder symlinks not followed (or leading where the walk has been)
     undecodable_names: int = 0  # names that are not UTF-8 cannot be a result row's path
-    special_examples: list[str] = field(default_factory=list)
+    special_examples: list[str] = field(default_factory=list)  # the first few skipped special files
+
+    def skip_special(self, path: str) -> None:
+        self.skipped_special += 1
+        if len(self.special_examples) < SPECIAL_EXAMPLES:
+            self.special_examples.append(path)
 
 
 def is_image_name(name: str) -> bool:
@@ -82,25 +89,28 @@ def is_tar_name(name: str) -> bool:
     return name.lower().endswith(".tar")
 
 
-def _iter_files(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[tuple[pafs.FileSystem, list[str]]]:
+def _iter_files(uri: str, storage: Storage, counts: ListingCounts, follow_symlinks: bool = False
+                ) -> Iterator[tuple[pafs.FileSystem, list[str]]]:
     """The files under a file, folder, glob or prefix, in a deterministic order, in batches
     (a folder's files), with their filesystem."""
     fs, path, pattern, info = _source_root(uri, storage)
     if info.type == pafs.FileType.File and pattern is None:
         yield fs, [path]
         return
-    walk = _walk_local(path, counts) if isinstance(fs, pafs.LocalFileSystem) else _walk_remote(fs, path, uri)
+    walk = (_walk_local(path, counts, follow_symlinks) if isinstance(fs, pafs.LocalFileSystem)
+            else _walk_remote(fs, path, uri))
     for names in walk:
         if pattern is not None:
             names = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
         yield fs, names
 
 
-def iter_source(uri: str, storage: Storage, counts: ListingCounts) -> Iterator[list[str] | Container]:
+def iter_source(uri: str, storage: Storage, counts: ListingCounts, follow_symlinks: bool = False
+                ) -> Iterator[list[str] | Container]:
     """Image paths under a file, folder, glob or prefix, in a deterministic order, in
     batches (a folder's files); each ``.tar`` file met is a WebDataset :class:`Container`."""
     prefix = uri_prefix(uri)
-    for fs, names in _iter_files(uri, storage, counts):
+    for fs, names in _iter_files(uri, storage, counts, follow_symlinks):
         images = [prefix + name for name in names if is_image_name(name)]
         tars = [name for name in names if is_tar_name(name)]
         counts.skipped_non_image += len(names) - len(images) - len(tars)
@@ -121,13 +131,13 @@ def _file_infos(fs: pafs.FileSystem, paths: list[str], uri: str) -> list[pafs.Fi
 
 
 def iter_tables(uri: str, storage: Storage, counts: ListingCounts, image_column: str,
-                columns: tuple[str, ...]) -> Iterator[Container]:
+                columns: tuple[str, ...], follow_symlinks: bool = False) -> Iterator[Container]:
     """The row groups of the Parquet files under a file, folder, glob or prefix, each
     checked for the image column and the other ``columns`` the job reads."""
     import pyarrow.parquet as pq
 
     prefix = uri_prefix(uri)
-    for fs, names in _iter_files(uri, storage, counts):
+    for fs, names in _iter_files(uri, storage, counts, follow_symlinks):
         tables = [name for name in names if name.lower().endswith(".parquet")]
         counts.skipped_non_image += len(names) - len(tables)
         for info in _file_infos(fs, tables, uri):
@@ -148,15 +158,37 @@ def iter_tables(uri: str, storage: Storage, counts: ListingCounts, image_column:
                 first += rows
 
 
-def _walk_local(root: str, counts: ListingCounts) -> Iterator[list[str]]:
+def _walk_local(root: str, counts: ListingCounts, follow_symlinks: bool = False) -> Iterator[list[str]]:
     """Depth first with os.scandir, which knows an entry's type without a stat per file.
 
-    Directory symlinks are not followed (they make cycles and second spellings of the
-    same file); FIFOs, sockets and devices are counted and never opened.
+    Folder symlinks make cycles and second spellings of the same file, so by default
+    they are not followed. ``follow_symlinks`` follows those that lead out of the root
+    (a link into the root leads where the walk goes anyway), each folder at most once,
+    by (device, inode): every file keeps one path. FIFOs, sockets and devices are
+    counted and never opened.
     """
+    real_root = os.path.realpath(root)
+    visited: set[tuple[int, int]] = set()  # folders walked, when links are followed: the number of folders
+
+    def new_folder(path: str) -> bool:
+        if not follow_symlinks:
+            return True
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False
+        key = (info.st_dev, info.st_ino)
+        if key in visited:
+            return False
+        visited.add(key)
+        return True
+
     stack = [root]
     while stack:
         folder = stack.pop()
+        if not new_folder(folder):
+            counts.skipped_folder_links += 1
+            continue
         files, folders = [], []
         try:
             with os.scandir(folder) as entries:
@@ -166,10 +198,13 @@ def _walk_local(root: str, counts: ListingCounts) -> Iterator[list[str]]:
                             folders.append(entry.path)
                         elif entry.is_file():  # a regular file, or a symlink to one
                             files.append(entry.path)
-                        elif not entry.is_dir():  # FIFO, socket, device, broken link (folder links: not followed)
-                            counts.skipped_special += 1
-                            if len(counts.special_examples) < 5:
-                                counts.special_examples.append(entry.path)
+                        elif entry.is_dir():  # a folder symlink
+                            if follow_symlinks and not _inside(os.path.realpath(entry.path), real_root):
+                                folders.append(entry.path)
+                            else:
+                                counts.skipped_folder_links += 1
+                        else:  # FIFO, socket, device, broken link
+                            counts.skip_special(entry.path)
                     except OSError:
                         continue
         except OSError as err:
@@ -180,6 +215,10 @@ def _walk_local(root: str, counts: ListingCounts) -> Iterator[list[str]]:
         counts.undecodable_names += len(files) - len(named)
         yield named
         stack.extend(sorted(folders, reverse=True))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _utf8(path: str) -> bool:

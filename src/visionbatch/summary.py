@@ -72,6 +72,8 @@ class Summary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     skipped_non_image: int = 0
     skipped_special: int = 0
+    special_files: list[str] = field(default_factory=list)  # the first few of them (sources.SPECIAL_EXAMPLES)
+    skipped_folder_links: int = 0
     unlabelled: int = 0
     unmapped_folders: list[str] = field(default_factory=list)
     labelled: int = 0
@@ -123,10 +125,15 @@ class Summary:
             f"predicted         {self.predicted}",
             f"failed            {self.failed}"
             + ("  (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items())) + ")" if self.failed else ""),
-            f"non-image skipped {self.skipped_non_image}"
-            + (f"   (and {self.skipped_special} FIFOs, sockets, devices or broken links)" if self.skipped_special else ""),
+            f"non-image skipped {self.skipped_non_image}",
             f"wall time         {self.wall_time_s:.1f} s   ({self.images_per_s:.1f} images/s)",
         ]
+        if self.skipped_special:
+            named = ", ".join(self.special_files[:5]) + (", ..." if self.skipped_special > 5 else "")
+            lines.append(f"special skipped   {self.skipped_special} FIFOs, sockets, devices or broken links: {named}")
+        if self.skipped_folder_links:
+            lines.append(f"links skipped     {self.skipped_folder_links} folder symlinks not followed "
+                         "(see --follow-symlinks)")
         if self.labelled:
             lines.append(f"top-1 accuracy    {self.top1:.2%}   top-5 {self.top5:.2%}   ({self.labelled} labelled)")
         if self.unlabelled:
