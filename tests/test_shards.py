@@ -63,7 +63,8 @@ def test_planner_skips_committed_shards_and_refuses_a_changed_input(image_tree):
     assert f"shard {shards[0].id} (from {shards[0].paths[0]}) now holds other files" in \
         changed.status()["input_changed"]
     # Files removed from the end: a committed shard the listing no longer makes.
-    gone = ShardPlanner(_spec(image_tree), Storage(), committed={"000-0000009": "0" * 16})
+    gone = ShardPlanner(_spec(image_tree), Storage())
+    gone.start(committed={"000-0000009": "0" * 16})
     while gone.next() is not None:
         pass
     message = gone.status()["input_changed"]
