@@ -24,7 +24,6 @@ from visionbatch.labels import build_resolver, folder_of
 from visionbatch.model import Predictor, load_processor, resolve_model_source
 from visionbatch.pipeline import _affine
 from visionbatch.preprocess import choose_preprocessing, draft_side
-from visionbatch.storage import Storage
 
 
 def make_photos(source: Path, folder: Path, long_side: int = 4032) -> list[str]:
@@ -46,7 +45,7 @@ def measure(paths: list[str], spec, side: int | None, predictor: Predictor, labe
     pixels, seconds = [], []
     for path in paths:
         started = time.perf_counter()
-        image, _, _, error = decode_file(path, spec, 10**9, Storage(), None, draft_side=side)
+        image, _, _, error = decode_file(path, Path(path).read_bytes(), spec, 10**9, side)
         seconds.append(time.perf_counter() - started)
         assert not error, error
         pixels.append(image)

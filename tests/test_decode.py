@@ -148,25 +148,6 @@ def test_special_files_are_never_opened(tmp_path):
     assert counts.skipped_special == 3 and len(counts.special_examples) == 3
 
 
-def test_a_decode_task_sends_its_first_block_after_one_forward_pass(tmp_path):
-    """The first block of a task holds one batch, so a first result does not wait for a
-    large block; the blocks after it hold batch_size images."""
-    from transformers import ViTImageProcessor
-
-    from visionbatch.decode import decode_shards
-    from visionbatch.samples import Reading
-    from visionbatch.shards import Shard
-    from visionbatch.storage import Storage
-
-    spec = resolve_spec(ViTImageProcessor(size={"height": 32, "width": 32}))
-    paths = [str(write_image(tmp_path / f"{i}.jpg")) for i in range(11)]
-    shards = iter([Shard("000-0000000", tuple(paths[:7])), Shard("000-0000001", tuple(paths[7:]))])
-    blocks = list(decode_shards(lambda: next(shards, None), spec=spec, max_pixels=LIMIT, reading=Reading(Storage()),
-                                labels=None, batch_size=4, first_batch_size=1))
-    assert [(b.column("shard")[0].as_py(), b.num_rows) for b in blocks] == [
-        ("000-0000000", 1), ("000-0000000", 4), ("000-0000000", 2), ("000-0000001", 4)]
-
-
 def test_a_hung_read_times_out(tmp_path, silent_server):
     """Reads from a server that never answers end as read_error rows after the timeout;
     the other files of the batch are decoded (nothing waits forever)."""

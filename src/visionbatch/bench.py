@@ -96,14 +96,12 @@ def decode_ceiling(images: Path, model: str, decode_cpus: int, exact_decode: boo
     from visionbatch.decode import decode_file
     from visionbatch.model import load_processor, resolve_model_source
     from visionbatch.preprocess import choose_preprocessing, draft_side
-    from visionbatch.storage import Storage
-
     spec, _ = choose_preprocessing(load_processor(resolve_model_source(model)))
     side = None if exact_decode else draft_side(spec)
     paths = sorted(str(p) for p in images.rglob("*") if p.is_file())
     started = time.process_time()  # one core's time, whatever else the machine runs
     for path in paths:
-        decode_file(path, spec, 10**9, Storage(), draft_side=side)
+        decode_file(path, Path(path).read_bytes(), spec, 10**9, side)
     per_core = len(paths) / (time.process_time() - started)
     return {"images_per_s": per_core * decode_cpus, "per_core": per_core, "decode_cpus": decode_cpus}
 

@@ -9,7 +9,6 @@ never raises past this module: every failure becomes a :class:`DecodeError` whos
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import time
 from typing import Callable, Iterator
@@ -130,24 +129,20 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
 
 
 def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, reading: Reading,
-                  labels: LabelResolver | None, batch_size: int, first_batch_size: int | None = None,
-                  draft_side: int | None = None) -> Iterator[pa.Table]:
+                  labels: LabelResolver | None, batch_size: int, draft_side: int | None = None) -> Iterator[pa.Table]:
     """The CPU stage: take shards until there are none; yield model-ready blocks.
 
     Each block holds up to ``batch_size`` decoded images and the failed rows met on the
-    way; the task's first block holds only ``first_batch_size`` (a first result comes
-    after one forward pass, not after a large block's worth). Every row carries its
-    shard, its index in the shard and the shard's size, from which the writer knows when
-    a shard is whole. A shard whose size is known only once read (a tar) says -1 until
-    its last block, which is held back until the shard ends so that it always has rows
-    to say the size with. ``draft_side``: see :func:`decode_image`.
+    way. Every row carries its shard, its index in the shard and the shard's size, from
+    which the writer knows when a shard is whole. A shard whose size is known only once
+    read (a tar) says -1 until its last block, which is held back until the shard ends so
+    that it always has rows to say the size with. ``draft_side``: see :func:`decode_image`.
     """
-    block_sizes = itertools.chain([first_batch_size or batch_size], itertools.repeat(batch_size))
     while (shard := next_shard()) is not None:
-        yield from _decode_shard(shard, spec, max_pixels, reading, labels, block_sizes, draft_side)
+        yield from _decode_shard(shard, spec, max_pixels, reading, labels, batch_size, draft_side)
 
 
-def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, block_sizes: Iterator[int],
+def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, batch_size: int,
                   draft_side: int | None) -> Iterator[pa.Table]:
     samples, kept = shard_samples(shard, reading)
     by_folder: dict[str, str | None] = {}
@@ -165,7 +160,7 @@ def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, block_sizes
     block = _BlockMaker(shard, kept)
     held = None  # a full block of a shard of unknown size, until the next row or the end
     rows: list = []
-    images, index, block_images = 0, 0, next(block_sizes)
+    images, index = 0, 0
     started = time.perf_counter()
     for index, sample in enumerate(samples):
         if held is not None:
@@ -174,13 +169,13 @@ def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, block_sizes
         rows.append((index, sample.path, true_label(sample), sample.key,
                      *decode_file(sample.path, sample.data, spec, max_pixels, draft_side)))
         images += rows[-1][4] is not None
-        if images == block_images:
+        if images == batch_size:
             made = (rows, (time.perf_counter() - started) / len(rows))
             if shard.rows is None:
                 held = made
             else:
                 yield block(*made, size=shard.rows)
-            rows, images, block_images, started = [], 0, next(block_sizes), time.perf_counter()
+            rows, images, started = [], 0, time.perf_counter()
     size = index + 1 if shard.rows is None else shard.rows
     if held is not None:
         yield block(*held, size=size)

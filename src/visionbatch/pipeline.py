@@ -418,7 +418,7 @@ def _decode_options(prepared: Prepared, batch_size: int) -> dict:
     reading = Reading(prepared.storage, config.max_bytes, config.label_column if config.labels == "column" else None,
                       config.image_column, config.keep_columns if config.image_column else (), config.read_timeout)
     return {"spec": plan.model.spec, "max_pixels": config.max_pixels, "reading": reading, "labels": prepared.labels,
-            "batch_size": batch_size, "first_batch_size": plan.batch_size, "draft_side": plan.draft_side}
+            "batch_size": batch_size, "draft_side": plan.draft_side}
 
 
 def build_dataset(prepared: Prepared):
@@ -685,7 +685,9 @@ class _Job:
                                      job_columns(self.prepared.config.keep_columns)),
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                 max_restarts=self.prepared.config.max_retries, max_task_retries=self.prepared.config.max_retries)
-        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # No prefetch: it holds each block back until the next one has come, which delays
+        # the first result (and every commit) by a block's worth of model time.
+        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             committed = []
             for rows_in, commit in zip(records.column("rows_in").to_pylist(), records.column("commit").to_pylist()):
                 self._rows_arrived(rows_in)
