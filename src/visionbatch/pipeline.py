@@ -693,8 +693,6 @@ class _Job:
                 self._rows_arrived(rows_in)
                 if commit is not None:
                     record = json.loads(commit)
-                    if "write_error" in record:
-                        raise DestinationError(record["write_error"])
                     self._commit(record)
                     committed.append(record["shard"])
             if committed:
@@ -705,7 +703,10 @@ class _Job:
 
     def _commit(self, record: dict) -> None:
         """Count a finished shard and list it in the manifest, unless the model failed
-        on every image so far: then the job stops with the model's own error."""
+        on every image so far: then the job stops with the model's own error (or its part
+        could not be written: then the job stops keeping what was committed)."""
+        if "write_error" in record:
+            raise DestinationError(record["write_error"])
         self.summary.add_shard(record["rows"], record["counts"])
         self.manifest.add(record)
         model_error = record["counts"]["model_error"]
