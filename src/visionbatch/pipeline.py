@@ -767,6 +767,7 @@ class _Job:
             results[table.column(SHARD_COLUMN)[0].as_py()].append(table)
             self._rows_arrived(table.num_rows)
         crash = self._crash_error("file")
+        schema, extra = prepared.plan.model.schema, job_columns(config.keep_columns)
         for shard in shards:
             mine = rows.filter(pa.compute.equal(rows.column(SHARD_COLUMN), shard.id))
             done = pa.concat_tables(results[shard.id], promote_options="permissive") if results[shard.id] else None
@@ -776,7 +777,6 @@ class _Job:
                 missing = missing.append_column("error", pa.array([crash] * missing.num_rows, pa.string()))
                 self._rows_arrived(missing.num_rows)
             parts = [t for t in (done, missing) if t is not None and t.num_rows]
-            schema, extra = prepared.plan.model.schema, job_columns(config.keep_columns)
             table = pa.concat_tables([_with_result_columns(t, schema, extra) for t in parts],
                                      promote_options="permissive")
             self._commit(write_shard(self.manifest.destination, shard.id, table, self.output.format,
