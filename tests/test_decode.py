@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +163,16 @@ def test_a_hung_read_times_out(tmp_path, silent_server):
                        storage=Storage(silent_server), read_timeout=1.0)
     assert list(out["error"]) == ["", "read_error: timed out after 1 s (--read-timeout)", "",
                                   "read_error: timed out after 1 s (--read-timeout)", ""]
+
+
+def test_hung_reads_beyond_the_window_do_not_starve_the_next(tmp_path, silent_server):
+    """More hung reads than reader threads: each hung read gives up its place to a new
+    thread, so the good files after them are still read."""
+    from visionbatch.samples import read_ahead
+    from visionbatch.storage import Storage
+
+    good = [str(write_image(tmp_path / f"good{i}.jpg", seed=i)) for i in range(3)]
+    paths = [f"s3://bucket/hung-{i}.jpg" for i in range(3)] + good
+    out = list(read_ahead(paths, Storage(silent_server), None, timeout=0.5, window=2))
+    assert out[:3] == ["read_error: timed out after 0.5 s (--read-timeout)"] * 3
+    assert out[3:] == [Path(file).read_bytes() for file in good]

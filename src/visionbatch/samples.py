@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import queue
 import tarfile
 import threading
 import time
@@ -60,34 +61,52 @@ def read_ahead(paths, storage: Storage, max_bytes: int | None, timeout: float = 
     object-store and http requests wait on the network for tens of ms each, and their
     reads release the GIL, so a few threads hide that latency behind decoding.
 
-    A read not done ``timeout`` seconds after it started gives a ``read_error`` (a hung
-    mount or server must not hold the shard forever). Its thread cannot be stopped, so
-    each read has a daemon thread of its own: one left hanging blocks neither the next
-    reads nor the process's exit.
+    ``window`` daemon threads take the reads from a queue (a thread per read costs a
+    thread start, and a wait for it, per file: at millions of files that was most of a
+    decode task's time). A read not done ``timeout`` seconds after it was queued gives a
+    ``read_error`` (a hung mount or server must not hold the shard forever); its thread
+    cannot be stopped, so it is left to finish on its own and a new thread takes its
+    place. Daemon threads block neither the next reads nor the process's exit.
     """
-    pending: collections.deque = collections.deque()
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    readers = 0
+
+    def read_queued() -> None:
+        while (item := todo.get()) is not None:
+            path, future = item
+            if future.set_running_or_notify_cancel():
+                future.set_result(read_file(path, storage, max_bytes))
+
+    def add_reader() -> None:
+        nonlocal readers
+        threading.Thread(target=read_queued, daemon=True, name="visionbatch-read").start()
+        readers += 1
 
     def result(read: tuple[concurrent.futures.Future, float]) -> bytes | str:
         future, deadline = read
         try:
             return future.result(max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
+            add_reader()  # the hung read keeps its thread
             return f"read_error: timed out after {timeout:g} s (--read-timeout)"
 
-    for path in paths:
-        pending.append(_start_read(path, storage, max_bytes, timeout))
-        if len(pending) >= window:
+    pending: collections.deque = collections.deque()
+    try:
+        for path in paths:
+            if readers < window:
+                add_reader()
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            todo.put((path, future))
+            pending.append((future, time.monotonic() + timeout))
+            if len(pending) >= window:
+                yield result(pending.popleft())
+        while pending:
             yield result(pending.popleft())
-    while pending:
-        yield result(pending.popleft())
-
-
-def _start_read(path: str, storage: Storage, max_bytes: int | None, timeout: float):
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    thread = threading.Thread(target=lambda: future.set_result(read_file(path, storage, max_bytes)),
-                              daemon=True, name="visionbatch-read")
-    thread.start()
-    return future, time.monotonic() + timeout
+    finally:
+        for future, _ in pending:
+            future.cancel()
+        for _ in range(readers):
+            todo.put(None)
 
 
 def shard_samples(shard: AnyShard, reading: Reading) -> tuple[Iterator[Sample], pa.Table | None]:
