@@ -147,6 +147,22 @@ def test_fastest_batch_size_picks_a_candidate(tiny_vit):
     assert predictor.fastest_batch_size((224, 224), candidates=(1, 2, 4)) in (1, 2, 4)
 
 
+@pytest.mark.parametrize("needed, kept", [(1e-3, 1), (1e9, 2)])
+def test_a_cpu_replica_keeps_to_its_own_cores_when_they_are_fast_enough(tiny_vit, needed, kept):
+    """A replica that runs fast enough on its own cores keeps to them; one that would be
+    too slow keeps the threads it was given."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        predictor = visionbatch.Predictor(tiny_vit, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device="cpu",
+                                          num_threads=2, fewer_threads=(1, needed),
+                                          pixel_layout=((224, 224, 3), "|u1"))
+        assert predictor.labels.size and torch.get_num_threads() == kept
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, capfd):
     """Its processor gives 64x64 images to a ViT built for 224x224: every forward pass
     raises. The job stops with the model's own message instead of writing error rows."""

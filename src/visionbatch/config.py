@@ -58,7 +58,8 @@ class ClassifyConfig:
     replicas: int | None = option(None, "model replicas (default: one per GPU, or one on CPU)")
     gpus_per_replica: float = option(1.0, "GPUs per model replica (fractions allowed)")
     model_threads: int | None = option(None, "torch threads per CPU model replica (default: all cores but one "
-                                       "in eight)", flag="--threads")
+                                       "in eight; on small machines only the replica's own cores when the "
+                                       "model, timed at start, keeps up with decoding on them)", flag="--threads")
     device: Device = option("auto", "where the model runs")
     dtype: DType = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
     limit: int | None = option(None, "classify only the first N images (in listing order)", metavar="N")

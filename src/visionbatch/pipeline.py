@@ -91,6 +91,10 @@ class Plan:
     gpus_per_replica: float
     cpus_per_replica: float
     model_threads: int | None
+    # (threads, images/s): on CPU, where ``model_threads`` would take cores the decode
+    # tasks hold, the replica first times itself on this many threads and keeps to them
+    # if it runs at least this fast (see Predictor.fit_threads); None: no choice to make.
+    fewer_threads: tuple[int, float] | None
     batch_size: int
     decode_concurrency: int  # decode tasks running at once: the CPUs the replicas leave free
     draft_side: int | None  # JPEGs may be decoded down to this side (None: full size)
@@ -126,6 +130,11 @@ def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
     return max(1, (cpus - cpus // 8) // replicas)
 
 
+# Images/s one core decodes and resizes: ImageNet-size JPEGs (~110 KB, ~500 px) to 224 px
+# take 2.8-3.7 ms on this project's machines (`visionbatch bench` line 1b).
+DECODE_IMAGES_PER_CPU_S = 300.0
+
+
 def resolve_plan(config: ClassifyConfig, model: ModelPlan) -> Plan:
     """Device, dtype, replicas and batch sizes from the options and the cluster."""
     cpus, gpus = _cluster_resources()
@@ -151,6 +160,14 @@ def resolve_plan(config: ClassifyConfig, model: ModelPlan) -> Plan:
         threads = config.model_threads or min(cpu_model_threads(int(cpus), replicas), cpu_model_threads(node_cpus))
         cpus_per_replica = float(max(1, min(threads, int(cpus) - 1, node_cpus - 1)))
         batch_size = config.batch_size or 16
+    decode_concurrency = max(1, int(cpus - replicas * cpus_per_replica))
+    # On a small machine the replica's threads reach into the decode tasks' cores. That
+    # pays for a heavy model (ViT-Ti on 2 cores: 55 images/s on 2 threads, 32 on 1) and
+    # costs a light one (micro ViT: decoding fell from 0.88 to 0.56 of its one core).
+    # Which one the model is shows only on the machine: the replica times itself.
+    fewer_threads = None
+    if device == "cpu" and not config.model_threads and threads > cpus_per_replica:
+        fewer_threads = (int(cpus_per_replica), decode_concurrency * DECODE_IMAGES_PER_CPU_S)
     return Plan(
         model=model,
         device=device,
@@ -159,10 +176,11 @@ def resolve_plan(config: ClassifyConfig, model: ModelPlan) -> Plan:
         gpus_per_replica=gpus_per_replica,
         cpus_per_replica=cpus_per_replica,
         model_threads=threads,
+        fewer_threads=fewer_threads,
         batch_size=batch_size,
         # Decode tasks live as long as there are shards: left uncapped they would take
         # every CPU before the model replicas start, and the replicas would wait for them.
-        decode_concurrency=max(1, int(cpus - replicas * cpus_per_replica)),
+        decode_concurrency=decode_concurrency,
         draft_side=None if config.exact_decode else draft_side(model.spec),
     )
 
@@ -475,6 +493,7 @@ def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = Tru
             "device": plan.device,
             "dtype": plan.dtype,
             "num_threads": plan.model_threads,
+            "fewer_threads": plan.fewer_threads,
             "compile": config.compile,
             "batch_size": batch_size,
             "pixel_layout": (shape, dtype.str),
