@@ -19,7 +19,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S
 from visionbatch.labels import LabelResolver, folder_of
-from visionbatch.preprocess import Preprocessing, pixel_layout, prepare_image
+from visionbatch.preprocess import Drafted, Preprocessing, pixel_layout, prepare_image
 from visionbatch.results import KEY_COLUMN, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import TarShard
@@ -45,9 +45,11 @@ class DecodeError(Exception):
         self.size = size  # (width, height) when the header was readable
 
 
-def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None
+                 ) -> tuple[Image.Image, tuple[int, int], Drafted | None]:
     """Open, check the pixel count from the header, decode, orient and convert to RGB;
-    and the file's (width, height) as oriented.
+    the file's (width, height) as oriented; and, where the JPEG was decoded at a
+    reduced scale, what the resize needs to know about it (else None).
 
     ``draft_side``: a JPEG may be decoded at a reduced scale (Pillow's ``draft``: the
     DCT-domain downscaling of libjpeg) as long as both sides stay at least this long.
@@ -66,18 +68,41 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) ->
         raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels "
                           f"{max_pixels}", size=(width, height))
     try:
+        box = None
         if draft_side and image.format == "JPEG":
-            image.draft("RGB", (draft_side, draft_side))
-        if image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPS_SIDES:
+            # Scaled by s, the image is ceil(w / s) x ceil(h / s): the last row and column
+            # may be part-filled, and the box says where the file's own edges fall.
+            _, box = image.draft("RGB", (draft_side, draft_side))
+        drafted = image.size != (width, height)
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation in _SWAPS_SIDES:
             width, height = height, width
         image.load()  # the first frame of an animation
+        stored_size = image.size
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB"), (width, height)
+        if drafted:
+            box = Drafted(oriented_box(box, stored_size, orientation), (width, height))
+        return image.convert("RGB"), (width, height), box if drafted else None
     except OSError as err:
         kind = "truncated" if "truncated" in str(err).lower() else "decode_error"
         raise DecodeError(kind, describe(err), size=(width, height)) from None
     except Exception as err:
         raise DecodeError("decode_error", describe(err), size=(width, height)) from None
+
+
+def oriented_box(box: tuple[float, float, float, float], size: tuple[int, int], orientation: int
+                 ) -> tuple[float, float, float, float]:
+    """``box`` (left, upper, right, lower) in an image of ``size`` (width, height), after
+    the image is turned as EXIF ``orientation`` says (as ``ImageOps.exif_transpose`` does)."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    if orientation in (2, 3, 7, 8):  # mirrored left-right before any turn
+        x0, x1 = w - x1, w - x0
+    if orientation in (3, 4, 6, 7):  # mirrored top-bottom before any turn
+        y0, y1 = h - y1, h - y0
+    if orientation in _SWAPS_SIDES:  # then mirrored across the diagonal
+        x0, y0, x1, y1 = y0, x0, y1, x1
+    return x0, y0, x1, y1
 
 
 def decode_file(path: str, data: bytes | str, spec: Preprocessing, max_pixels: int, draft_side: int | None = None
@@ -94,12 +119,12 @@ def decode_file(path: str, data: bytes | str, spec: Preprocessing, max_pixels: i
     if isinstance(data, str):
         return None, -1, -1, data
     try:
-        image, (width, height) = decode_image(data, max_pixels, draft_side)
+        image, (width, height), drafted = decode_image(data, max_pixels, draft_side)
     except DecodeError as err:
         width, height = err.size or (-1, -1)
         return None, width, height, str(err)
     try:
-        return prepare_image(image, spec), width, height, ""
+        return prepare_image(image, spec, drafted), width, height, ""
     except Exception as err:  # a resize of a pathological image must not take the batch down
         return None, width, height, f"preprocess_error: {describe(err)}"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -340,16 +341,31 @@ def center_pad(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     return padded
 
 
-def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """RGB image -> uint8 HxWx3 array at the model's input size."""
+class Drafted(NamedTuple):
+    """A JPEG decoded at a reduced scale (see ``decode.decode_image``)."""
+
+    box: tuple[float, float, float, float]  # where the file's own edges fall in the decoded image
+    size: tuple[int, int]  # the file's own (width, height)
+
+
+def preprocess(image: Image.Image, spec: PreprocessSpec, drafted: Drafted | None = None) -> np.ndarray:
+    """RGB image -> uint8 HxWx3 array at the model's input size.
+
+    A ``drafted`` image is resized to the size the full image would have been resized
+    to, from the box its own pixels cover: its part-filled last row and column would
+    otherwise shift and stretch it by up to half a reduced pixel (3 grey levels of
+    difference on average to the full decode where a side is not a multiple of 8)."""
     if spec.crop_before_resize:
         ratio_h, ratio_w = spec.crop_before_resize
         shortest = min(image.size)
         cropped = center_crop(np.asarray(image), int(ratio_h * shortest), int(ratio_w * shortest))
         image = Image.fromarray(np.ascontiguousarray(cropped))
-    target = resized_size(image.width, image.height, spec)
-    if target != image.size:
-        image = image.resize(target, resample=spec.resample)
+    if drafted:
+        image = image.resize(resized_size(*drafted.size, spec), resample=spec.resample, box=drafted.box)
+    else:
+        target = resized_size(image.width, image.height, spec)
+        if target != image.size:
+            image = image.resize(target, resample=spec.resample)
     if spec.thumbnail:
         target = thumbnail_size(image.width, image.height, *spec.thumbnail)
         if target != image.size:
@@ -541,11 +557,12 @@ def draft_side(preprocessing: Preprocessing, margin: float = DRAFT_MARGIN) -> in
     return int(margin * max(sides)) if sides else None
 
 
-def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
-    """RGB image -> what the model stage takes: uint8 HxWx3 (fast path) or float32 CxHxW."""
+def prepare_image(image: Image.Image, preprocessing: Preprocessing, drafted: Drafted | None = None) -> np.ndarray:
+    """RGB image -> what the model stage takes: uint8 HxWx3 (fast path) or float32 CxHxW.
+    (Only the fast path drafts: see :func:`draft_side`.)"""
     if isinstance(preprocessing, ProcessorPath):
         return processor_pixel_values([image], preprocessing.processor)[0]
-    return preprocess(image, preprocessing)
+    return preprocess(image, preprocessing, drafted)
 
 
 def choose_preprocessing(processor) -> tuple[Preprocessing, str]:
