@@ -5,7 +5,7 @@ decoding (``--exact-decode``) and each draft margin: decode + resize time per im
 one process on one core, and the predictions of a real-weight model on the results:
 top-1 agreement with full decoding and top-1 accuracy against the folders' labels.
 
-    python benchmarks/large_photos.py --model /tmp/lite0   # visionbatch models make-efficientnet-lite0 /tmp/lite0
+    python benchmarks/large_photos.py --model /tmp/lite0 [--variants 5]  # visionbatch models make-efficientnet-lite0 /tmp/lite0
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from visionbatch.bench import SAMPLE_DIR
 from visionbatch.decode import decode_file
@@ -26,19 +26,31 @@ from visionbatch.pipeline import _affine
 from visionbatch.preprocess import choose_preprocessing, draft_side
 
 
-def make_photos(source: Path, folder: Path, long_side: int = 4032) -> list[str]:
-    """Every sample image upscaled to ``long_side`` (Lanczos) and saved as a JPEG (q 90)."""
+def make_photos(source: Path, folder: Path, long_side: int = 4032, variants: int = 1) -> list[str]:
+    """Every sample image upscaled to ``long_side`` (Lanczos) and saved as a JPEG (q 90);
+    with ``variants`` > 1, also mirrored and cropped versions of it (up to 5 in all), for
+    a finer resolution than the 200 images' 0.5%."""
+    views = [lambda im: im, ImageOps.mirror, lambda im: _crop(im, 0.5), lambda im: ImageOps.mirror(_crop(im, 0.0)),
+             lambda im: _crop(im, 1.0)][:variants]
     paths = []
     for image_path in sorted(source.glob("*/*")):
-        target = folder / image_path.parent.name / (image_path.stem + ".jpg")
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            image = Image.open(image_path).convert("RGB")
-            scale = long_side / max(image.size)
-            image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS).save(
-                target, quality=90)
-        paths.append(str(target))
+        for number, view in enumerate(views):
+            target = folder / image_path.parent.name / (image_path.stem + (f"-{number}" if number else "") + ".jpg")
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                image = view(Image.open(image_path).convert("RGB"))
+                scale = long_side / max(image.size)
+                image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS).save(
+                    target, quality=90)
+            paths.append(str(target))
     return paths
+
+
+def _crop(image: Image.Image, where: float, keep: float = 0.85) -> Image.Image:
+    """``keep`` of each side, from the top-left corner (0), the centre (0.5) or the bottom-right (1)."""
+    width, height = round(image.width * keep), round(image.height * keep)
+    left, top = round((image.width - width) * where), round((image.height - height) * where)
+    return image.crop((left, top, left + width, top + height))
 
 
 def measure(paths: list[str], spec, side: int | None, predictor: Predictor, labels) -> dict:
@@ -61,10 +73,12 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a real-weight model folder (EfficientNet-Lite0)")
     parser.add_argument("--photos", default="/tmp/visionbatch-large-photos", help="where the 4032-px JPEGs go")
     parser.add_argument("--margins", default="1,1.5,2,3", help="draft margins to compare with full decoding")
+    parser.add_argument("--variants", type=int, default=1, help="photos per sample image (1-5: as is, mirrored, "
+                        "cropped)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
-    paths = make_photos(SAMPLE_DIR, Path(args.photos))
+    paths = make_photos(SAMPLE_DIR, Path(args.photos), variants=args.variants)
     source = resolve_model_source(args.model)
     spec, _ = choose_preprocessing(load_processor(source, False))
     predictor = Predictor(source, **_affine(spec), top_k=1, num_threads=1, batch_size=16)

@@ -39,9 +39,10 @@ MATCH_TOLERANCE = 1e-4
 # single-threaded), so this keeps it well under a second.
 CHECK_OUTPUT_PIXELS = 2_000_000
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale where that leaves at least DRAFT_MARGIN
-# times the resize's output side (see draft_side); chosen by measurement on 4032-px
-# photos with real weights (benchmarks/RESULTS.md, "Large photos").
-DRAFT_MARGIN = 3.0
+# times the resize's output side (see draft_side). Measured on 1,000 4032-px photos with
+# real weights (benchmarks/RESULTS.md, "Large photos"): 2 (1/4 scale) is 5.4x faster than
+# a full decode, top-1 agreement 98.9%, accuracy +0.1 pt; 3 (1/2 scale) 3.4x, 99.3%, -0.2.
+DRAFT_MARGIN = 2.0
 
 
 class UnsupportedProcessor(ValueError):
