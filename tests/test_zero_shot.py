@@ -115,3 +115,15 @@ def test_siglip_scores_are_sigmoids_as_the_pipeline_gives(sample_dir, tmp_path):
         assert top_labels == [e["label"] for e in expected]
         assert top_scores == pytest.approx([e["score"] for e in expected], abs=1e-4)
     assert max(max(s) for s in ours["top_k_scores"]) > 0.5 and sum(ours["top_k_scores"][0]) != pytest.approx(1.0)
+
+
+def test_a_clip_checkpoint_is_not_taken_as_a_classifier(tiny_clip):
+    """Without --candidate-labels a CLIP checkpoint would load as CLIPForImageClassification
+    with a random head: refused, with the option to use instead."""
+    import torch
+
+    from visionbatch.model import ModelLoadError, ModelSource, load_model
+
+    with pytest.raises(ModelLoadError, match=r"classifier\.bias, classifier\.weight.*--candidate-labels"):
+        load_model(ModelSource(tiny_clip, local_files_only=True), dtype=torch.float32)
+    assert load_model(ModelSource(tiny_clip, local_files_only=True), dtype=torch.float32, zero_shot=True)

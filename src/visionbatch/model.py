@@ -178,17 +178,35 @@ def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_
     )
     try:
         try:
-            model = auto_class.from_pretrained(source.ref, attn_implementation="sdpa", **kwargs)
+            model, loading = auto_class.from_pretrained(source.ref, attn_implementation="sdpa",
+                                                        output_loading_info=True, **kwargs)
         except (ValueError, ImportError) as err:
             if "sdpa" not in str(err).lower() and "attn" not in str(err).lower():
                 raise
-            model = auto_class.from_pretrained(source.ref, **kwargs)
+            model, loading = auto_class.from_pretrained(source.ref, output_loading_info=True, **kwargs)
     except Exception as err:
         hint = ""
         if not allow_pickle and ("safetensors" in str(err).lower() or "model.safetensors" in str(err)):
             hint = " (only safetensors weights are loaded; pass --allow-pickle to load .bin weights you trust)"
         raise ModelLoadError(f"cannot load model {source.ref}: {_first_line(err)}{hint}") from None
+    check_weights_complete(source.ref, model.config, sorted(loading["missing_keys"]), zero_shot)
     return model.eval()
+
+
+def check_weights_complete(ref: str, config, missing: list[str], zero_shot: bool) -> None:
+    """Refuse a model some of whose weights are not in its checkpoint: transformers would
+    start them at random (a CLIP or backbone checkpoint loaded as a classifier gets a
+    random head) and every label would be noise."""
+    if not missing:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    hint = ""
+    if not zero_shot and config.model_type in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        hint = "; it is a zero-shot model: give the labels to choose from with --candidate-labels"
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    raise ModelLoadError(f"model {ref} lacks weights its {'zero-shot ' if zero_shot else ''}classifier needs "
+                         f"({shown}): they would be random, and so would its labels{hint}")
 
 
 def check_model_kind(config, zero_shot: bool) -> None:
