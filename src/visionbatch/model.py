@@ -390,7 +390,11 @@ class Predictor:
         rate = 0.0
         for _ in range(passes):
             started = time.perf_counter()
-            self.predict_pixels(probe)
+            try:
+                self.predict_pixels(probe)
+            except Exception:  # a model that fails on images fails on the job's own, as such: no choice here
+                rate = 0.0
+                break
             rate = max(rate, len(probe) / (time.perf_counter() - started))
             if not images_per_s / 4 < rate < images_per_s:
                 break
