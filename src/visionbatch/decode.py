@@ -68,21 +68,19 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None
         raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels "
                           f"{max_pixels}", size=(width, height))
     try:
-        box = None
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        box = None  # where the file's own edges fall in a reduced-scale decode
         if draft_side and image.format == "JPEG":
             # Scaled by s, the image is ceil(w / s) x ceil(h / s): the last row and column
-            # may be part-filled, and the box says where the file's own edges fall.
-            _, box = image.draft("RGB", (draft_side, draft_side))
-        drafted = image.size != (width, height)
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            # may be part-filled. (draft gives None where it cannot reduce this file.)
+            configured = image.draft("RGB", (draft_side, draft_side))
+            if configured and image.size != (width, height):
+                box = oriented_box(configured[1], image.size, orientation)
         if orientation in _SWAPS_SIDES:
             width, height = height, width
         image.load()  # the first frame of an animation
-        stored_size = image.size
         image = ImageOps.exif_transpose(image)
-        if drafted:
-            box = Drafted(oriented_box(box, stored_size, orientation), (width, height))
-        return image.convert("RGB"), (width, height), box if drafted else None
+        return image.convert("RGB"), (width, height), Drafted(box, (width, height)) if box else None
     except OSError as err:
         kind = "truncated" if "truncated" in str(err).lower() else "decode_error"
         raise DecodeError(kind, describe(err), size=(width, height)) from None

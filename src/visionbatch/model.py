@@ -175,15 +175,15 @@ def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_
         # Pickled .bin weights can run code on load: refuse them unless asked.
         use_safetensors=None if allow_pickle else True,
         dtype=dtype,
+        output_loading_info=True,  # which weights the checkpoint lacked: check_weights_complete
     )
     try:
         try:
-            model, loading = auto_class.from_pretrained(source.ref, attn_implementation="sdpa",
-                                                        output_loading_info=True, **kwargs)
+            model, loading = auto_class.from_pretrained(source.ref, attn_implementation="sdpa", **kwargs)
         except (ValueError, ImportError) as err:
             if "sdpa" not in str(err).lower() and "attn" not in str(err).lower():
                 raise
-            model, loading = auto_class.from_pretrained(source.ref, output_loading_info=True, **kwargs)
+            model, loading = auto_class.from_pretrained(source.ref, **kwargs)
     except Exception as err:
         hint = ""
         if not allow_pickle and ("safetensors" in str(err).lower() or "model.safetensors" in str(err)):
