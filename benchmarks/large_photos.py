@@ -22,7 +22,7 @@ from visionbatch.bench import SAMPLE_DIR
 from visionbatch.decode import decode_file
 from visionbatch.labels import build_resolver, folder_of
 from visionbatch.model import Predictor, load_processor, resolve_model_source
-from visionbatch.pipeline import _affine
+from visionbatch.plan import _affine
 from visionbatch.preprocess import choose_preprocessing, draft_side
 
 

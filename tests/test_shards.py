@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 import visionbatch
-from visionbatch.pipeline import JobError
+from visionbatch.job import JobError
 from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
 from visionbatch.sinks import (Destination, DestinationError, Manifest, ShardWriter, part_name, read_results,

@@ -2,7 +2,8 @@
 
 from visionbatch.config import ClassifyConfig, OutputConfig
 from visionbatch.model import Predictor
-from visionbatch.pipeline import classify, run
+from visionbatch.engine_ray import classify
+from visionbatch.job import run
 from visionbatch.sinks import read_results
 from visionbatch.summary import Summary
 

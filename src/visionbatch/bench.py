@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             images = make_images(work / "images", SAMPLE_DIR, args.copies)
         n = sum(1 for p in images.rglob("*") if p.is_file())
         model = args.model or str(make_vit(work / "model", args.vit))
-        from visionbatch.pipeline import cpu_model_threads
+        from visionbatch.plan import cpu_model_threads
 
         threads = args.threads or cpu_model_threads(os.cpu_count() or 1)
         print(f"machine: {machine()}\nimages: {n} in {images}\nmodel: {args.model or 'random ViT-' + args.vit}, "

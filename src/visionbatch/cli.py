@@ -52,7 +52,7 @@ def _models_parser(sub) -> None:
 
 
 def _run_classify(args) -> int:
-    from visionbatch.pipeline import run_job
+    from visionbatch.job import run_job
 
     config = ClassifyConfig(**options_of(ClassifyConfig, args))
     output = OutputConfig(**options_of(OutputConfig, args))
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
     from visionbatch.model import ModelLoadError
-    from visionbatch.pipeline import JobError, JobInterrupted, sigterm_as_interrupt
+    from visionbatch.job import JobError, JobInterrupted, ignore_further_interrupts, sigterm_as_interrupt
     from visionbatch.sinks import DestinationError
     from visionbatch.storage import SourceError
 
@@ -140,25 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
+            if isinstance(err, JobInterrupted):
+                ignore_further_interrupts()
             message = str(err).replace("is in the log", f"is in {log_path}")
             print(f"visionbatch: error: {message}", file=terminal.err)
             if isinstance(err, JobInterrupted):
                 return EXIT_INTERRUPTED
             return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
         except KeyboardInterrupt:
+            ignore_further_interrupts()
             print("visionbatch: interrupted", file=terminal.err)
             return EXIT_INTERRUPTED
-        finally:
-            _stop_ray()
-
-
-def _stop_ray() -> None:
-    """Shut a local Ray down while its late log lines still go to the log file (also
-    one whose start was interrupted: its processes are already running)."""
-    if "ray" in sys.modules:
-        import ray
-
-        ray.shutdown()
 
 
 def _log_path() -> str:

@@ -28,6 +28,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Format = Literal["parquet", "csv", "jsonl"]
 LabelsMode = Literal["dirs", "column", "none"]
+Engine = Literal["auto", "local", "ray"]
 
 
 def option(default, help: str, *, flag: str | None = None, metavar: str | None = None, cli: bool = True):
@@ -84,7 +85,10 @@ class ClassifyConfig:
                                      metavar="S")
     download_retries: int = option(3, "retries of an http(s) download answered 429 or 5xx, or not connected")
     s3_endpoint: str | None = option(None, "S3-compatible endpoint (default: $AWS_ENDPOINT_URL)", metavar="URL")
-    address: str | None = option(None, "join a running Ray cluster (default: start a local Ray)")
+    engine: Engine = option("auto", "local: this machine's processes, no Ray; ray: Ray Data (a cluster with "
+                            "--address, else a Ray started for the job); auto: ray for --address or more than "
+                            "one GPU, else local")
+    address: str | None = option(None, "join a running Ray cluster (implies --engine ray)")
     compile: bool = option(False, "torch.compile the model")
     embeddings: bool = option(False, "add an 'embedding' column: the vector the model's classification head "
                               "receives (zero-shot models: the image embedding)")
@@ -110,6 +114,8 @@ class ClassifyConfig:
             object.__setattr__(self, "labels", "column")
         if self.labels == "column" and not self.label_column:
             raise ValueError("--labels column needs --label-column NAME")
+        if self.address and self.engine == "local":
+            raise ValueError("--address joins a Ray cluster: it needs --engine ray (or auto)")
         if self.url_column:
             object.__setattr__(self, "from_list", True)
         if self.image_column and self.from_list:

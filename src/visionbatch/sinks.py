@@ -329,6 +329,17 @@ class ShardWriter:
         self.seen: dict[str, np.ndarray] = {}
         self.sizes: dict[str, int] = {}
 
+    def arguments(self) -> tuple:
+        """The arguments that make this writer again (in another process)."""
+        return self.destination.uri, self.destination.storage, self.fmt, self.labelled, self.schema, self.extra
+
+    def discard(self, shards: list[str]) -> None:
+        """Forget the rows gathered of these shards (their task died; they are done again)."""
+        for shard in shards:
+            self.pending.pop(shard, None)
+            self.seen.pop(shard, None)
+            self.sizes.pop(shard, None)
+
     def __call__(self, table: pa.Table) -> pa.Table:
         shards, rows_in, commits = [], [], []
         shard_column = table.column(SHARD_COLUMN)

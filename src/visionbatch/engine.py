@@ -1,0 +1,104 @@
+"""The engine seam: what an execution engine does for the job driver, and which one runs.
+
+An engine only moves shards through decode -> model -> write and reports what the
+writer committed. Everything that makes a job correct (the plan, shard ids, the
+manifest and its commits, resume, the lease, the summary, signals, exit codes) lives
+above it, in :mod:`visionbatch.job`. Two engines:
+
+- ``local`` (:mod:`visionbatch.engine_local`): no Ray; decode worker processes, the
+  model and the writer in the driver's process. The default on one machine.
+- ``ray`` (:mod:`visionbatch.engine_ray`): Ray Data, for ``--address``, more than one
+  GPU, or on request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterator, Protocol
+
+import pyarrow as pa
+
+from visionbatch.config import ClassifyConfig
+from visionbatch.plan import ModelPlan, Prepared, Resources
+from visionbatch.shards import AnyShard, InputSpec
+from visionbatch.sinks import ShardWriter
+from visionbatch.storage import Storage
+
+log = logging.getLogger("visionbatch")
+
+
+class Planner(Protocol):
+    """The planner's calls the driver makes (a ShardPlanner, or its Ray actor)."""
+
+    def start(self, committed: dict[str, str] | None = None) -> None: ...
+    def wait_started(self, timeout: float | None = None) -> dict: ...
+    def status(self) -> dict: ...
+    def mark_committed(self, ids: list[str]) -> None: ...
+    def unfinished(self) -> list[AnyShard]: ...
+
+
+class Engine:
+    """One way to execute a job. ``start`` runs while the model's configs load."""
+
+    name: str
+    planner: Planner
+
+    def start(self, config: ClassifyConfig) -> Resources:
+        """Start what the engine runs on; the resources the plan may use."""
+        raise NotImplementedError
+
+    def probe_batch_size(self, config: ClassifyConfig, model: ModelPlan, gpus: float) -> int:
+        """The best batch size on one GPU."""
+        raise NotImplementedError
+
+    def make_planner(self, inputs: InputSpec, storage: Storage) -> Planner:
+        """The job's planner (made here, started by the driver once DEST says what is done)."""
+        raise NotImplementedError
+
+    def run(self, prepared: Prepared, writer: ShardWriter,
+            shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
+        """Decode, predict and write the planner's shards (or the given ``shards``, each
+        retried as a whole); yields (rows that reached the writer, the commit record of a
+        shard the writer finished or None). A shard whose task died is left unfinished."""
+        raise NotImplementedError
+
+    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
+        """Decode and predict ``rows`` (one file each) one file per task, retried; yields
+        the result rows of the files that finished (a file that kills every attempt's
+        worker yields nothing)."""
+        raise NotImplementedError
+
+    def failure(self, err: BaseException) -> str | None:
+        """The one-line reason for an engine failure (else None: not the engine's)."""
+        return None
+
+    def close(self) -> None:
+        """Stop whatever the engine started."""
+
+
+def commit_events(records: pa.Table) -> Iterator[tuple[int, dict | None]]:
+    """The writer's records of a block as (rows in, commit record or None)."""
+    for rows_in, commit in zip(records.column("rows_in").to_pylist(), records.column("commit").to_pylist()):
+        yield rows_in, None if commit is None else json.loads(commit)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def make_engine(config: ClassifyConfig) -> Engine:
+    """``--engine``: auto takes Ray for a cluster (``--address``) or more than one GPU,
+    else the local engine."""
+    name = config.engine
+    if name == "auto":
+        name = "ray" if config.address or gpu_count() > 1 else "local"
+    if name == "ray":
+        from visionbatch.engine_ray import RayEngine
+
+        return RayEngine()
+    from visionbatch.engine_local import LocalEngine
+
+    return LocalEngine()

@@ -1,0 +1,254 @@
+"""The local engine: one machine, no Ray, nothing to start but a few processes.
+
+::
+
+    ShardPlanner (a thread of the driver: lists, hands out shards)
+      -> decode worker processes (a ProcessPoolExecutor; Pillow, numpy, pyarrow, no torch):
+         a task per shard, its blocks into one bounded queue      visionbatch.decode
+      -> the model: one Predictor in the driver's process (CPU or its one GPU)
+      -> ShardWriter in the driver's process (one part file per whole shard)
+      -> the driver (visionbatch.job): commits, progress, summary
+
+The queue is bounded, so memory stays flat at any input size: a worker waits while
+the model is behind. A worker that dies (a segfaulting decoder, the kernel's OOM
+killer) breaks its pool, as the standard library's pools do: the shards in flight
+are left unfinished (the driver redoes them one file per task, a new pool each time
+one dies, so that a file that keeps killing its worker gets a ``worker_crash`` row)
+and a new pool takes the next shards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+from visionbatch.config import ClassifyConfig
+from visionbatch.engine import Engine, commit_events, gpu_count
+from visionbatch.model import Predictor
+from visionbatch.plan import JobError, ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
+from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
+from visionbatch.sinks import ShardWriter
+from visionbatch.storage import Storage
+
+log = logging.getLogger("visionbatch")
+
+# How long the driver waits for a block before it looks at its decode tasks (a dead
+# worker shows there, not in the queue).
+_POLL_S = 0.2
+# Workers start as fresh interpreters: a fork would copy the driver's threads and
+# torch state, and a fork server would keep the environment of the first job of a
+# process (tests and notebooks run many jobs in one process).
+_START_METHOD = "spawn"
+
+_blocks = None  # in a decode worker: the queue its blocks go to
+
+
+@dataclass(frozen=True)
+class _ShardDone:
+    """A decode task's last item in the queue: every block of the shard is before it."""
+
+    shard: str
+
+
+def _init_worker(blocks) -> None:
+    global _blocks
+    # Ctrl-C reaches the whole foreground process group: the driver stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _blocks = blocks
+
+
+def _decode_task(shard: AnyShard, options: dict) -> None:
+    """Decode one shard into the queue, then say it is done (in the same queue: one
+    process's puts arrive in order)."""
+    from visionbatch.decode import decode_shards
+
+    given = iter([shard])
+    for block in decode_shards(lambda: next(given, None), **options):
+        _blocks.put(block)
+    _blocks.put(_ShardDone(shard.id))
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _Pool:
+    """Decode worker processes and the queue their blocks come back through; both are
+    replaced together when a worker dies (a process killed while writing to the queue
+    can leave it locked or cut)."""
+
+    def __init__(self, workers: int):
+        context = multiprocessing.get_context(_START_METHOD)
+        self.blocks = context.Queue(maxsize=2 * workers + 2)
+        self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                               initializer=_init_worker, initargs=(self.blocks,))
+
+    def close(self) -> None:
+        # Workers busy with a shard would finish it first: stop them now. (Python 3.14
+        # has ProcessPoolExecutor.terminate_workers; before it, only its process map.)
+        processes = list((self.executor._processes or {}).values())
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        self.blocks.close()
+        self.blocks.cancel_join_thread()
+
+
+class LocalEngine(Engine):
+    name = "local"
+
+    def __init__(self):
+        self._predictor: Predictor | None = None
+
+    def start(self, config: ClassifyConfig) -> Resources:
+        self.max_retries = config.max_retries
+        cpus = _cpus()
+        return Resources(cpus, gpu_count(), cpus)
+
+    def probe_batch_size(self, config: ClassifyConfig, model: ModelPlan, gpus: float) -> int:
+        """Measure the best batch size on the GPU (the model loaded for it is loaded once more for the job)."""
+        predictor = Predictor(**model_arguments(config, model), device="cuda", dtype=config.dtype)
+        return predictor.fastest_batch_size(model.spec.output_size)
+
+    def make_planner(self, inputs: InputSpec, storage: Storage) -> ShardPlanner:
+        self.planner = ShardPlanner(inputs, storage)
+        return self.planner
+
+    def _model(self, prepared: Prepared) -> Predictor:
+        """The job's one model replica, loaded once (while the first shards decode)."""
+        if self._predictor is None:
+            if prepared.plan.replicas > 1:
+                raise JobError("the local engine runs one model replica: use --engine ray for more")
+            self._predictor = Predictor(**predictor_arguments(prepared.config, prepared.plan,
+                                                              prepared.plan.batch_size))
+        return self._predictor
+
+    def run(self, prepared: Prepared, writer: ShardWriter,
+            shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
+        plan, config = prepared.plan, prepared.config
+        if shards is None:  # the job: shards from the planner, a dead task's shard left unfinished
+            # A forward pass per block: here a block costs a pickle through a pipe, not a
+            # scheduler's round (Ray's larger blocks, plan.block_images), and the first
+            # result comes after one batch is decoded, not a shard.
+            options = prepared.decode_options(plan.batch_size)
+            workers, attempts = plan.decode_concurrency, 1
+            feed = _Feed(self.planner.next, workers + 1)
+        else:  # a redo of whole shards: one worker, so that a death is the shard's own; retried
+            options = prepared.decode_options(plan.batch_size)
+            workers, attempts = 1, config.max_retries + 1
+            given = iter(shards)
+            feed = _Feed(lambda: next(given, None), 1)
+        tries: dict[str, int] = {}
+        in_flight: dict[str, tuple[AnyShard, concurrent.futures.Future]] = {}
+        pool = _Pool(workers)
+        try:
+            def submit() -> None:
+                while len(in_flight) < workers + (shards is None) and (shard := feed.take()) is not None:
+                    tries[shard.id] = tries.get(shard.id, 0) + 1
+                    in_flight[shard.id] = (shard, pool.executor.submit(_decode_task, shard, options))
+
+            submit()
+            model = self._model(prepared)  # loads while the first shards decode
+            while not feed.ended or in_flight:
+                submit()
+                try:
+                    item = pool.blocks.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not any(future.done() and future.exception() for _, future in in_flight.values()):
+                        continue
+                    # A worker died (or a task failed, which decoding never does by design):
+                    # the pool and its queue go, with every shard in flight.
+                    log.warning("a decode worker failed with %d shard(s) in hand", len(in_flight))
+                    for shard, _ in in_flight.values():
+                        if tries[shard.id] < attempts:
+                            feed.again(shard)
+                    writer.discard(list(in_flight))
+                    in_flight.clear()
+                    pool.close()
+                    pool = _Pool(workers)
+                    continue
+                if isinstance(item, _ShardDone):
+                    in_flight.pop(item.shard, None)
+                    continue
+                yield from commit_events(writer(model(item)))
+        finally:
+            feed.stop()
+            pool.close()
+
+    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
+        from visionbatch.decode import decode_batch
+
+        config, plan = prepared.config, prepared.plan
+        options = {"spec": plan.model.spec, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
+                   "storage": prepared.storage, "read_timeout": config.read_timeout, "draft_side": plan.draft_side}
+        model = self._model(prepared)
+        pool = _Pool(1)  # one file at a time: a worker's death is that file's
+        try:
+            for i in range(rows.num_rows):
+                batch = {name: column.to_numpy(zero_copy_only=False) for name, column in
+                         zip(rows.column_names, rows.slice(i, 1).columns)}
+                for _ in range(config.max_retries + 1):
+                    try:
+                        decoded = pool.executor.submit(decode_batch, batch, **options).result()
+                        break
+                    except BrokenProcessPool:
+                        pool.close()
+                        pool = _Pool(1)
+                else:
+                    continue
+                yield model(decoded)
+        finally:
+            pool.close()
+
+
+class _Feed:
+    """Shards taken ahead from ``source`` by a thread (the planner's ``next`` waits
+    while it lists), and shards given back for another try."""
+
+    def __init__(self, source: Callable[[], AnyShard | None], ahead: int):
+        self._ready: queue.Queue = queue.Queue(maxsize=ahead)
+        self._again: list[AnyShard] = []
+        self._stopped = threading.Event()
+        self.ended = False  # the source is exhausted and every shard taken
+        self._source_done = False
+
+        def fill() -> None:
+            while not self._stopped.is_set():
+                shard = source()
+                self._ready.put(shard)
+                if shard is None:
+                    return
+
+        threading.Thread(target=fill, daemon=True, name="visionbatch-feed").start()
+
+    def take(self) -> AnyShard | None:
+        """The next shard if one is ready (None: none now, or none left: see ``ended``)."""
+        if self._again:
+            return self._again.pop(0)
+        if self._source_done:
+            self.ended = True
+            return None
+        try:
+            shard = self._ready.get_nowait()
+        except queue.Empty:
+            return None
+        if shard is None:
+            self._source_done = self.ended = True
+        return shard
+
+    def again(self, shard: AnyShard) -> None:
+        self._again.append(shard)
+        self.ended = False
+
+    def stop(self) -> None:
+        self._stopped.set()

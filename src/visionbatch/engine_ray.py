@@ -1,0 +1,334 @@
+"""The Ray engine: the one place that knows about Ray, for clusters (``--address``), more
+than one GPU, or on request (``--engine ray``).
+
+It wires the plain stages into one Ray Data dataset::
+
+    ShardPlanner actor (lists, hands out shards)
+      -> decode tasks (take shards, yield uint8 pixel blocks)   visionbatch.decode
+      -> Predictor actor pool (top-k)                            visionbatch.model
+      -> ShardWriter actor (one part file per whole shard)       visionbatch.sinks
+      -> the driver (visionbatch.job): commits, progress, summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Iterator
+
+import pyarrow as pa
+
+from visionbatch.config import ClassifyConfig, config_from_kwargs
+from visionbatch.engine import Engine, commit_events
+from visionbatch.model import Predictor
+from visionbatch.plan import (JobError, ModelPlan, Prepared, Resources, block_images, image_bytes,
+                              model_arguments, predictor_arguments)
+from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
+from visionbatch.sinks import ShardWriter
+from visionbatch.storage import Storage, is_remote
+
+log = logging.getLogger("visionbatch")
+
+# Environment variables that workers on other nodes need to see as the driver does.
+# Credentials are deliberately absent: each node uses its own environment.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
+                  "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+
+
+class RayEngine(Engine):
+    name = "ray"
+
+    def start(self, config: ClassifyConfig) -> Resources:
+        import ray
+
+        init_ray(config.address)
+        _warn_local_paths_on_cluster(config)
+        self.max_retries = config.max_retries
+        resources = ray.cluster_resources()
+        node_cpus = int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")),
+                            default=0))
+        return Resources(int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), node_cpus)
+
+    def probe_batch_size(self, config: ClassifyConfig, model: ModelPlan, gpus: float) -> int:
+        """Measure the best batch size on one GPU of the cluster (one extra model load)."""
+        import ray
+
+        def probe() -> int:
+            predictor = Predictor(**model_arguments(config, model), device="cuda", dtype=config.dtype)
+            return predictor.fastest_batch_size(model.spec.output_size)
+
+        try:
+            return ray.get(ray.remote(num_gpus=gpus, max_retries=0)(probe).remote())
+        except Exception as err:  # the real job reports model errors; fall back to a safe size
+            log.warning("batch-size probe failed (%s); using 128", root_cause(err))
+            return 128
+
+    def make_planner(self, inputs: InputSpec, storage: Storage) -> "_PlannerActor":
+        """The ShardPlanner actor, on the driver's node (it outlives any other node). Each
+        decode task waits in one of its threads: room for as many as the CPUs can run."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actor = ray.remote(ShardPlanner).options(
+            num_cpus=0, max_concurrency=4 * cpus + 8, max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+        self.planner = _PlannerActor(actor.remote(inputs, storage))
+        return self.planner
+
+    def run(self, prepared: Prepared, writer: ShardWriter,
+            shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
+        import ray.data
+
+        config = prepared.config
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            if shards is None:
+                # One writer gathers every shard's blocks; its work (encoding small rows) is light.
+                ds = _job_dataset(prepared, self.planner.actor).map_batches(
+                    ShardWriter, batch_size=None, batch_format="pyarrow",
+                    fn_constructor_args=writer.arguments(), compute=ray.data.ActorPoolStrategy(size=1),
+                    num_cpus=0, max_restarts=config.max_retries, max_task_retries=config.max_retries)
+            else:  # a redo of whole shards, a task each (retried), written by the driver's own writer
+                slots = ray.data.from_items(list(range(len(shards))), override_num_blocks=len(shards))
+                ds = _predict(slots.map_batches(_decode_stage, batch_size=1, batch_format="pyarrow",
+                                                fn_kwargs={"shards": shards,
+                                                           **prepared.decode_options(prepared.plan.batch_size)},
+                                                num_cpus=1, max_retries=config.max_retries),
+                              prepared, prepared.plan.batch_size)
+        with _failures_become_rows():
+            # No prefetch: it holds each block back until the next one has come, which
+            # delays the first result (and every commit) by a block's worth of model time.
+            for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                yield from commit_events(records if shards is None else writer(records))
+
+    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
+        import ray.data
+
+        from visionbatch.decode import decode_batch
+
+        config, plan = prepared.config, prepared.plan
+        ds = ray.data.from_arrow([rows.slice(i, 1) for i in range(rows.num_rows)])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
+                                         fn_kwargs={"spec": plan.model.spec, "max_pixels": config.max_pixels,
+                                                    "max_bytes": config.max_bytes, "storage": prepared.storage,
+                                                    "read_timeout": config.read_timeout,
+                                                    "draft_side": plan.draft_side},
+                                         num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
+                           pyarrow_blocks=False)
+        with _failures_become_rows():
+            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+    def failure(self, err: BaseException) -> str | None:
+        import ray.exceptions
+
+        return f"the job failed: {root_cause(err)}" if isinstance(err, ray.exceptions.RayError) else None
+
+    def close(self) -> None:
+        """Shut a local Ray down (a cluster's stays up)."""
+        import ray
+
+        ray.shutdown()
+
+
+class _PlannerActor:
+    """The planner's methods, called on its actor and waited for."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def start(self, committed: dict[str, str] | None = None) -> None:
+        self.actor.start.remote(committed)
+
+    def wait_started(self, timeout: float | None = None) -> dict:
+        import ray
+
+        return ray.get(self.actor.wait_started.remote(timeout))
+
+    def status(self) -> dict:
+        import ray
+
+        return ray.get(self.actor.status.remote())
+
+    def mark_committed(self, ids: list[str]) -> None:
+        self.actor.mark_committed.remote(ids)
+
+    def unfinished(self) -> list[AnyShard]:
+        import ray
+
+        return ray.get(self.actor.unfinished.remote())
+
+
+def init_ray(address: str | None) -> None:
+    """Join a cluster (``--address``) or start a quiet local Ray: no dashboard, loopback only."""
+    import ray
+
+    if address:
+        _check_reachable(address)
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    kwargs = dict(
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        include_dashboard=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", **kwargs)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as err:  # OSError: an unwritable temp dir
+        if address and _token_refused(err):
+            raise JobError(f"the Ray cluster at {address} uses token authentication and refused this client: set "
+                           "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
+                           ) from None
+        raise JobError(f"cannot {'reach the Ray cluster at ' + address if address else 'start a local Ray'}: "
+                       f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+    _quiet_ray_data()
+
+
+def _token_refused(err: BaseException | None) -> bool:
+    """Ray reports a missing or wrong auth token as a failure to connect; the cause is
+    only in the chained errors."""
+    while err is not None:
+        if type(err).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on an unreachable cluster: ray.init retries for minutes."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as err:
+        raise JobError(f"cannot reach the Ray cluster at {address}: {err}") from None
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray.data", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _warn_local_paths_on_cluster(config: ClassifyConfig) -> None:
+    import ray
+
+    if not config.address or all(is_remote(s) for s in config.sources):
+        return
+    if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        log.warning("local paths with a multi-node cluster: workers on other nodes read their own disks, where "
+                    "these files may not exist. Put the images on shared storage (s3://, gs://, NFS) instead.")
+
+
+def _decode_stage(batch, *, planner=None, shards=None, **decode_options):
+    """A decode task: takes shards from the planner until none are left (``batch`` is
+    only this task's slot), or decodes the given ``shards`` whose indices ``batch`` holds."""
+    from visionbatch.decode import decode_shards
+
+    if shards is not None:
+        given = iter([shards[i] for i in batch["item"].to_pylist()])
+        yield from decode_shards(lambda: next(given, None), **decode_options)
+        return
+    import ray
+
+    yield from decode_shards(lambda: ray.get(planner.next.remote()), **decode_options)
+
+
+def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = True):
+    import ray.data
+
+    plan, config = prepared.plan, prepared.config
+    return ds.map_batches(
+        Predictor,
+        batch_size=None,
+        batch_format="pyarrow" if pyarrow_blocks else "numpy",
+        fn_constructor_kwargs=predictor_arguments(config, plan, batch_size),
+        compute=ray.data.ActorPoolStrategy(size=plan.replicas),
+        num_cpus=plan.cpus_per_replica,
+        num_gpus=plan.gpus_per_replica or None,
+        max_restarts=config.max_retries,
+        max_task_retries=config.max_retries,
+    )
+
+
+@contextlib.contextmanager
+def _failures_become_rows():
+    """Let Ray Data drop blocks whose tasks failed all their retries instead of failing
+    the job; the driver finds their files missing and retries or records them."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved, context.max_errored_blocks = context.max_errored_blocks, -1
+    try:
+        yield
+    finally:
+        context.max_errored_blocks = saved
+
+
+def root_cause(err: Exception) -> str:
+    """The innermost 'SomeError: message' line of a Ray error (which nests tracebacks)."""
+    import re
+
+    causes = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", str(err), flags=re.MULTILINE)
+    if not causes:
+        return type(err).__name__
+    kind, message = causes[-1]
+    return message if kind == "ModelLoadError" else f"{kind}: {message}"
+
+
+def _job_dataset(prepared: Prepared, planner):
+    """The lazy pipeline of a job: long-lived decode tasks take shards from the planner
+    actor -> predictor actors."""
+    import ray.data
+
+    plan, config = prepared.plan, prepared.config
+    batch = block_images(plan, config.shard_size)
+    # Ray Data gathers a task's outputs into blocks of up to target_max_block_size
+    # (128 MiB) before passing them on; a decode task lives for the whole job, so its
+    # blocks must leave as they are made: the target is one block of images.
+    ray.data.DataContext.get_current().target_max_block_size = batch * image_bytes(plan)
+    slots = ray.data.range(plan.decode_tasks, override_num_blocks=plan.decode_tasks)
+    with warnings.catch_warnings():
+        # Retry bounds are "ray_remote_args", deprecated without a named replacement yet;
+        # Ray's defaults retry failed tasks and dead actors forever.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        decoded = slots.map_batches(
+            _decode_stage, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"planner": planner, **prepared.decode_options(batch)}, num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=plan.decode_concurrency),
+            # A decode task that dies loses only the shard it was on (the driver redoes it,
+            # one file per task); a retry would take new shards, never that one.
+            max_retries=0)
+        return _predict(decoded, prepared, plan.batch_size)
+
+
+def classify(sources, model: str | None = None, **options):
+    """Classify every image under ``sources``; returns a lazy ``ray.data.Dataset`` of result rows.
+
+    (A lazy dataset cannot redo the shards of tasks that died: :func:`visionbatch.run` can.)
+    """
+    from visionbatch.job import prepare
+
+    if model is not None:
+        options["model"] = model
+    prepared, engine = prepare(config_from_kwargs(sources, **options).replace(engine="ray"))
+    engine.planner.start()
+    return _job_dataset(prepared, engine.planner.actor).select_columns(prepared.plan.model.schema.names)
