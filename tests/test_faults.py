@@ -239,7 +239,9 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     refused = start(_classify_args(images, slow_vit, dest), tmp_path / "run2")
     assert refused.wait(300) == 1 and "--resume" in refused.stderr
 
-    table, summary, seconds = _resume_and_check(start, images, slow_vit, dest, tmp_path / "run3", expected, committed)
+    # A DEST written by one engine resumes with the other.
+    table, summary, seconds = _resume_and_check(start, images, slow_vit, dest, tmp_path / "run3", expected, committed,
+                                                "--engine", "ray")
     assert summary["images_found"] == len(expected) and summary["predicted"] == len(expected)
     # Finished work is not redone: the resumed run's own part files hold only the rest,
     # and no part file on disk (listed in the manifest or not) repeats a path.
@@ -247,18 +249,18 @@ def test_kill_9_of_the_driver_then_resume(images, slow_vit, tmp_path, start):
     assert on_disk == _committed_parts(dest)  # parts no committed shard owns were removed
     new_parts = [name for name in on_disk if name not in committed_parts]
     assert sorted(_rows_on_disk(dest, new_parts)) == sorted(expected - set(committed))
-    _outcome("kill -9 of the driver, then --resume", len(expected), table, seconds,
+    _outcome("kill -9 of the driver (local engine), then --resume (Ray engine)", len(expected), table, seconds,
              f"{len(committed)} rows committed before the kill (already_done {summary['already_done']}); "
              f"{len(escaped)} Ray processes outside the killed group, {len(lingering)} of them still alive "
              f"after the 10 s grace (those are killed by pid)")
 
 
-def _resume_and_check(start, images, model, dest, run_dir, expected, committed):
+def _resume_and_check(start, images, model, dest, run_dir, expected, committed, *more):
     """Run ``--resume`` into ``dest`` and check it: exit 0, nothing left running, every
     image exactly once and predicted, the committed rows counted as already done, no
     part file repeating a path, no temporary file left."""
     started = time.monotonic()
-    resumed = start(_classify_args(images, model, dest, "--resume"), run_dir)
+    resumed = start(_classify_args(images, model, dest, "--resume", *more), run_dir)
     assert resumed.wait(300) == 0, resumed.stderr
     seconds = time.monotonic() - started
     assert not wait_session_gone(resumed)
@@ -312,7 +314,7 @@ def test_interrupt_exits_promptly_and_resumes(how, images, slow_vit, tmp_path, s
 def test_model_actor_killed_mid_run(images, slow_vit, tmp_path, start):
     dest = tmp_path / "out"
     expected = _expected_paths(images)
-    run = start(_classify_args(images, slow_vit, dest), tmp_path / "run")
+    run = start(_classify_args(images, slow_vit, dest, "--engine", "ray"), tmp_path / "run")
     run.wait_for_commit(dest)
     actors = [pid for pid, (_, cmd) in session_processes(run.pid).items()
               if cmd.startswith("ray::") and "MapBatches(Predictor)" in cmd]

@@ -150,21 +150,29 @@ class LocalEngine(Engine):
             feed = _Feed(lambda: next(given, None), 1)
         tries: dict[str, int] = {}
         in_flight: dict[str, tuple[AnyShard, concurrent.futures.Future]] = {}
-        pool = _Pool(workers)
+        pool, broken = _Pool(workers), False
         try:
-            def submit() -> None:
+            def submit() -> bool:
+                """Keep the workers busy; False once the pool is found broken."""
                 while len(in_flight) < workers + (shards is None) and (shard := feed.take()) is not None:
+                    try:
+                        future = pool.executor.submit(_decode_task, shard, options)
+                    except BrokenProcessPool:  # a worker died since the last look: not this shard's try
+                        feed.again(shard)
+                        return False
                     tries[shard.id] = tries.get(shard.id, 0) + 1
-                    in_flight[shard.id] = (shard, pool.executor.submit(_decode_task, shard, options))
+                    in_flight[shard.id] = (shard, future)
+                return True
 
-            submit()
+            broken = not submit()
             model = self._model(prepared)  # loads while the first shards decode
             while not feed.ended or in_flight:
-                submit()
+                broken = broken or not submit()
                 try:
                     item = pool.blocks.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if not any(future.done() and future.exception() for _, future in in_flight.values()):
+                except queue.Empty:  # every block that came is taken: look at the workers
+                    if not broken and not any(future.done() and future.exception()
+                                              for _, future in in_flight.values()):
                         continue
                     # A worker died (or a task failed, which decoding never does by design):
                     # the pool and its queue go, with every shard in flight.
@@ -175,7 +183,7 @@ class LocalEngine(Engine):
                     writer.discard(list(in_flight))
                     in_flight.clear()
                     pool.close()
-                    pool = _Pool(workers)
+                    pool, broken = _Pool(workers), False
                     continue
                 if isinstance(item, _ShardDone):
                     in_flight.pop(item.shard, None)
