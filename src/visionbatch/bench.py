@@ -1,12 +1,18 @@
-"""``visionbatch bench``: four ways to run the same job, measured side by side in one run.
+"""``visionbatch bench``: the same job run several ways, measured side by side in one run.
 
 1. model-only ceiling: forward passes on ready-made tensors (no I/O, no decode);
    1b. decode-only ceiling: read + decode + preprocess of the job's files on one core,
    times the CPUs a job decodes with;
-2. visionbatch end to end: the CLI in a fresh process, command start to results written;
+   1c. in-process floor: a fresh process imports torch and transformers, loads the model
+   and classifies 16 images with transformers' pipeline (no job can answer sooner);
+2. visionbatch end to end on its default, local engine: the CLI in a fresh process,
+   command start to results written; 2b. the same on the Ray engine (``--engine ray``);
 3. the seed's pipeline (Ray's documentation example): ``read_images`` then
    ``map_batches`` over a class wrapping ``transformers.pipeline``;
-4. the plain transformers pipeline in one process.
+4. the plain transformers pipeline in one process;
+5. Daft, the peer: the job as Daft's documentation writes it (native runner, a
+   ``@daft.cls`` batch method, Daft's own download, decode and resize); needs the
+   ``bench`` extra (``pip install -e .[bench]``), else the line is skipped.
 
 Each end-to-end line runs in its own fresh process so that start-up costs (imports,
 Ray, model load) count the same way for all of them.
@@ -143,11 +149,45 @@ PIPELINE_SCRIPT = textwrap.dedent('''
     from transformers import pipeline
     images, model, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     DTYPE = getattr(torch, sys.argv[4]) if sys.argv[4] != "auto" else "auto"
-    files = sorted(glob.glob(images + "/*/*"))
+    files = sorted(glob.glob(images + "/*/*"))[:int(sys.argv[5]) or None]
     classifier = pipeline("image-classification", model=model, device="cuda" if torch.cuda.is_available() else "cpu",
                           dtype=DTYPE)
     outputs = classifier(files, top_k=1, batch_size=batch_size)  # a list: every result arrives at the end
     print("WALL", time.perf_counter() - started, len(outputs))
+''')
+
+
+DAFT_SCRIPT = textwrap.dedent('''
+    import sys, time
+    started = time.perf_counter()
+    import daft, numpy as np, torch
+    from daft import DataType, col
+    from daft.functions import decode_image, download, resize
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    images, model_path, batch_size, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+    @daft.cls
+    class Classifier:
+        def __init__(self):
+            self.model = AutoModelForImageClassification.from_pretrained(model_path).eval()
+            processor = AutoImageProcessor.from_pretrained(model_path)
+            self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+            self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+            self.labels = self.model.config.id2label
+
+        @daft.method.batch(return_dtype=DataType.string(), batch_size=batch_size)
+        def __call__(self, images: daft.Series):
+            pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images.to_pylist()]))
+            pixels = pixels.permute(0, 3, 1, 2).float() / 255
+            with torch.inference_mode():
+                logits = self.model(pixel_values=(pixels - self.mean) / self.std).logits
+            return [self.labels[i] for i in logits.argmax(-1).tolist()]
+
+    df = daft.from_glob_path(images + "/*/*")
+    df = df.with_column("image", resize(decode_image(download(col("path")), mode="RGB"), 224, 224))
+    df = df.with_column("label", Classifier()(col("image")))
+    df.exclude("image").write_parquet(out)
+    print("WALL", time.perf_counter() - started)
 ''')
 
 
@@ -200,7 +240,11 @@ def run_visionbatch(images: Path, model: str, out: Path, batch_size: int | None,
     wall, _, memory = _timed(cmd)
     summary = json.loads((out / SUMMARY).read_text())
     rows = summary["predicted"] + summary["failed"]
-    return {"wall_s": wall, "images_per_s": rows / wall, "first_result_s": summary["time_to_first_result_s"],
+    # From the command's start, as the other lines count: the job's own clock starts
+    # after the interpreter and the imports, and the first result came this long before
+    # the job's end.
+    first = wall - (summary["wall_time_s"] - summary["time_to_first_result_s"])
+    return {"wall_s": wall, "images_per_s": rows / wall, "first_result_s": first,
             "steady_images_per_s": summary.get("steady_images_per_s"), "rows": rows,
             "spilled_mb": summary.get("object_store_spilled_mb"), **memory}
 
@@ -210,8 +254,20 @@ def run_seed(images: Path, model: str, out: Path, batch_size: int, dtype: str) -
     return {"wall_s": wall, **memory}
 
 
-def run_plain_pipeline(images: Path, model: str, batch_size: int, dtype: str) -> dict:
-    wall, stdout, memory = _timed([sys.executable, "-c", PIPELINE_SCRIPT, str(images), model, str(batch_size), dtype])
+def run_plain_pipeline(images: Path, model: str, batch_size: int, dtype: str, limit: int = 0) -> dict:
+    """The plain pipeline over every image (or the first ``limit``: the in-process floor)."""
+    wall, stdout, memory = _timed([sys.executable, "-c", PIPELINE_SCRIPT, str(images), model, str(batch_size), dtype,
+                                   str(limit)])
+    return {"wall_s": wall, **({"first_result_s": wall} if limit else {}), **memory}
+
+
+def run_daft(images: Path, model: str, out: Path, batch_size: int) -> dict | None:
+    """The Daft line, or None where Daft is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("daft") is None:
+        return None
+    wall, _, memory = _timed([sys.executable, "-c", DAFT_SCRIPT, str(images), model, str(batch_size), str(out)])
     return {"wall_s": wall, **memory}
 
 
@@ -225,17 +281,24 @@ def machine() -> str:
 def format_table(results: dict, n: int) -> str:
     """One row per line; "vs ceiling" is against the lower of the model and decode ceilings."""
     ceiling = results["ceiling"]["images_per_s"]
-    rows = [("line", "wall s", "images/s", "first result s", "steady images/s", "vs ceiling", "wall vs seed")]
+    rows = [("line", "wall s", "images/s", "first result s", "steady images/s", "vs ceiling", "wall vs seed",
+             "wall vs Daft")]
     seed_wall = results.get("seed", {}).get("wall_s")
-    rows.append(("1. model-only ceiling", "-", f"{ceiling:.1f}", "-", f"{ceiling:.1f}", "-", "-"))
+    daft_wall = (results.get("daft") or {}).get("wall_s")
+    rows.append(("1. model-only ceiling", "-", f"{ceiling:.1f}", "-", f"{ceiling:.1f}", "-", "-", "-"))
     if "decode" in results:
         decode = results["decode"]
         rows.append((f"1b. decode-only ceiling ({decode['decode_cpus']} CPU)", "-", f"{decode['images_per_s']:.1f}",
-                     "-", f"{decode['images_per_s']:.1f}", "-", "-"))
+                     "-", f"{decode['images_per_s']:.1f}", "-", "-", "-"))
         ceiling = min(ceiling, decode["images_per_s"])
-    for key, name in (("visionbatch", "2. visionbatch end to end"), ("seed", "3. seed (read_images + pipeline actor)"),
-                      ("pipeline", "4. plain transformers pipeline")):
-        if key not in results:
+    if "floor" in results:
+        rows.append(("1c. in-process floor (16 images)", f"{results['floor']['wall_s']:.1f}", "-",
+                     f"{results['floor']['wall_s']:.1f}", "-", "-", "-", "-"))
+    for key, name in (("visionbatch", "2. visionbatch end to end (local engine)"),
+                      ("visionbatch-ray", "2b. visionbatch end to end (Ray engine)"),
+                      ("seed", "3. seed (read_images + pipeline actor)"), ("pipeline", "4. plain transformers pipeline"),
+                      ("daft", "5. Daft (native runner, docs' style)")):
+        if not results.get(key):
             continue
         r = results[key]
         rate = n / r["wall_s"]
@@ -244,7 +307,8 @@ def format_table(results: dict, n: int) -> str:
                      f"{r['first_result_s']:.1f}" if r.get("first_result_s") else "-",
                      f"{steady:.1f}" if steady else "-",
                      f"{(steady or rate) / ceiling:.2f}",
-                     f"{r['wall_s'] / seed_wall:.2f}" if seed_wall else "-"))
+                     f"{r['wall_s'] / seed_wall:.2f}" if seed_wall else "-",
+                     f"{r['wall_s'] / daft_wall:.2f}" if daft_wall else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -260,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads for the ceiling (default: what visionbatch uses)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16, for every line")
-    parser.add_argument("--lines", default="ceiling,decode,visionbatch,seed,pipeline")
+    parser.add_argument("--lines", default="ceiling,decode,floor,visionbatch,visionbatch-ray,seed,pipeline,daft")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0, help="how long to time the model alone")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--classify-args", default="", help="extra arguments for visionbatch classify")
@@ -288,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count() if args.device != "cpu" else 0
-            # As pipeline.resolve_plan: one CPU per GPU replica, or the CPU replica's
+            # As plan.resolve_plan: one CPU per GPU replica, or the CPU replica's
             # threads less one; the rest decode.
             decode_cpus = max(1, cpus - (gpus or max(1, min(threads, cpus - 1))))
             results["decode"] = decode_ceiling(images, model, decode_cpus, "--exact-decode" in args.classify_args)
@@ -296,13 +360,22 @@ def main(argv: list[str] | None = None) -> int:
             extra = ["--device", args.device, "--dtype", args.dtype, *args.classify_args.split(),
                      *(["--threads", str(args.threads)] if args.threads else [])]
             results["visionbatch"] = run_visionbatch(images, model, work / "out-vb", args.batch_size, extra)
+        if "visionbatch-ray" in lines:
+            results["visionbatch-ray"] = run_visionbatch(images, model, work / "out-vb-ray", args.batch_size,
+                                                         [*extra, "--engine", "ray"])
+        if "floor" in lines:
+            results["floor"] = run_plain_pipeline(images, model, args.batch_size, args.dtype, limit=16)
+        if "daft" in lines:
+            results["daft"] = run_daft(images, model, work / "out-daft", args.batch_size)
+            if results["daft"] is None:
+                print("5. Daft: skipped (not installed: pip install -e .[bench])", flush=True)
         if "seed" in lines:
             results["seed"] = run_seed(images, model, work / "out-seed", args.batch_size, args.dtype)
         if "pipeline" in lines:
             results["pipeline"] = run_plain_pipeline(images, model, args.batch_size, args.dtype)
         print(format_table(results, n))
-        for key in ("visionbatch", "seed", "pipeline"):
-            if results.get(key, {}).get("driver_peak_rss_mb"):
+        for key in ("visionbatch", "visionbatch-ray", "seed", "pipeline", "daft"):
+            if (results.get(key) or {}).get("driver_peak_rss_mb"):
                 workers = ", ".join(f"{k} {v:.0f}" for k, v in sorted(results[key]["worker_peak_rss_mb"].items()))
                 print(f"peak RSS MB, {key}: driver {results[key]['driver_peak_rss_mb']:.0f}"
                       + (f"; workers: {workers}" if workers else ""))

@@ -75,7 +75,7 @@ class RayEngine(Engine):
         actor = ray.remote(ShardPlanner).options(
             num_cpus=0, max_concurrency=4 * cpus + 8, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
-        self.planner = _PlannerActor(actor.remote(inputs, storage))
+        self.planner = _PlannerActor(lambda: actor.remote(inputs, storage))
         return self.planner
 
     def run(self, prepared: Prepared, writer: ShardWriter,
@@ -102,7 +102,16 @@ class RayEngine(Engine):
             # No prefetch: it holds each block back until the next one has come, which
             # delays the first result (and every commit) by a block's worth of model time.
             for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                yield from commit_events(records if shards is None else writer(records))
+                for rows_in, record in commit_events(records if shards is None else writer(records)):
+                    if record is not None and "digest" in record:
+                        self.planner.committed[record["shard"]] = record["digest"]
+                    yield rows_in, record
+        if shards is None and self.planner.dead:
+            # The planner died (its decode tasks with it, at their next shard): a new one
+            # lists again, skips what is committed, and the job goes on with the rest.
+            log.warning("the shard planner died; a new one takes over from what is committed")
+            self.planner.restart()
+            yield from self.run(prepared, writer)
 
     def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
         import ray.data
@@ -136,31 +145,51 @@ class RayEngine(Engine):
 
 
 class _PlannerActor:
-    """The planner's methods, called on its actor and waited for."""
+    """The planner's methods, called on its actor and waited for. An actor that dies is
+    noticed here and replaced (:meth:`restart`) once the stream that used it ends."""
 
-    def __init__(self, actor):
-        self.actor = actor
+    def __init__(self, make):
+        self._make = make
+        self.actor = make()
+        self.committed: dict[str, str] = {}  # shard -> digest: given at start, then as the writer commits
+        self.dead = False
+        self._status: dict = {}
 
     def start(self, committed: dict[str, str] | None = None) -> None:
-        self.actor.start.remote(committed)
+        self.committed = dict(committed or {})
+        self.actor.start.remote(self.committed)
+
+    def restart(self) -> None:
+        self.actor, self.dead = self._make(), False
+        self.start(self.committed)
+
+    def _call(self, method: str, *args, default=None):
+        import ray
+        import ray.exceptions
+
+        if self.dead:
+            return default
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args))
+        except ray.exceptions.RayActorError:
+            self.dead = True
+            return default
 
     def wait_started(self, timeout: float | None = None) -> dict:
-        import ray
-
-        return ray.get(self.actor.wait_started.remote(timeout))
+        self._status = self._call("wait_started", timeout, default=self._status)
+        return self._status
 
     def status(self) -> dict:
-        import ray
-
-        return ray.get(self.actor.status.remote())
+        """The listing's status (the last one known while the actor is dead)."""
+        self._status = self._call("status", default=self._status)
+        return self._status
 
     def mark_committed(self, ids: list[str]) -> None:
-        self.actor.mark_committed.remote(ids)
+        if not self.dead:
+            self.actor.mark_committed.remote(ids)
 
     def unfinished(self) -> list[AnyShard]:
-        import ray
-
-        return ray.get(self.actor.unfinished.remote())
+        return self._call("unfinished", default=[])
 
 
 def init_ray(address: str | None) -> None:
