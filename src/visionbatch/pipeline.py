@@ -331,7 +331,8 @@ def prepare(config: ClassifyConfig) -> Prepared:
                        url_column=config.url_column or "path",
                        columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
                                                       config.label_column else []), *config.keep_columns])),
-                       follow_symlinks=config.follow_symlinks)
+                       follow_symlinks=config.follow_symlinks,
+                       label_column=config.label_column if config.labels == "column" else None)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         metadata = pool.submit(_model_metadata, config, source, storage)
         try:
@@ -601,6 +602,8 @@ class _Job:
         if self.status["listing_done"]:
             self.summary.stage_times["listing ended (wall, from start)"] = time.monotonic() - self.started
         self._check_listing()
+        if self.status["index_labels"]:
+            log.warning(self.status["index_labels"])
         self.bar = self._progress_bar()
         try:
             with _failures_become_rows():
@@ -648,7 +651,8 @@ class _Job:
         if status["listing_done"] and not status["shards_listed"]:
             skipped = status["skipped_non_image"] + status["skipped_special"]
             raise JobError(f"no image files found in {', '.join(self.prepared.config.sources)}"
-                           + (f" ({skipped} other files skipped)" if skipped else ""))
+                           + (f" ({skipped} other files skipped)" if skipped else "")
+                           + (f"; {status['unread_archive']}" if status["unread_archive"] else ""))
 
     def _progress_bar(self):
         from tqdm import tqdm
