@@ -50,6 +50,19 @@ def test_counts(mixed):
     assert mixed["schema_version"] == 1
 
 
+def test_the_summary_counts_each_row_as_the_metrics_do(mixed):
+    """A row with an error is an error, never also unlabelled (a URL that answered 404
+    has no true label: the summary once counted it as both)."""
+    from visionbatch.summary import Summary, shard_counts
+
+    summary = Summary(model="m", device="cpu", dtype="float32")
+    summary.add_shard(len(MIXED), shard_counts(make_table(MIXED)))
+    assert ((summary.images_found, summary.labelled, summary.unlabelled, summary.failed, summary.errors_by_kind)
+            == (mixed["rows"], mixed["labelled"], mixed["unlabelled"], mixed["errors"], mixed["errors_by_kind"]))
+    assert (summary.top1, summary.top5) == (mixed["top1"], mixed["top5"])
+    assert summary.unmapped_folders == ["img"]
+
+
 def test_accuracy_excludes_errors_and_unlabelled(mixed):
     assert mixed["top1"] == pytest.approx(2 / 5)
     assert mixed["top5"] == pytest.approx(4 / 5)

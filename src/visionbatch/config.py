@@ -109,7 +109,7 @@ class ClassifyConfig:
             raise ValueError("at least one source is required")
         if isinstance(self.keep_columns, str):
             object.__setattr__(self, "keep_columns", tuple(c.strip() for c in self.keep_columns.split(",") if c.strip()))
-        check_keep_columns(self.keep_columns)
+        check_keep_columns(self.keep_columns, self.embeddings)
         if self.label_column and self.labels == "dirs":
             object.__setattr__(self, "labels", "column")
         if self.labels == "column" and not self.label_column:

@@ -162,6 +162,8 @@ class _Job:
         if self.status["listing_done"]:
             self.summary.stage_times["listing ended (wall, from start)"] = time.monotonic() - self.started
         self._check_listing()
+        if self.status["index_labels"]:
+            log.warning(self.status["index_labels"])
         self.bar = self._progress_bar()
         try:
             self._take(self.engine.run(self.prepared, self.writer))
@@ -214,7 +216,8 @@ class _Job:
         if status["listing_done"] and not status["shards_listed"]:
             skipped = status["skipped_non_image"] + status["skipped_special"]
             raise JobError(f"no image files found in {', '.join(self.prepared.config.sources)}"
-                           + (f" ({skipped} other files skipped)" if skipped else ""))
+                           + (f" ({skipped} other files skipped)" if skipped else "")
+                           + (f"; {status['unread_archive']}" if status["unread_archive"] else ""))
 
     def _progress_bar(self):
         from tqdm import tqdm

@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from visionbatch.imagenet import imagenet_classes, imagenet_wnids
 
 
+class ClassName(str):
+    """A label value that names its class, matched as folder names are even where it
+    reads as a number: a Hugging Face ``ClassLabel``'s name for its integer."""
+
+
 @dataclass(frozen=True)
 class LabelResolver:
     """Maps a folder name to a model label (or None)."""
@@ -34,6 +39,8 @@ class LabelResolver:
         the model's labels, or a name matched as folder names are."""
         if value is None:
             return None
+        if isinstance(value, ClassName):
+            return self(value)
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         text = str(value).strip()

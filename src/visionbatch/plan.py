@@ -207,7 +207,8 @@ def input_spec(config: ClassifyConfig) -> InputSpec:
                      url_column=config.url_column or "path",
                      columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
                                                     config.label_column else []), *config.keep_columns])),
-                     follow_symlinks=config.follow_symlinks)
+                     follow_symlinks=config.follow_symlinks,
+                     label_column=config.label_column if config.labels == "column" else None)
 
 
 @dataclass(frozen=True)

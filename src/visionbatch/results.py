@@ -86,19 +86,21 @@ def conform(table: pa.Table, schema: pa.Schema = RESULT_SCHEMA, extra: tuple[str
 
 # --------------------------------------------------------------------------- a job's own columns
 # After the result schema's columns, a job's results may carry columns of its input: the
-# WebDataset sample key, and the input columns named by --keep-columns.
+# WebDataset sample key (tar jobs), and the input columns named by --keep-columns (table
+# and list jobs, which have no key).
 KEY_COLUMN = "key"  # a WebDataset sample's __key__
 
 
 def job_columns(keep_columns: tuple[str, ...]) -> tuple[str, ...]:
     """The input columns a job writes after the result schema's (each where its rows have it)."""
-    return (KEY_COLUMN, *keep_columns)
+    return tuple(dict.fromkeys((KEY_COLUMN, *keep_columns)))
 
 
-def check_keep_columns(keep_columns: tuple[str, ...]) -> None:
-    """Refuse kept input columns whose names a result column already has."""
-    taken = (set(RESULT_SCHEMA.names)
-             | {EMBEDDING, KEY_COLUMN, SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN, SHARD_DIGEST_COLUMN})
+def check_keep_columns(keep_columns: tuple[str, ...], embeddings: bool = False) -> None:
+    """Refuse kept input columns whose names a column of the job's rows already has: a
+    result column (``embedding`` where the job asks for it) or the pipeline's own."""
+    taken = {*RESULT_SCHEMA.names, *([EMBEDDING] if embeddings else []), SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN,
+             SHARD_DIGEST_COLUMN, *STAGE_COLUMNS, MODEL_TRACEBACK}
     clash = [name for name in keep_columns if name in taken]
     if clash:
         raise ValueError(f"--keep-columns: {', '.join(clash)} would collide with result column(s) of the same name; "

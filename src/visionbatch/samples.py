@@ -20,8 +20,9 @@ from typing import Iterator
 import pyarrow as pa
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S
+from visionbatch.labels import ClassName
 from visionbatch.shards import AnyShard, Shard, TarShard
-from visionbatch.sources import is_image_name
+from visionbatch.sources import class_names, image_location, is_image_name
 from visionbatch.storage import Storage, describe, is_url
 
 READ_AHEAD = 16  # reads in flight per decode task
@@ -145,7 +146,7 @@ def tar_samples(shard: TarShard, reading: Reading) -> Iterator[Sample]:
         return
     with stream:
         try:
-            archive = tarfile.open(fileobj=stream, mode="r|")
+            archive = tarfile.open(fileobj=stream, mode="r|*")  # plain, gzip, bzip2 or xz: a stream each
         except (tarfile.TarError, OSError) as err:
             yield Sample(uri, f"read_error: not a tar file ({describe(err)})")
             return
@@ -197,9 +198,11 @@ def _members(archive: tarfile.TarFile, shard: TarShard, reading: Reading):
             return
         if member is None:
             # tarfile ends quietly where a header is cut or missing: a whole tar ends
-            # with zero blocks after its last member.
-            if shard.size - archive.offset < tarfile.BLOCKSIZE:
-                yield "", _Cut(archive.offset, f"the tar ends at byte {shard.size}, after its last whole member "
+            # with zero blocks after its last member, which tarfile reads past (its
+            # stream's position counts the bytes read, decompressed).
+            end = archive.fileobj.tell()
+            if end - archive.offset < tarfile.BLOCKSIZE:
+                yield "", _Cut(archive.offset, f"the tar ends at byte {end}, after its last whole member "
                                                "and without the end-of-archive blocks")
             return
         if not member.isfile() or not (is_image_name(member.name)
@@ -221,7 +224,9 @@ def _members(archive: tarfile.TarFile, shard: TarShard, reading: Reading):
 
 def _table_samples(shard, reading: Reading) -> tuple[Iterator[Sample], pa.Table | None]:
     """The shard's rows of its row group: the image column (binary, or a struct with
-    ``bytes`` and ``path``), the label column, the kept columns."""
+    ``bytes`` and ``path``: a struct without bytes is read from its path, as a file is),
+    the label column (a Hugging Face ``ClassLabel``'s integers as its names), the kept
+    columns."""
     import pyarrow.parquet as pq
 
     columns = list(dict.fromkeys([reading.image_column, *filter(None, [reading.label_column]),
@@ -229,23 +234,31 @@ def _table_samples(shard, reading: Reading) -> tuple[Iterator[Sample], pa.Table 
     fs, path = reading.storage.resolve(shard.uri)
     try:
         with fs.open_input_file(path) as file:
-            rows = pq.ParquetFile(file).read_row_group(shard.row_group, columns=columns).slice(shard.start, shard.count)
+            table = pq.ParquetFile(file)
+            rows = table.read_row_group(shard.row_group, columns=columns).slice(shard.start, shard.count)
     except Exception as err:  # the file changed or broke since it was listed: every row says so
         error = f"read_error: {describe(err)}"
         return (Sample(f"{shard.uri}#{shard.first_row + i}", error) for i in range(shard.count)), None
     images = rows.column(reading.image_column).combine_chunks()
+    paths = [None] * len(rows)
     if pa.types.is_struct(images.type):
-        names = [images.type.field(i).name for i in range(images.type.num_fields)]
-        paths = images.field("path").to_pylist() if "path" in names else [None] * len(rows)
+        if images.type.get_field_index("path") >= 0:
+            paths = images.field("path").to_pylist()
         images = images.field("bytes")
-    else:
-        paths = [None] * len(rows)
     labels = rows.column(reading.label_column).to_pylist() if reading.label_column else [None] * len(rows)
+    names = class_names(table.schema_arrow, reading.label_column) if reading.label_column else None
+    if names:
+        labels = [ClassName(names[label]) if label is not None and 0 <= label < len(names) else None
+                  for label in labels]
+    located = [image_location(named, shard.uri) if named and not image.is_valid else None
+               for named, image in zip(paths, images)]
+    reads = read_ahead(filter(None, located), reading.storage, reading.max_bytes, reading.read_timeout)
 
     def samples() -> Iterator[Sample]:
-        for i, (named, image, label) in enumerate(zip(paths, images, labels)):
-            data = image.as_py()
-            if data is None:
+        for i, (named, location, image, label) in enumerate(zip(paths, located, images, labels)):
+            if location:  # read as a file is: the same limits, the same error kinds
+                named, data = location, next(reads)
+            elif (data := image.as_py()) is None:
                 data = "empty_file: no image bytes in this row"
             elif reading.max_bytes is not None and len(data) > reading.max_bytes:
                 data = f"read_error: larger than {reading.max_bytes} bytes (--max-bytes)"

@@ -106,6 +106,7 @@ class InputSpec:
     image_column: str | None = None  # SOURCEs are Parquet tables of images
     url_column: str = "path"  # the list files' column of paths or URLs
     columns: tuple[str, ...] = ()  # input columns the decode stage reads besides the image (kept, label)
+    label_column: str | None = None  # the tables' column of true labels
     follow_symlinks: bool = False
 
 
@@ -115,7 +116,8 @@ def iter_shards(spec: InputSpec, storage: Storage, counts: ListingCounts) -> Ite
     remaining = spec.limit
     for index, uri in enumerate(spec.sources):
         if spec.image_column:
-            items = iter_tables(uri, storage, counts, spec.image_column, spec.columns, spec.follow_symlinks)
+            items = iter_tables(uri, storage, counts, spec.image_column, spec.columns, spec.follow_symlinks,
+                                spec.label_column)
         elif spec.from_list:
             items = iter_list_file(uri, storage, counts, spec.cwd, spec.url_column, spec.columns)
         else:
@@ -257,4 +259,5 @@ class ShardPlanner:
             return {**self._status, "skipped_non_image": counts.skipped_non_image,
                     "skipped_special": counts.skipped_special, "special_examples": list(counts.special_examples),
                     "skipped_folder_links": counts.skipped_folder_links,
-                    "undecodable_names": counts.undecodable_names}
+                    "undecodable_names": counts.undecodable_names, "unread_archive": counts.unread_archive,
+                    "index_labels": counts.index_labels}

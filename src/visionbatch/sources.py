@@ -10,7 +10,9 @@ stream into shards as it flows.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -38,6 +40,8 @@ class ListingCounts:
     skipped_folder_links: int = 0  # folder symlinks not followed (or leading where the walk has been)
     undecodable_names: int = 0  # names that are not UTF-8 cannot be a result row's path
     special_examples: list[str] = field(default_factory=list)  # the first few skipped special files
+    unread_archive: str | None = None  # why the first archive met that is not read was skipped
+    index_labels: str | None = None  # the first table whose label column is class indices: said at start-up
 
     def skip_special(self, path: str) -> None:
         self.skipped_special += 1
@@ -68,8 +72,12 @@ def _source_root(uri: str, storage: Storage, from_list: bool = False):
 
 
 def check_source(uri: str, storage: Storage, from_list: bool) -> None:
-    """Fail fast, before any work, on a source that does not exist or cannot be reached."""
-    _source_root(uri, storage, from_list)
+    """Fail fast, before any work, on a source that does not exist, cannot be reached,
+    or is an archive that is not read."""
+    _, path, pattern, info = _source_root(uri, storage, from_list)
+    why = None if from_list or pattern or info.type != pafs.FileType.File else unread_archive(uri)
+    if why:
+        raise SourceError(why)
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,23 @@ class Container:
     first_row: int = 0  # the row group's first row's number in the file
 
 
+# WebDataset shards: tars, plain or compressed (webdataset reads them all; so does tarfile's stream mode).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+# Archives that cannot be streamed member by member, or that no WebDataset writer makes.
+_UNREAD_ARCHIVES = (".zip", ".7z", ".rar", ".tar.zst", ".tar.lz4", ".gz", ".bz2", ".xz", ".zst")
+
+
 def is_tar_name(name: str) -> bool:
-    return name.lower().endswith(".tar")
+    return name.lower().endswith(TAR_SUFFIXES)
+
+
+def unread_archive(name: str) -> str | None:
+    """Why a file that is an archive visionbatch does not read is skipped (None for any other file)."""
+    lower = name.lower()
+    if is_tar_name(lower) or not lower.endswith(_UNREAD_ARCHIVES):
+        return None
+    return (f"{name} is an archive that is not read (WebDataset shards are {', '.join(TAR_SUFFIXES)}): extract it, "
+            "or repack its images as tar shards")
 
 
 def _iter_files(uri: str, storage: Storage, counts: ListingCounts, follow_symlinks: bool = False
@@ -113,7 +136,10 @@ def iter_source(uri: str, storage: Storage, counts: ListingCounts, follow_symlin
     for fs, names in _iter_files(uri, storage, counts, follow_symlinks):
         images = [prefix + name for name in names if is_image_name(name)]
         tars = [name for name in names if is_tar_name(name)]
-        counts.skipped_non_image += len(names) - len(images) - len(tars)
+        skipped = len(names) - len(images) - len(tars)
+        counts.skipped_non_image += skipped
+        if skipped and counts.unread_archive is None:
+            counts.unread_archive = next(filter(None, map(unread_archive, names)), None)
         if images:
             yield images
         for info in _file_infos(fs, tars, uri):
@@ -131,9 +157,12 @@ def _file_infos(fs: pafs.FileSystem, paths: list[str], uri: str) -> list[pafs.Fi
 
 
 def iter_tables(uri: str, storage: Storage, counts: ListingCounts, image_column: str,
-                columns: tuple[str, ...], follow_symlinks: bool = False) -> Iterator[Container]:
+                columns: tuple[str, ...], follow_symlinks: bool = False,
+                label_column: str | None = None) -> Iterator[Container]:
     """The row groups of the Parquet files under a file, folder, glob or prefix, each
-    checked for the image column and the other ``columns`` the job reads."""
+    checked for the image column and the other ``columns`` the job reads; the first
+    table whose ``label_column`` holds class indices (integers without class names) is
+    noted in ``counts``, for the start-up line."""
     import pyarrow.parquet as pq
 
     prefix = uri_prefix(uri)
@@ -146,16 +175,45 @@ def iter_tables(uri: str, storage: Storage, counts: ListingCounts, image_column:
                     metadata = pq.ParquetFile(file).metadata
             except (OSError, pa.ArrowException) as err:
                 raise SourceError(f"cannot read {prefix + info.path}: {describe(err)}") from err
-            names_in = metadata.schema.to_arrow_schema().names
-            missing = [name for name in (image_column, *columns) if name not in names_in]
+            schema = metadata.schema.to_arrow_schema()
+            missing = [name for name in (image_column, *columns) if name not in schema.names]
             if missing:
                 raise SourceError(f"{prefix + info.path} has no column {', '.join(map(repr, missing))} (columns: "
-                                  f"{', '.join(names_in)})")
+                                  f"{', '.join(schema.names)})")
+            if (label_column and counts.index_labels is None and pa.types.is_integer(schema.field(label_column).type)
+                    and class_names(schema, label_column) is None):
+                counts.index_labels = (f"--label-column {label_column}: {prefix + info.path} gives its integers no "
+                                       "class names (no Hugging Face ClassLabel feature): read as the model's class "
+                                       "indices")
             first = 0
             for group in range(metadata.num_row_groups):
                 rows = metadata.row_group(group).num_rows
                 yield Container(prefix + info.path, info.size, info.mtime_ns, rows, group, first)
                 first += rows
+
+
+HF_FEATURES_KEY = b"huggingface"  # where Hugging Face datasets keeps a table's features in its schema metadata
+
+
+def class_names(schema: pa.Schema, column: str) -> tuple[str, ...] | None:
+    """The names a Hugging Face ``ClassLabel`` column's integers index (None for any other column)."""
+    try:
+        features = json.loads((schema.metadata or {}).get(HF_FEATURES_KEY, b"{}"))["info"]["features"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    feature = features.get(column) if isinstance(features, dict) else None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+        return tuple(map(str, feature["names"]))
+    return None
+
+
+def image_location(path: str, table_uri: str) -> str:
+    """Where a table's image struct ``path`` points: an absolute path or URI as it is, a
+    relative path from the table's folder (where a dataset keeps its files beside its tables)."""
+    if path.startswith("/") or "://" in path:
+        return path
+    scheme, sep, rest = table_uri.rpartition("://")
+    return scheme + sep + posixpath.normpath(posixpath.join(posixpath.dirname(rest), path))
 
 
 def _walk_local(root: str, counts: ListingCounts, follow_symlinks: bool = False) -> Iterator[list[str]]:

@@ -21,36 +21,26 @@ _UNMAPPED_EXAMPLES = 20
 
 
 def shard_counts(table: pa.Table, labelled: bool = True) -> dict:
-    """Counts of one shard's result rows (with the pipeline's stage-time columns);
-    ``labelled``: the job asked for true labels, so rows without one are worth naming."""
+    """Counts of one shard's result rows (with the pipeline's stage-time columns), taken
+    from its metric counts so that the summary and the metrics count each row alike (a
+    row with an error is an error, never unlabelled); ``labelled``: the job asked for
+    true labels, so rows without one are worth naming."""
+    metrics = metric_counts(table)
     errors = table.column("error")
-    failed = pc.drop_null(errors).to_pylist()
-    kinds: dict[str, int] = {}
-    for error in failed:
-        kinds[error_kind(error)] = kinds.get(error_kind(error), 0) + 1
-    ok = pc.is_null(errors)
-    truths = table.column("true_label")
-    labelled = pc.and_(ok, pc.is_valid(truths))
-    top1 = top5 = 0
-    if pc.any(labelled).as_py():
-        rows = table.filter(labelled)
-        tops, truth = rows.column("top_k_labels").to_pylist(), rows.column("true_label").to_pylist()
-        top1 = sum(top[0] == t for top, t in zip(tops, truth))
-        top5 = sum(t in top[:5] for top, t in zip(tops, truth))
-    model_errors = [error for error in failed if error_kind(error) == "model_error"]
-    no_truth = pc.is_null(truths)
-    unmapped_paths = table.filter(no_truth).column("path").to_pylist() if labelled else []
+    model_errors = [error for error in pc.drop_null(errors).to_pylist() if error_kind(error) == "model_error"]
+    unlabelled = pc.and_(pc.is_null(errors), pc.is_null(table.column("true_label")))
+    unmapped_paths = table.filter(unlabelled).column("path").to_pylist() if labelled else []
     return {
-        "predicted": table.num_rows - len(failed),
-        "failed": len(failed),
-        "errors_by_kind": kinds,
-        "labelled": pc.sum(labelled).as_py() or 0,
-        "top1_correct": top1,
-        "top5_correct": top5,
-        "no_true_label": pc.sum(no_truth).as_py() or 0,
+        "predicted": metrics["rows"] - metrics["errors"],
+        "failed": metrics["errors"],
+        "errors_by_kind": metrics["errors_by_kind"],
+        "labelled": metrics["labelled"],
+        "top1_correct": metrics["top1_hits"],
+        "top5_correct": metrics["top5_hits"],
+        "no_true_label": pc.sum(unlabelled).as_py() or 0,
         "unmapped_folders": sorted({folder_of(path) for path in unmapped_paths})[:_UNMAPPED_EXAMPLES],
         "model_error": model_errors[0] if model_errors else None,
-        "metrics": metric_counts(table),  # the manifest adds these up for evaluate (not kept per shard)
+        "metrics": metrics,  # the manifest adds these up for evaluate (not kept per shard)
         "stage_seconds": {stage: pc.sum(table.column(column)).as_py() or 0.0
                           for column, stage in STAGE_COLUMNS.items() if column in table.column_names},
     }
