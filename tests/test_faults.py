@@ -307,6 +307,29 @@ def test_interrupt_exits_promptly_and_resumes(how, images, slow_vit, tmp_path, s
              f"exit {code} {exit_seconds:.1f} s after the signal; {len(committed)} rows kept")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c twice", "sighup"])
+def test_more_stop_signals_exit_130(how, images, slow_vit, tmp_path, start):
+    """A second Ctrl-C while the first one's stop is under way, or SIGHUP (a closed
+    terminal): exit 130 with the one line that says what was kept."""
+    dest = tmp_path / "out"
+    first = start(_classify_args(images, slow_vit, dest), tmp_path / "run1")
+    first.wait_for_commit(dest)
+    if how == "sighup":
+        os.kill(first.pid, signal.SIGHUP)
+    else:
+        os.killpg(first.pid, signal.SIGINT)
+        time.sleep(0.3)  # the second press comes while the first one's stop runs (or after it ended)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(300) == 130, first.stderr
+    lines = [line for line in first.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in first.stderr, first.stderr
+    assert not wait_session_gone(first), "the interrupted run left processes behind"
+    committed = _rows_on_disk(dest)
+    assert 0 < len(committed) and len(committed) == len(set(committed))
+
+
 # --------------------------------------------------------------------------- 3. model actor killed
 
 
