@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
-    from visionbatch.model import ModelLoadError
-    from visionbatch.job import JobError, JobInterrupted, ignore_further_interrupts, sigterm_as_interrupt
-    from visionbatch.sinks import DestinationError
-    from visionbatch.storage import SourceError
+    from visionbatch.job import ignore_further_interrupts, sigterm_as_interrupt
 
     try:
         log_path = _log_path()
@@ -137,20 +134,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     with _library_noise_to(log_path) as terminal, sigterm_as_interrupt():
         args.terminal = terminal
-        try:
-            return COMMANDS[args.command](args)
-        except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
-            if isinstance(err, JobInterrupted):
-                ignore_further_interrupts()
-            message = str(err).replace("is in the log", f"is in {log_path}")
-            print(f"visionbatch: error: {message}", file=terminal.err)
-            if isinstance(err, JobInterrupted):
-                return EXIT_INTERRUPTED
-            return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
-        except KeyboardInterrupt:
+        code = _run_command(args, log_path)
+    if code == EXIT_INTERRUPTED:  # ignored through the interpreter's exit too (it resets only handlers it set)
+        ignore_further_interrupts()
+    return code
+
+
+def _run_command(args, log_path: str) -> int:
+    """Run the command; its exit status, with any error told in one line."""
+    from visionbatch.job import JobError, JobInterrupted, ignore_further_interrupts
+    from visionbatch.model import ModelLoadError
+    from visionbatch.sinks import DestinationError
+    from visionbatch.storage import SourceError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
+        if isinstance(err, JobInterrupted):
             ignore_further_interrupts()
-            print("visionbatch: interrupted", file=terminal.err)
+        message = str(err).replace("is in the log", f"is in {log_path}")
+        print(f"visionbatch: error: {message}", file=args.terminal.err)
+        if isinstance(err, JobInterrupted):
             return EXIT_INTERRUPTED
+        return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        ignore_further_interrupts()
+        print("visionbatch: interrupted", file=args.terminal.err)
+        return EXIT_INTERRUPTED
 
 
 def _log_path() -> str:
