@@ -20,12 +20,14 @@ and a new pool takes the next shards.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
 import queue
 import signal
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -129,8 +131,9 @@ class LocalEngine(Engine):
         if self._predictor is None:
             if prepared.plan.replicas > 1:
                 raise JobError("the local engine runs one model replica: use --engine ray for more")
-            self._predictor = Predictor(**predictor_arguments(prepared.config, prepared.plan,
-                                                              prepared.plan.batch_size))
+            # No timing at start (fewer_threads): _CoreSplit follows what the job shows.
+            self._predictor = Predictor(**{**predictor_arguments(prepared.config, prepared.plan,
+                                                                 prepared.plan.batch_size), "fewer_threads": None})
         return self._predictor
 
     def run(self, prepared: Prepared, writer: ShardWriter,
@@ -166,10 +169,12 @@ class LocalEngine(Engine):
 
             broken = not submit()
             model = self._model(prepared)  # loads while the first shards decode
+            cores = _CoreSplit(plan)
             while not feed.ended or in_flight:
                 broken = broken or not submit()
                 try:
-                    item = pool.blocks.get(timeout=_POLL_S)
+                    with cores.waiting():
+                        item = pool.blocks.get(timeout=_POLL_S)
                 except queue.Empty:  # every block that came is taken: look at the workers
                     if not broken and not any(future.done() and future.exception()
                                               for _, future in in_flight.values()):
@@ -188,6 +193,7 @@ class LocalEngine(Engine):
                 if isinstance(item, _ShardDone):
                     in_flight.pop(item.shard, None)
                     continue
+                cores.adjust(pool.blocks.full())
                 yield from commit_events(writer(model(item)))
         finally:
             feed.stop()
@@ -217,6 +223,47 @@ class LocalEngine(Engine):
                 yield model(decoded)
         finally:
             pool.close()
+
+
+class _CoreSplit:
+    """On CPU, the cores the model's torch threads take follow what the job shows: the
+    model waiting for blocks means decoding is the slower stage (a thread goes back to
+    the decoders, down to the replica's own cores); the queue full and the model never
+    waiting means the model is (a thread more, up to the plan's). Observed in windows
+    of a few seconds, so that another process taking cores on a shared machine moves
+    the split too. (On a GPU the threads only feed it: nothing to split.)"""
+
+    WINDOW_S = 3.0
+    WAITING_MORE_THAN = 0.15  # of the window: the model is starved
+    WAITING_LESS_THAN = 0.02  # ... and, with the queue full, the model is the bottleneck
+
+    def __init__(self, plan):
+        import torch
+
+        self.active = plan.fewer_threads is not None  # set on CPU where threads reach into decode cores
+        self.low, self.high = (plan.fewer_threads[0], plan.model_threads) if self.active else (0, 0)
+        self.torch = torch
+        self._window_started, self._waited = time.monotonic(), 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._waited += time.monotonic() - started
+
+    def adjust(self, queue_full: bool) -> None:
+        now = time.monotonic()
+        if not self.active or now - self._window_started < self.WINDOW_S:
+            return
+        waiting = self._waited / (now - self._window_started)
+        threads = self.torch.get_num_threads()
+        if waiting > self.WAITING_MORE_THAN and threads > self.low:
+            self.torch.set_num_threads(threads - 1)
+        elif waiting < self.WAITING_LESS_THAN and queue_full and threads < self.high:
+            self.torch.set_num_threads(threads + 1)
+        self._window_started, self._waited = now, 0.0
 
 
 class _Feed:
