@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs, label_list
+from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig, OutputConfig, config_from_kwargs, label_list
 from visionbatch.labels import LabelResolver, build_resolver, folder_of
 from visionbatch.model import (ModelSource, Predictor, check_model_kind, embedding_width, load_config, load_processor,
                                model_revision, resolve_model_source)
@@ -416,9 +416,10 @@ def _decode_stage(batch, *, planner, **decode_options):
     only this task's slot)."""
     import ray
 
-    from visionbatch.decode import decode_shards
+    from visionbatch.decode import decode_shards, memory_limited
 
-    yield from decode_shards(lambda: ray.get(planner.next.remote()), **decode_options)
+    with memory_limited(DECODE_MEMORY_LIMIT):
+        yield from decode_shards(lambda: ray.get(planner.next.remote()), **decode_options)
 
 
 def _decode_given(batch, *, shards, **decode_options):
