@@ -40,7 +40,7 @@ from visionbatch.shards import AnyShard, InputSpec, Shard, ShardPlanner, describ
 from visionbatch.sinks import (EMBEDDINGS_KEY, SUMMARY, Destination, DestinationError, Lease, Manifest, ShardWriter,
                                write_shard)
 from visionbatch.sources import check_source
-from visionbatch.storage import SourceError, Storage, is_remote
+from visionbatch.storage import SourceError, Storage, canonical_uri, is_remote
 from visionbatch.summary import Summary
 
 log = logging.getLogger("visionbatch")
@@ -290,7 +290,8 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     model = plan.model
     return {"visionbatch": __version__, "model": model.source.ref, "model_revision": model_revision(model.source),
             "top_k": config.top_k, "format": output.format, "dtype": plan.dtype, "labels": config.labels,
-            "label_map": config.label_map, "sources": list(config.sources), "from_list": config.from_list,
+            "label_map": config.label_map, "sources": [canonical_uri(uri) for uri in config.sources],
+            "from_list": config.from_list, "list_cwd": os.getcwd() if config.from_list else None,
             "follow_symlinks": config.follow_symlinks, "shard_size": config.shard_size, "limit": config.limit,
             "max_pixels": config.max_pixels, "max_bytes": config.max_bytes, "exact_decode": config.exact_decode,
             EMBEDDINGS_KEY: model.embedding_width and {"width": model.embedding_width,
@@ -326,7 +327,8 @@ def prepare(config: ClassifyConfig) -> Prepared:
     except SourceError as err:
         raise JobError(str(err)) from None
     source = resolve_model_source(config.model)
-    inputs = InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
+    # Canonical: the planner lists in a Ray worker, whose working directory may be another.
+    inputs = InputSpec(sources=tuple(canonical_uri(uri) for uri in config.sources), from_list=config.from_list, shard_size=config.shard_size,
                        limit=config.limit, cwd=os.getcwd(), image_column=config.image_column,
                        url_column=config.url_column or "path",
                        columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
