@@ -101,7 +101,8 @@ def test_draft_side_follows_the_resize_and_spares_what_must_be_exact():
     assert draft_side(PreprocessSpec(resize=None, crop=(224, 224), **affine)) is None  # crops the full image
     assert draft_side(PreprocessSpec(resize=("exact", 224, 224), crop=None, crop_before_resize=(0.875, 0.875),
                                      **affine)) is None
-    assert draft_side(ProcessorPath(processor=None, output_size=(224, 224))) is None
+    exact = PreprocessSpec(resize=("exact", 224, 224), crop=None, **affine)
+    assert draft_side(ProcessorPath(processor=None, output_size=(224, 224), geometry=exact)) is None
 
 
 @pytest.mark.parametrize("size", [(1, 1), (8000, 8)])
@@ -132,6 +133,30 @@ def test_pixel_limit_from_header(tmp_path):
     with pytest.raises(DecodeError) as err:
         decode_image(_encode(_rgb((100, 100)), "PNG"), max_pixels=9999)
     assert err.value.kind == "too_large"
+
+
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_what_the_resize_would_make_is_bounded_from_the_header(path, tmp_path):
+    """A 1 x 65,500 PNG (207 bytes, far under --max-pixels) that ConvNeXt's shortest-edge
+    resize would make 256 x 16.8M pixels: refused from its header, either way round and
+    on either preprocessing path; a strip the resize keeps small is classified."""
+    from transformers import ConvNextImageProcessor
+
+    from visionbatch.decode import decode_file
+    from visionbatch.preprocess import ProcessorPath, made_pixels
+
+    processor = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875)
+    preprocessing = resolve_spec(processor) if path == "fast" else ProcessorPath.of(processor)
+    assert made_pixels(1, 65_500, preprocessing) == 256 * int(256 * 65_500)
+    for width, height in ((1, 65_500), (65_500, 1)):
+        data = write_huge_png(tmp_path / f"{width}x{height}.png", width, height).read_bytes()
+        pixels, *size, error = decode_file("strip.png", data, preprocessing, LIMIT)
+        assert pixels is None and size == [width, height]
+        assert error.startswith(f"too_large: {width}x{height}: preprocessing for this model would make an image of "
+                                f"{256 * 256 * 65_500} pixels"), error
+    pixels, *_, error = decode_file("strip.png", write_huge_png(tmp_path / "s.png", 40, 4000).read_bytes(),
+                                    preprocessing, LIMIT)
+    assert error == "" and pixels.size == 3 * 224 * 224
 
 
 def test_decode_batch_keeps_every_row(tmp_path):

@@ -38,6 +38,12 @@ from conftest import WNIDS, save_random_vit, write_image
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a run's processes through /proc")
 
 EXE = Path(sys.executable).with_name("visionbatch")
+# Each run starts with the default SIGINT that a job started from a terminal has,
+# whatever started the suite: a shell starts a background job (`make test > log &`)
+# with SIGINT ignored, an ignored signal stays ignored across fork and exec, and
+# Popen's restore_signals restores SIGPIPE and SIGXFSZ only.
+_WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execv(sys.argv[1], sys.argv[1:])")
 N_IMAGES = 120
 SHARD_SIZE = 8
 
@@ -70,10 +76,11 @@ class Run:
         self.out_path, self.err_path = folder / "stdout", folder / "stderr"
         self.started = time.monotonic()
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([str(EXE), *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGINT, str(EXE), *args], stdout=out,
+                                         stderr=err, stdin=subprocess.DEVNULL,
                                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                                          start_new_session=True)
-        self.pid = self.proc.pid  # also its process group and session id
+        self.pid = self.proc.pid  # also its process group and session id (execv keeps the pid)
 
     @property
     def stdout(self) -> str:
@@ -100,6 +107,13 @@ class Run:
                 pytest.fail(f"no part file in {dest} after {timeout} s")
             time.sleep(0.02)
         return time.monotonic() - self.started
+
+
+def ignores_sigint(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGINT (its SigIgn mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & 1 << (signal.SIGINT - 1))
 
 
 def session_processes(sid: int) -> dict[int, tuple[int, str]]:
@@ -286,6 +300,10 @@ def test_interrupt_exits_promptly_and_resumes(how, images, slow_vit, tmp_path, s
     expected = _expected_paths(images)
     first = start(_classify_args(images, slow_vit, dest), tmp_path / "run1")
     first.wait_for_commit(dest)
+    # What would make a signal look lost without being lost: a run that ended before it
+    # came, or one started with SIGINT ignored.
+    assert first.proc.poll() is None, f"the run ended before it could be interrupted:\n{first.stderr}"
+    assert not ignores_sigint(first.pid), "the run was started with SIGINT ignored"
     signalled = time.monotonic()
     if how == "ctrl-c":
         os.killpg(first.pid, signal.SIGINT)
@@ -696,7 +714,7 @@ def test_disk_that_fills_mid_job_keeps_what_was_committed(images, tiny_vit, tmp_
     code = run.wait(300)
     line = _one_error_line(run)
     assert code == 1 and "No space left on device" in line and f"cannot write {dest}/" in line, line
-    assert line.endswith("rerun the same command with --resume"), line
+    assert "rerun the same command with --resume (log: " in line, line
     kept = _rows_on_disk(dest)  # every part the manifest lists is whole
     assert f"; {len(kept)} finished rows are saved in {dest}:" in line and 0 < len(kept) < N_IMAGES, line
     assert len(kept) == len(set(kept))

@@ -113,6 +113,8 @@ def test_failures_exit_non_zero_with_one_line(args, message, image_tree, tiny_vi
     assert main([a.format(**values) for a in args]) == 1
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("visionbatch: error:")
+    log = Path(err[0].rpartition(" (log: ")[2].removesuffix(")"))
+    assert "Traceback" in log.read_text(), err[0]  # the line names the log that holds the traceback
     print(f"{message}: exit 1 after {time.monotonic() - started:.1f} s")  # measured, not asserted: a busy machine
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import secrets
 import shutil
 import subprocess
@@ -192,6 +193,73 @@ def test_huge_png_is_refused_without_decoding(tmp_path):
     assert result["huge"]["size"] == [30000, 30000]
     assert huge_mb < 200, f"refusing a 900-Mpx PNG grew the peak RSS by {huge_mb:.0f} MB"
     assert not result["control"]["error"] and control_mb > 100, result["control"]
+
+
+# Runs the command with every process it starts (the driver, Ray's services and
+# workers) under decode.limit_memory's cap: none may allocate more than 3 GB.
+_CAPPED_COMMAND = """
+import os, sys
+from visionbatch.decode import limit_memory
+limit_memory(int(sys.argv[1]))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_strip_pngs_are_refused_before_their_resize(tiny_convnext, tmp_path):
+    """1 x 65,500 and 65,500 x 1 PNGs (a few hundred bytes, far under --max-pixels) that
+    ConvNeXt's shortest-edge resize would turn into 256 x 16.8M pixels: too_large rows
+    from the header, beside a photo that is classified, with no process of the job
+    allowed more than 3 GB."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_huge_png(folder / "tall.png", 1, 65_500)
+    write_huge_png(folder / "wide.png", 65_500, 1)
+    write_image(folder / "photo.jpg", size=(640, 480))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _CAPPED_COMMAND, str(3 << 30), str(BIN / "visionbatch"), "classify",
+                           str(folder), "--model", tiny_convnext, "--output", str(tmp_path / "out"), "--labels",
+                           "none", "-q"], capture_output=True, text=True, timeout=300, env=_env())
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    rows = {Path(row["path"]).name: row for row in read_results(str(tmp_path / "out")).to_pylist()}
+    _outcome("1 x 65,500 and 65,500 x 1 PNGs, ConvNeXt, 3 GB per process", 3, list(rows), seconds,
+             driver_peak_RSS=f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB")
+    assert sorted(rows) == ["photo.jpg", "tall.png", "wide.png"]
+    assert rows["photo.jpg"]["error"] is None and rows["photo.jpg"]["label"]
+    for name in ("tall.png", "wide.png"):
+        assert rows[name]["error"].startswith("too_large: ") and "would make an image of" in rows[name]["error"], rows[name]
+
+
+_OUT_OF_MEMORY = """
+import sys
+import numpy as np
+from visionbatch.decode import decode_batch, limit_memory
+from visionbatch.preprocess import PreprocessSpec
+
+spec = PreprocessSpec(resize=("exact", 224, 224), crop=None, resample=2, scale=(1 / 255,) * 3, offset=(0.0,) * 3)
+def run(path):
+    return decode_batch({"path": np.array([path], dtype=object)}, spec=spec, max_pixels=10**9)["error"][0]
+run(sys.argv[2])  # imports, codecs and buffers are in what the process already holds
+with open("/proc/self/status") as status:
+    data_bytes = next(int(line.split()[1]) for line in status if line.startswith("VmData:")) * 1024
+limit_memory(data_bytes + (128 << 20))
+print(repr(run(sys.argv[1])))
+print(repr(run(sys.argv[2])))
+"""
+
+
+def test_an_image_past_the_memory_cap_is_a_row_not_a_dead_process(tmp_path):
+    """Under limit_memory, an image whose decode outgrows the cap (an 8000 x 8000 PNG:
+    256 MB as RGB, against 128 MB of room) gives a too_large row, and the same process
+    goes on to decode the next file."""
+    big = write_huge_png(tmp_path / "big.png", 8000, 8000)
+    small = write_image(tmp_path / "small.png", size=(640, 480))
+    done = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY, str(big), str(small)],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    big_error, small_error = (eval(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert big_error.startswith("too_large: out of memory while decoding"), big_error
+    assert small_error == ""
 
 
 # --------------------------------------------------------------------------- weights and model code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -130,10 +131,7 @@ def test_resume_redoes_only_uncommitted_shards(image_tree, tiny_vit, tmp_path):
 
     # What an interrupted run leaves: two shards committed, the third's part file
     # written but never committed, no _SUCCESS; and one committed part file damaged since.
-    del manifest["shards"]["000-0000002"]
-    manifest["complete"] = False
-    (dest / "_manifest.json").write_text(json.dumps(manifest))
-    (dest / "_SUCCESS").unlink()
+    _uncommit(dest, "000-0000002")
     damaged = dest / "part-000-0000001.parquet"
     damaged.write_bytes(damaged.read_bytes()[:100])
     kept = {name: os.stat(dest / name).st_mtime_ns for name in ("part-000-0000000.parquet",)}
@@ -147,6 +145,50 @@ def test_resume_redoes_only_uncommitted_shards(image_tree, tiny_vit, tmp_path):
     assert {name: os.stat(dest / name).st_mtime_ns for name in kept} == kept  # not rewritten
     paths = read_results(str(dest)).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 12
+
+
+def _uncommit(dest, shard: str) -> None:
+    """Make a finished DEST what an interrupted run leaves: ``shard``'s part file written
+    but not committed, no _SUCCESS."""
+    manifest = json.loads((dest / "_manifest.json").read_text())
+    del manifest["shards"][shard]
+    manifest["complete"] = False
+    (dest / "_manifest.json").write_text(json.dumps(manifest))
+    (dest / "_SUCCESS").unlink()
+
+
+def test_resume_knows_a_source_by_any_spelling(image_tree, tiny_vit, tmp_path, monkeypatch):
+    """The same folder spelled relative, with ./ and a trailing slash, is the same job
+    (--resume continues it); another folder with the same files is not."""
+    dest = tmp_path / "out"
+    visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, progress=False)
+    _uncommit(dest, "000-0000002")
+    monkeypatch.chdir(image_tree.parent)
+    spelled = f"./{image_tree.name}/"
+    resumed = visionbatch.run([spelled], str(dest), model=tiny_vit, shard_size=5, resume=True, progress=False)
+    assert resumed.already_done == 10 and resumed.images_found == resumed.predicted == 12
+    paths = read_results(str(dest)).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 12
+    other = shutil.copytree(image_tree, tmp_path / "other")
+    with pytest.raises(JobError, match=f"sources: \\['{image_tree}'\\] there, \\['{other}'\\] now"):
+        visionbatch.run([str(other)], str(dest), model=tiny_vit, shard_size=5, resume=True, progress=False)
+
+
+def test_resume_knows_a_list_file_by_any_spelling_and_where_its_paths_are_from(image_tree, tiny_vit, tmp_path,
+                                                                               monkeypatch):
+    """A list file is known by its canonical path too; its relative entries are taken
+    from the working directory, which is then part of the job: from another one, the
+    same list names other files, and --resume is refused."""
+    (tmp_path / "list.txt").write_text("".join(f"{p.relative_to(tmp_path)}\n" for p in sorted(image_tree.rglob("*.jpg"))))
+    dest = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    first = visionbatch.run([str(tmp_path / "list.txt")], str(dest), model=tiny_vit, from_list=True, progress=False)
+    resumed = visionbatch.run(["list.txt"], str(dest), model=tiny_vit, from_list=True, resume=True, progress=False)
+    assert resumed.already_done == first.images_found > 0
+    monkeypatch.chdir(image_tree)
+    with pytest.raises(JobError, match=f"list_cwd: '{tmp_path}' there, '{image_tree}' now"):
+        visionbatch.run([str(tmp_path / "list.txt")], str(dest), model=tiny_vit, from_list=True, resume=True,
+                        progress=False)
 
 
 @pytest.mark.parametrize("fmt,damage", [("parquet", "truncated"), ("csv", "cut at a row boundary"),

@@ -8,7 +8,7 @@ import pytest
 
 from visionbatch.sinks import Destination, read_results, RESULT_SCHEMA
 from visionbatch.sources import ListingCounts, iter_list_file, iter_source
-from visionbatch.storage import SourceError, Storage
+from visionbatch.storage import SourceError, Storage, canonical_uri
 
 from conftest import write_finished_dest
 
@@ -109,3 +109,17 @@ def test_folder_symlinks_give_every_file_one_path(follow, tmp_path):
     # Not followed: up, tob, toa, ext; followed: up, tob, toa lead into src, and
     # outside's self, loop (cycles) and home (into src) are cut.
     assert counts.skipped_folder_links == (6 if follow else 4)
+
+
+def test_canonical_uri_is_one_spelling_per_source(tmp_path, monkeypatch):
+    """What a job's identity records: the same folder or prefix in two spellings is one
+    source, another is not; what storage cannot read is kept as given."""
+    monkeypatch.chdir(tmp_path)
+    folder = str(tmp_path / "data")
+    assert {canonical_uri(u) for u in ("data", "./data/", "data/../data//", f"file://{folder}/", folder)} == {folder}
+    assert canonical_uri("other") != folder
+    assert canonical_uri("photos/*/*.jpg") == str(tmp_path / "photos/*/*.jpg")
+    assert canonical_uri("s3://bucket/prefix/") == canonical_uri("S3://bucket//prefix") == "s3://bucket/prefix"
+    assert canonical_uri("s3://anonymous@bucket/p/") == "s3://anonymous@bucket/p"
+    assert canonical_uri("gs://bucket/") == "gs://bucket"
+    assert canonical_uri("https://host/list.txt") == "https://host/list.txt"

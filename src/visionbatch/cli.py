@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from typing import NamedTuple, TextIO
 
 from visionbatch.config import ClassifyConfig, OutputConfig, add_options, options_of
@@ -149,18 +150,31 @@ def _run_command(args, log_path: str) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (JobError, ModelLoadError, DestinationError, SourceError, ValueError) as err:
+    except (JobInterrupted, ValueError) as err:
         if isinstance(err, JobInterrupted):
             ignore_further_interrupts()
-        message = str(err).replace("is in the log", f"is in {log_path}")
-        print(f"visionbatch: error: {message}", file=args.terminal.err)
-        if isinstance(err, JobInterrupted):
-            return EXIT_INTERRUPTED
-        return EXIT_USAGE if isinstance(err, ValueError) else EXIT_FAILED
+        print(f"visionbatch: error: {err}", file=args.terminal.err)
+        return EXIT_INTERRUPTED if isinstance(err, JobInterrupted) else EXIT_USAGE
+    except (JobError, ModelLoadError, DestinationError, SourceError) as err:
+        return _failed(str(err), log_path, args.terminal)
     except KeyboardInterrupt:
         ignore_further_interrupts()
         print("visionbatch: interrupted", file=args.terminal.err)
         return EXIT_INTERRUPTED
+    except Exception as err:  # a failure no message foresaw: still one line, the traceback in the log
+        return _failed(f"{type(err).__name__}: {err}", log_path, args.terminal)
+
+
+def _failed(message: str, log_path: str, terminal: "Terminal") -> int:
+    """The traceback to the log (which stands in for stderr here), and one line to the
+    terminal that names the log."""
+    traceback.print_exc()
+    if "is in the log" in message:
+        message = message.replace("is in the log", f"is in {log_path}")
+    else:
+        message = f"{message} (log: {log_path})"
+    print(f"visionbatch: error: {message}", file=terminal.err)
+    return EXIT_FAILED
 
 
 def _log_path() -> str:

@@ -21,6 +21,18 @@ DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."  # transformers' zero-sho
 
 # Pillow's own default decompression-bomb threshold (Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 89_478_485
+# The most pixels an image the preprocessing makes from one file may hold (the resize's
+# output, its intermediate, a pad), computed from the header before decoding, as
+# --max-pixels is for the file itself: a 1 x 65,500 PNG that a shortest-edge resize would
+# turn into 256 x 16.8M pixels (17 GB) gets a too_large row instead.
+MAX_MADE_PIXELS = DEFAULT_MAX_PIXELS
+# What one decode worker process may allocate (RLIMIT_DATA: its private memory; the Ray
+# object store it maps is shared and not counted). An image that still outgrows it fails
+# alone, as a too_large row, never through a node's out-of-memory killer. Measured: the
+# largest image the two bounds above let through (9459 x 9459 RGBA PNG, ConvNeXt) peaks
+# at 1.1 GB in a process holding transformers; a Ray worker holds 0.3-0.9 GB, a process
+# with 16 pyarrow threads 1.3 GB (arenas and stacks count, though mostly untouched).
+DECODE_MEMORY_LIMIT = 3 << 30
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_MAX_BYTES = 50_000_000  # a 12-MP JPEG is ~5 MB, a 100-MP TIFF ~300 MB: raise it for such collections
 

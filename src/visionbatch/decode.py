@@ -8,8 +8,10 @@ never raises past this module: every failure becomes a :class:`DecodeError` whos
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import resource
 import time
 from typing import Callable, Iterator
 
@@ -17,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from visionbatch.config import DEFAULT_READ_TIMEOUT_S
+from visionbatch.config import DEFAULT_READ_TIMEOUT_S, MAX_MADE_PIXELS
 from visionbatch.labels import LabelResolver, folder_of
-from visionbatch.preprocess import Drafted, Preprocessing, pixel_layout, prepare_image
+from visionbatch.preprocess import Drafted, Preprocessing, made_pixels, pixel_layout, prepare_image
 from visionbatch.results import KEY_COLUMN, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import TarShard
@@ -45,11 +47,14 @@ class DecodeError(Exception):
         self.size = size  # (width, height) when the header was readable
 
 
-def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None
-                 ) -> tuple[Image.Image, tuple[int, int], Drafted | None]:
+def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None,
+                 preprocessing: Preprocessing | None = None) -> tuple[Image.Image, tuple[int, int], Drafted | None]:
     """Open, check the pixel count from the header, decode, orient and convert to RGB;
     the file's (width, height) as oriented; and, where the JPEG was decoded at a
     reduced scale, what the resize needs to know about it (else None).
+
+    ``preprocessing``: what will be made of the image, checked from the header too: a
+    file from which it would make an image of more than ``MAX_MADE_PIXELS`` is refused.
 
     ``draft_side``: a JPEG may be decoded at a reduced scale (Pillow's ``draft``: the
     DCT-domain downscaling of libjpeg) as long as both sides stay at least this long.
@@ -67,6 +72,10 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None
     if width * height > max_pixels:
         raise DecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds --max-pixels "
                           f"{max_pixels}", size=(width, height))
+    made = made_pixels(width, height, preprocessing) if preprocessing is not None else 0
+    if made > MAX_MADE_PIXELS:
+        raise DecodeError("too_large", f"{width}x{height}: preprocessing for this model would make an image of {made} "
+                          f"pixels, more than {MAX_MADE_PIXELS}", size=(width, height))
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         box = None  # where the file's own edges fall in a reduced-scale decode
@@ -81,11 +90,42 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None
         image.load()  # the first frame of an animation
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB"), (width, height), Drafted(box, (width, height)) if box else None
+    except MemoryError:
+        raise _out_of_memory("decoding", (width, height)) from None
     except OSError as err:
         kind = "truncated" if "truncated" in str(err).lower() else "decode_error"
         raise DecodeError(kind, describe(err), size=(width, height)) from None
     except Exception as err:
         raise DecodeError("decode_error", describe(err), size=(width, height)) from None
+
+
+def _out_of_memory(stage: str, size: tuple[int, int]) -> DecodeError:
+    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    cap = "" if limit == resource.RLIM_INFINITY else f" (this process may allocate {limit / 2**30:.1f} GiB)"
+    return DecodeError("too_large", f"out of memory while {stage}{cap}", size=size)
+
+
+def limit_memory(limit: int) -> int:
+    """Cap this process's private memory (RLIMIT_DATA, what malloc, numpy and Pillow
+    allocate from) at ``limit`` bytes, or keep a lower cap already set; returns the cap
+    that was set before, to restore. An allocation past it raises MemoryError, which
+    :func:`decode_file` makes a ``too_large`` row. Not RLIMIT_AS: a Ray worker maps the
+    object store (~9 GB of address space) and every thread reserves arenas and a stack."""
+    previous, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    capped = [cap for cap in (limit, previous, hard) if cap != resource.RLIM_INFINITY]
+    resource.setrlimit(resource.RLIMIT_DATA, (min(capped), hard))
+    return previous
+
+
+@contextlib.contextmanager
+def memory_limited(limit: int):
+    """:func:`limit_memory` while inside: for a task in a worker process that other
+    tasks and actors reuse afterwards (Ray's)."""
+    previous = limit_memory(limit)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (previous, resource.getrlimit(resource.RLIMIT_DATA)[1]))
 
 
 def oriented_box(box: tuple[float, float, float, float], size: tuple[int, int], orientation: int
@@ -117,12 +157,14 @@ def decode_file(path: str, data: bytes | str, spec: Preprocessing, max_pixels: i
     if isinstance(data, str):
         return None, -1, -1, data
     try:
-        image, (width, height), drafted = decode_image(data, max_pixels, draft_side)
+        image, (width, height), drafted = decode_image(data, max_pixels, draft_side, spec)
     except DecodeError as err:
         width, height = err.size or (-1, -1)
         return None, width, height, str(err)
     try:
         return prepare_image(image, spec, drafted), width, height, ""
+    except MemoryError:
+        return None, width, height, str(_out_of_memory("preprocessing", (width, height)))
     except Exception as err:  # a resize of a pathological image must not take the batch down
         return None, width, height, f"preprocess_error: {describe(err)}"
 

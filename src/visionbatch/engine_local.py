@@ -34,7 +34,8 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from visionbatch.config import ClassifyConfig
+from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig
+from visionbatch.decode import limit_memory
 from visionbatch.engine import Engine, commit_events, gpu_count
 from visionbatch.model import Predictor
 from visionbatch.plan import JobError, ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
@@ -66,6 +67,9 @@ def _init_worker(blocks) -> None:
     global _blocks
     # Ctrl-C reaches the whole foreground process group: the driver stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # An image that still blows up becomes a row (MemoryError) or this worker's death,
+    # never a machine-wide out-of-memory event.
+    limit_memory(DECODE_MEMORY_LIMIT)
     _blocks = blocks
 
 

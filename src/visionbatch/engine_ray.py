@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from visionbatch.config import ClassifyConfig, config_from_kwargs
+from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig, config_from_kwargs
 from visionbatch.engine import Engine, commit_events
 from visionbatch.model import Predictor
 from visionbatch.plan import (JobError, ModelPlan, Prepared, Resources, block_images, image_bytes,
@@ -270,15 +270,18 @@ def _warn_local_paths_on_cluster(config: ClassifyConfig) -> None:
 def _decode_stage(batch, *, planner=None, shards=None, **decode_options):
     """A decode task: takes shards from the planner until none are left (``batch`` is
     only this task's slot), or decodes the given ``shards`` whose indices ``batch`` holds."""
-    from visionbatch.decode import decode_shards
+    import ray
+
+    from visionbatch.decode import decode_shards, memory_limited
 
     if shards is not None:
         given = iter([shards[i] for i in batch["item"].to_pylist()])
-        yield from decode_shards(lambda: next(given, None), **decode_options)
-        return
-    import ray
-
-    yield from decode_shards(lambda: ray.get(planner.next.remote()), **decode_options)
+        next_shard = lambda: next(given, None)  # noqa: E731
+    else:
+        next_shard = lambda: ray.get(planner.next.remote())  # noqa: E731
+    # Put back when the task ends: Ray reuses its worker processes for other tasks and actors.
+    with memory_limited(DECODE_MEMORY_LIMIT):
+        yield from decode_shards(next_shard, **decode_options)
 
 
 def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = True):

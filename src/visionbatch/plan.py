@@ -27,7 +27,7 @@ from visionbatch.results import result_schema
 from visionbatch.samples import Reading
 from visionbatch.shards import InputSpec
 from visionbatch.sinks import EMBEDDINGS_KEY
-from visionbatch.storage import SourceError, Storage
+from visionbatch.storage import SourceError, Storage, canonical_uri
 
 log = logging.getLogger("visionbatch")
 
@@ -202,7 +202,8 @@ def image_bytes(plan: Plan) -> int:
 
 def input_spec(config: ClassifyConfig) -> InputSpec:
     """What the planner lists."""
-    return InputSpec(sources=config.sources, from_list=config.from_list, shard_size=config.shard_size,
+    # Canonical: the planner may list in a Ray worker, whose working directory may be another.
+    return InputSpec(sources=tuple(canonical_uri(uri) for uri in config.sources), from_list=config.from_list, shard_size=config.shard_size,
                      limit=config.limit, cwd=os.getcwd(), image_column=config.image_column,
                      url_column=config.url_column or "path",
                      columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
@@ -280,7 +281,8 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     model = plan.model
     return {"visionbatch": __version__, "model": model.source.ref, "model_revision": model_revision(model.source),
             "top_k": config.top_k, "format": output.format, "dtype": plan.dtype, "labels": config.labels,
-            "label_map": config.label_map, "sources": list(config.sources), "from_list": config.from_list,
+            "label_map": config.label_map, "sources": [canonical_uri(uri) for uri in config.sources],
+            "from_list": config.from_list, "list_cwd": os.getcwd() if config.from_list else None,
             "follow_symlinks": config.follow_symlinks, "shard_size": config.shard_size, "limit": config.limit,
             "max_pixels": config.max_pixels, "max_bytes": config.max_bytes, "exact_decode": config.exact_decode,
             EMBEDDINGS_KEY: model.embedding_width and {"width": model.embedding_width,

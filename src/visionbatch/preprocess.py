@@ -307,6 +307,33 @@ def _shortest_and_longest_edge_size(width: int, height: int, shortest: int, long
     return int((raw_size or shortest) * width / height), shortest
 
 
+def made_pixels(width: int, height: int, preprocessing: "Preprocessing") -> int:
+    """The most pixels any image the preprocessing makes from a width x height file
+    holds, known from the header before any pixel is decoded: the centre crop before
+    the resize, the resize's output and the intermediate of Pillow's two-pass resize
+    (the new width at the old height, or the old width at the new height), and the
+    zero-padded image of a pad or of a crop larger than the image. Taken either way
+    round: EXIF may turn the image before it is resized. Images of the file's own size
+    are not counted: --max-pixels bounds those. The slow path is bounded by the
+    processor's geometry as :class:`ProcessorPath` records it."""
+    spec = preprocessing.geometry if isinstance(preprocessing, ProcessorPath) else preprocessing
+    most = 0
+    for w, h in ((width, height), (height, width)):
+        made = []
+        if spec.crop_before_resize:
+            shortest = min(w, h)
+            h, w = (max(1, int(ratio * shortest)) for ratio in spec.crop_before_resize)
+            made.append((w, h))
+        new_w, new_h = resized_size(w, h, spec)
+        if (new_w, new_h) != (w, h):
+            made += [(new_w, new_h), (new_w, h), (w, new_h)]
+        for box in (spec.pad, spec.crop):
+            if box and (box[0] > new_h or box[1] > new_w):
+                made.append((max(box[1], new_w), max(box[0], new_h)))
+        most = max(most, *(a * b for a, b in made), 0)
+    return most
+
+
 def thumbnail_size(width: int, height: int, max_height: int, max_width: int) -> tuple[int, int]:
     """(width, height) after Donut's thumbnail: fit inside, keeping the aspect, never enlarging."""
     new_height, new_width = min(height, max_height), min(width, max_width)
@@ -525,11 +552,25 @@ class ProcessorPath:
 
     processor: object
     output_size: tuple[int, int]
+    geometry: PreprocessSpec  # the processor's resize, as far as its settings tell: for made_pixels only
 
     @classmethod
     def of(cls, processor) -> "ProcessorPath":
         _, image = synthetic_images()[0]
-        return cls(processor, tuple(processor_pixel_values([image], processor).shape[2:]))
+        return cls(processor, tuple(processor_pixel_values([image], processor).shape[2:]), _geometry(processor))
+
+
+def _geometry(processor) -> PreprocessSpec:
+    """The processor's geometry where :func:`resolve_spec` reads it; else, to bound what
+    the processor may make, a resize of the shortest edge to the largest side its
+    settings name, keeping the aspect (the most any resize to those sides makes)."""
+    try:
+        return resolve_spec(processor)
+    except UnsupportedProcessor:
+        sides = [int(side) for name in ("size", "crop_size")
+                 for side in _size_dict(getattr(processor, name, None)).values() if isinstance(side, (int, float))]
+        return PreprocessSpec(resize=("shortest_edge", max(sides), 0) if sides else None, crop=None,
+                              resample=int(Image.Resampling.BILINEAR), scale=(1.0,) * 3, offset=(0.0,) * 3)
 
 
 Preprocessing = PreprocessSpec | ProcessorPath

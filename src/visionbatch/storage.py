@@ -46,6 +46,18 @@ def uri_prefix(uri: str) -> str:
     return ""
 
 
+def canonical_uri(uri: str) -> str:
+    """The one spelling of a SOURCE or list file, as listing reads it (for a job's
+    identity): a local path absolute and normalised (``data/./x/`` and ``/cwd/data/x``
+    are one; links are not resolved, the rows' paths keep them), an ``s3://`` or ``gs://``
+    URI with its scheme in lower case and no trailing slash. What storage cannot read
+    (an http URL, embedded credentials) is kept as given: such a source is refused anyway."""
+    try:
+        return uri_prefix(uri) + Storage().resolve(uri)[1]
+    except SourceError:
+        return uri
+
+
 def _endpoint(explicit: str | None) -> str | None:
     """The S3-compatible endpoint: the explicit option, else the standard AWS variable."""
     endpoint = explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
