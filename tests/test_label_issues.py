@@ -10,9 +10,10 @@ import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_finished_dest
+from conftest import write_finished_dest, write_image
 from visionbatch.cli import main
 from visionbatch.label_issues import ISSUES_SCHEMA, Thresholds, flag_rows
+from visionbatch.report import write_report
 from visionbatch.results import RESULT_SCHEMA, TRUE_LABEL_SCORE
 from visionbatch.sinks import LABEL_ISSUES, MANIFEST, Destination, read_results
 
@@ -85,6 +86,26 @@ def test_planted_errors_are_flagged_and_ranked_first(fmt, tmp_path, capfd):
     if fmt == "parquet":
         assert pyarrow.dataset.dataset(dest).count_rows() == len(rows)
     assert read_results(dest).num_rows == len(rows)
+
+
+def test_report_shows_the_suspected_label_errors(tmp_path):
+    rows, planted = planted_rows()
+    images = tmp_path / "images"
+    rows = [{**row, "path": str(images / row["path"])} for row in rows]
+    for i, path in enumerate(planted):
+        write_image(images / path, seed=i)
+    dest = write_dest(tmp_path / "dest", rows)
+    report = tmp_path / "report.html"
+    write_report(dest, str(report))
+    assert "Suspected label errors" not in report.read_text()  # label-issues has not run
+    assert main(["label-issues", dest]) == 0
+    write_report(dest, str(report))
+    section = report.read_text().split("Suspected label errors")[1].split("</section>")[0]
+    assert section.startswith(f" ({len(planted)})")
+    assert section.count('src="data:image/jpeg') == len(planted)
+    first = pq.read_table(f"{dest}/{LABEL_ISSUES}").to_pylist()[0]
+    assert (f"given: {first['given_label']}</span><br><span class=\"right\">suggested: {first['suggested_label']}"
+            in section.split("#2,")[0])
 
 
 def test_a_singleton_class_leans_on_the_shared_threshold(tmp_path):

@@ -72,7 +72,9 @@ class Thresholds:
             scored = part.filter(pc.is_valid(part.column(TRUE_LABEL_SCORE)))
             scored = pa.table({"true_label": scored.column("true_label"),
                                "score": scored.column(TRUE_LABEL_SCORE).cast(pa.float64())})  # 10M rows: float32 sums drift
-            sums.append(scored.group_by("true_label").aggregate([("score", "sum"), ("score", "count")]))
+            part_sums = scored.group_by("true_label").aggregate([("score", "sum"), ("score", "count")])
+            key = part_sums.schema.get_field_index("true_label")
+            sums.append(part_sums.set_column(key, "true_label", part_sums.column(key).cast(pa.string())))
         total = pa.concat_tables(sums).group_by("true_label").aggregate([("score_sum", "sum"), ("score_count", "sum")])
         rows = total.column("score_count_sum").to_numpy()
         if not rows.sum():
@@ -84,7 +86,10 @@ class Thresholds:
                    (sums_of + prior_rows * shared) / (rows + prior_rows), shared)
 
     def index_of(self, labels: pa.Array) -> np.ndarray:
-        """Each label's index into ``labels``; -1 for a label never given."""
+        """Each label's index into ``labels``; -1 for a label never given. Dictionary-encoded
+        labels are looked up once per distinct name."""
+        if pa.types.is_dictionary(labels.type):
+            return self.index_of(labels.dictionary)[labels.indices.to_numpy()]
         return pc.fill_null(pc.index_in(labels, value_set=self.labels), -1).to_numpy(zero_copy_only=False)
 
 
@@ -107,8 +112,8 @@ def flag_rows(part: pa.Table, thresholds: Thresholds) -> pa.Table:
     flagged, first = np.unique(owner[hits], return_index=True)
     return pa.table({
         "path": rows.column("path").take(flagged),
-        "given_label": rows.column("true_label").take(flagged),
-        "suggested_label": labels.take(hits[first]),
+        "given_label": rows.column("true_label").take(flagged).cast(pa.string()),
+        "suggested_label": labels.take(hits[first]).cast(pa.string()),
         "self_confidence": pa.array(self_confidence[flagged], pa.float32()),
     })
 

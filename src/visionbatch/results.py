@@ -39,6 +39,10 @@ def result_schema(embedding_width: int | None = None) -> pa.Schema:
     return RESULT_SCHEMA.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_width)))
 
 
+# Columns of class names: few distinct values over many rows. Readers that ask for some
+# columns only get these dictionary-encoded (sinks.Destination.read_part): each name once.
+LABEL_COLUMNS = ("label", "top_k_labels", "true_label")
+
 # The model stage's own columns, a subset of RESULT_SCHEMA.
 PREDICTION_FIELDS = [RESULT_SCHEMA.field(name) for name in ("label", "label_id", "score", "top_k_labels", "top_k_scores")]
 

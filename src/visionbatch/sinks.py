@@ -43,8 +43,8 @@ import pyarrow.fs as pafs
 
 from visionbatch.evaluate import METRICS_FILE, merge_counts
 from visionbatch.evaluate import metric_counts as metric_counts_of
-from visionbatch.results import (EMBEDDING, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN,
-                                 SHARD_ROWS_COLUMN, conform, result_schema)
+from visionbatch.results import (EMBEDDING, LABEL_COLUMNS, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN,
+                                 SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN, conform, result_schema)
 from visionbatch.shards import paths_digest
 from visionbatch.storage import Storage, describe, is_remote
 from visionbatch.summary import shard_counts
@@ -93,13 +93,23 @@ def _encode(table: pa.Table, fmt: str) -> bytes:
     return sink.getvalue()
 
 
+def _selected(schema: pa.Schema, columns: tuple[str, ...]) -> pa.Schema:
+    """The ``columns`` of ``schema``, class names dictionary-encoded (LABEL_COLUMNS)."""
+    names = pa.dictionary(pa.int32(), pa.string())
+    fields = [schema.field(name) for name in columns]
+    return pa.schema([field.with_type(pa.list_(names) if pa.types.is_list(field.type) else names)
+                      if field.name in LABEL_COLUMNS else field for field in fields])
+
+
 def _decode(data: bytes, fmt: str, schema: pa.Schema, columns: tuple[str, ...] | None = None) -> pa.Table:
     """A part file's rows in ``schema``, then the job's own columns; ``columns``: only
-    these result columns (from Parquet, only they are read)."""
+    these result columns (from Parquet, only they are read), class names dictionary-encoded."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        file = pq.ParquetFile(io.BytesIO(data))
+        encoded = [f"{name}.list.element" if pa.types.is_list(schema.field(name).type) else name
+                   for name in LABEL_COLUMNS if name in (columns or ())]
+        file = pq.ParquetFile(io.BytesIO(data), read_dictionary=encoded)
         table = file.read(columns=columns and [name for name in columns if name in file.schema_arrow.names])
     elif fmt == "csv":
         import pyarrow.csv as pacsv
@@ -116,7 +126,7 @@ def _decode(data: bytes, fmt: str, schema: pa.Schema, columns: tuple[str, ...] |
         with_extra = pa.schema([*schema, *(pa.field(name, pa.string()) for name in extra)]) if extra else schema
         table = pa.Table.from_pylist(rows, schema=with_extra)
     if columns is not None:
-        return conform(table, pa.schema([schema.field(name) for name in columns]), extra=())
+        return conform(table, _selected(schema, columns), extra=())
     return conform(table, schema, extra=None)
 
 
@@ -158,6 +168,10 @@ class Destination:
 
     def has_results(self) -> bool:
         return any(name.startswith("part-") or name in (MANIFEST, SUCCESS) for name in self.files())
+
+    def open_file(self, name: str):
+        """A file in DEST for random access (a Parquet file's footer, then some of it)."""
+        return self.fs.open_input_file(self._path(name))
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self._path(name)) as stream:
@@ -240,7 +254,7 @@ class Destination:
     def read_part(self, name: str, rows: int, schema: pa.Schema = RESULT_SCHEMA,
                   columns: tuple[str, ...] | None = None) -> pa.Table:
         """One committed part file, checked against the row count the manifest gives it
-        (``columns``: only these result columns)."""
+        (``columns``: only these result columns, class names dictionary-encoded)."""
         try:
             table = _decode(self.read_bytes(name), _format_of(name), schema, columns)
         except (OSError, ValueError, pa.ArrowException) as err:  # missing, cut short, not the format
