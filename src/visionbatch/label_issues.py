@@ -38,9 +38,9 @@ from visionbatch.storage import Storage
 
 # A class's threshold is a Bayesian average: (sum of its scores + PRIOR_ROWS * shared) /
 # (its rows + PRIOR_ROWS), where shared is the mean over every labelled row. A class with
-# one labelled row would otherwise take that row's own score as its threshold (any other
-# row clears it by luck, or none can); with a prior of a few rows, a class's own mean
-# outweighs the shared one only once it has more rows than the prior.
+# one labelled row would otherwise take that one image's score as its threshold, a bar
+# set by luck for every row that might belong to the class; with a prior of a few rows,
+# a class's own mean outweighs the shared one only once it has more rows than the prior.
 PRIOR_ROWS = 5
 SORT_MEMORY = "256MB"  # DuckDB's memory limit while ranking; beyond it, it spills to disk
 ISSUES_SCHEMA = pa.schema([
@@ -57,7 +57,7 @@ _ROW_COLUMNS = ("path", *_SCORE_COLUMNS, "top_k_labels", "top_k_scores")
 @dataclass(frozen=True)
 class Thresholds:
     """Per-class thresholds over the given labels (``labels``), and the shared one that
-    classes with few rows lean on (and classes never given use as it is)."""
+    classes with few rows lean on and classes never given use."""
 
     labels: pa.Array  # the given labels, distinct
     rows: np.ndarray  # labelled rows per label
@@ -70,8 +70,9 @@ class Thresholds:
         sums = []
         for part in parts:
             scored = part.filter(pc.is_valid(part.column(TRUE_LABEL_SCORE)))
+            # Summed in float64: float32 sums drift over millions of rows.
             scored = pa.table({"true_label": scored.column("true_label"),
-                               "score": scored.column(TRUE_LABEL_SCORE).cast(pa.float64())})  # 10M rows: float32 sums drift
+                               "score": scored.column(TRUE_LABEL_SCORE).cast(pa.float64())})
             part_sums = scored.group_by("true_label").aggregate([("score", "sum"), ("score", "count")])
             key = part_sums.schema.get_field_index("true_label")
             sums.append(part_sums.set_column(key, "true_label", part_sums.column(key).cast(pa.string())))
