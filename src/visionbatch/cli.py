@@ -30,18 +30,29 @@ def _classify_parser(sub) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
 
 
+def _dest_arguments(p) -> None:
+    """DEST and how to reach it: the arguments of a command over a finished job's results."""
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+
+
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and calibration of results in DEST",
                        description="Compute metrics over the results in DEST, print them and write DEST/_metrics.json.")
-    p.add_argument("dest", metavar="DEST")
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    _dest_arguments(p)
 
 
 def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report of the results in DEST")
-    p.add_argument("dest", metavar="DEST")
+    _dest_arguments(p)
     p.add_argument("--html", required=True, metavar="PATH", help="where to write the report")
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+
+
+def _label_issues_parser(sub) -> None:
+    p = sub.add_parser("label-issues", help="find rows whose given label looks wrong",
+                       description="Flag the rows of DEST whose given (true) label looks wrong (confident "
+                       "learning), ranked most likely wrong first, into DEST/_label_issues.parquet.")
+    _dest_arguments(p)
 
 
 def _models_parser(sub) -> None:
@@ -91,6 +102,13 @@ def _run_report(args) -> int:
     return EXIT_OK
 
 
+def _run_label_issues(args) -> int:
+    from visionbatch.label_issues import find_label_issues
+
+    print(find_label_issues(args.dest, args.s3_endpoint).format(), file=args.terminal.out)
+    return EXIT_OK
+
+
 def _run_models(args) -> int:
     from visionbatch.zoo import make_efficientnet_lite0
 
@@ -106,12 +124,13 @@ def _bench_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionbatch", description="Batch image classification on Ray Data and Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_classify_parser, _evaluate_parser, _report_parser, _models_parser, _bench_parser):
+    for add in (_classify_parser, _evaluate_parser, _report_parser, _label_issues_parser, _models_parser, _bench_parser):
         add(sub)
     return parser
 
 
-COMMANDS = {"classify": _run_classify, "evaluate": _run_evaluate, "report": _run_report, "models": _run_models}
+COMMANDS = {"classify": _run_classify, "evaluate": _run_evaluate, "report": _run_report,
+            "label-issues": _run_label_issues, "models": _run_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from visionbatch.config import DEFAULT_HYPOTHESIS_TEMPLATE
-from visionbatch.results import EMBEDDING, MODEL_TRACEBACK, PREDICTION_FIELDS
+from visionbatch.results import EMBEDDING, MODEL_TRACEBACK, PREDICTION_FIELDS, RESULT_SCHEMA, TRUE_LABEL_SCORE
 
 
 class ModelLoadError(Exception):
@@ -307,7 +307,8 @@ class Predictor:
     null). The forward pass runs ``batch_size`` images at a time; rows with an error get
     null predictions. Output: a pyarrow Table with the passed-through columns plus
     label, label_id, score, top_k_labels, top_k_scores, ``predict_seconds`` (this call's
-    time, shared per row), where a ``true_label`` column exists ``correct``, and with
+    time, shared per row), where a ``true_label`` column exists ``correct`` and
+    ``true_label_score`` (from the full output, on the device), and with
     ``embedding_width`` an ``embedding`` column of that width (checked; unit length with
     ``normalize_embeddings``). If the model itself fails on a batch, its rows get
     ``model_error`` rows instead.
@@ -359,6 +360,12 @@ class Predictor:
             # The reference pipeline's rule: sigmoid for multi-label or single-logit heads.
             self.sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
         self.top_k = min(top_k, len(self.labels))
+        # A true label arrives as a class name, and names can repeat (ImageNet's two
+        # "crane"s): a name's score is that of its classes together. Made once: the
+        # distinct names (looked up per batch) and each class's name, on the device.
+        names, name_of_class = np.unique(self.labels.astype(str), return_inverse=True)
+        self.names = pa.array(names, pa.string())
+        self.name_of_class = torch.from_numpy(name_of_class.reshape(-1)).to(self.device)
         self.embedding_width, self.normalize_embeddings = embedding_width, normalize_embeddings
         # A classifier's embedding is its head's input, recorded during the forward pass.
         self.head_input = HeadInput(self.model) if embedding_width and not self.zero_shot else None
@@ -446,10 +453,13 @@ class Predictor:
         logits = self.forward(pixel_values=pixel_values).logits
         return logits, self.head_input.take() if self.head_input else None
 
-    def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def predict_pixels(self, pixels: np.ndarray, true_names: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(N, H, W, 3) uint8, or (N, C, H, W) float32 already preprocessed (the slow
-        path) -> (top-k class ids, top-k scores), each (N, k), and the embeddings
-        (N, embedding_width) float32, or None where not asked for."""
+        path) -> (top-k class ids, top-k scores), each (N, k), the embeddings
+        (N, embedding_width) float32, or None where not asked for, and with
+        ``true_names`` (N,) (indices into ``self.names``, -1 where unknown) each image's
+        score of its true name (N,) float32 (meaningless where unknown), else None."""
         import torch
 
         with torch.inference_mode():
@@ -468,6 +478,11 @@ class Predictor:
             logits = logits.float()
             probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
             scores, ids = torch.topk(probs, self.top_k, dim=-1)
+            true_scores = None
+            if true_names is not None:  # from the full output: the true name need not be in the top-k
+                by_name = probs.new_zeros(len(probs), len(self.names)).index_add_(1, self.name_of_class, probs)
+                rows = torch.from_numpy(np.maximum(true_names, 0)).to(self.device)
+                true_scores = by_name.gather(1, rows[:, None])[:, 0].cpu().numpy()
             if embeddings is not None:
                 if embeddings.shape[1] != self.embedding_width:
                     raise ValueError(f"the embedding is {embeddings.shape[1]} wide where the model's config gives "
@@ -476,7 +491,7 @@ class Predictor:
                 if self.normalize_embeddings:
                     embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
                 embeddings = embeddings.cpu().numpy()
-            return ids.cpu().numpy(), scores.cpu().numpy(), embeddings
+            return ids.cpu().numpy(), scores.cpu().numpy(), embeddings, true_scores
 
     def fastest_batch_size(self, input_size: tuple[int, int], candidates=(32, 64, 128, 256, 512, 1024)) -> int:
         """The largest batch that fits in device memory and still raises throughput.
@@ -527,16 +542,22 @@ class Predictor:
         ids = np.zeros((n, k), dtype=np.int64)
         scores = np.zeros((n, k), dtype=np.float32)
         embeddings = np.zeros((n, self.embedding_width or 0), dtype=np.float32)
+        labelled = "true_label" in table.column_names
+        true_names = (pc.fill_null(pc.index_in(table.column("true_label"), value_set=self.names), -1)
+                      .to_numpy() if labelled else None)
+        true_scores = np.zeros(n, dtype=np.float32)
         if pixels is not None:
             rows = np.flatnonzero(ok)
             step = self.batch_size or len(rows)
             try:
                 for start in range(0, len(rows), step):
                     batch_rows = rows[start:start + step]
-                    ids[batch_rows], scores[batch_rows], batch_embeddings = \
-                        self.predict_pixels(pixels[start:start + step])
+                    ids[batch_rows], scores[batch_rows], batch_embeddings, batch_true_scores = self.predict_pixels(
+                        pixels[start:start + step], None if true_names is None else true_names[batch_rows])
                     if batch_embeddings is not None:
                         embeddings[batch_rows] = batch_embeddings
+                    if batch_true_scores is not None:
+                        true_scores[batch_rows] = batch_true_scores
             except Exception as err:
                 if _is_out_of_memory(err):
                     raise  # not the images' fault: let the task be retried
@@ -562,8 +583,10 @@ class Predictor:
             PREDICTION_FIELDS[4],
             pa.ListArray.from_arrays(offsets, pa.array(scores.ravel(), pa.float32()), mask=mask),
         )
-        if "true_label" in table.column_names:  # null where the truth or the prediction is unknown
+        if labelled:  # null where the truth or the prediction is unknown
             table = table.append_column("correct", pc.equal(table.column("true_label"), label))
+            table = table.append_column(RESULT_SCHEMA.field(TRUE_LABEL_SCORE),
+                                        pa.array(true_scores, pa.float32(), mask=~ok | (true_names < 0)))
         if self.embedding_width:
             table = table.append_column(EMBEDDING, pa.FixedSizeListArray.from_arrays(
                 pa.array(embeddings.ravel(), pa.float32()), self.embedding_width, mask=mask))

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from visionbatch.evaluate import compute_metrics, worst_classes_first
-from visionbatch.sinks import SUMMARY, Destination
+from visionbatch.sinks import LABEL_ISSUES, SUMMARY, Destination
 from visionbatch.storage import Storage, is_remote
 
 GALLERY_SIZE = 12
@@ -204,7 +204,22 @@ def _thumbnail(path: str, s3_endpoint: str | None) -> str | None:
         return None
 
 
-def _gallery(rows: list[dict], thumbnails: dict[str, str | None]) -> str:
+def _prediction_caption(row: dict) -> str:
+    truth = row["true_label"]
+    verdict = "right" if truth is not None and truth == row["label"] else "wrong"
+    return (f'<span>true: {_e(truth)}</span><br>' if truth is not None else "") + (
+        f'<span class="{verdict if truth is not None else ""}">pred: {_e(row["label"])}</span><br>'
+        f'<span class="muted">score {row["score"]:.3f}</span>'
+    )
+
+
+def _label_issue_caption(row: dict) -> str:
+    return (f'<span class="wrong">given: {_e(row["given_label"])}</span><br>'
+            f'<span class="right">suggested: {_e(row["suggested_label"])}</span><br>'
+            f'<span class="muted">#{row["rank"]}, p(given) {row["self_confidence"]:.3f}</span>')
+
+
+def _gallery(rows: list[dict], thumbnails: dict[str, str | None], caption=_prediction_caption) -> str:
     if not rows:
         return '<p class="muted">None.</p>'
     figures = []
@@ -212,14 +227,14 @@ def _gallery(rows: list[dict], thumbnails: dict[str, str | None]) -> str:
         uri = thumbnails.get(row["path"])
         picture = (f'<img src="{uri}" alt="{_e(row["path"])}">' if uri
                    else '<div class="placeholder">unreadable</div>')
-        truth = row["true_label"]
-        verdict = "right" if truth is not None and truth == row["label"] else "wrong"
-        caption = (f'<span>true: {_e(truth)}</span><br>' if truth is not None else "") + (
-            f'<span class="{verdict if truth is not None else ""}">pred: {_e(row["label"])}</span><br>'
-            f'<span class="muted">score {row["score"]:.3f}</span>'
-        )
-        figures.append(f'<figure title="{_e(row["path"])}">{picture}<figcaption>{caption}</figcaption></figure>')
+        figures.append(f'<figure title="{_e(row["path"])}">{picture}<figcaption>{caption(row)}</figcaption></figure>')
     return f'<div class="gallery">{"".join(figures)}</div>'
+
+
+def _thumbnails(paths, s3_endpoint: str | None) -> dict[str, str | None]:
+    paths = sorted(set(paths))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # reads may be remote: overlap the latency
+        return dict(zip(paths, pool.map(lambda p: _thumbnail(p, s3_endpoint), paths)))
 
 
 def _galleries(table: pa.Table, s3_endpoint: str | None) -> str:
@@ -234,10 +249,16 @@ def _galleries(table: pa.Table, s3_endpoint: str | None) -> str:
     else:  # nothing to be right or wrong about: show what the model was least sure of
         sections = [("Least confident predictions", ok.sort_by([("score", "ascending")]))]
     picked = [(title, rows.slice(0, GALLERY_SIZE).to_pylist()) for title, rows in sections]
-    paths = sorted({row["path"] for _, rows in picked for row in rows})
-    with ThreadPoolExecutor(max_workers=8) as pool:  # reads may be remote: overlap the latency
-        thumbnails = dict(zip(paths, pool.map(lambda p: _thumbnail(p, s3_endpoint), paths)))
+    thumbnails = _thumbnails((row["path"] for _, rows in picked for row in rows), s3_endpoint)
     return "".join(f"<section><h2>{_e(title)}</h2>{_gallery(rows, thumbnails)}</section>" for title, rows in picked)
+
+
+def _label_issues_section(issues: list[dict], total: int, s3_endpoint: str | None) -> str:
+    """The first rows of ``_label_issues.parquet``: the labels most likely wrong."""
+    gallery = _gallery(issues, _thumbnails((row["path"] for row in issues), s3_endpoint), _label_issue_caption)
+    return (f"<section><h2>Suspected label errors ({total})</h2><p class=\"muted\">From "
+            f"<code>visionbatch label-issues</code>: the given label is least likely first; "
+            f"all of them in DEST/{LABEL_ISSUES}.</p>{gallery}</section>")
 
 
 def _run_section(summary: dict | None) -> str:
@@ -309,8 +330,10 @@ def _failed_section(table: pa.Table) -> str:
             f"{_data_table(['path', 'kind', 'error'], rows, sortable=True)}{note}</section>")
 
 
-def render_report(table: pa.Table, summary: dict | None, s3_endpoint: str | None = None) -> str:
-    """The report page for result rows and the job's summary (None if absent)."""
+def render_report(table: pa.Table, summary: dict | None, s3_endpoint: str | None = None,
+                  label_issues: tuple[list[dict], int] | None = None) -> str:
+    """The report page for result rows and the job's summary (None if absent), and
+    ``label_issues``: the first rows of DEST's label issues and how many there are."""
     metrics = compute_metrics(table)
     ok = table.filter(pc.is_null(table.column("error")))
     scores = pc.fill_null(ok.column("score"), 0.0).to_numpy(zero_copy_only=False)
@@ -329,9 +352,23 @@ def render_report(table: pa.Table, summary: dict | None, s3_endpoint: str | None
         _per_class_section(metrics),
         _confusion_section(metrics),
         _galleries(table, s3_endpoint),
+        _label_issues_section(*label_issues, s3_endpoint) if label_issues else "",
         _failed_section(table),
         f"<script>{_JS}</script></body></html>",
     ])
+
+
+def _first_label_issues(destination: Destination) -> tuple[list[dict], int] | None:
+    """The GALLERY_SIZE first (most likely wrong) rows of DEST's label issues and their
+    count, read from the file's head alone; None where label-issues has not run."""
+    if LABEL_ISSUES not in destination.files():
+        return None
+    import pyarrow.parquet as pq
+
+    with destination.open_file(LABEL_ISSUES) as file:
+        issues = pq.ParquetFile(file)
+        first = next(issues.iter_batches(batch_size=GALLERY_SIZE), None)
+        return (first.to_pylist() if first is not None else []), issues.metadata.num_rows
 
 
 def write_report(dest: str, html_path: str, s3_endpoint: str | None = None) -> str:
@@ -342,7 +379,7 @@ def write_report(dest: str, html_path: str, s3_endpoint: str | None = None) -> s
         summary = json.loads(destination.read_bytes(SUMMARY))
     except (OSError, ValueError):  # a report of the rows alone is still useful
         summary = None
-    page = render_report(table, summary, s3_endpoint).encode("utf-8")
+    page = render_report(table, summary, s3_endpoint, _first_label_issues(destination)).encode("utf-8")
     fs, path = Storage(s3_endpoint).resolve(html_path)
     if os.path.dirname(path) == destination.root and not os.path.basename(path).startswith(("_", ".")):
         log.warning("%s sits among DEST's part files: pyarrow.dataset and pandas.read_parquet(DEST) fail on it; "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+TRUE_LABEL_SCORE = "true_label_score"
+
 RESULT_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string()),
@@ -17,6 +19,9 @@ RESULT_SCHEMA = pa.schema(
         pa.field("top_k_scores", pa.list_(pa.float32())),
         pa.field("true_label", pa.string()),
         pa.field("correct", pa.bool_()),  # label == true_label; null where either is unknown
+        # The model's probability of true_label, from its full output (not only the top-k);
+        # null where the truth is unknown or on error.
+        pa.field(TRUE_LABEL_SCORE, pa.float32()),
         pa.field("error", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -33,6 +38,10 @@ def result_schema(embedding_width: int | None = None) -> pa.Schema:
         return RESULT_SCHEMA
     return RESULT_SCHEMA.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_width)))
 
+
+# Columns of class names: few distinct values over many rows. Readers that ask for some
+# columns only get these dictionary-encoded (sinks.Destination.read_part): each name once.
+LABEL_COLUMNS = ("label", "top_k_labels", "true_label")
 
 # The model stage's own columns, a subset of RESULT_SCHEMA.
 PREDICTION_FIELDS = [RESULT_SCHEMA.field(name) for name in ("label", "label_id", "score", "top_k_labels", "top_k_scores")]

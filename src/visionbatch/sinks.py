@@ -10,6 +10,7 @@ Layout of DEST::
     _lease.json          while a job runs: which job holds DEST (one at a time)
     _summary.json        the job's summary
     _metrics.json        its metrics (evaluate)
+    _label_issues.parquet  rows whose given label looks wrong (label_issues)
 
 Every name but the part files starts with "_" (temporary names with "."), the names
 Parquet readers skip: DEST reads as a plain dataset (pandas.read_parquet(DEST),
@@ -42,8 +43,8 @@ import pyarrow.fs as pafs
 
 from visionbatch.evaluate import METRICS_FILE, merge_counts
 from visionbatch.evaluate import metric_counts as metric_counts_of
-from visionbatch.results import (EMBEDDING, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN,
-                                 SHARD_ROWS_COLUMN, conform, result_schema)
+from visionbatch.results import (EMBEDDING, LABEL_COLUMNS, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN,
+                                 SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN, conform, result_schema)
 from visionbatch.shards import paths_digest
 from visionbatch.storage import Storage, describe, is_remote
 from visionbatch.summary import shard_counts
@@ -52,9 +53,12 @@ EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 SUMMARY = "_summary.json"
-MANIFEST_VERSION = 2
+LABEL_ISSUES = "_label_issues.parquet"
+# 3: rows carry true_label_score; --resume across versions is refused, so no DEST mixes
+# part files with and without it.
+MANIFEST_VERSION = 3
 EMBEDDINGS_KEY = "embeddings"  # in the manifest's job record: {"width", "normalized"}, or null
-_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE)
+_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE, LABEL_ISSUES)
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores", EMBEDDING)
 log = logging.getLogger("visionbatch")
 
@@ -89,12 +93,25 @@ def _encode(table: pa.Table, fmt: str) -> bytes:
     return sink.getvalue()
 
 
-def _decode(data: bytes, fmt: str, schema: pa.Schema) -> pa.Table:
+def _selected(schema: pa.Schema, columns: tuple[str, ...]) -> pa.Schema:
+    """The ``columns`` of ``schema``, class names dictionary-encoded (LABEL_COLUMNS)."""
+    names = pa.dictionary(pa.int32(), pa.string())
+    fields = [schema.field(name) for name in columns]
+    return pa.schema([field.with_type(pa.list_(names) if pa.types.is_list(field.type) else names)
+                      if field.name in LABEL_COLUMNS else field for field in fields])
+
+
+def _decode(data: bytes, fmt: str, schema: pa.Schema, columns: tuple[str, ...] | None = None) -> pa.Table:
+    """A part file's rows in ``schema``, then the job's own columns; ``columns``: only
+    these result columns (from Parquet, only they are read), class names dictionary-encoded."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return conform(pq.read_table(io.BytesIO(data)), schema, extra=None)
-    if fmt == "csv":
+        encoded = [f"{name}.list.element" if pa.types.is_list(schema.field(name).type) else name
+                   for name in LABEL_COLUMNS if name in (columns or ())]
+        file = pq.ParquetFile(io.BytesIO(data), read_dictionary=encoded)
+        table = file.read(columns=columns and [name for name in columns if name in file.schema_arrow.names])
+    elif fmt == "csv":
         import pyarrow.csv as pacsv
 
         types = {f.name: (pa.string() if f.name in _LIST_COLUMNS else f.type) for f in schema}
@@ -103,11 +120,14 @@ def _decode(data: bytes, fmt: str, schema: pa.Schema) -> pa.Table:
             decoded = [None if v is None else json.loads(v) for v in table.column(name).to_pylist()]
             table = table.set_column(table.schema.get_field_index(name), name,
                                      pa.array(decoded, schema.field(name).type))
-        return conform(table, schema, extra=None)
-    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-    extra = list(dict.fromkeys(name for row in rows for name in row if name not in schema.names))
-    with_extra = pa.schema([*schema, *(pa.field(name, pa.string()) for name in extra)]) if extra else schema
-    return conform(pa.Table.from_pylist(rows, schema=with_extra), schema, extra=None)
+    else:
+        rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+        extra = list(dict.fromkeys(name for row in rows for name in row if name not in schema.names))
+        with_extra = pa.schema([*schema, *(pa.field(name, pa.string()) for name in extra)]) if extra else schema
+        table = pa.Table.from_pylist(rows, schema=with_extra)
+    if columns is not None:
+        return conform(table, _selected(schema, columns), extra=())
+    return conform(table, schema, extra=None)
 
 
 def job_schema(job: dict) -> pa.Schema:
@@ -149,6 +169,10 @@ class Destination:
     def has_results(self) -> bool:
         return any(name.startswith("part-") or name in (MANIFEST, SUCCESS) for name in self.files())
 
+    def open_file(self, name: str):
+        """A file in DEST for random access (a Parquet file's footer, then some of it)."""
+        return self.fs.open_input_file(self._path(name))
+
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self._path(name)) as stream:
             return stream.read()
@@ -156,21 +180,34 @@ class Destination:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a file so that it appears whole or not at all; a failure (a full disk, a
         read-only mount, no permission) is a DestinationError naming the file."""
+        self._store(name, lambda out: out.write(data))
+
+    def write_file(self, name: str, local_path: str) -> None:
+        """Copy a local file in, as :meth:`write_bytes` writes (streamed: it may be large)."""
+        def copy(out) -> None:
+            with open(local_path, "rb") as source:
+                while chunk := source.read(1 << 20):
+                    out.write(chunk)
+
+        self._store(name, copy)
+
+    def _store(self, name: str, fill) -> None:
         try:
-            self._write(name, data)
+            self._write(name, fill)
         except (OSError, pa.ArrowException) as err:
             raise DestinationError(f"cannot write {self.uri}/{name}: {describe(err)}") from None
 
-    def _write(self, name: str, data: bytes) -> None:
+    def _write(self, name: str, fill) -> None:
+        """``fill(stream)`` writes the file's contents."""
         if self.remote:  # an object is visible only once its upload completes
             with self.fs.open_output_stream(self._path(name)) as out:
-                out.write(data)
+                fill(out)
             return
         self.fs.create_dir(self.root, recursive=True)
         tmp = self._path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers of DEST skip it
         try:
             with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
+                fill(out)
             self.fs.move(tmp, self._path(name))
         except BaseException:
             with contextlib.suppress(OSError, pa.ArrowException):
@@ -182,7 +219,7 @@ class Destination:
         no permission, no such bucket)."""
         probe = f".visionbatch-probe-{uuid.uuid4().hex[:8]}"
         try:
-            self._write(probe, b"probe")
+            self._write(probe, lambda out: out.write(b"probe"))
             self.delete([probe])
         except (OSError, pa.ArrowException) as err:
             raise DestinationError(f"cannot write results to {self.uri}: {describe(err)}") from None
@@ -214,10 +251,12 @@ class Destination:
         except ValueError as err:
             raise DestinationError(f"{self.uri}/{MANIFEST} is damaged ({describe(err)})") from None
 
-    def read_part(self, name: str, rows: int, schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
-        """One committed part file, checked against the row count the manifest gives it."""
+    def read_part(self, name: str, rows: int, schema: pa.Schema = RESULT_SCHEMA,
+                  columns: tuple[str, ...] | None = None) -> pa.Table:
+        """One committed part file, checked against the row count the manifest gives it
+        (``columns``: only these result columns, class names dictionary-encoded)."""
         try:
-            table = _decode(self.read_bytes(name), _format_of(name), schema)
+            table = _decode(self.read_bytes(name), _format_of(name), schema, columns)
         except (OSError, ValueError, pa.ArrowException) as err:  # missing, cut short, not the format
             raise DestinationError(f"{self.uri}/{name} is missing or damaged ({describe(err)}); "
                                    "rerun the job with --resume to redo it") from None
@@ -260,12 +299,22 @@ class Destination:
         with ThreadPoolExecutor(16) as pool:
             return {shard: why for shard, why in pool.map(check, shards.items()) if why}
 
-    def committed_metric_counts(self, verify: bool = True) -> dict:
-        """The metric counts of a finished job, as its manifest added them up."""
+    def finished_manifest(self) -> dict:
+        """The manifest of a finished job (DestinationError if the job did not finish)."""
         manifest = self.manifest()
         if manifest is None or SUCCESS not in self.files():
             raise DestinationError(
                 f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume")
+        return manifest
+
+    def committed_parts(self) -> tuple[dict, list[dict]]:
+        """A finished job's manifest and its committed shards' records, in shard order."""
+        manifest = self.finished_manifest()
+        return manifest, sorted(manifest["shards"].values(), key=lambda shard: shard["file"])
+
+    def committed_metric_counts(self, verify: bool = True) -> dict:
+        """The metric counts of a finished job, as its manifest added them up."""
+        manifest = self.finished_manifest()
         if verify:
             damaged = self.damaged_parts(manifest["shards"])
             if damaged:
@@ -274,13 +323,7 @@ class Destination:
 
     def read_table(self) -> pa.Table:
         """The rows of every committed shard of a finished job."""
-        files = self.files()
-        manifest = self.manifest()
-        if manifest is None or SUCCESS not in files:
-            raise DestinationError(
-                f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume"
-            )
-        shards = sorted(manifest["shards"].values(), key=lambda s: s["file"])
+        manifest, shards = self.committed_parts()
         schema = job_schema(manifest["job"])
         tables = [self.read_part(shard["file"], shard["rows"], schema) for shard in shards]  # checked as read
         return pa.concat_tables(tables, promote_options="permissive") if tables else schema.empty_table()
