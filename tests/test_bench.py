@@ -12,9 +12,11 @@ from visionbatch.cli import main
 @pytest.mark.slow
 def test_bench_prints_all_four_lines(tmp_path, capsys):
     figures = tmp_path / "bench.json"
-    assert main(["bench", "--synthetic", "32", "--vit", "micro", "--ceiling-seconds", "1", "--json", str(figures)]) == 0
+    assert main(["bench", "--synthetic", "32", "--vit", "micro", "--ceiling-seconds", "1", "--json", str(figures),
+                 "--lines", "ceiling,decode,floor,visionbatch,seed,pipeline"]) == 0
     out = capsys.readouterr().out
-    for line in ("1. model-only ceiling", "2. visionbatch end to end", "3. seed", "4. plain transformers pipeline"):
+    for line in ("1. model-only ceiling", "1c. in-process floor", "2. visionbatch end to end", "3. seed",
+                 "4. plain transformers pipeline"):
         assert line in out
     results = json.loads(figures.read_text())
     assert results["images"] == 32 and results["visionbatch"]["rows"] == 32
