@@ -352,13 +352,16 @@ def test_more_stop_signals_exit_130(how, images, slow_vit, tmp_path, start):
 
 
 @pytest.mark.slow
-def test_model_actor_killed_mid_run(images, slow_vit, tmp_path, start):
+@pytest.mark.parametrize("actor", ["MapBatches(Predictor)", "ShardPlanner"])
+def test_ray_actor_killed_mid_run(actor, images, slow_vit, tmp_path, start):
+    """A model actor (restarted, its tasks retried) or the ShardPlanner actor (a new one
+    lists again and skips what is committed) SIGKILLed: every row once, all predicted."""
     dest = tmp_path / "out"
     expected = _expected_paths(images)
     run = start(_classify_args(images, slow_vit, dest, "--engine", "ray"), tmp_path / "run")
     run.wait_for_commit(dest)
     actors = [pid for pid, (_, cmd) in session_processes(run.pid).items()
-              if cmd.startswith("ray::") and "MapBatches(Predictor)" in cmd]
+              if cmd.startswith("ray::") and actor in cmd]
     assert len(actors) == 1, session_processes(run.pid)
     os.kill(actors[0], signal.SIGKILL)
     killed_at = len(_rows_on_disk(dest))
@@ -371,34 +374,9 @@ def test_model_actor_killed_mid_run(images, slow_vit, tmp_path, start):
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     assert not errors, errors[:3]
     summary = json.loads((dest / SUMMARY).read_text())
-    assert summary["predicted"] == len(expected) and summary["failed"] == 0
+    assert summary["predicted"] == summary["images_found"] == len(expected) and summary["failed"] == 0
     _no_tmp_files(dest)
-    _outcome("Predictor actor SIGKILLed mid-run", len(expected), table, seconds,
-             f"{killed_at} rows committed when it was killed")
-
-
-@pytest.mark.slow
-def test_listing_actor_killed_mid_run(images, slow_vit, tmp_path, start):
-    """The Ray engine's ShardPlanner actor killed: a new one lists again, skips what is
-    committed, and the job ends with every row once."""
-    dest = tmp_path / "out"
-    expected = _expected_paths(images)
-    run = start(_classify_args(images, slow_vit, dest, "--engine", "ray"), tmp_path / "run")
-    run.wait_for_commit(dest)
-    planners = [pid for pid, (_, cmd) in session_processes(run.pid).items() if cmd.startswith("ray::ShardPlanner")]
-    assert len(planners) == 1, session_processes(run.pid)
-    os.kill(planners[0], signal.SIGKILL)
-    killed_at = len(_rows_on_disk(dest))
-    assert run.wait(300) == 0, run.stderr
-    seconds = time.monotonic() - run.started
-    assert not wait_session_gone(run)
-    assert killed_at < len(expected), "the planner should be killed with work left"
-    table = _check_exactly_once(dest, expected)
-    assert table.column("error").null_count == len(expected)
-    summary = json.loads((dest / SUMMARY).read_text())
-    assert summary["predicted"] == summary["images_found"] == len(expected)
-    _no_tmp_files(dest)
-    _outcome("ShardPlanner actor SIGKILLed mid-run", len(expected), table, seconds,
+    _outcome(f"{actor} actor SIGKILLed mid-run", len(expected), table, seconds,
              f"{killed_at} rows committed when it was killed")
 
 
