@@ -46,6 +46,7 @@ class RayEngine(Engine):
         init_ray(config.address)
         _warn_local_paths_on_cluster(config)
         self.max_retries = config.max_retries
+        self._streams_lost = 0  # job streams failed by a lost node, each resumed by a new planner
         resources = ray.cluster_resources()
         node_cpus = int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")),
                             default=0))
@@ -98,18 +99,37 @@ class RayEngine(Engine):
                                                            **prepared.decode_options(prepared.plan.batch_size)},
                                                 num_cpus=1, max_retries=config.max_retries),
                               prepared, prepared.plan.batch_size)
-        with _failures_become_rows():
-            # No prefetch: it holds each block back until the next one has come, which
-            # delays the first result (and every commit) by a block's worth of model time.
-            for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                for rows_in, record in commit_events(records if shards is None else writer(records)):
-                    if record is not None and "digest" in record:
-                        self.planner.committed[record["shard"]] = record["digest"]
-                    yield rows_in, record
-        if shards is None and self.planner.dead:
-            # The planner died (its decode tasks with it, at their next shard): a new one
-            # lists again, skips what is committed, and the job goes on with the rest.
-            log.warning("the shard planner died; a new one takes over from what is committed")
+        lost = None
+        try:
+            with _failures_become_rows():
+                # No prefetch: it holds each block back until the next one has come, which
+                # delays the first result (and every commit) by a block's worth of model time.
+                for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    finished = False
+                    for rows_in, record in commit_events(records if shards is None else writer(records)):
+                        if record is not None and "digest" in record:
+                            self.planner.committed[record["shard"]] = record["digest"]
+                            finished = shards is None and self.planner.all_committed()
+                        yield rows_in, record
+                    if finished:
+                        # Every shard is committed: the job is done, whatever the stream
+                        # still waits for (after a lost node, Ray Data's last decode
+                        # slots can wait forever for CPUs its restarted actors hold).
+                        break
+        except Exception as err:
+            # A node lost mid-run can take objects or actors with it that Ray Data does
+            # not recover (an actor's outputs are not reconstructable): the stream fails,
+            # though nothing is wrong with the input. Its uncommitted shards are redone.
+            if shards is not None or not _lost_with_a_node(err) or self._streams_lost >= config.max_retries:
+                raise
+            self._streams_lost += 1
+            lost = err
+        if shards is None and (self.planner.dead or lost is not None):
+            # The planner died (its decode tasks with it, at their next shard), or the
+            # stream did: a new planner lists again, skips what is committed, and the job
+            # goes on with the rest.
+            log.warning("%s; a new shard planner takes over from what is committed",
+                        "the shard planner died" if lost is None else f"the job's stream failed ({root_cause(lost)})")
             self.planner.restart()
             yield from self.run(prepared, writer)
 
@@ -160,6 +180,9 @@ class _PlannerActor:
         self.actor.start.remote(self.committed)
 
     def restart(self) -> None:
+        import ray
+
+        ray.kill(self.actor)  # (if it still lives: its shards in hand are listed again)
         self.actor, self.dead = self._make(), False
         self.start(self.committed)
 
@@ -190,6 +213,12 @@ class _PlannerActor:
 
     def unfinished(self) -> list[AnyShard]:
         return self._call("unfinished", default=[])
+
+    def all_committed(self) -> bool:
+        """Every shard is handed out and committed (``committed``: this side's record, as
+        the planner hears of commits late)."""
+        return bool(self.status().get("handed_out_all")) and all(
+            shard.id in self.committed for shard in self.unfinished())
 
 
 def init_ray(address: str | None) -> None:
@@ -313,6 +342,17 @@ def _failures_become_rows():
         yield
     finally:
         context.max_errored_blocks = saved
+
+
+def _lost_with_a_node(err: BaseException) -> bool:
+    """A Ray failure of the cluster, not of the job's code: an object or an actor lost
+    with its node or worker (an actor whose constructor raised is the job's failure)."""
+    import ray.exceptions
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return not err.actor_init_failed
+    return isinstance(err, (ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError,
+                            ray.exceptions.WorkerCrashedError))
 
 
 def root_cause(err: Exception) -> str:

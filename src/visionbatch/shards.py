@@ -190,7 +190,7 @@ class ShardPlanner:
         self._outstanding: dict[str, AnyShard] = {}  # handed out, not yet committed
         self._counts = ListingCounts()
         self._status = {"images_listed": 0, "already_done": 0, "shards_listed": 0, "unsized_shards": 0,
-                        "listing_done": False, "error": None, "input_changed": None}
+                        "listing_done": False, "handed_out_all": False, "error": None, "input_changed": None}
         self._started = threading.Event()  # a first shard is ready, or listing ended
 
     def start(self, committed: dict[str, str] | None = None) -> None:
@@ -238,6 +238,7 @@ class ShardPlanner:
         shard = self._queue.get()
         if shard is None:
             self._queue.put(None)  # for the other callers
+            self._status["handed_out_all"] = True
             return None
         with self._lock:
             self._outstanding[shard.id] = shard
