@@ -229,6 +229,49 @@ class LocalEngine(Engine):
             pool.close()
 
 
+    def map_tasks(self, fn: Callable, items: list, max_retries: int, address: str | None = None,
+                  poll_s: float = 1.0) -> Iterator:
+        """The standard library's process pool, a worker per core, a few tasks queued
+        ahead; a worker that dies breaks the pool: its tasks are tried again in a new one."""
+        workers = max(1, min(_cpus(), len(items)))
+        todo = list(range(len(items)))[::-1]  # a stack of item indices, the first on top
+        tries = [0] * len(items)
+        in_flight: dict[concurrent.futures.Future, int] = {}
+        pool = _Pool(workers)
+        try:
+            while todo or in_flight:
+                while todo and len(in_flight) < 2 * workers:
+                    index = todo.pop()
+                    tries[index] += 1
+                    in_flight[pool.executor.submit(fn, items[index])] = index
+                done, _ = concurrent.futures.wait(in_flight, timeout=poll_s,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                if not done:
+                    yield None
+                broken = False
+                for future in done:
+                    index = in_flight.pop(future)
+                    try:
+                        yield future.result()
+                        continue
+                    except BrokenProcessPool:  # a worker died: every task in flight goes again
+                        broken = True
+                    except Exception:
+                        if tries[index] > max_retries:
+                            raise
+                        log.warning("a task failed; trying it again", exc_info=True)
+                    todo.append(index)
+                if broken:
+                    todo.extend(in_flight.values())
+                    in_flight.clear()
+                    if any(tries[index] > max_retries for index in todo):
+                        raise JobError(f"a worker process died {max_retries + 1} times on the same task")
+                    pool.close()
+                    pool = _Pool(workers)
+        finally:
+            pool.close()
+
+
 class _CoreSplit:
     """On CPU, the cores the model's torch threads take follow what the job shows: the
     model waiting for blocks means decoding is the slower stage (a thread goes back to

@@ -474,7 +474,8 @@ class Manifest:
 
     def add(self, record: dict) -> None:
         counts = dict(record["counts"])
-        self.metric_counts = merge_counts(self.metric_counts, counts.pop("metrics"))
+        if "metrics" in counts:  # a classify job's shard (an export's has none)
+            self.metric_counts = merge_counts(self.metric_counts, counts.pop("metrics"))
         self.shards[record["shard"]] = {**{key: value for key, value in record.items()
                                            if key not in ("shard", MODEL_TRACEBACK)}, "counts": counts}
 
