@@ -145,10 +145,7 @@ def select(destination: Destination, config: ExportConfig, work: str) -> str:
             for part in _rows_of_parts(destination):
                 db.register("results", part)
                 try:
-                    result = db.execute(f"SELECT * FROM results WHERE {where}")
-                    # DuckDB 1.x calls it fetch_arrow_table, 2.x to_arrow_table
-                    matching = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-                    matching = matching()
+                    matching = db.sql(f"SELECT * FROM results WHERE {where}").to_arrow_table()
                 except Exception as err:  # duckdb.Error: a parse, binder or conversion error
                     raise ValueError(f"--where {config.where!r}: {describe(err)}; the columns are: "
                                      f"{', '.join(name for name in part.column_names if name not in (PART, ROW))}"
