@@ -224,6 +224,36 @@ def test_bad_sql_and_nothing_selected(job, tmp_path, capfd):
     assert json.loads((out / TASKS).read_text()) == [] and (out / "_SUCCESS").exists()
 
 
+def test_to_object_storage(job, s3_server, tmp_path):
+    """OUT on S3, written through pyarrow's filesystem as DEST is: the same rows, the same bytes."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    dest, table = job
+    threshold = _median(table)
+    expected = _expected(table, threshold)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="exports")
+    _export(dest, "s3://exports/out", "--where", f"score < {threshold}", "--shard-size", "4", "--s3-endpoint",
+            s3_server)
+    local = tmp_path / "from-s3"
+    local.mkdir()
+    pafs.copy_files("exports/out", str(local), source_filesystem=pafs.S3FileSystem(
+        endpoint_override=s3_server.removeprefix("http://"), scheme="http", region="us-east-1"))
+    found = _by_path(_tar_samples(local))
+    assert set(found) == set(expected)
+    assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+
+
+@pytest.mark.slow
+def test_through_ray(job, tmp_path):
+    dest, table = job
+    threshold = _median(table)
+    _export(dest, tmp_path / "out", "--where", f"score < {threshold}", "--shard-size", "4", "--engine", "ray")
+    found = _by_path(_tar_samples(tmp_path / "out"))
+    assert set(found) == set(_expected(table, threshold))
+    assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+
+
 # --------------------------------------------------------------------------- other inputs
 
 

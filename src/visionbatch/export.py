@@ -28,6 +28,7 @@ grows with the number of shards, never with the number of rows.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ import re
 import tarfile
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -504,12 +506,15 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
         except KeyboardInterrupt:
             ignore_further_interrupts()
             raise JobInterrupted(_stopped("interrupted", manifest, config.to)) from None
-        except DestinationError:
+        except ValueError:  # a bad --where: nothing to keep
             raise
-        except Exception as err:
+        except (JobError, DestinationError) as err:
+            raise JobError(_stopped(str(err), manifest, config.to)) from None
+        except Exception as err:  # the engine's own failure, or a bug: keep what was committed
             why = engine.failure(err) if engine is not None else None
             if why is None:
-                raise
+                traceback.print_exc()  # to the log file (the command sends library output there)
+                why = f"the export failed: {describe(err)} (the traceback is in the log)"
             raise JobError(_stopped(why, manifest, config.to)) from None
         finally:
             if bar is not None:
@@ -526,10 +531,13 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
 
 def _stopped(why: str, manifest, out: str) -> str:
     """Commit what finished; the message says what was kept and how to go on."""
-    if manifest is None:
-        return f"{why}; nothing was exported"
-    manifest.write()
-    return f"{why}; {manifest.rows} exported rows are saved in {out}: rerun the same command with --resume"
+    if manifest is None:  # stopped before the export began
+        return why
+    with contextlib.suppress(Exception):
+        manifest.write()
+    if not manifest.saved_rows:
+        return f"{why}; no exported rows had been committed yet"
+    return f"{why}; {manifest.saved_rows} exported rows are saved in {out}: rerun the same command with --resume"
 
 
 def _merge_tasks(out: ExportOutput, shards: int) -> None:
