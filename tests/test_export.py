@@ -8,6 +8,7 @@ import functools
 import http.server
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -380,8 +381,19 @@ def test_kill_9_then_resume_exports_every_row_once(images, gated_server, tiny_vi
     kill_session(run)
     committed = _committed(out)
     assert 0 < len(committed) < len(files)
+    # Resumed, stopped again (Ctrl-C: exit 130, what finished committed), resumed to the end.
+    with _GatedFiles.lock:
+        _GatedFiles.free = 2
+    run = start([*args, "--resume"], tmp_path / "run2")
+    while len(_committed(out)) < len(committed) + 1:
+        assert run.proc.poll() is None, run.stderr
+        assert time.monotonic() < deadline, "no shard committed"
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGINT)
+    assert run.wait(60) == 130, run.stderr
+    assert "rerun the same command with --resume" in run.stderr
     _GatedFiles.gate.set()
-    resumed = start([*args, "--resume"], tmp_path / "run2")
+    resumed = start([*args, "--resume"], tmp_path / "run3")
     assert resumed.wait(120) == 0, resumed.stderr
     found = _by_path(_tar_samples(out))
     assert set(found) == set(urls)
