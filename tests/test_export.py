@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DIR, WNIDS
+from test_faults import kill_session, start  # noqa: F401 (start: the fixture that starts and cleans up runs)
 from visionbatch.cli import main
 from visionbatch.export import SELECTION, TASKS, safe_name
 from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
@@ -359,8 +360,6 @@ def gated_server(images):
 
 
 def test_kill_9_then_resume_exports_every_row_once(images, gated_server, tiny_vit, tmp_path, start):
-    from test_faults import kill_session
-
     files = sorted(images.rglob("*.jpg"))
     urls = [f"{gated_server}/{file.relative_to(images).as_posix().replace(' ', '%20')}" for file in files]
     (tmp_path / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
@@ -407,19 +406,3 @@ def _committed(out: Path) -> dict:
     except (OSError, ValueError):
         return {}
 
-
-@pytest.fixture
-def start():
-    from test_faults import Run, kill_session, session_processes
-
-    runs = []
-
-    def _start(args, folder: Path):
-        run = Run([str(a) for a in args], folder)
-        runs.append(run)
-        return run
-
-    yield _start
-    for run in runs:
-        if run.proc.poll() is None or session_processes(run.pid):
-            kill_session(run)

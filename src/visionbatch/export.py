@@ -461,12 +461,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     destination, out = Destination(config.dest, storage), ExportOutput(config.to, storage)
     with sigterm_as_interrupt():
         dest_manifest = destination.finished_manifest()
-        if out.has_results() and not (config.overwrite or config.resume):
-            raise DestinationError(f"{config.to} already holds files: pass --overwrite to replace an earlier "
-                                   "export or --resume to continue it")
-        out.check_writable()
-        lease = Lease(out)
-        lease.claim()
+        lease = Lease.take(out, config.overwrite, config.resume)
         engine, bar, manifest = None, None, None
         try:
             lease.confirm()

@@ -591,6 +591,18 @@ class Lease:
             with contextlib.suppress(Exception):  # a missed beat is retried; 6 in a row make it stale
                 self._write()
 
+    @classmethod
+    def take(cls, destination: "Destination", overwrite: bool, resume: bool) -> "Lease":
+        """Before any work: refuse a DEST that holds results unless told what to do with
+        them, or that cannot be written; then claim it (:meth:`confirm` later)."""
+        if destination.has_results() and not (overwrite or resume):
+            raise DestinationError(f"{destination.uri} already holds results: pass --overwrite to replace them "
+                                   "or --resume to continue")
+        destination.check_writable()
+        lease = cls(destination)
+        lease.claim()
+        return lease
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
