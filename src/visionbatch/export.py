@@ -81,8 +81,9 @@ class ExportOutput(Destination):
         return bool(self.entries())
 
     def clear(self) -> None:
-        """Remove an earlier export (and only that: a folder with other files is refused)."""
-        if MANIFEST not in self.files():
+        """Remove an earlier export (and only that: a folder with other files, a classify
+        job's DEST among them, is refused)."""
+        if not (self.manifest() or {}).get("job", {}).get("export"):
             raise DestinationError(f"{self.uri} holds files that no export wrote: --overwrite replaces only an "
                                    "earlier export; choose an empty or new OUT")
         for info in self.entries():
