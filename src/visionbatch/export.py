@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import posixpath
 import re
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -50,7 +50,7 @@ from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
-from visionbatch.sinks import LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, job_schema
+from visionbatch.sinks import LABEL_ISSUES, LEASE, Destination, DestinationError, job_schema
 from visionbatch.sources import IMAGE_EXTENSIONS
 from visionbatch.storage import Storage, canonical_uri, describe
 
@@ -63,7 +63,6 @@ SELECT_MEMORY = "256MB"  # DuckDB's memory limit while selecting; beyond it, it 
 # What a sample's .json (webdataset) carries, where the row has it.
 SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score")
 _FORMATS = {"JPEG": ".jpg", "TIFF": ".tif"}  # Pillow's format name -> extension, where not .<name>
-log = logging.getLogger("visionbatch")
 
 
 class ExportOutput(Destination):
@@ -139,7 +138,7 @@ def select(destination: Destination, config: ExportConfig, work: str) -> str:
             raise DestinationError(f"{destination.uri} has no {LABEL_ISSUES}: run visionbatch label-issues "
                                    f"{destination.uri} first")
         issues = os.path.join(work, LABEL_ISSUES)
-        destination_copy(destination, LABEL_ISSUES, issues)
+        destination.copy_file(LABEL_ISSUES, issues)
     spill, chosen = os.path.join(work, "matching.parquet"), os.path.join(work, "chosen.parquet")
     where = f"error IS NULL AND ({config.where})" if config.where else "error IS NULL"
     with _connect(work) as db:
@@ -163,11 +162,11 @@ def select(destination: Destination, config: ExportConfig, work: str) -> str:
             if writer is not None:
                 writer.close()
         if writer is None:  # a job with no rows
-            return _in_shards(pa.table({PART: pa.array([], pa.string())}), chosen, config.shard_size)
-        filters = [f"path IN (SELECT path FROM read_parquet({_quoted(issues)}))"] if issues else []
+            pq.write_table(pa.table({PART: pa.array([], pa.string())}), chosen)
+            return chosen
         query = f"SELECT * FROM read_parquet({_quoted(spill)})"
-        if filters:
-            query += " WHERE " + " AND ".join(filters)
+        if issues:
+            query += f" WHERE path IN (SELECT path FROM read_parquet({_quoted(issues)}))"
         if config.per_class:
             query += f" QUALIFY row_number() OVER (PARTITION BY label ORDER BY score, {PART}, {ROW}) <= {config.per_class}"
         unsized = os.path.join(work, "sorted.parquet")
@@ -175,21 +174,13 @@ def select(destination: Destination, config: ExportConfig, work: str) -> str:
     return _in_shards(pq.ParquetFile(unsized), chosen, config.shard_size)
 
 
-def destination_copy(destination: Destination, name: str, local_path: str) -> None:
-    """A file of DEST copied to local disk, streamed."""
-    with destination.fs.open_input_stream(f"{destination.root}/{name}") as source, open(local_path, "wb") as out:
-        while chunk := source.read(1 << 20):
-            out.write(chunk)
-
-
-def _in_shards(rows: pq.ParquetFile | pa.Table, path: str, size: int) -> str:
+def _in_shards(rows: pq.ParquetFile, path: str, size: int) -> str:
     """Rewrite ``rows`` with row groups of exactly ``size`` rows (the last one fewer): an
     export shard each. Holds at most ``size`` rows and one batch."""
-    batches = rows.iter_batches(batch_size=size) if isinstance(rows, pq.ParquetFile) else rows.to_batches()
-    with pq.ParquetWriter(path, rows.schema_arrow if isinstance(rows, pq.ParquetFile) else rows.schema) as writer:
+    with pq.ParquetWriter(path, rows.schema_arrow) as writer:
         pending: list[pa.RecordBatch] = []
         held = 0
-        for batch in batches:
+        for batch in rows.iter_batches(batch_size=size):
             pending.append(batch)
             held += batch.num_rows
             while held >= size:
@@ -212,7 +203,7 @@ def _container_parts(selection: pq.ParquetFile, table_job: bool) -> list[list[st
     for group in range(selection.num_row_groups):
         rows = selection.read_row_group(group, columns=[PART, KEY_COLUMN])
         if not table_job:
-            rows = rows.filter(pa.compute.is_valid(rows.column(KEY_COLUMN)))
+            rows = rows.filter(pc.is_valid(rows.column(KEY_COLUMN)))
         per_shard.append(sorted(set(rows.column(PART).to_pylist())))
     return per_shard
 
@@ -259,19 +250,17 @@ def _images(rows: pa.Table, containers: dict[str, AnyShard], reading: Reading) -
         if container is None:
             yield from read_ahead(paths[start:end], reading.storage, None, reading.read_timeout)
         else:
-            wanted = iter(range(start, end))
-            i = next(wanted)
+            moved = "read_error: {} is no longer where it was classified".format
             samples, _ = shard_samples(container, reading)
+            i = start  # the next row to find
             for index, sample in enumerate(samples):
-                if index != indices[i]:
-                    continue
-                yield (sample.data if sample.path == paths[i]
-                       else f"read_error: {paths[i]} is no longer where it was classified")
-                i = next(wanted, None)
-                if i is None:
-                    break
-            for i in ([] if i is None else [i, *wanted]):  # the shard ended before them
-                yield f"read_error: {paths[i]} is no longer where it was classified"
+                if index == indices[i]:
+                    yield sample.data if sample.path == paths[i] else moved(paths[i])
+                    i += 1
+                    if i == end:
+                        break
+            for i in range(i, end):  # the shard ended before them
+                yield moved(paths[i])
         start = end
 
 

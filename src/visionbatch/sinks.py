@@ -191,6 +191,12 @@ class Destination:
 
         self._store(name, copy)
 
+    def copy_file(self, name: str, local_path: str) -> None:
+        """Copy a file out to local disk, streamed (the reverse of :meth:`write_file`)."""
+        with self.fs.open_input_stream(self._path(name)) as source, open(local_path, "wb") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+
     def _store(self, name: str, fill) -> None:
         try:
             self._write(name, fill)
