@@ -259,6 +259,26 @@ def test_through_ray(job, tmp_path):
     assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
 
 
+def test_a_vanished_image_is_left_out_and_counted(images, tmp_path, capfd):
+    """From a CSV DEST (any result format reads): a row whose file is gone since it was
+    classified is not exported, and the summary says so."""
+    from conftest import write_finished_dest
+    from visionbatch.results import RESULT_SCHEMA
+    from visionbatch.sinks import Destination
+
+    files = sorted(images.rglob("*.jpg"))[:5]
+    gone = tmp_path / "gone.jpg"
+    rows = [{"path": str(path), "label": "cat", "score": 0.1 * (i + 1), "top_k_labels": ["cat"],
+             "top_k_scores": [0.1 * (i + 1)]} for i, path in enumerate([*files, gone])]
+    rows.append({"path": str(tmp_path / "broken.jpg"), "error": "decode_error: broken"})
+    dest = tmp_path / "dest"
+    write_finished_dest(Destination(str(dest)), pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), "csv", 3)
+    out = tmp_path / "out"
+    assert main(["export", str(dest), "--to", str(out), "--format", "imagefolder"]) == 0
+    assert sorted(path.read_bytes() for path in (out / "cat").iterdir()) == sorted(f.read_bytes() for f in files)
+    assert f"not exported      1 rows whose image could not be read (first: {gone}: read_error" in capfd.readouterr().out
+
+
 # --------------------------------------------------------------------------- other inputs
 
 
@@ -315,17 +335,30 @@ def _tar_members(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.skipif(not SAMPLE_DIR.is_dir(), reason=f"sample images not found at {SAMPLE_DIR}")
-def test_sample_images(tiny_vit, tmp_path):
-    dest, out = tmp_path / "dest", tmp_path / "out"
+def test_sample_images_to_each_format(tiny_vit, tmp_path):
+    import jsonschema
+
+    dest = tmp_path / "dest"
     assert main(["classify", str(SAMPLE_DIR), "--model", tiny_vit, "--output", str(dest), "-q", "--limit", "40",
                  "--shard-size", "10"]) == 0
     table = read_results(str(dest))
     threshold = _median(table)
     expected = _expected(table, threshold)
-    _export(dest, out, "--where", f"score < {threshold}", "--shard-size", "8")
-    found = _by_path(_tar_samples(out))
-    assert set(found) == set(expected) and expected
-    assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+    sources = sorted(Path(path).read_bytes() for path in expected)
+    for fmt in ("webdataset", "imagefolder", "labelstudio"):
+        out = tmp_path / fmt
+        _export(dest, out, "--where", f"score < {threshold}", "--shard-size", "8", "--format", fmt)
+        if fmt == "webdataset":
+            found = _by_path(_tar_samples(out))
+            assert set(found) == set(expected) and expected
+            assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+        else:
+            images = out / "images" if fmt == "labelstudio" else out
+            assert sorted(path.read_bytes() for path in images.rglob("*.JPEG")) == sources
+        if fmt == "labelstudio":
+            tasks = json.loads((out / TASKS).read_text())
+            jsonschema.validate(tasks, LABEL_STUDIO_IMPORT_SCHEMA)
+            assert sorted(task["data"]["path"] for task in tasks) == sorted(expected)
 
 
 # --------------------------------------------------------------------------- kill -9, then --resume

@@ -265,9 +265,9 @@ def _images(rows: pa.Table, containers: dict[str, AnyShard], reading: Reading) -
 
 
 def _extension(path: str, data: bytes) -> str:
-    """The file's own extension where it has an image's; else the format its bytes show."""
-    ext = posixpath.splitext(re.split(r"[/#]", path)[-1])[1].lower()
-    if ext in IMAGE_EXTENSIONS:
+    """The file's own extension where it is an image's (as spelled); else the format its bytes show."""
+    ext = posixpath.splitext(re.split(r"[/#]", path)[-1])[1]
+    if ext.lower() in IMAGE_EXTENSIONS:
         return ext
     from PIL import Image
 
@@ -330,7 +330,7 @@ class _TarWriter:
         self.tar.addfile(info, io.BytesIO(data))
 
     def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
-        self._member(f"{key}{ext}", data)
+        self._member(f"{key}{ext.lower()}", data)  # webdataset's decoders go by lower-case extensions
         self._member(f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode())
 
     def close(self) -> str:
