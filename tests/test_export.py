@@ -90,7 +90,7 @@ def _by_path(samples: list[dict]) -> dict[str, tuple[bytes, dict]]:
 # --------------------------------------------------------------------------- the three formats
 
 
-def test_webdataset(job, tmp_path):
+def test_webdataset(job, tmp_path, capfd):
     dest, table = job
     threshold = _median(table)
     expected = _expected(table, threshold)
@@ -111,6 +111,10 @@ def test_webdataset(job, tmp_path):
     assert main(["export", str(dest), "--to", str(out), "-q", "--where", f"score < {threshold}"]) == 1
     _export(dest, out, "--overwrite", "--where", f"score < {threshold}", "--shard-size", "4")
     assert set(_by_path(_tar_samples(out))) == set(expected)
+    # --resume with other options: refused, naming them.
+    assert main(["export", str(dest), "--to", str(out), "-q", "--resume", "--where", "score < 0.01",
+                 "--shard-size", "4"]) == 1
+    assert "--resume with other options" in capfd.readouterr().err
     # --overwrite replaces an earlier export, never a classify job's DEST.
     assert main(["export", str(dest), "--to", str(dest), "-q", "--overwrite"]) == 1
     assert read_results(str(dest)).num_rows == table.num_rows
