@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DIR, WNIDS
-from test_faults import kill_session, start  # noqa: F401 (start: the fixture that starts and cleans up runs)
+from test_faults import kill_session, session_processes, start  # noqa: F401 (start: the fixture that starts and cleans up runs)
 from visionbatch.cli import main
 from visionbatch.export import SELECTION, TASKS, safe_name
 from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
@@ -432,9 +432,19 @@ def test_kill_9_then_resume_exports_every_row_once(images, gated_server, tiny_vi
     os.kill(run.pid, signal.SIGINT)
     assert run.wait(60) == 130, run.stderr
     assert "rerun the same command with --resume" in run.stderr
-    _GatedFiles.gate.set()
+    # Resumed again, a worker process killed while it holds a shard: its tasks go again.
+    with _GatedFiles.lock:
+        _GatedFiles.free = 0
     resumed = start([*args, "--resume"], tmp_path / "run3")
+    while not (workers := [pid for pid, (_, command) in session_processes(resumed.pid).items()
+                           if "spawn_main" in command]):
+        assert resumed.proc.poll() is None, resumed.stderr
+        assert time.monotonic() < deadline, "no worker process"
+        time.sleep(0.05)
+    os.kill(workers[0], signal.SIGKILL)
+    _GatedFiles.gate.set()
     assert resumed.wait(120) == 0, resumed.stderr
+    assert "a worker process died" in resumed.stderr
     found = _by_path(_tar_samples(out))
     assert set(found) == set(urls)
     assert all(image == by_url[url].read_bytes() for url, (image, _) in found.items())
