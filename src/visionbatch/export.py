@@ -16,7 +16,9 @@ shards  :func:`export_shard` (a task on the engine) reads its row group and each
         original bytes with the readers classify used: files, ``s3://`` and URLs by
         their path; tar members and Parquet cells through the classify job's own shard
         of them (listed again, and checked against DEST's digests): a part file's rows
-        are its shard's samples in order, so a row's index in its part is its sample's.
+        are its shard's samples in order, so a row's index in its part is its sample's
+        (the one exact address: a Parquet cell's row path may be only the file name its
+        image struct carries).
         It writes its output under names made from the shard's number, so a repeated
         shard rewrites the same files: exactly once by construction.
 commit  the driver lists finished shards in OUT/_manifest.json (:class:`sinks.Manifest`,
