@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 
-from visionbatch.config import ClassifyConfig
+from visionbatch.config import ClassifyConfig, ExportConfig
 from visionbatch.plan import ModelPlan, Prepared, Resources
 from visionbatch.shards import AnyShard, InputSpec
 from visionbatch.sinks import ShardWriter
@@ -98,7 +98,7 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def make_engine(config: ClassifyConfig, model: bool = True) -> Engine:
+def make_engine(config: ClassifyConfig | ExportConfig, model: bool = True) -> Engine:
     """``--engine``: auto takes Ray for a cluster (``--address``) or, for a job with a
     ``model``, more than one GPU; else the local engine."""
     name = config.engine
