@@ -12,7 +12,7 @@ import time
 import traceback
 from typing import NamedTuple, TextIO
 
-from visionbatch.config import ClassifyConfig, OutputConfig, add_options, options_of
+from visionbatch.config import ClassifyConfig, ExportConfig, OutputConfig, add_options, options_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -53,6 +53,17 @@ def _label_issues_parser(sub) -> None:
                        description="Flag the rows of DEST whose given (true) label looks wrong (confident "
                        "learning), ranked most likely wrong first, into DEST/_label_issues.parquet.")
     _dest_arguments(p)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write the images of chosen rows of DEST as a data set (WebDataset, "
+                       "ImageFolder, Label Studio)",
+                       description="Write the original images of the rows of DEST that --where, --per-class and "
+                       "--label-issues choose (all that are given) to OUT, in shards, resumable.")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--to", required=True, metavar="OUT", help="local folder or s3:// / gs:// URI for the export")
+    add_options(p, ExportConfig)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
 
 
 def _models_parser(sub) -> None:
@@ -109,6 +120,16 @@ def _run_label_issues(args) -> int:
     return EXIT_OK
 
 
+def _run_export(args) -> int:
+    from visionbatch.export import run_export
+
+    config = ExportConfig(**options_of(ExportConfig, args))
+    summary = run_export(config, progress=None if args.quiet else args.terminal.err)
+    if not args.quiet:
+        print(summary.format_lines(), file=args.terminal.out)
+    return EXIT_OK
+
+
 def _run_models(args) -> int:
     from visionbatch.zoo import make_efficientnet_lite0
 
@@ -124,13 +145,14 @@ def _bench_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionbatch", description="Batch image classification on Ray Data and Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_classify_parser, _evaluate_parser, _report_parser, _label_issues_parser, _models_parser, _bench_parser):
+    for add in (_classify_parser, _evaluate_parser, _report_parser, _label_issues_parser, _export_parser,
+                _models_parser, _bench_parser):
         add(sub)
     return parser
 
 
 COMMANDS = {"classify": _run_classify, "evaluate": _run_evaluate, "report": _run_report,
-            "label-issues": _run_label_issues, "models": _run_models}
+            "label-issues": _run_label_issues, "export": _run_export, "models": _run_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,6 +174,53 @@ class OutputConfig:
             raise ValueError("--overwrite and --resume contradict each other: choose one")
 
 
+ExportFormat = Literal["webdataset", "imagefolder", "labelstudio"]
+
+
+def same_option(config_class, name: str):
+    """Another config's option, its default and help as they are there (stated once)."""
+    original = next(f for f in dataclasses.fields(config_class) if f.name == name)
+    return field(default=original.default, metadata=original.metadata)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``visionbatch export``: which rows of a finished DEST, and where and how to write their images."""
+
+    dest: str
+    to: str
+    format: ExportFormat = option("webdataset", "webdataset: tars with a .json per sample; imagefolder: a folder "
+                                  "per predicted label; labelstudio: images and a Label Studio import file with "
+                                  "the predictions as pre-annotations")
+    where: str | None = option(None, "a SQL predicate over a result row's columns (DuckDB), e.g. \"score < 0.5\" "
+                               "(row by row: it runs over one part file at a time)", metavar="SQL")
+    per_class: int | None = option(None, "only the N least confident rows of each predicted label (of those the "
+                                   "other options select)", metavar="N")
+    label_issues: bool = option(False, "only the rows `visionbatch label-issues DEST` flagged")
+    shard_size: int = option(1000, "rows per export shard: the unit of work, of output (a tar each) and of "
+                             "--resume", metavar="N")
+    image_url_prefix: str = option("/data/local-files/?d=", "labelstudio: what precedes images/NAME in a "
+                                   "task's image URL (default: Label Studio's local files, with "
+                                   "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to OUT)", metavar="PREFIX")
+    overwrite: bool = option(False, "replace an earlier export in OUT")
+    resume: bool = option(False, "continue an interrupted export into the same OUT")
+    s3_endpoint: str | None = same_option(ClassifyConfig, "s3_endpoint")
+    engine: Engine = same_option(ClassifyConfig, "engine")
+    address: str | None = same_option(ClassifyConfig, "address")
+    max_retries: int = same_option(ClassifyConfig, "max_retries")
+    flush_seconds: float = same_option(OutputConfig, "flush_seconds")
+
+    def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite and --resume contradict each other: choose one")
+        if self.address and self.engine == "local":
+            raise ValueError("--address joins a Ray cluster: it needs --engine ray (or auto)")
+        for name in ("per_class", "shard_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def label_list(items: Sequence[str], where: str) -> tuple[str, ...]:
     """Zero-shot labels: stripped, blanks dropped, at least one, none twice."""
     labels = tuple(label.strip() for label in items if label.strip())

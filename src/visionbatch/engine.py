@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 
-from visionbatch.config import ClassifyConfig
+from visionbatch.config import ClassifyConfig, ExportConfig
 from visionbatch.plan import ModelPlan, Prepared, Resources
 from visionbatch.shards import AnyShard, InputSpec
 from visionbatch.sinks import ShardWriter
@@ -69,6 +69,15 @@ class Engine:
         worker yields nothing)."""
         raise NotImplementedError
 
+    def map_tasks(self, fn: Callable, items: list, max_retries: int, address: str | None = None,
+                  poll_s: float = 1.0) -> Iterator:
+        """``fn(item)`` for each item, a task each (a picklable module-level function and
+        arguments), retried ``max_retries`` times when it fails or its worker dies; yields
+        the results as tasks finish, and None after ``poll_s`` seconds without one (so
+        that the caller can commit on time). Tasks must be idempotent: a retried one
+        runs again from the start. For work that is not a classify job (``export``)."""
+        raise NotImplementedError
+
     def failure(self, err: BaseException) -> str | None:
         """The one-line reason for an engine failure (else None: not the engine's)."""
         return None
@@ -89,12 +98,12 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def make_engine(config: ClassifyConfig) -> Engine:
-    """``--engine``: auto takes Ray for a cluster (``--address``) or more than one GPU,
-    else the local engine."""
+def make_engine(config: ClassifyConfig | ExportConfig, model: bool = True) -> Engine:
+    """``--engine``: auto takes Ray for a cluster (``--address``) or, for a job with a
+    ``model``, more than one GPU; else the local engine."""
     name = config.engine
     if name == "auto":
-        name = "ray" if config.address or gpu_count() > 1 else "local"
+        name = "ray" if config.address or (model and gpu_count() > 1) else "local"
     if name == "ray":
         from visionbatch.engine_ray import RayEngine
 

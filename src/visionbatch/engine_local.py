@@ -228,6 +228,54 @@ class LocalEngine(Engine):
         finally:
             pool.close()
 
+    def map_tasks(self, fn: Callable, items: list, max_retries: int, address: str | None = None,
+                  poll_s: float = 1.0) -> Iterator:
+        """The standard library's process pool, a worker per core, a few tasks queued
+        ahead; a worker that dies breaks the pool: the tasks in flight go again, in a new one."""
+        workers = max(1, min(_cpus(), len(items)))
+        todo = list(range(len(items)))[::-1]  # a stack of item indices, the first on top
+        tries = [0] * len(items)
+        in_flight: dict[concurrent.futures.Future, int] = {}
+        pool = _Pool(workers)
+        try:
+            while todo or in_flight:
+                broken = False
+                while todo and len(in_flight) < 2 * workers:
+                    try:
+                        future = pool.executor.submit(fn, items[todo[-1]])
+                    except BrokenProcessPool:  # a worker died since the last look
+                        broken = True
+                        break
+                    tries[todo[-1]] += 1
+                    in_flight[future] = todo.pop()
+                done, _ = concurrent.futures.wait(in_flight, timeout=poll_s,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    index = in_flight.pop(future)
+                    error = future.exception()
+                    if error is None:
+                        yield future.result()
+                        continue
+                    if isinstance(error, BrokenProcessPool):
+                        broken = True
+                    elif tries[index] > max_retries:
+                        raise error
+                    else:
+                        log.warning("a task failed (%s); trying it again", error)
+                    todo.append(index)
+                if broken:
+                    log.warning("a worker process died; the tasks in flight go again")
+                    todo.extend(in_flight.values())
+                    in_flight.clear()
+                    if any(tries[index] > max_retries for index in todo):
+                        raise JobError(f"a worker process died {max_retries + 1} times with the same task in hand")
+                    pool.close()
+                    pool = _Pool(workers)
+                elif not done:
+                    yield None
+        finally:
+            pool.close()
+
 
 class _CoreSplit:
     """On CPU, the cores the model's torch threads take follow what the job shows: the

@@ -13,6 +13,7 @@ It wires the plain stages into one Ray Data dataset::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import warnings
@@ -151,6 +152,26 @@ class RayEngine(Engine):
                            pyarrow_blocks=False)
         with _failures_become_rows():
             yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+    def map_tasks(self, fn, items: list, max_retries: int, address: str | None = None,
+                  poll_s: float = 1.0) -> Iterator:
+        """A Ray task per item (retried by Ray, on failure and on a lost worker or node),
+        at most twice the cluster's CPUs in flight."""
+        import ray
+
+        init_ray(address)
+        remote = ray.remote(fn).options(num_cpus=1, max_retries=max_retries, retry_exceptions=True)
+        limit = 2 * int(ray.cluster_resources().get("CPU", 1))
+        pending, in_flight = iter(items), []
+        while True:
+            in_flight += [remote.remote(item) for item in itertools.islice(pending, limit - len(in_flight))]
+            if not in_flight:
+                return
+            done, in_flight = ray.wait(in_flight, num_returns=1, timeout=poll_s)
+            if not done:
+                yield None
+            for ref in done:
+                yield ray.get(ref)
 
     def failure(self, err: BaseException) -> str | None:
         import ray.exceptions

@@ -89,12 +89,7 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
     with sigterm_as_interrupt():
         try:
             destination = Destination(output.dest, Storage(config.s3_endpoint))
-            if destination.has_results() and not (output.overwrite or output.resume):
-                raise JobError(f"{output.dest} already holds results: pass --overwrite to replace them "
-                               "or --resume to continue")
-            destination.check_writable()
-            lease = Lease(destination)
-            lease.claim()
+            lease = Lease.take(destination, output.overwrite, output.resume)
         except (SourceError, DestinationError) as err:
             raise JobError(str(err)) from None
         engine = None

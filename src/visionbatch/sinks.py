@@ -191,6 +191,12 @@ class Destination:
 
         self._store(name, copy)
 
+    def copy_file(self, name: str, local_path: str) -> None:
+        """Copy a file out to local disk, streamed (the reverse of :meth:`write_file`)."""
+        with self.fs.open_input_stream(self._path(name)) as source, open(local_path, "wb") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+
     def _store(self, name: str, fill) -> None:
         try:
             self._write(name, fill)
@@ -474,7 +480,8 @@ class Manifest:
 
     def add(self, record: dict) -> None:
         counts = dict(record["counts"])
-        self.metric_counts = merge_counts(self.metric_counts, counts.pop("metrics"))
+        if "metrics" in counts:  # a classify job's shard (an export's has none)
+            self.metric_counts = merge_counts(self.metric_counts, counts.pop("metrics"))
         self.shards[record["shard"]] = {**{key: value for key, value in record.items()
                                            if key not in ("shard", MODEL_TRACEBACK)}, "counts": counts}
 
@@ -589,6 +596,18 @@ class Lease:
         while not self._stop.wait(LEASE_RENEW_S):
             with contextlib.suppress(Exception):  # a missed beat is retried; 6 in a row make it stale
                 self._write()
+
+    @classmethod
+    def take(cls, destination: "Destination", overwrite: bool, resume: bool) -> "Lease":
+        """Before any work: refuse a DEST that holds results unless told what to do with
+        them, or that cannot be written; then claim it (:meth:`confirm` later)."""
+        if destination.has_results() and not (overwrite or resume):
+            raise DestinationError(f"{destination.uri} already holds results: pass --overwrite to replace them "
+                                   "or --resume to continue")
+        destination.check_writable()
+        lease = cls(destination)
+        lease.claim()
+        return lease
 
     def release(self) -> None:
         self._stop.set()

@@ -1,0 +1,544 @@
+"""Export: the original images of chosen result rows, as a data set to train on or to review.
+
+``visionbatch export DEST --to OUT --format webdataset|imagefolder|labelstudio``, rows
+chosen by ``--where`` (SQL), ``--per-class N`` and ``--label-issues`` (all that apply):
+
+select  DuckDB runs ``--where`` over each committed part file of DEST, one part in
+        memory at a time (read as every reader of DEST reads it: any format, any
+        storage), and spills the matching rows (never error rows) to a local file;
+        over the spill, DuckDB keeps the rows ``label-issues`` flagged (a semi-join on
+        DEST/_label_issues.parquet) and the ``--per-class`` least confident (QUALIFY
+        row_number() OVER (PARTITION BY label ORDER BY score) <= N), within a memory
+        limit, in DEST's order. The selection is written once, to OUT/_selection.parquet,
+        in row groups of ``--shard-size`` rows: row group i is export shard i, so a
+        resumed export does exactly the same rows.
+shards  :func:`export_shard` (a task on the engine) reads its row group and each row's
+        original bytes with the readers classify used: files, ``s3://`` and URLs by
+        their path; tar members and Parquet cells through the classify job's own shard
+        of them (listed again, and checked against DEST's digests): a part file's rows
+        are its shard's samples in order, so a row's index in its part is its sample's
+        (the one exact address: a Parquet cell's row path may be only the file name its
+        image struct carries).
+        It writes its output under names made from the shard's number, so a repeated
+        shard rewrites the same files: exactly once by construction.
+commit  the driver lists finished shards in OUT/_manifest.json (:class:`sinks.Manifest`,
+        with the export's options: ``--resume`` with others is refused), then _SUCCESS.
+
+The driver holds one part file while selecting, then per shard a record: its memory
+grows with the number of shards, never with the number of rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import re
+import tarfile
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
+from visionbatch.results import EMBEDDING, KEY_COLUMN
+from visionbatch.samples import Reading, read_ahead, shard_samples
+from visionbatch.shards import AnyShard, paths_digest
+from visionbatch.sinks import LABEL_ISSUES, LEASE, Destination, DestinationError, job_schema
+from visionbatch.sources import IMAGE_EXTENSIONS
+from visionbatch.storage import Storage, canonical_uri, describe
+
+SELECTION = "_selection.parquet"
+TASKS = "tasks.json"  # labelstudio: every task, merged from TASK_PARTS/<shard>.json at the end
+TASK_PARTS = "_tasks"
+IMAGES = "images"  # labelstudio: the image files its tasks point to
+PART, ROW = "_part", "_row"  # a selected row's part file (its shard id) and index in it
+SELECT_MEMORY = "256MB"  # DuckDB's memory limit while selecting; beyond it, it spills to disk
+# What a sample's .json (webdataset) carries, where the row has it.
+SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score")
+_FORMATS = {"JPEG": ".jpg", "TIFF": ".tif"}  # Pillow's format name -> extension, where not .<name>
+
+
+class ExportOutput(Destination):
+    """OUT: unlike DEST it holds folders (labels, images) and files of any name. Each
+    file is written whole (as DEST's are) before its shard commits."""
+
+    def entries(self) -> list[pafs.FileInfo]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except (OSError, pa.ArrowException) as err:
+            raise DestinationError(f"cannot list {self.uri}: {describe(err)}") from err
+        return [info for info in infos if info.base_name != LEASE and not info.base_name.startswith(".")]
+
+    def has_results(self) -> bool:
+        return bool(self.entries())
+
+    def clear(self) -> None:
+        """Remove an earlier export (and only that: a folder with other files, a classify
+        job's DEST among them, is refused)."""
+        if not (self.manifest() or {}).get("job", {}).get("export"):
+            raise DestinationError(f"{self.uri} holds files that no export wrote: --overwrite replaces only an "
+                                   "earlier export; choose an empty or new OUT")
+        for info in self.entries():
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(info.path)
+            else:
+                self.fs.delete_file(info.path)
+
+    def damaged_parts(self, shards: dict[str, dict]) -> dict[str, str]:
+        return {}  # a shard's files are all written, whole, before it commits
+
+    def folder(self, name: str) -> Destination:
+        return Destination(f"{self.uri}/{name}", self.storage)
+
+
+# --------------------------------------------------------------------------- select
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _connect(work: str):
+    import duckdb
+
+    db = duckdb.connect()
+    db.execute(f"SET memory_limit = '{SELECT_MEMORY}'")
+    db.execute(f"SET temp_directory = {_quoted(work)}")
+    return db
+
+
+def _rows_of_parts(destination: Destination) -> Iterator[pa.Table]:
+    """Each committed part's rows (no embeddings), with its shard id and each row's index in it."""
+    manifest = destination.finished_manifest()
+    schema = job_schema(manifest["job"])
+    for shard, record in sorted(manifest["shards"].items()):
+        rows = destination.read_part(record["file"], record["rows"], schema)
+        if EMBEDDING in rows.column_names:
+            rows = rows.drop_columns([EMBEDDING])
+        if KEY_COLUMN not in rows.column_names:
+            rows = rows.append_column(KEY_COLUMN, pa.nulls(rows.num_rows, pa.string()))
+        yield (rows.append_column(PART, pa.array([shard] * rows.num_rows, pa.string()))
+               .append_column(ROW, pa.array(range(rows.num_rows), pa.int64())))
+
+
+def select(destination: Destination, config: ExportConfig, work: str) -> str:
+    """The chosen rows of DEST, in its order, as a local Parquet file in row groups of
+    ``config.shard_size`` rows; returns its path. A bad ``--where`` is a ValueError that
+    names DuckDB's error and the columns there are."""
+    issues = None
+    if config.label_issues:
+        if LABEL_ISSUES not in destination.files():
+            raise DestinationError(f"{destination.uri} has no {LABEL_ISSUES}: run visionbatch label-issues "
+                                   f"{destination.uri} first")
+        issues = os.path.join(work, LABEL_ISSUES)
+        destination.copy_file(LABEL_ISSUES, issues)
+    spill, chosen = os.path.join(work, "matching.parquet"), os.path.join(work, "chosen.parquet")
+    where = f"error IS NULL AND ({config.where})" if config.where else "error IS NULL"
+    with _connect(work) as db:
+        writer, schema = None, None
+        try:
+            for part in _rows_of_parts(destination):
+                db.register("results", part)
+                try:
+                    matching = db.sql(f"SELECT * FROM results WHERE {where}").to_arrow_table()
+                except Exception as err:  # duckdb.Error: a parse, binder or conversion error
+                    raise ValueError(f"--where {config.where!r}: {describe(err)}; the columns are: "
+                                     f"{', '.join(name for name in part.column_names if name not in (PART, ROW))}"
+                                     ) from None
+                finally:
+                    db.unregister("results")
+                if writer is None:
+                    schema = matching.schema
+                    writer = pq.ParquetWriter(spill, schema)
+                writer.write_table(matching.cast(schema))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:  # a job with no rows
+            pq.write_table(pa.table({PART: pa.array([], pa.string())}), chosen)
+            return chosen
+        query = f"SELECT * FROM read_parquet({_quoted(spill)})"
+        if issues:
+            query += f" WHERE path IN (SELECT path FROM read_parquet({_quoted(issues)}))"
+        if config.per_class:
+            query += f" QUALIFY row_number() OVER (PARTITION BY label ORDER BY score, {PART}, {ROW}) <= {config.per_class}"
+        unsized = os.path.join(work, "sorted.parquet")
+        db.execute(f"COPY ({query} ORDER BY {PART}, {ROW}) TO {_quoted(unsized)} (FORMAT parquet)")
+    return _in_shards(pq.ParquetFile(unsized), chosen, config.shard_size)
+
+
+def _in_shards(rows: pq.ParquetFile, path: str, size: int) -> str:
+    """Rewrite ``rows`` with row groups of exactly ``size`` rows (the last one fewer): an
+    export shard each. Holds at most ``size`` rows and one batch."""
+    with pq.ParquetWriter(path, rows.schema_arrow) as writer:
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for batch in rows.iter_batches(batch_size=size):
+            pending.append(batch)
+            held += batch.num_rows
+            while held >= size:
+                table = pa.Table.from_batches(pending)
+                writer.write_table(table.slice(0, size), row_group_size=size)
+                rest = table.slice(size)
+                pending, held = rest.to_batches(), rest.num_rows
+        if held:
+            writer.write_table(pa.Table.from_batches(pending), row_group_size=size)
+    return path
+
+
+# --------------------------------------------------------------------------- where the bytes are
+
+
+def _container_parts(selection: pq.ParquetFile, table_job: bool) -> list[list[str]]:
+    """Per row group (export shard), the part files (shard ids) of its rows that came
+    from a tar or a table: rows with a WebDataset key, or every row of a table job."""
+    per_shard = []
+    for group in range(selection.num_row_groups):
+        rows = selection.read_row_group(group, columns=[PART, KEY_COLUMN])
+        if not table_job:
+            rows = rows.filter(pc.is_valid(rows.column(KEY_COLUMN)))
+        per_shard.append(sorted(set(rows.column(PART).to_pylist())))
+    return per_shard
+
+
+def _containers(job: dict, committed: dict[str, dict], needed: set[str], storage: Storage) -> dict[str, AnyShard]:
+    """The classify job's tar and table shards named in ``needed``, listed again as it
+    listed them (their digests must still be DEST's: else the input changed)."""
+    if not needed:
+        return {}
+    from visionbatch.config import ClassifyConfig
+    from visionbatch.plan import input_spec
+    from visionbatch.shards import iter_shards
+    from visionbatch.sources import ListingCounts
+
+    config = ClassifyConfig(sources=tuple(job["sources"]), from_list=job["from_list"], url_column=job["url_column"],
+                            image_column=job["image_column"], keep_columns=tuple(job["keep_columns"]),
+                            follow_symlinks=job["follow_symlinks"], shard_size=job["shard_size"],
+                            limit=job["limit"], labels=job["labels"], label_column=job["label_column"])
+    found: dict[str, AnyShard] = {}
+    for shard in iter_shards(input_spec(config), storage, ListingCounts()):
+        if shard.id in needed:
+            if shard.digest != committed[shard.id]["digest"]:
+                break
+            found[shard.id] = shard
+            if len(found) == len(needed):
+                return found
+    missing = sorted(needed - set(found))
+    raise DestinationError(f"the input of {job['sources'][0]} changed since DEST was written (shard {missing[0]}"
+                           f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): its images cannot "
+                           "be found as they were classified")
+
+
+def _images(rows: pa.Table, containers: dict[str, AnyShard], reading: Reading) -> Iterator[bytes | str]:
+    """Each row's original bytes (or its read error), in order, streamed: a run of rows of
+    one part file at a time (files read a few at once; a tar or table shard read once, its
+    samples taken by index: the selection is in part order, then row order)."""
+    parts, indices, paths = (rows.column(name).to_pylist() for name in (PART, ROW, "path"))
+    start = 0
+    while start < len(parts):
+        end = start
+        while end < len(parts) and parts[end] == parts[start]:
+            end += 1
+        container = containers.get(parts[start])
+        if container is None:
+            yield from read_ahead(paths[start:end], reading.storage, None, reading.read_timeout)
+        else:
+            moved = "read_error: {} is no longer where it was classified".format
+            samples, _ = shard_samples(container, reading)
+            i = start  # the next row to find
+            for index, sample in enumerate(samples):
+                if index == indices[i]:
+                    yield sample.data if sample.path == paths[i] else moved(paths[i])
+                    i += 1
+                    if i == end:
+                        break
+            for i in range(i, end):  # the shard ended before them
+                yield moved(paths[i])
+        start = end
+
+
+def _extension(path: str, data: bytes) -> str:
+    """The file's own extension where it is an image's (as spelled); else the format its bytes show."""
+    ext = posixpath.splitext(re.split(r"[/#]", path)[-1])[1]
+    if ext.lower() in IMAGE_EXTENSIONS:
+        return ext
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _FORMATS.get(image.format, f".{image.format.lower()}")
+    except Exception:  # not an image Pillow knows: the bytes are still written as they are
+        return ".bin"
+
+
+def safe_name(text: str, limit: int = 100) -> str:
+    """``text`` as one file or folder name: no separators, no control characters, not
+    hidden, not empty (labels are ImageNet's "tench, Tinca tinca" and anything else)."""
+    name = re.sub(r"[/\\\x00-\x1f\x7f]", "_", text).strip()[:limit]
+    return "_" + name[1:] if name.startswith(".") else (name or "_")
+
+
+def _stem(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", posixpath.splitext(re.split(r"[/#]", path)[-1])[0])[:60]
+
+
+def sample_json(row: dict) -> dict:
+    return {name: row[name] for name in SAMPLE_FIELDS if row.get(name) is not None}
+
+
+# --------------------------------------------------------------------------- export shards
+
+
+@dataclass(frozen=True)
+class ExportTask:
+    """One export shard: row group ``shard`` of the selection, and how to write it
+    (plain values, shipped to a worker process or a Ray task)."""
+
+    out: str
+    storage: Storage
+    format: str
+    shard: int
+    containers: dict  # shard id -> the classify job's tar or table shard, for this shard's rows
+    reading: Reading
+    image_url_prefix: str
+    model: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.shard:06d}"
+
+
+class _TarWriter:
+    """webdataset: shard-<id>.tar, per sample <key>.<ext> and <key>.json (a key has no dot:
+    webdataset splits a member's name at its first one)."""
+
+    def __init__(self, task: ExportTask, out: ExportOutput, work: str):
+        self.out, self.name = out, f"shard-{task.id}.tar"
+        self.local = os.path.join(work, self.name)
+        self.tar = tarfile.open(self.local, "w", format=tarfile.PAX_FORMAT)
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
+        self._member(f"{key}{ext.lower()}", data)  # webdataset's decoders go by lower-case extensions
+        self._member(f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode())
+
+    def close(self) -> str:
+        self.tar.close()
+        self.out.write_file(self.name, self.local)
+        return self.name
+
+
+class _FolderWriter:
+    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique)."""
+
+    def __init__(self, task: ExportTask, out: ExportOutput, work: str):
+        self.out, self.folders = out, {}
+
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
+        label = safe_name(row["label"])
+        if label not in self.folders:
+            self.folders[label] = self.out.folder(label)
+        self.folders[label].write_bytes(f"{key}-{_stem(row['path'])}{ext}", data)
+
+    def close(self) -> None:
+        return None
+
+
+class _LabelStudioWriter:
+    """labelstudio: images/<key>-<stem><ext>, and the shard's tasks in _tasks/<id>.json:
+    Label Studio's JSON import format, the prediction as a pre-annotation (a "choices"
+    result from a <Choices name="label"> to an <Image name="image">)."""
+
+    def __init__(self, task: ExportTask, out: ExportOutput, work: str):
+        self.task, self.out, self.images, self.tasks = task, out, out.folder(IMAGES), []
+
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
+        name = f"{key}-{_stem(row['path'])}{ext}"
+        self.images.write_bytes(name, data)
+        data_fields = {"image": f"{self.task.image_url_prefix}{IMAGES}/{name}", "path": row["path"]}
+        if row.get("true_label") is not None:
+            data_fields["true_label"] = row["true_label"]
+        self.tasks.append({"data": data_fields, "predictions": [{
+            "model_version": self.task.model, "score": row["score"],
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                        "value": {"choices": [row["label"]]}}]}]})
+
+    def close(self) -> str:
+        name = f"{self.task.id}.json"
+        self.out.folder(TASK_PARTS).write_bytes(name, json.dumps(self.tasks, ensure_ascii=False).encode())
+        return f"{TASK_PARTS}/{name}"
+
+
+_WRITERS = {"webdataset": _TarWriter, "imagefolder": _FolderWriter, "labelstudio": _LabelStudioWriter}
+
+
+def export_shard(task: ExportTask) -> dict:
+    """Write one export shard's images; its commit record (rows written, rows whose
+    image could not be read and the first such row's error)."""
+    out = ExportOutput(task.out, task.storage)
+    with out.open_file(SELECTION) as file:
+        rows = pq.ParquetFile(file).read_row_group(task.shard)
+    written, missing, example = 0, 0, None
+    with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+        writer = _WRITERS[task.format](task, out, work)
+        for i, (row, data) in enumerate(zip(rows.to_pylist(), _images(rows, task.containers, task.reading))):
+            if isinstance(data, str):
+                missing += 1
+                example = example or f"{row['path']}: {data}"
+                continue
+            writer.add(f"{task.id}-{i:06d}", row, data, _extension(row["path"], data))
+            written += 1
+        file_name = writer.close()
+    return {"shard": task.id, "file": file_name, "rows": written, "counts": {"missing": missing},
+            "missing_example": example}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class ExportSummary:
+    out: str
+    format: str
+    selected: int
+    written: int
+    missing: int
+    missing_example: str | None
+    wall_time_s: float
+
+    def format_lines(self) -> str:
+        lines = [f"exported          {self.written:,} of {self.selected:,} selected rows -> {self.out} "
+                 f"({self.format}, {self.wall_time_s:.1f} s)"]
+        if not self.selected:
+            lines.append("nothing selected: the export is empty")
+        if self.missing:
+            lines.append(f"not exported      {self.missing:,} rows whose image could not be read "
+                         f"(first: {self.missing_example})")
+        return "\n".join(lines)
+
+
+def export_identity(config: ExportConfig, dest_manifest: dict) -> dict:
+    """Everything that changes an export's output: --resume with another is refused."""
+    shards = dest_manifest["shards"]
+    return {"export": True, "dest": canonical_uri(config.dest),
+            "dest_digest": paths_digest(f"{shard} {record['digest']} {record['rows']}"
+                                        for shard, record in sorted(shards.items())),
+            "format": config.format, "where": config.where, "per_class": config.per_class,
+            "label_issues": config.label_issues, "shard_size": config.shard_size,
+            "image_url_prefix": config.image_url_prefix if config.format == "labelstudio" else None}
+
+
+def run_export(config: ExportConfig, progress=None) -> ExportSummary:
+    """Export the chosen rows' images from DEST to OUT (module docstring); ``progress``:
+    the stream for the progress bar (None: no bar)."""
+    from visionbatch.engine import make_engine
+    from visionbatch.job import JobError, JobInterrupted, ignore_further_interrupts, sigterm_as_interrupt
+    from visionbatch.sinks import Lease, Manifest
+
+    started = time.monotonic()
+    storage = Storage(config.s3_endpoint)
+    destination, out = Destination(config.dest, storage), ExportOutput(config.to, storage)
+    with sigterm_as_interrupt():
+        dest_manifest = destination.finished_manifest()
+        lease = Lease.take(out, config.overwrite, config.resume)
+        engine, bar, manifest = None, None, None
+        try:
+            lease.confirm()
+            manifest = Manifest.open(out, export_identity(config, dest_manifest), overwrite=config.overwrite,
+                                     resume=config.resume)
+            if not manifest.shards or SELECTION not in out.files():  # nothing done yet: choose the rows (again)
+                manifest.shards.clear()
+                with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+                    out.write_file(SELECTION, select(destination, config, work))
+            with out.open_file(SELECTION) as file:
+                selection = pq.ParquetFile(file)
+                selected = selection.metadata.num_rows
+                parts = _container_parts(selection, bool(dest_manifest["job"].get("image_column")))
+            containers = _containers(dest_manifest["job"], dest_manifest["shards"],
+                                     {part for shard in parts for part in shard}, storage)
+            reading = Reading(storage, image_column=dest_manifest["job"].get("image_column"),
+                              read_timeout=DEFAULT_READ_TIMEOUT_S)
+            tasks = [ExportTask(out.uri, storage, config.format, shard, {part: containers[part] for part in mine},
+                                reading, config.image_url_prefix, dest_manifest["job"].get("model") or "")
+                     for shard, mine in enumerate(parts) if f"{shard:06d}" not in manifest.shards]
+            from tqdm import tqdm
+
+            done = sum(record["rows"] + record["counts"]["missing"] for record in manifest.shards.values())
+            bar = tqdm(total=selected, initial=done, unit="img", disable=progress is None, dynamic_ncols=True,
+                       file=progress, desc="export", smoothing=0.1)
+            if tasks:
+                engine = make_engine(config, model=False)
+                for record in engine.map_tasks(export_shard, tasks, config.max_retries, config.address):
+                    if record is not None:
+                        manifest.add(record)
+                        bar.update(record["rows"] + record["counts"]["missing"])
+                    if manifest.due(config.flush_seconds):
+                        manifest.write()
+            if config.format == "labelstudio":
+                _merge_tasks(out, len(parts))
+            manifest.write(complete=True)
+        except KeyboardInterrupt:
+            ignore_further_interrupts()
+            raise JobInterrupted(_stopped("interrupted", manifest, config.to)) from None
+        except ValueError:  # a bad --where: nothing to keep
+            raise
+        except (JobError, DestinationError) as err:
+            raise JobError(_stopped(str(err), manifest, config.to)) from None
+        except Exception as err:  # the engine's own failure, or a bug: keep what was committed
+            why = engine.failure(err) if engine is not None else None
+            if why is None:
+                traceback.print_exc()  # to the log file (the command sends library output there)
+                why = f"the export failed: {describe(err)} (the traceback is in the log)"
+            raise JobError(_stopped(why, manifest, config.to)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+            lease.release()
+            if engine is not None:
+                engine.close()
+    records = manifest.shards.values()
+    return ExportSummary(config.to, config.format, selected, sum(record["rows"] for record in records),
+                         sum(record["counts"]["missing"] for record in records),
+                         next((record["missing_example"] for record in records if record["missing_example"]), None),
+                         time.monotonic() - started)
+
+
+def _stopped(why: str, manifest, out: str) -> str:
+    """Commit what finished; the message says what was kept and how to go on."""
+    if manifest is None:  # stopped before the export began
+        return why
+    with contextlib.suppress(Exception):
+        manifest.write()
+    if not manifest.saved_rows:
+        return f"{why}; no exported rows had been committed yet"
+    return f"{why}; {manifest.saved_rows} exported rows are saved in {out}: rerun the same command with --resume"
+
+
+def _merge_tasks(out: ExportOutput, shards: int) -> None:
+    """labelstudio: the shards' task lists as one import file, streamed (a shard's list at a time)."""
+    parts = out.folder(TASK_PARTS)
+    with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+        merged = os.path.join(work, TASKS)
+        with open(merged, "wb") as file:
+            file.write(b"[")
+            first = True
+            for shard in range(shards):
+                body = parts.read_bytes(f"{shard:06d}.json").strip()[1:-1].strip()
+                if body:
+                    file.write(body if first else b"," + body)
+                    first = False
+            file.write(b"]")
+        out.write_file(TASKS, merged)

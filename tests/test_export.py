@@ -1,0 +1,459 @@
+"""export: the chosen rows' original bytes, in each format, from each kind of input, exactly
+once across a kill -9 and --resume. Real jobs, real files, the libraries that read the
+formats (webdataset, datasets' imagefolder, Label Studio's documented import schema)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import SAMPLE_DIR, WNIDS
+from test_faults import kill_session, session_processes, start  # noqa: F401 (start: the fixture that starts and cleans up runs)
+from visionbatch.cli import main
+from visionbatch.export import SELECTION, TASKS, safe_name
+from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
+
+N_IMAGES = 24
+
+
+def _write_colored(path: Path, seed: int) -> Path:
+    """A small JPEG of one noisy colour: the tiny model's labels vary with the colour."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.integers(0, 256, 3) + rng.integers(-40, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export-images")
+    for i in range(N_IMAGES):
+        _write_colored(root / WNIDS[i % 4] / f"img {i}.jpg", seed=i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def job(images, tiny_vit, tmp_path_factory) -> tuple[Path, pa.Table]:
+    """A finished classify job over ``images`` (five shards), and its result rows."""
+    dest = tmp_path_factory.mktemp("export-job") / "dest"
+    assert main(["classify", str(images), "--model", tiny_vit, "--output", str(dest), "-q", "--shard-size", "5"]) == 0
+    return dest, read_results(str(dest))
+
+
+def _median(table: pa.Table) -> float:
+    """A threshold that selects some rows but not all (the tiny model's scores are low:
+    the acceptance's 0.5 would select every row)."""
+    return float(np.median(table.column("score").to_numpy()))
+
+
+def _expected(table: pa.Table, threshold: float) -> dict[str, dict]:
+    """The rows ``score < threshold`` selects, computed without export's code."""
+    return {row["path"]: row for row in table.to_pylist() if row["error"] is None and row["score"] < threshold}
+
+
+def _export(dest, out, *options) -> None:
+    assert main(["export", str(dest), "--to", str(out), "-q", *map(str, options)]) == 0
+
+
+def _tar_samples(out: Path) -> list[dict]:
+    import webdataset as wds
+
+    urls = sorted(str(tar) for tar in out.glob("*.tar"))
+    return list(wds.WebDataset(urls, shardshuffle=False)) if urls else []
+
+
+def _by_path(samples: list[dict]) -> dict[str, tuple[bytes, dict]]:
+    """webdataset's samples by their row's path: (the image member's bytes, the .json)."""
+    found = {}
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        (image,) = [value for key, value in sample.items() if not key.startswith("__") and key != "json"]
+        assert meta["path"] not in found, f"{meta['path']} exported twice"
+        assert "." not in sample["__key__"]
+        found[meta["path"]] = (image, meta)
+    return found
+
+
+# --------------------------------------------------------------------------- the three formats
+
+
+def test_webdataset(job, tmp_path, capfd):
+    dest, table = job
+    threshold = _median(table)
+    expected = _expected(table, threshold)
+    assert 0 < len(expected) < table.num_rows
+    out = tmp_path / "out"
+    _export(dest, out, "--format", "webdataset", "--where", f"score < {threshold}", "--shard-size", "4")
+    found = _by_path(_tar_samples(out))
+    assert set(found) == set(expected)
+    for path, (image, meta) in found.items():
+        assert image == Path(path).read_bytes()
+        row = expected[path]
+        assert meta["label"] == row["label"] and meta["true_label"] == row["true_label"]
+        assert meta["top_k_labels"] == row["top_k_labels"]
+        assert meta["score"] == pytest.approx(row["score"]) and meta["true_label_score"] == pytest.approx(
+            row["true_label_score"])
+    assert len(list(out.glob("*.tar"))) == -(-len(expected) // 4)
+    # Run again without --resume or --overwrite: refused; with --overwrite: the same export.
+    assert main(["export", str(dest), "--to", str(out), "-q", "--where", f"score < {threshold}"]) == 1
+    _export(dest, out, "--overwrite", "--where", f"score < {threshold}", "--shard-size", "4")
+    assert set(_by_path(_tar_samples(out))) == set(expected)
+    # --resume with other options: refused, naming them.
+    assert main(["export", str(dest), "--to", str(out), "-q", "--resume", "--where", "score < 0.01",
+                 "--shard-size", "4"]) == 1
+    assert "--resume with other options" in capfd.readouterr().err
+    # --overwrite replaces an earlier export, never a classify job's DEST.
+    assert main(["export", str(dest), "--to", str(dest), "-q", "--overwrite"]) == 1
+    assert read_results(str(dest)).num_rows == table.num_rows
+
+
+def test_imagefolder_reads_as_a_hugging_face_dataset(job, tmp_path):
+    import datasets
+
+    dest, table = job
+    threshold = _median(table)
+    expected = _expected(table, threshold)
+    out = tmp_path / "out"
+    _export(dest, out, "--format", "imagefolder", "--where", f"score < {threshold}", "--shard-size", "4")
+    files = sorted(path for path in out.rglob("*.jpg"))
+    assert len(files) == len(expected)
+    by_bytes = {Path(path).read_bytes(): row for path, row in expected.items()}
+    assert len(by_bytes) == len(expected)  # each image distinct: matched by content
+    for file in files:
+        assert file.parent.name == safe_name(by_bytes[file.read_bytes()]["label"])
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert len(ds) == len(expected)
+    names = ds.features["label"].names
+    assert sorted(names[label] for label in ds["label"]) == sorted(safe_name(row["label"]) for row in expected.values())
+
+
+# The documented format of a Label Studio import file with pre-annotations, written from
+# https://labelstud.io/guide/predictions ("JSON format for pre-annotations": a list of
+# tasks, each a `data` object and a `predictions` array; a prediction's `result` items
+# carry from_name, to_name, type and value; classification is type "choices" with
+# value.choices) and https://labelstud.io/guide/task_format (`model_version`, `score`).
+LABEL_STUDIO_IMPORT_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "object", "required": ["image"], "properties": {"image": {"type": "string"}}},
+            "predictions": {"type": "array", "items": {
+                "type": "object",
+                "required": ["result"],
+                "properties": {
+                    "model_version": {"type": "string"},
+                    "score": {"type": "number"},
+                    "result": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["from_name", "to_name", "type", "value"],
+                        "properties": {
+                            "from_name": {"type": "string"}, "to_name": {"type": "string"},
+                            "type": {"const": "choices"},
+                            "value": {"type": "object", "required": ["choices"],
+                                      "properties": {"choices": {"type": "array", "items": {"type": "string"},
+                                                                 "minItems": 1}}},
+                        }}},
+                }}},
+        },
+    },
+}
+
+
+def test_labelstudio_tasks_follow_the_documented_import_format(job, tmp_path):
+    import jsonschema
+
+    dest, table = job
+    threshold = _median(table)
+    expected = _expected(table, threshold)
+    out = tmp_path / "out"
+    _export(dest, out, "--format", "labelstudio", "--where", f"score < {threshold}", "--shard-size", "4",
+            "--image-url-prefix", "http://files.example/export/")
+    tasks = json.loads((out / TASKS).read_text())
+    jsonschema.validate(tasks, LABEL_STUDIO_IMPORT_SCHEMA)
+    assert sorted(task["data"]["path"] for task in tasks) == sorted(expected)
+    for task in tasks:
+        row = expected[task["data"]["path"]]
+        image = task["data"]["image"]
+        assert image.startswith("http://files.example/export/images/")
+        assert (out / image.removeprefix("http://files.example/export/")).read_bytes() == Path(row["path"]).read_bytes()
+        (prediction,) = task["predictions"]
+        assert prediction["result"][0]["value"]["choices"] == [row["label"]]
+        assert prediction["score"] == pytest.approx(row["score"])
+
+
+# --------------------------------------------------------------------------- choosing rows
+
+
+def test_per_class_and_label_issues(job, tmp_path, capfd):
+    dest, table = job
+    rows = [row for row in table.to_pylist() if row["error"] is None]
+    least = {}
+    for row in sorted(rows, key=lambda row: row["score"]):
+        least.setdefault(row["label"], row["path"])
+    assert len(least) > 1
+    _export(dest, tmp_path / "per-class", "--per-class", "1")
+    assert set(_by_path(_tar_samples(tmp_path / "per-class"))) == set(least.values())
+
+    assert main(["export", str(dest), "--to", str(tmp_path / "no-issues"), "--label-issues"]) == 1
+    assert f"run visionbatch label-issues {dest} first" in capfd.readouterr().err
+    assert main(["label-issues", str(dest)]) == 0
+    flagged = set(pq.read_table(dest / LABEL_ISSUES).column("path").to_pylist())
+    threshold = _median(table)
+    expected = flagged & set(_expected(table, threshold))
+    assert expected
+    _export(dest, tmp_path / "issues", "--label-issues", "--where", f"score < {threshold}")
+    found = _by_path(_tar_samples(tmp_path / "issues"))
+    assert set(found) == expected
+    assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+
+
+def test_bad_sql_and_nothing_selected(job, tmp_path, capfd):
+    dest, table = job
+    assert main(["export", str(dest), "--to", str(tmp_path / "bad"), "--where", "scor < 0.5"]) == 2
+    err = capfd.readouterr().err
+    assert "--where 'scor < 0.5'" in err and "the columns are: path, label" in err
+    out = tmp_path / "none"
+    assert main(["export", str(dest), "--to", str(out), "--where", "score > 2", "--format", "labelstudio"]) == 0
+    assert "nothing selected" in capfd.readouterr().out
+    assert json.loads((out / TASKS).read_text()) == [] and (out / "_SUCCESS").exists()
+
+
+def test_to_object_storage(job, s3_server, tmp_path):
+    """OUT on S3, written through pyarrow's filesystem as DEST is: the same rows, the same bytes."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    dest, table = job
+    threshold = _median(table)
+    expected = _expected(table, threshold)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="exports")
+    _export(dest, "s3://exports/out", "--where", f"score < {threshold}", "--shard-size", "4", "--s3-endpoint",
+            s3_server)
+    local = tmp_path / "from-s3"
+    local.mkdir()
+    pafs.copy_files("exports/out", str(local), source_filesystem=pafs.S3FileSystem(
+        endpoint_override=s3_server.removeprefix("http://"), scheme="http", region="us-east-1"))
+    found = _by_path(_tar_samples(local))
+    assert set(found) == set(expected)
+    assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+
+
+@pytest.mark.slow
+def test_through_ray(job, tmp_path):
+    dest, table = job
+    threshold = _median(table)
+    _export(dest, tmp_path / "out", "--where", f"score < {threshold}", "--shard-size", "4", "--engine", "ray")
+    found = _by_path(_tar_samples(tmp_path / "out"))
+    assert set(found) == set(_expected(table, threshold))
+    assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+
+
+def test_a_vanished_image_is_left_out_and_counted(images, tmp_path, capfd):
+    """From a CSV DEST (any result format reads): a row whose file is gone since it was
+    classified is not exported, and the summary says so."""
+    from conftest import write_finished_dest
+    from visionbatch.results import RESULT_SCHEMA
+    from visionbatch.sinks import Destination
+
+    files = sorted(images.rglob("*.jpg"))[:5]
+    gone = tmp_path / "gone.jpg"
+    rows = [{"path": str(path), "label": "cat", "score": 0.1 * (i + 1), "top_k_labels": ["cat"],
+             "top_k_scores": [0.1 * (i + 1)]} for i, path in enumerate([*files, gone])]
+    rows.append({"path": str(tmp_path / "broken.jpg"), "error": "decode_error: broken"})
+    dest = tmp_path / "dest"
+    write_finished_dest(Destination(str(dest)), pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), "csv", 3)
+    out = tmp_path / "out"
+    assert main(["export", str(dest), "--to", str(out), "--format", "imagefolder"]) == 0
+    assert sorted(path.read_bytes() for path in (out / "cat").iterdir()) == sorted(f.read_bytes() for f in files)
+    assert f"not exported      1 rows whose image could not be read (first: {gone}: read_error" in capfd.readouterr().out
+
+
+# --------------------------------------------------------------------------- other inputs
+
+
+def test_from_webdataset_tars_and_parquet_tables(images, tiny_vit, tmp_path):
+    """Tar members and Parquet cells (binary, and the hub's {bytes, path} struct whose
+    row path is only a file name) come out with their own bytes."""
+    import datasets
+    import webdataset as wds
+
+    files = sorted(images.rglob("*.jpg"))
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for shard in range(2):
+        with wds.TarWriter(str(tars / f"{shard:05d}.tar")) as tar:
+            for i, file in list(enumerate(files))[shard::2]:
+                tar.write({"__key__": f"s{i:04d}", "jpg": file.read_bytes(), "txt": file.parent.name})
+    pq.write_table(pa.table({"jpg": [file.read_bytes() for file in files], "name": [f.name for f in files]}),
+                   tmp_path / "binary.parquet", row_group_size=10)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in files]},
+                               features=features).to_parquet(str(hub / "train.parquet"))
+    cases = [(tars, []), (tmp_path / "binary.parquet", ["--image-column", "jpg"]),
+             (hub, ["--image-column", "image"])]
+    members = _tar_members(tars)
+    original = {  # a row's path -> the bytes its image came from
+        tars: members.__getitem__,
+        tmp_path / "binary.parquet": lambda path: files[int(path.rpartition("#")[2])].read_bytes(),  # <file>#<row>
+        hub: lambda path: next(f for f in files if f.name == path).read_bytes(),  # the struct's path: a name
+    }
+    for source, options in cases:
+        dest, out = tmp_path / f"dest-{source.name}", tmp_path / f"out-{source.name}"
+        assert main(["classify", str(source), "--model", tiny_vit, "--output", str(dest), "-q", "--labels", "none",
+                     "--shard-size", "7", *options]) == 0
+        table = read_results(str(dest))
+        threshold = _median(table)
+        expected = _expected(table, threshold)
+        _export(dest, out, "--where", f"score < {threshold}", "--shard-size", "3")
+        found = _by_path(_tar_samples(out))
+        assert set(found) == set(expected), source
+        assert all(image == original[source](path) for path, (image, _) in found.items()), source
+
+
+def _tar_members(folder: Path) -> dict[str, bytes]:
+    import tarfile
+
+    members = {}
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                members[f"{path}#{member.name}"] = tar.extractfile(member).read()
+    return members
+
+
+@pytest.mark.skipif(not SAMPLE_DIR.is_dir(), reason=f"sample images not found at {SAMPLE_DIR}")
+def test_sample_images_to_each_format(tiny_vit, tmp_path):
+    import jsonschema
+
+    dest = tmp_path / "dest"
+    assert main(["classify", str(SAMPLE_DIR), "--model", tiny_vit, "--output", str(dest), "-q", "--limit", "40",
+                 "--shard-size", "10"]) == 0
+    table = read_results(str(dest))
+    threshold = _median(table)
+    expected = _expected(table, threshold)
+    sources = sorted(Path(path).read_bytes() for path in expected)
+    for fmt in ("webdataset", "imagefolder", "labelstudio"):
+        out = tmp_path / fmt
+        _export(dest, out, "--where", f"score < {threshold}", "--shard-size", "8", "--format", fmt)
+        if fmt == "webdataset":
+            found = _by_path(_tar_samples(out))
+            assert set(found) == set(expected) and expected
+            assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+        else:
+            images = out / "images" if fmt == "labelstudio" else out
+            assert sorted(path.read_bytes() for path in images.rglob("*.JPEG")) == sources
+        if fmt == "labelstudio":
+            tasks = json.loads((out / TASKS).read_text())
+            jsonschema.validate(tasks, LABEL_STUDIO_IMPORT_SCHEMA)
+            assert sorted(task["data"]["path"] for task in tasks) == sorted(expected)
+
+
+# --------------------------------------------------------------------------- kill -9, then --resume
+
+
+class _GatedFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; once the gate closes, only ``free`` more requests are answered
+    and the others wait for it to open: an export stops mid-way on an event, not a time."""
+
+    gate = threading.Event()
+    free = 0
+    lock = threading.Lock()
+
+    def do_GET(self):
+        with self.lock:
+            allowed = type(self).free > 0 or self.gate.is_set()
+            type(self).free -= 0 if self.gate.is_set() else 1
+        if not allowed:
+            self.gate.wait()
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def gated_server(images):
+    _GatedFiles.gate.set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_GatedFiles, directory=str(images)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    _GatedFiles.gate.set()
+    server.shutdown()
+
+
+def test_kill_9_then_resume_exports_every_row_once(images, gated_server, tiny_vit, tmp_path, start):
+    files = sorted(images.rglob("*.jpg"))
+    urls = [f"{gated_server}/{file.relative_to(images).as_posix().replace(' ', '%20')}" for file in files]
+    (tmp_path / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
+    dest, out = tmp_path / "dest", tmp_path / "out"
+    assert main(["classify", str(tmp_path / "urls.txt"), "--from-list", "--model", tiny_vit, "--output", str(dest),
+                 "-q", "--labels", "none"]) == 0
+    by_url = dict(zip(urls, files))
+    with _GatedFiles.lock:
+        _GatedFiles.free = 3
+        _GatedFiles.gate.clear()
+    args = ["export", dest, "--to", out, "--shard-size", "1", "-q"]
+    run = start(args, tmp_path / "run1")
+    deadline = time.monotonic() + 120
+    while not _committed(out):  # the event: the manifest lists a committed shard
+        assert run.proc.poll() is None, run.stderr
+        assert time.monotonic() < deadline, "no shard committed"
+        time.sleep(0.05)
+    kill_session(run)
+    committed = _committed(out)
+    assert 0 < len(committed) < len(files)
+    # Resumed, stopped again (Ctrl-C: exit 130, what finished committed), resumed to the end.
+    with _GatedFiles.lock:
+        _GatedFiles.free = 2
+    run = start([*args, "--resume"], tmp_path / "run2")
+    while len(_committed(out)) < len(committed) + 1:
+        assert run.proc.poll() is None, run.stderr
+        assert time.monotonic() < deadline, "no shard committed"
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGINT)
+    assert run.wait(60) == 130, run.stderr
+    assert "rerun the same command with --resume" in run.stderr
+    # Resumed again, a worker process killed while it holds a shard: its tasks go again.
+    with _GatedFiles.lock:
+        _GatedFiles.free = 0
+    resumed = start([*args, "--resume"], tmp_path / "run3")
+    while not (workers := [pid for pid, (_, command) in session_processes(resumed.pid).items()
+                           if "spawn_main" in command]):
+        assert resumed.proc.poll() is None, resumed.stderr
+        assert time.monotonic() < deadline, "no worker process"
+        time.sleep(0.05)
+    os.kill(workers[0], signal.SIGKILL)
+    _GatedFiles.gate.set()
+    assert resumed.wait(120) == 0, resumed.stderr
+    assert "a worker process died" in resumed.stderr
+    found = _by_path(_tar_samples(out))
+    assert set(found) == set(urls)
+    assert all(image == by_url[url].read_bytes() for url, (image, _) in found.items())
+    assert pq.ParquetFile(out / SELECTION).metadata.num_row_groups == len(files)
+
+
+def _committed(out: Path) -> dict:
+    try:
+        return json.loads((out / MANIFEST).read_text())["shards"]
+    except (OSError, ValueError):
+        return {}
+
