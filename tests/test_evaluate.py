@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from visionbatch.evaluate import (METRICS_FILE, compute_metrics, evaluate_dest, format_metrics, merge_counts,
-                                  metric_counts, metrics_from_counts)
+from visionbatch.counts import merge_counts, metric_counts
+from visionbatch.evaluate import compute_metrics, evaluate_dest, format_metrics, metrics_from_counts
 from conftest import write_finished_dest
-from visionbatch.sinks import RESULT_SCHEMA, Destination
+from visionbatch.sinks import METRICS_FILE, RESULT_SCHEMA, Destination
 
 
 def make_table(rows: list[dict]) -> pa.Table:

@@ -339,26 +339,32 @@ def _tar_members(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.skipif(not SAMPLE_DIR.is_dir(), reason=f"sample images not found at {SAMPLE_DIR}")
-def test_sample_images_to_each_format(tiny_vit, tmp_path):
+def test_sample_images_to_each_format(lite0_dir, tmp_path):
+    """The issue's own case: real ImageNet weights over the sample images, the rows the
+    model is unsure of (``score < 0.5``), to each format."""
     import jsonschema
 
     dest = tmp_path / "dest"
-    assert main(["classify", str(SAMPLE_DIR), "--model", tiny_vit, "--output", str(dest), "-q", "--limit", "40",
-                 "--shard-size", "10"]) == 0
+    assert main(["classify", str(SAMPLE_DIR), "--model", str(lite0_dir), "--output", str(dest), "-q",
+                 "--shard-size", "50"]) == 0
     table = read_results(str(dest))
-    threshold = _median(table)
-    expected = _expected(table, threshold)
+    expected = _expected(table, 0.5)
+    assert 0 < len(expected) < table.num_rows  # some, not all: the threshold means something here
     sources = sorted(Path(path).read_bytes() for path in expected)
     for fmt in ("webdataset", "imagefolder", "labelstudio"):
         out = tmp_path / fmt
-        _export(dest, out, "--where", f"score < {threshold}", "--shard-size", "8", "--format", fmt)
+        _export(dest, out, "--where", "score < 0.5", "--shard-size", "16", "--format", fmt)
         if fmt == "webdataset":
             found = _by_path(_tar_samples(out))
-            assert set(found) == set(expected) and expected
+            assert set(found) == set(expected)
             assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
+            assert all(meta["label"] == expected[path]["label"] for path, (_, meta) in found.items())
         else:
             images = out / "images" if fmt == "labelstudio" else out
             assert sorted(path.read_bytes() for path in images.rglob("*.JPEG")) == sources
+        if fmt == "imagefolder":  # a folder per predicted label
+            assert sorted(path.parent.name for path in out.rglob("*.JPEG")) == sorted(
+                safe_name(row["label"]) for row in expected.values())
         if fmt == "labelstudio":
             tasks = json.loads((out / TASKS).read_text())
             jsonschema.validate(tasks, LABEL_STUDIO_IMPORT_SCHEMA)

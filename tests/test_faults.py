@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from visionbatch.evaluate import METRICS_FILE
+from visionbatch.sinks import METRICS_FILE
 from visionbatch.sinks import SUMMARY, Destination, read_results
 
 from conftest import WNIDS, save_random_vit, write_image

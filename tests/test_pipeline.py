@@ -14,7 +14,7 @@ import pytest
 
 import visionbatch
 from visionbatch.cli import main
-from visionbatch.evaluate import METRICS_FILE
+from visionbatch.sinks import METRICS_FILE
 from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, read_results
 
 from conftest import ROOT

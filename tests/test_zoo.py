@@ -20,15 +20,10 @@ from transformers import (  # noqa: E402
 )
 
 import visionbatch  # noqa: E402
+from conftest import SAMPLE_DIR as SAMPLE  # noqa: E402
 from visionbatch.imagenet import imagenet_classes  # noqa: E402
-from visionbatch.zoo import lite0_config, lite0_state_dict, make_efficientnet_lite0  # noqa: E402
+from visionbatch.zoo import lite0_config, lite0_state_dict  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/imagenet-sample-200"
-
-
-@pytest.fixture(scope="session")
-def lite0_dir(tmp_path_factory) -> Path:
-    return make_efficientnet_lite0(tmp_path_factory.mktemp("zoo") / "efficientnet-lite0")
 
 
 @pytest.fixture(scope="session")

@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from visionbatch.evaluate import METRICS_FILE, merge_counts
-from visionbatch.evaluate import metric_counts as metric_counts_of
+from visionbatch.counts import merge_counts
+from visionbatch.counts import metric_counts as metric_counts_of
 from visionbatch.results import (EMBEDDING, LABEL_COLUMNS, MODEL_TRACEBACK, RESULT_SCHEMA, ROW_COLUMN, SHARD_COLUMN,
                                  SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN, conform, result_schema)
 from visionbatch.shards import paths_digest
@@ -53,6 +53,7 @@ EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 SUMMARY = "_summary.json"
+METRICS_FILE = "_metrics.json"  # evaluate's metrics
 LABEL_ISSUES = "_label_issues.parquet"
 # 3: rows carry true_label_score; --resume across versions is refused, so no DEST mixes
 # part files with and without it.

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visionbatch.evaluate import metric_counts
+from visionbatch.counts import metric_counts
 from visionbatch.labels import folder_of
 from visionbatch.results import STAGE_COLUMNS, error_kind
 
