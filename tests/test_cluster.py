@@ -262,7 +262,17 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit
             proc.wait()
     seconds, after_kill = time.monotonic() - started, time.monotonic() - killed
     err = Path(stderr.name).read_text()
-    assert rc == 0, err[-3000:]
+    resumed = rc != 0
+    if resumed:
+        # Ray Data recovers a lost node's actors and retried tasks, but not decoded blocks
+        # that died with it before the model took them (decode tasks are not retried): then
+        # the job stops, says so, and keeps what it committed; --resume does the rest.
+        assert rc == 1 and "a Ray node or worker was lost" in err and "--resume" in err, err[-3000:]
+        again = _classify(cluster, str(tmp_path / "images"), "--model", tiny_vit, "--output", str(dest),
+                          "--shard-size", "16", "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, again_err = again.communicate(timeout=300)
+        assert again.returncode == 0, again_err[-3000:]
+        seconds = time.monotonic() - started
 
     table = read_results(str(dest))
     paths = table.column("path").to_pylist()
@@ -271,7 +281,8 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit
                   for p in (Path(tempfile.gettempdir()) / "visionbatch").glob(f"driver-*-{proc.pid}.log"))
     recomputed = sum(int(n) for n in re.findall(r"recover (\d+) lost objects", log))
     _report("node killed mid-run", len(files), paths, seconds,
-            f" ({after_kill:.1f} s after the kill, {committed} rows committed before it; driver {proc.pid} log: "
+            f" ({'stopped, then --resume' if resumed else 'finished'} {after_kill:.1f} s after the kill, "
+            f"{committed} rows committed before it; driver {proc.pid} log: "
             f"node marked dead: {'marked dead' in log}, {recomputed} lost blocks recomputed, "
             f"{log.count('retries remaining')} task retries "
             f"({log.count('Task MapWorker(MapBatches(Predictor)).submit failed')} to the model actor), "

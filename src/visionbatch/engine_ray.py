@@ -32,6 +32,12 @@ from visionbatch.storage import Storage, is_remote
 
 log = logging.getLogger("visionbatch")
 
+# An actor's task is retried for as long as the actor can come back: its restarts
+# (--max-retries) bound how often a model or writer may die. A bounded count of task
+# retries instead is spent in seconds while a lost node's actor restarts elsewhere
+# ("temporarily unavailable" each time), and fails the stream for nothing.
+ACTOR_TASK_RETRIES = -1
+
 # Environment variables that workers on other nodes need to see as the driver does.
 # Credentials are deliberately absent: each node uses its own environment.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
@@ -47,7 +53,6 @@ class RayEngine(Engine):
         init_ray(config.address)
         _warn_local_paths_on_cluster(config)
         self.max_retries = config.max_retries
-        self._streams_lost = 0  # job streams failed by a lost node, each resumed by a new planner
         resources = ray.cluster_resources()
         node_cpus = int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")),
                             default=0))
@@ -92,7 +97,7 @@ class RayEngine(Engine):
                 ds = _job_dataset(prepared, self.planner.actor).map_batches(
                     ShardWriter, batch_size=None, batch_format="pyarrow",
                     fn_constructor_args=writer.arguments(), compute=ray.data.ActorPoolStrategy(size=1),
-                    num_cpus=0, max_restarts=config.max_retries, max_task_retries=config.max_retries)
+                    num_cpus=0, max_restarts=config.max_retries, max_task_retries=ACTOR_TASK_RETRIES)
             else:  # a redo of whole shards, a task each (retried), written by the driver's own writer
                 slots = ray.data.from_items(list(range(len(shards))), override_num_blocks=len(shards))
                 ds = _predict(slots.map_batches(_decode_stage, batch_size=1, batch_format="pyarrow",
@@ -100,37 +105,25 @@ class RayEngine(Engine):
                                                            **prepared.decode_options(prepared.plan.batch_size)},
                                                 num_cpus=1, max_retries=config.max_retries),
                               prepared, prepared.plan.batch_size)
-        lost = None
-        try:
-            with _failures_become_rows():
-                # No prefetch: it holds each block back until the next one has come, which
-                # delays the first result (and every commit) by a block's worth of model time.
-                for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                    finished = False
-                    for rows_in, record in commit_events(records if shards is None else writer(records)):
-                        if record is not None and "digest" in record:
-                            self.planner.committed[record["shard"]] = record["digest"]
-                            finished = shards is None and self.planner.all_committed()
-                        yield rows_in, record
-                    if finished:
-                        # Every shard is committed: the job is done, whatever the stream
-                        # still waits for (after a lost node, Ray Data's last decode
-                        # slots can wait forever for CPUs its restarted actors hold).
-                        break
-        except Exception as err:
-            # A node lost mid-run can take objects or actors with it that Ray Data does
-            # not recover (an actor's outputs are not reconstructable): the stream fails,
-            # though nothing is wrong with the input. Its uncommitted shards are redone.
-            if shards is not None or not _lost_with_a_node(err) or self._streams_lost >= config.max_retries:
-                raise
-            self._streams_lost += 1
-            lost = err
-        if shards is None and (self.planner.dead or lost is not None):
-            # The planner died (its decode tasks with it, at their next shard), or the
-            # stream did: a new planner lists again, skips what is committed, and the job
-            # goes on with the rest.
-            log.warning("%s; a new shard planner takes over from what is committed",
-                        "the shard planner died" if lost is None else f"the job's stream failed ({root_cause(lost)})")
+        with _failures_become_rows():
+            # No prefetch: it holds each block back until the next one has come, which
+            # delays the first result (and every commit) by a block's worth of model time.
+            for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                finished = False
+                for rows_in, record in commit_events(records if shards is None else writer(records)):
+                    if record is not None and "digest" in record:
+                        self.planner.committed[record["shard"]] = record["digest"]
+                        finished = shards is None and self.planner.all_committed()
+                    yield rows_in, record
+                if finished:
+                    # Every shard is committed: the job is done, whatever the stream still
+                    # waits for (after a lost node, Ray Data's last decode slots can wait
+                    # forever for CPUs that its restarted actors hold).
+                    break
+        if shards is None and self.planner.dead:
+            # The planner died (its decode tasks with it, at their next shard): a new one
+            # lists again, skips what is committed, and the job goes on with the rest.
+            log.warning("the shard planner died; a new one takes over from what is committed")
             self.planner.restart()
             yield from self.run(prepared, writer)
 
@@ -176,7 +169,16 @@ class RayEngine(Engine):
     def failure(self, err: BaseException) -> str | None:
         import ray.exceptions
 
-        return f"the job failed: {root_cause(err)}" if isinstance(err, ray.exceptions.RayError) else None
+        if not isinstance(err, ray.exceptions.RayError):
+            return None
+        if _lost_with_a_node(err):
+            # Decoded blocks live in the object store of the node that made them, and a
+            # decode task is not retried (a retry would take other shards): lost with
+            # their node before the model took them, they fail Ray Data's stream. In this
+            # process the lost node's actors may still be restarting elsewhere, holding
+            # CPUs a new stream would wait for; a new driver (--resume) starts clean.
+            return f"the job failed: a Ray node or worker was lost with work in hand ({root_cause(err)})"
+        return f"the job failed: {root_cause(err)}"
 
     def close(self) -> None:
         """Shut a local Ray down (a cluster's stays up)."""
@@ -201,9 +203,6 @@ class _PlannerActor:
         self.actor.start.remote(self.committed)
 
     def restart(self) -> None:
-        import ray
-
-        ray.kill(self.actor)  # (if it still lives: its shards in hand are listed again)
         self.actor, self.dead = self._make(), False
         self.start(self.committed)
 
@@ -347,7 +346,7 @@ def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = Tru
         num_cpus=plan.cpus_per_replica,
         num_gpus=plan.gpus_per_replica or None,
         max_restarts=config.max_retries,
-        max_task_retries=config.max_retries,
+        max_task_retries=ACTOR_TASK_RETRIES,
     )
 
 
