@@ -38,12 +38,16 @@ from conftest import WNIDS, save_random_vit, write_image
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a run's processes through /proc")
 
 EXE = Path(sys.executable).with_name("visionbatch")
-# Each run starts with the default SIGINT that a job started from a terminal has,
-# whatever started the suite: a shell starts a background job (`make test > log &`)
-# with SIGINT ignored, an ignored signal stays ignored across fork and exec, and
-# Popen's restore_signals restores SIGPIPE and SIGXFSZ only.
-_WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                        "os.execv(sys.argv[1], sys.argv[1:])")
+# Each run starts with the default stop signals that a job started from a terminal
+# has, whatever started the suite: a shell starts a background job (`make test > log &`)
+# with SIGINT ignored, `nohup` ignores SIGHUP, an ignored signal stays ignored across
+# fork and exec (and visionbatch keeps it ignored, as nohup means), and Popen's
+# restore_signals restores SIGPIPE and SIGXFSZ only.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_WITH_DEFAULT_STOP_SIGNALS = ("import os, signal, sys\n"
+                              f"for signum in {tuple(int(s) for s in STOP_SIGNALS)}:\n"
+                              "    signal.signal(signum, signal.SIG_DFL)\n"
+                              "os.execv(sys.argv[1], sys.argv[1:])")
 N_IMAGES = 120
 SHARD_SIZE = 8
 
@@ -76,7 +80,7 @@ class Run:
         self.out_path, self.err_path = folder / "stdout", folder / "stderr"
         self.started = time.monotonic()
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGINT, str(EXE), *args], stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_STOP_SIGNALS, str(EXE), *args], stdout=out,
                                          stderr=err, stdin=subprocess.DEVNULL,
                                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                                          start_new_session=True)
@@ -110,11 +114,11 @@ class Run:
         return time.monotonic() - self.started
 
 
-def ignores_sigint(pid: int) -> bool:
-    """Whether process ``pid`` ignores SIGINT (its SigIgn mask in /proc)."""
+def ignored_signals(pid: int) -> set[int]:
+    """The stop signals process ``pid`` ignores (its SigIgn mask in /proc)."""
     status = Path(f"/proc/{pid}/status").read_text()
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
-    return bool(mask & 1 << (signal.SIGINT - 1))
+    return {signum for signum in STOP_SIGNALS if mask & 1 << (signum - 1)}
 
 
 def session_processes(sid: int) -> dict[int, tuple[int, str]]:
@@ -304,7 +308,7 @@ def test_interrupt_exits_promptly_and_resumes(how, images, slow_vit, tmp_path, s
     # What would make a signal look lost without being lost: a run that ended before it
     # came, or one started with SIGINT ignored.
     assert first.proc.poll() is None, f"the run ended before it could be interrupted:\n{first.stderr}"
-    assert not ignores_sigint(first.pid), "the run was started with SIGINT ignored"
+    assert not ignored_signals(first.pid), "the run was started with a stop signal ignored"
     signalled = time.monotonic()
     if how == "ctrl-c":
         os.killpg(first.pid, signal.SIGINT)
@@ -334,6 +338,7 @@ def test_more_stop_signals_exit_130(how, images, slow_vit, tmp_path, start):
     dest = tmp_path / "out"
     first = start(_classify_args(images, slow_vit, dest), tmp_path / "run1")
     first.wait_for_commit(dest)
+    assert not ignored_signals(first.pid), "the run was started with a stop signal ignored"
     if how == "sighup":
         os.kill(first.pid, signal.SIGHUP)
     else:
