@@ -266,8 +266,9 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit
     if resumed:
         # Ray Data recovers a lost node's actors and retried tasks, but not decoded blocks
         # that died with it before the model took them (decode tasks are not retried): then
-        # the job stops, says so, and keeps what it committed; --resume does the rest.
-        assert rc == 1 and "a Ray node or worker was lost" in err and "--resume" in err, err[-3000:]
+        # the job stops, says so, and keeps what it committed (maybe nothing yet: a part
+        # file on disk is committed once the manifest lists it); --resume does the rest.
+        assert rc == 1 and "a Ray node or worker was lost" in err, err[-3000:]
         again = _classify(cluster, str(tmp_path / "images"), "--model", tiny_vit, "--output", str(dest),
                           "--shard-size", "16", "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _, again_err = again.communicate(timeout=300)
