@@ -215,28 +215,60 @@ def s3_server():
 @pytest.fixture
 def silent_server():
     """An HTTP endpoint that accepts connections and never answers (a hung server or
-    mount): every read from it blocks until the client gives up. Yields its URL."""
+    mount): every read from it blocks until the client gives up. Yields its URL.
+
+    At teardown the server comes back and answers 404 to every request, held or new,
+    until the hung reads' threads in this process have ended: they must not outlive the
+    test, because the AWS SDK retries a silent request for minutes and arrow holds its
+    S3 clients' lock meanwhile, which stalls every later test that makes an S3
+    filesystem."""
     import threading
+    import time
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     held: list[socket.socket] = []
-    stopped = threading.Event()
+    lock = threading.Lock()
+    answering = threading.Event()
+
+    def answer(connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(10)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    request += chunk
+                connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
 
     def accept() -> None:
-        while not stopped.is_set():
+        while True:
             try:
-                held.append(listener.accept()[0])
+                connection = listener.accept()[0]
             except OSError:
                 return
+            with lock:
+                if not answering.is_set():
+                    held.append(connection)
+                    continue
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    stopped.set()
-    listener.close()
+    with lock:
+        answering.set()
     for connection in held:
-        connection.close()
+        threading.Thread(target=answer, args=(connection,), daemon=True).start()
+    deadline = time.monotonic() + 120
+    while any(thread.name == "visionbatch-read" for thread in threading.enumerate()):
+        assert time.monotonic() < deadline, "hung reads still running 120 s after the server answered"
+        time.sleep(0.05)
+    listener.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
