@@ -27,10 +27,21 @@ def _reference(model_dir: str, files: list[str]) -> list[dict]:
     return [out[0] for out in classifier(files, top_k=1, batch_size=16)]
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_vit", "tiny_convnext"])
-def test_parity_with_transformers_pipeline(model_fixture, sample_dir, request):
+@pytest.mark.parametrize("model_fixture, way", [("tiny_vit", "classify() on Ray"), ("tiny_convnext", "the CLI")])
+def test_parity_with_transformers_pipeline(model_fixture, way, sample_dir, request, tmp_path):
+    """Each way in: the lazy Ray dataset (``visionbatch.classify``) and the command on its
+    default engine, each model against the transformers pipeline."""
     model_dir = request.getfixturevalue(model_fixture)
-    rows = visionbatch.classify([str(sample_dir)], model=model_dir, top_k=5).take_all()
+    if way == "the CLI":
+        assert main(["classify", str(sample_dir), "--model", model_dir, "--output", str(tmp_path / "out"), "-q"]) == 0
+        rows = read_results(str(tmp_path / "out")).to_pylist()
+    else:
+        import ray
+
+        try:
+            rows = visionbatch.classify([str(sample_dir)], model=model_dir, top_k=5).take_all()
+        finally:
+            ray.shutdown()  # an idle Ray would take CPU from every later test
     assert len(rows) == 200 and all(r["error"] is None for r in rows)
     ours = {r["path"]: r for r in rows}
     files = sorted(ours)

@@ -12,7 +12,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -365,17 +367,78 @@ def test_remote_code_runs_only_with_trust_remote_code(tiny_vit, few_images, tmp_
 # --------------------------------------------------------------------------- secrets
 
 
-@pytest.fixture
-def s3_images(s3_server, tmp_path):
+@dataclass
+class WatchedJob:
+    """A classify job over S3 run in its own process, with what was seen while it ran."""
+
+    engine: str
+    client: object
+    bucket: str
+    canary: str
+    report: Path
+    since: float
+    pid: int
+    returncode: int
+    out: str
+    err: str
+    seconds: float
+    samples: int  # looks at the job's process tree while it ran
+    with_raylet: int  # of which saw a raylet
+    listeners: dict  # (pid, bound address, port) -> that process's command line
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def watched_s3_job(request, s3_server, tiny_vit, tmp_path_factory) -> WatchedJob:
+    """S3 in, S3 out, with a canary secret key, on each engine; its process tree is
+    looked at every 0.25 s while it runs (listening sockets, a raylet). One job per
+    engine serves both the secrets test and the exposure test: a Ray start is the
+    slowest part of either."""
     import boto3
 
+    engine = request.param
+    tmp_path = tmp_path_factory.mktemp(f"s3-job-{engine}")
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     bucket = f"vb-sec-{secrets.token_hex(4)}"
     client.create_bucket(Bucket=bucket)
     for i in range(24):
         path = write_image(tmp_path / "src" / f"{i}.jpg", seed=i)
         client.upload_file(str(path), bucket, f"val/{WNIDS[i % 4]}/{i}.jpg")
-    return client, bucket
+    canary = f"canary-{secrets.token_hex(12)}"
+    env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=canary)
+    report = tmp_path / "report.html"
+    since = time.time() - 1
+    started = time.monotonic()
+    proc = subprocess.Popen([str(BIN / "visionbatch"), "classify", f"s3://{bucket}/val/", "--model", tiny_vit,
+                             "--output", f"s3://{bucket}/results/", "--s3-endpoint", s3_server,
+                             "--shard-size", "10", "--report", str(report), "--engine", engine],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Threads read stdout and stderr, so that the job never blocks on a full pipe while it is watched.
+    captured: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda name, stream: captured.__setitem__(name, stream.read()),
+                                args=(name, stream), daemon=True)
+               for name, stream in (("out", proc.stdout), ("err", proc.stderr))]
+    for reader in readers:
+        reader.start()
+    listeners: dict[tuple[int, str, int], str] = {}
+    samples = with_raylet = 0
+    try:
+        while proc.poll() is None:
+            tree = {proc.pid} | _descendants(proc.pid)
+            commands = {pid: _cmdline(pid) for pid in tree}
+            samples += 1
+            with_raylet += any("/raylet " in c for c in commands.values())
+            for pid, address, port in _listening(tree):
+                listeners[(pid, address, port)] = commands.get(pid, "")
+            time.sleep(0.25)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=300)
+        for reader in readers:
+            reader.join(timeout=60)
+    return WatchedJob(engine, client, bucket, canary, report, since, proc.pid, proc.returncode,
+                      captured.get("out", ""), captured.get("err", ""), time.monotonic() - started, samples,
+                      with_raylet, listeners)
 
 
 def _ray_root() -> Path:
@@ -401,20 +464,12 @@ def _files_modified_since(roots: list[Path], since: float) -> list[Path]:
     return found
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
-def test_credentials_never_leak(engine, s3_server, s3_images, tmp_path, tiny_vit, capfd):
-    client, bucket = s3_images
-    canary = f"canary-{secrets.token_hex(12)}"
-    env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=canary)
-    since = time.time() - 1
-    started = time.monotonic()
-    proc = subprocess.Popen([str(BIN / "visionbatch"), "classify", f"s3://{bucket}/val/", "--model", tiny_vit,
-                             "--output", f"s3://{bucket}/results/", "--s3-endpoint", s3_server,
-                             "--shard-size", "10", "--report", str(tmp_path / "report.html"), "--engine", engine],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out, err = proc.communicate(timeout=300)
-    seconds = time.monotonic() - started
-    assert proc.returncode == 0, err
+def test_credentials_never_leak(watched_s3_job, s3_server, tmp_path, tiny_vit, capfd):
+    job = watched_s3_job
+    engine, client, bucket, canary, since, seconds = (job.engine, job.client, job.bucket, job.canary, job.since,
+                                                      job.seconds)
+    out, err = job.out, job.err
+    assert job.returncode == 0, err
     assert "predicted         24" in out
 
     places: dict[str, bytes] = {"stdout": out.encode(), "stderr": err.encode()}
@@ -423,10 +478,10 @@ def test_credentials_never_leak(engine, s3_server, s3_images, tmp_path, tiny_vit
     ray_logs = _files_modified_since([d for d in sorted(_ray_root().glob("session_*/logs"))
                                       if not d.parent.is_symlink()], since)
     # The scan must cover this job's own driver log and its own Ray session (named after the driver's pid).
-    assert any(p.name.endswith(f"-{proc.pid}.log") for p in driver_logs), driver_logs
-    own_session = [p for p in ray_logs if _session_of(p).endswith(f"_{proc.pid}")]
-    assert bool(own_session) == (engine == "ray"), f"logs of this job's Ray session (session_*_{proc.pid}): {own_session}"
-    for path in driver_logs + ray_logs + [tmp_path / "report.html"]:
+    assert any(p.name.endswith(f"-{job.pid}.log") for p in driver_logs), driver_logs
+    own_session = [p for p in ray_logs if _session_of(p).endswith(f"_{job.pid}")]
+    assert bool(own_session) == (engine == "ray"), f"logs of this job's Ray session (session_*_{job.pid}): {own_session}"
+    for path in driver_logs + ray_logs + [job.report]:
         try:
             places[str(path)] = path.read_bytes()
         except OSError:
@@ -536,35 +591,15 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
-def test_a_local_job_serves_nothing(engine, tiny_vit, tmp_path):
+def test_a_local_job_serves_nothing(watched_s3_job):
     """While a job runs on one machine, none of its processes listens on the dashboard
     port (8265) or serves a dashboard; the local engine listens on no socket at all.
     (Ray 2.60's gRPC servers bind every interface and have no loopback-only switch;
     that is Ray's, and reported, not tested.)"""
-    for i in range(160):
-        write_image(tmp_path / "in" / WNIDS[i % 4] / f"{i}.jpg", size=(32, 24), seed=i)
-    started = time.monotonic()
-    proc = subprocess.Popen([str(BIN / "visionbatch"), "classify", str(tmp_path / "in"), "--model", tiny_vit,
-                             "--output", str(tmp_path / "out"), "-q", "--engine", engine],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-    listeners: dict[tuple[int, str, int], str] = {}
-    samples = with_raylet = 0
-    try:
-        while proc.poll() is None:
-            tree = {proc.pid} | _descendants(proc.pid)
-            commands = {pid: _cmdline(pid) for pid in tree}
-            samples += 1
-            with_raylet += any("/raylet " in c for c in commands.values())
-            for pid, address, port in _listening(tree):
-                listeners[(pid, address, port)] = commands.get(pid, "")
-            time.sleep(0.25)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        err = proc.communicate(timeout=300)[1]
-    seconds = time.monotonic() - started
-    assert proc.returncode == 0, err
+    job = watched_s3_job
+    engine, samples, with_raylet, listeners, seconds = (job.engine, job.samples, job.with_raylet, job.listeners,
+                                                         job.seconds)
+    assert job.returncode == 0, job.err
     if engine == "local":
         assert samples >= 3, "the job was not seen running: the check below would prove nothing"
         assert not with_raylet and not listeners, listeners
