@@ -225,6 +225,8 @@ def silent_server():
     import threading
     import time
 
+    from visionbatch.samples import READER_THREAD
+
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
@@ -265,9 +267,9 @@ def silent_server():
     for connection in held:
         threading.Thread(target=answer, args=(connection,), daemon=True).start()
     deadline = time.monotonic() + 120
-    while any(thread.name == "visionbatch-read" for thread in threading.enumerate()):
-        assert time.monotonic() < deadline, "hung reads still running 120 s after the server answered"
-        time.sleep(0.05)
+    for thread in [thread for thread in threading.enumerate() if thread.name == READER_THREAD]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        assert not thread.is_alive(), "hung reads still running 120 s after the server answered"
     listener.close()
 
 

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,17 +407,13 @@ def watched_s3_job(request, s3_server, tiny_vit, tmp_path_factory) -> WatchedJob
     report = tmp_path / "report.html"
     since = time.time() - 1
     started = time.monotonic()
-    proc = subprocess.Popen([str(BIN / "visionbatch"), "classify", f"s3://{bucket}/val/", "--model", tiny_vit,
-                             "--output", f"s3://{bucket}/results/", "--s3-endpoint", s3_server,
-                             "--shard-size", "10", "--report", str(report), "--engine", engine],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    # Threads read stdout and stderr, so that the job never blocks on a full pipe while it is watched.
-    captured: dict[str, str] = {}
-    readers = [threading.Thread(target=lambda name, stream: captured.__setitem__(name, stream.read()),
-                                args=(name, stream), daemon=True)
-               for name, stream in (("out", proc.stdout), ("err", proc.stderr))]
-    for reader in readers:
-        reader.start()
+    # Output goes to files, so that the job never blocks on a full pipe while it is watched.
+    out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_file, "w") as stdout, open(err_file, "w") as stderr:
+        proc = subprocess.Popen([str(BIN / "visionbatch"), "classify", f"s3://{bucket}/val/", "--model", tiny_vit,
+                                 "--output", f"s3://{bucket}/results/", "--s3-endpoint", s3_server,
+                                 "--shard-size", "10", "--report", str(report), "--engine", engine],
+                                stdout=stdout, stderr=stderr, text=True, env=env)
     listeners: dict[tuple[int, str, int], str] = {}
     samples = with_raylet = 0
     try:
@@ -434,10 +429,8 @@ def watched_s3_job(request, s3_server, tiny_vit, tmp_path_factory) -> WatchedJob
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=300)
-        for reader in readers:
-            reader.join(timeout=60)
     return WatchedJob(engine, client, bucket, canary, report, since, proc.pid, proc.returncode,
-                      captured.get("out", ""), captured.get("err", ""), time.monotonic() - started, samples,
+                      out_file.read_text(), err_file.read_text(), time.monotonic() - started, samples,
                       with_raylet, listeners)
 
 

@@ -26,6 +26,7 @@ from visionbatch.sources import class_names, image_location, is_image_name
 from visionbatch.storage import Storage, describe, is_url
 
 READ_AHEAD = 16  # reads in flight per decode task
+READER_THREAD = "visionbatch-read"  # the name of read_ahead's threads
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def read_ahead(paths, storage: Storage, max_bytes: int | None, timeout: float = 
 
     def add_reader() -> None:
         nonlocal readers
-        threading.Thread(target=read_queued, daemon=True, name="visionbatch-read").start()
+        threading.Thread(target=read_queued, daemon=True, name=READER_THREAD).start()
         readers += 1
 
     def result(read: tuple[concurrent.futures.Future, float]) -> bytes | str:
