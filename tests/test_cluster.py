@@ -76,7 +76,10 @@ class Cluster:
         # and a private dir keeps this cluster out of /tmp/ray/ray_current_cluster.
         self.temp_dir = tempfile.mkdtemp(prefix="vbray-", dir="/tmp")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-               "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+               "RAY_AUTH_TOKEN": secrets.token_hex(32),
+               # A lost node is found dead after 2 missed health checks 1 s apart, not
+               # Ray's 5 checks 3 s apart (15 s of a node-loss test spent waiting).
+               "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "2"}
         for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
             env.pop(name, None)
         self.env = env

@@ -287,7 +287,9 @@ class _CoreSplit:
 
     WINDOW_S = 3.0
     WAITING_MORE_THAN = 0.15  # of the window: the model is starved
-    WAITING_LESS_THAN = 0.02  # ... and, with the queue full, the model is the bottleneck
+    # ... and, with the queue full, the model is the bottleneck. Taking a block costs
+    # the model ~2% of its time even then (a pickle of its pixels through a pipe).
+    WAITING_LESS_THAN = 0.05
 
     def __init__(self, plan):
         import torch
@@ -295,7 +297,9 @@ class _CoreSplit:
         self.active = plan.fewer_threads is not None  # set on CPU where threads reach into decode cores
         self.low, self.high = (plan.fewer_threads[0], plan.model_threads) if self.active else (0, 0)
         self.torch = torch
-        self._window_started, self._waited = time.monotonic(), 0.0
+        # From the first block on: waiting for the first ones is start-up, not the pace.
+        self._window_started: float | None = None
+        self._waited = 0.0
 
     @contextlib.contextmanager
     def waiting(self):
@@ -307,6 +311,8 @@ class _CoreSplit:
 
     def adjust(self, queue_full: bool) -> None:
         now = time.monotonic()
+        if self._window_started is None:
+            self._window_started, self._waited = now, 0.0
         if not self.active or now - self._window_started < self.WINDOW_S:
             return
         waiting = self._waited / (now - self._window_started)

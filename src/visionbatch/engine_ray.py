@@ -264,9 +264,7 @@ def init_ray(address: str | None) -> None:
             ray.init(address="local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError, OSError) as err:  # OSError: an unwritable temp dir
         if address and _token_refused(err):
-            raise JobError(f"the Ray cluster at {address} uses token authentication and refused this client: set "
-                           "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
-                           ) from None
+            raise _token_error(address) from None
         raise JobError(f"cannot {'reach the Ray cluster at ' + address if address else 'start a local Ray'}: "
                        f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
     _quiet_ray_data()
@@ -282,8 +280,14 @@ def _token_refused(err: BaseException | None) -> bool:
     return False
 
 
+def _token_error(address: str) -> JobError:
+    return JobError(f"the Ray cluster at {address} uses token authentication and refused this client: set "
+                    "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token)")
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds on an unreachable cluster: ray.init retries for minutes."""
+    """Fail in seconds on an unreachable cluster or a refused token: ray.init retries
+    for minutes, and for 20 s on a missing token."""
     import socket
 
     if address == "auto":
@@ -291,9 +295,20 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     host, _, port = address.split("://")[-1].rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            return
+            pass
     except (OSError, ValueError) as err:
         raise JobError(f"cannot reach the Ray cluster at {address}: {err}") from None
+    if "://" in address:  # a Ray Client address (ray://): no GCS to ask
+        return
+    # One request to the cluster's GCS, as ray.init's first one (it answers in ms); only
+    # a refused token is told here, anything else is left to ray.init.
+    from ray._raylet import GcsClient
+
+    try:
+        GcsClient(address=f"{host or '127.0.0.1'}:{port}")
+    except Exception as err:  # noqa: BLE001 - whatever else it is, ray.init says it
+        if _token_refused(err):
+            raise _token_error(address) from None
 
 
 def _quiet_ray_data() -> None:
