@@ -4,8 +4,11 @@ and a local S3-compatible server. Everything is real: real files, real Ray, real
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
+import subprocess
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -24,6 +27,36 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT.parent / "shared" / "data" / "imagenet-sample-200"
 WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684"]  # tench, springer, cassette player, chain saw
+
+
+INSTALL_CHROMIUM = ROOT / "scripts" / "install-chromium.sh"
+_chromium_install: tuple[subprocess.Popen, Path] | None = None  # (apt, its output), started at collection
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Where a collected test needs Chromium and it is missing, start installing it now,
+    in the background: apt's download and unpacking (~30 s on a fresh machine) then
+    overlap the tests that run before the report's browser test."""
+    global _chromium_install
+    if any("chromium" in item.fixturenames for item in items) and shutil.which("chromium") is None \
+            and os.geteuid() == 0 and _chromium_install is None:
+        output = Path(tempfile.mkstemp(prefix="install-chromium-", suffix=".log")[1])
+        with open(output, "w") as out:
+            _chromium_install = (subprocess.Popen([str(INSTALL_CHROMIUM)], stdout=out, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL), output)
+
+
+def installed_chromium() -> tuple[str | None, str]:
+    """Chromium's path once the background install has ended (None if it failed), and what
+    the install printed."""
+    if _chromium_install is None:
+        return shutil.which("chromium"), ""
+    install, output = _chromium_install
+    try:
+        install.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        install.kill()
+    return (shutil.which("chromium") if install.returncode == 0 else None), output.read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")

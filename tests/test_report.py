@@ -13,10 +13,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from visionbatch.report import write_report
-from conftest import write_finished_dest
+from conftest import INSTALL_CHROMIUM, installed_chromium, write_finished_dest
 from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, Destination
 
-INSTALL_CHROMIUM = Path(__file__).resolve().parents[1] / "scripts" / "install-chromium.sh"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -90,15 +89,11 @@ def test_report_without_summary_or_labels(tmp_path):
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.geteuid() != 0:
+    if shutil.which("chromium") is None and os.geteuid() != 0:
         pytest.skip(f"chromium is not installed; run {INSTALL_CHROMIUM} as root")
-    result = subprocess.run([str(INSTALL_CHROMIUM)], capture_output=True, text=True, timeout=900)
-    found = shutil.which("chromium")
-    if result.returncode or not found:
-        pytest.skip(f"installing chromium failed: {(result.stdout + result.stderr)[-800:]}")
+    found, output = installed_chromium()  # installed by conftest, in the background, as root
+    if not found:
+        pytest.skip(f"installing chromium failed: {output[-800:]}")
     return found
 
 
