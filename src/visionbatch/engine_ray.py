@@ -301,10 +301,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     if "://" in address:  # a Ray Client address (ray://): no GCS to ask
         return
     # One request to the cluster's GCS, as ray.init's first one (it answers in ms); only
-    # a refused token is told here, anything else is left to ray.init.
-    from ray._raylet import GcsClient
-
+    # a refused token is told here, anything else (this private class gone from a later
+    # Ray included) is left to ray.init.
     try:
+        from ray._raylet import GcsClient
+
         GcsClient(address=f"{host or '127.0.0.1'}:{port}")
     except Exception as err:  # noqa: BLE001 - whatever else it is, ray.init says it
         if _token_refused(err):
