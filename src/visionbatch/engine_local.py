@@ -52,6 +52,8 @@ _POLL_S = 0.2
 # torch state, and a fork server would keep the environment of the first job of a
 # process (tests and notebooks run many jobs in one process).
 _START_METHOD = "spawn"
+# How long closing a pool waits for its management thread (see _Pool.close).
+_MANAGER_JOIN_S = 10.0
 
 _blocks = None  # in a decode worker: the queue its blocks go to
 
@@ -103,9 +105,16 @@ class _Pool:
         # Workers busy with a shard would finish it first: stop them now. (Python 3.14
         # has ProcessPoolExecutor.terminate_workers; before it, only its process map.)
         processes = list((self.executor._processes or {}).values())
+        manager = self.executor._executor_manager_thread
         self.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.terminate()
+        # The pool's thread then closes its wake-up pipe; should the interpreter exit
+        # meanwhile (an interrupted job), the pool's exit hook writes to that pipe as it
+        # closes ("OSError: Bad file descriptor" on stderr, a race in CPython 3.11's
+        # pool). Its end comes within a second of the workers'.
+        if manager is not None:
+            manager.join(timeout=_MANAGER_JOIN_S)
         self.blocks.close()
         self.blocks.cancel_join_thread()
 
