@@ -40,10 +40,10 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     global _chromium_install
     if any("chromium" in item.fixturenames for item in items) and shutil.which("chromium") is None \
             and os.geteuid() == 0 and _chromium_install is None:
-        output = Path(tempfile.mkstemp(prefix="install-chromium-", suffix=".log")[1])
-        with open(output, "w") as out:
+        descriptor, output = tempfile.mkstemp(prefix="install-chromium-", suffix=".log")
+        with os.fdopen(descriptor, "w") as out:
             _chromium_install = (subprocess.Popen([str(INSTALL_CHROMIUM)], stdout=out, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL), output)
+                                                  stdin=subprocess.DEVNULL), Path(output))
 
 
 def installed_chromium() -> tuple[str | None, str]:

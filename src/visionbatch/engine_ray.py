@@ -293,8 +293,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     if address == "auto":
         return
     host, _, port = address.split("://")[-1].rpartition(":")
+    host = host or "127.0.0.1"
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+        with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as err:
         raise JobError(f"cannot reach the Ray cluster at {address}: {err}") from None
@@ -306,7 +307,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         from ray._raylet import GcsClient
 
-        GcsClient(address=f"{host or '127.0.0.1'}:{port}")
+        GcsClient(address=f"{host}:{port}")
     except Exception as err:  # noqa: BLE001 - whatever else it is, ray.init says it
         if _token_refused(err):
             raise _token_error(address) from None
