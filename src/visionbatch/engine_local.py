@@ -3,8 +3,9 @@
 ::
 
     ShardPlanner (a thread of the driver: lists, hands out shards)
-      -> decode worker processes (a ProcessPoolExecutor; Pillow, numpy, pyarrow, no torch):
-         a task per shard, its blocks into one bounded queue      visionbatch.decode
+      -> decode worker processes (a ProcessPoolExecutor; Pillow, numpy, pyarrow, no torch;
+         one per core on CPU): a task per shard, its blocks into one bounded queue
+                                                                  visionbatch.decode
       -> the model: one Predictor in the driver's process (CPU or its one GPU)
       -> ShardWriter in the driver's process (one part file per whole shard)
       -> the driver (visionbatch.job): commits, progress, summary
@@ -90,6 +91,28 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _decoders(plan) -> int:
+    """Decode workers for a job. On the CPU one per core, beside the model's threads:
+    where the model is the slower stage they wait on the full queue, idle; where it is
+    light they take the cores it leaves (_CoreSplit hands its threads back), which the
+    plan's share alone would leave idle (micro ViT on 2 cores: ~200 -> ~250 images/s).
+    On a GPU the plan's: the CPUs the thread that feeds it leaves."""
+    return _cpus() if plan.device == "cpu" else plan.decode_concurrency
+
+
+def _cpu_seconds(pids) -> dict[int, float]:
+    """The CPU time each process has used so far (from Linux's /proc; {} elsewhere)."""
+    used = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()  # the name may hold spaces
+            used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            pass
+    return used
+
+
 class _Pool:
     """Decode worker processes and the queue their blocks come back through; both are
     replaced together when a worker dies (a process killed while writing to the queue
@@ -100,6 +123,18 @@ class _Pool:
         self.blocks = context.Queue(maxsize=2 * workers + 2)
         self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                                                initializer=_init_worker, initargs=(self.blocks,))
+
+    def task_done(self, future: concurrent.futures.Future) -> None:
+        """A task's end. Where a worker died, the pool kills the others, maybe while one
+        writes a block to the queue: a read of that cut block would wait forever, for the
+        driver holds the queue's write end too (mp.Queue opens both). Closing the driver's
+        end makes the read end with EOFError once the workers are gone."""
+        if not future.cancelled() and isinstance(future.exception(), BrokenProcessPool):
+            self.blocks._writer.close()
+
+    def pids(self) -> list[int]:
+        # The executor's process map: it has no public one.
+        return list(self.executor._processes or {})
 
     def close(self) -> None:
         # Workers busy with a shard would finish it first: stop them now. (Python 3.14
@@ -157,11 +192,16 @@ class LocalEngine(Engine):
             # scheduler's round (Ray's larger blocks, plan.block_images), and the first
             # result comes after one batch is decoded, not a shard.
             options = prepared.decode_options(plan.batch_size)
-            workers, attempts = plan.decode_concurrency, 1
+            workers, attempts = _decoders(plan), 1
+            # Shards in flight: until the model takes its first block, the plan's share
+            # of workers (the model loads meanwhile: more workers starting would slow
+            # it), then every worker and a shard queued ahead.
+            in_flight_limit, limit_after_start = plan.decode_concurrency, workers + 1
             feed = _Feed(self.planner.next, workers + 1)
         else:  # a redo of whole shards: one worker, so that a death is the shard's own; retried
             options = prepared.decode_options(plan.batch_size)
             workers, attempts = 1, config.max_retries + 1
+            in_flight_limit = limit_after_start = 1
             given = iter(shards)
             feed = _Feed(lambda: next(given, None), 1)
         tries: dict[str, int] = {}
@@ -170,12 +210,13 @@ class LocalEngine(Engine):
         try:
             def submit() -> bool:
                 """Keep the workers busy; False once the pool is found broken."""
-                while len(in_flight) < workers + (shards is None) and (shard := feed.take()) is not None:
+                while len(in_flight) < in_flight_limit and (shard := feed.take()) is not None:
                     try:
                         future = pool.executor.submit(_decode_task, shard, options)
                     except BrokenProcessPool:  # a worker died since the last look: not this shard's try
                         feed.again(shard)
                         return False
+                    future.add_done_callback(pool.task_done)
                     tries[shard.id] = tries.get(shard.id, 0) + 1
                     in_flight[shard.id] = (shard, future)
                 return True
@@ -189,6 +230,10 @@ class LocalEngine(Engine):
                     with cores.waiting():
                         item = pool.blocks.get(timeout=_POLL_S)
                 except queue.Empty:  # every block that came is taken: look at the workers
+                    item = None
+                except (EOFError, OSError):  # a block cut by a worker's death (see _Pool.task_done)
+                    item, broken = None, True
+                if item is None:
                     if not broken and not any(future.done() and future.exception()
                                               for _, future in in_flight.values()):
                         continue
@@ -206,7 +251,8 @@ class LocalEngine(Engine):
                 if isinstance(item, _ShardDone):
                     in_flight.pop(item.shard, None)
                     continue
-                cores.adjust(pool.blocks.full())
+                in_flight_limit = limit_after_start
+                cores.adjust(pool.blocks.full(), pool.pids())
                 yield from commit_events(writer(model(item)))
         finally:
             feed.stop()
@@ -287,12 +333,17 @@ class LocalEngine(Engine):
 
 
 class _CoreSplit:
-    """On CPU, the cores the model's torch threads take follow what the job shows: the
-    model waiting for blocks means decoding is the slower stage (a thread goes back to
-    the decoders, down to the replica's own cores); the queue full and the model never
-    waiting means the model is (a thread more, up to the plan's). Observed in windows
-    of a few seconds, so that another process taking cores on a shared machine moves
-    the split too. (On a GPU the threads only feed it: nothing to split.)"""
+    """On CPU, the cores the model's torch threads take follow what the job shows, in
+    windows of a few seconds (so that another process taking cores on a shared machine
+    moves the split too):
+
+    - a thread goes back to the decoders (down to the replica's own cores) when the model
+      waits for blocks, or when the decoders use the cores its threads would run on (a
+      light model: its threads then only contend with them);
+    - a thread more (up to the plan's) when the model is the bottleneck: the queue full,
+      the model never waiting, and a core left by the decoders.
+
+    (On a GPU the threads only feed it: nothing to split.)"""
 
     WINDOW_S = 3.0
     WAITING_MORE_THAN = 0.15  # of the window: the model is starved
@@ -305,10 +356,12 @@ class _CoreSplit:
 
         self.active = plan.fewer_threads is not None  # set on CPU where threads reach into decode cores
         self.low, self.high = (plan.fewer_threads[0], plan.model_threads) if self.active else (0, 0)
+        self.cpus = _cpus()
         self.torch = torch
         # From the first block on: waiting for the first ones is start-up, not the pace.
         self._window_started: float | None = None
         self._waited = 0.0
+        self._decoder_seconds: dict[int, float] = {}
 
     @contextlib.contextmanager
     def waiting(self):
@@ -318,19 +371,27 @@ class _CoreSplit:
         finally:
             self._waited += time.monotonic() - started
 
-    def adjust(self, queue_full: bool) -> None:
+    def adjust(self, queue_full: bool, decoders: list[int]) -> None:
+        """After each block taken: ``queue_full`` as it is now, ``decoders`` the decode workers' pids."""
+        if not self.active:
+            return
         now = time.monotonic()
         if self._window_started is None:
-            self._window_started, self._waited = now, 0.0
-        if not self.active or now - self._window_started < self.WINDOW_S:
+            self._window_started, self._waited, self._decoder_seconds = now, 0.0, _cpu_seconds(decoders)
+        elapsed = now - self._window_started
+        if elapsed < self.WINDOW_S:
             return
-        waiting = self._waited / (now - self._window_started)
+        waiting = self._waited / elapsed
+        seconds = _cpu_seconds(decoders)
+        decoding = sum(used - self._decoder_seconds[pid] for pid, used in seconds.items()
+                       if pid in self._decoder_seconds) / elapsed  # cores the decoders used
+        left = self.cpus - decoding
         threads = self.torch.get_num_threads()
-        if waiting > self.WAITING_MORE_THAN and threads > self.low:
+        if threads > self.low and (waiting > self.WAITING_MORE_THAN or left < threads - 0.5):
             self.torch.set_num_threads(threads - 1)
-        elif waiting < self.WAITING_LESS_THAN and queue_full and threads < self.high:
+        elif threads < self.high and waiting < self.WAITING_LESS_THAN and queue_full and left > threads + 0.5:
             self.torch.set_num_threads(threads + 1)
-        self._window_started, self._waited = now, 0.0
+        self._window_started, self._waited, self._decoder_seconds = now, 0.0, seconds
 
 
 class _Feed:
