@@ -186,6 +186,8 @@ def _report(scenario: str, expected: int, rows: list[str], seconds: float, extra
           f"duplicates {len(rows) - len(set(rows))}, {seconds:.1f} s{extra}")
 
 
+# Tests of one module-scoped fixture run in one worker of a parallel suite (pytest -n).
+@pytest.mark.xdist_group("cluster")
 def test_two_node_cluster_matches_a_local_run(cluster, tiny_vit, tmp_path):
     files = _images(tmp_path / "images", 48)
     visionbatch.run([str(tmp_path / "images")], str(tmp_path / "local"), model=tiny_vit, progress=False)
@@ -218,6 +220,7 @@ def test_two_node_cluster_matches_a_local_run(cluster, tiny_vit, tmp_path):
         assert row["true_label"] == ref["true_label"] and (row["width"], row["height"]) == (ref["width"], ref["height"])
 
 
+@pytest.mark.xdist_group("cluster")
 def test_a_client_without_the_token_is_told_what_to_set(cluster, tiny_vit, tmp_path):
     """`ray start --head` turns token authentication on by itself once ~/.ray/auth_token
     exists, and ray.init never sends a token to an explicit address unless told to."""

@@ -457,6 +457,8 @@ def _files_modified_since(roots: list[Path], since: float) -> list[Path]:
     return found
 
 
+# Tests of one module-scoped fixture run in one worker of a parallel suite (pytest -n).
+@pytest.mark.xdist_group("watched_s3_job")
 def test_credentials_never_leak(watched_s3_job, s3_server, tmp_path, tiny_vit, capfd):
     job = watched_s3_job
     engine, client, bucket, canary, since, seconds = (job.engine, job.client, job.bucket, job.canary, job.since,
@@ -584,6 +586,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+@pytest.mark.xdist_group("watched_s3_job")
 def test_a_local_job_serves_nothing(watched_s3_job):
     """While a job runs on one machine, none of its processes listens on the dashboard
     port (8265) or serves a dashboard; the local engine listens on no socket at all.
