@@ -2,8 +2,12 @@
 # Install headless Chromium for the report browser test (Debian/Ubuntu, needs root).
 # Does nothing when chromium is already on PATH.
 set -euo pipefail
-# One install at a time: each of the test suite's workers (pytest -n) may ask for it.
-exec 9>/tmp/visionbatch-install-chromium.lock
+if command -v chromium >/dev/null 2>&1; then
+  exit 0
+fi
+# One install at a time (each of the test suite's workers, pytest -n, may ask for it):
+# a lock on this script's own file, which needs no path of its own.
+exec 9<"$0"
 flock 9
 if command -v chromium >/dev/null 2>&1; then
   exit 0

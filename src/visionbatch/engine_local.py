@@ -92,12 +92,15 @@ def _cpus() -> int:
 
 
 def _decoders(plan) -> int:
-    """Decode workers for a job. On the CPU one per core, beside the model's threads:
-    where the model is the slower stage they wait on the full queue, idle; where it is
+    """Decode workers for a job. Where _CoreSplit moves the model's CPU threads (a small
+    machine, no ``--threads``), one per core beside them: where the model is the
+    slower stage they wait on the full queue, idle; where it is
     light they take the cores it leaves (_CoreSplit hands its threads back), which the
-    plan's share alone would leave idle (micro ViT on 2 cores: ~200 -> ~250 images/s).
-    On a GPU the plan's: the CPUs the thread that feeds it leaves."""
-    return _cpus() if plan.device == "cpu" else plan.decode_concurrency
+    plan's share alone would leave idle (micro ViT on 2 cores: 217-244 -> 227-295
+    images/s). Elsewhere the plan's: on a GPU the CPUs the thread that feeds it leaves,
+    and where the model's threads are fixed (``--threads``, or 8 cores and more: the
+    plan leaves the decoders their own cores) nothing would hand cores back."""
+    return _cpus() if plan.fewer_threads is not None else plan.decode_concurrency
 
 
 def _cpu_seconds(pids) -> dict[int, float]:
@@ -116,21 +119,38 @@ def _cpu_seconds(pids) -> dict[int, float]:
 class _Pool:
     """Decode worker processes and the queue their blocks come back through; both are
     replaced together when a worker dies (a process killed while writing to the queue
-    can leave it locked or cut)."""
+    can leave it locked or cut).
+
+    A worker's blocks wait in the queue's pipe, half written, until the driver reads
+    them: a worker that dies (or that the broken pool kills) leaves a cut block there,
+    whose read would wait forever, for the driver holds the queue's write end too
+    (mp.Queue opens both). So the driver's end is closed as soon as no worker still has
+    to inherit it (all started: the pool starts no more), or once the pool is broken;
+    a read of a cut block then ends with EOFError when the workers are gone."""
 
     def __init__(self, workers: int):
         context = multiprocessing.get_context(_START_METHOD)
+        self.workers = workers
         self.blocks = context.Queue(maxsize=2 * workers + 2)
         self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                                                initializer=_init_worker, initargs=(self.blocks,))
+        self._writer_lock = threading.Lock()  # a worker starting pickles the write end: not once closed
 
-    def task_done(self, future: concurrent.futures.Future) -> None:
-        """A task's end. Where a worker died, the pool kills the others, maybe while one
-        writes a block to the queue: a read of that cut block would wait forever, for the
-        driver holds the queue's write end too (mp.Queue opens both). Closing the driver's
-        end makes the read end with EOFError once the workers are gone."""
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        with self._writer_lock:
+            future = self.executor.submit(fn, *args)
+            if len(self.pids()) == self.workers:
+                self.blocks._writer.close()  # idempotent
+        future.add_done_callback(self._task_done)
+        return future
+
+    def _task_done(self, future: concurrent.futures.Future) -> None:
         if not future.cancelled() and isinstance(future.exception(), BrokenProcessPool):
-            self.blocks._writer.close()
+            with self._writer_lock:
+                self.blocks._writer.close()
+
+    def alive(self) -> bool:
+        return any(process.is_alive() for process in list((self.executor._processes or {}).values()))
 
     def pids(self) -> list[int]:
         # The executor's process map: it has no public one.
@@ -150,8 +170,11 @@ class _Pool:
         # pool). Its end comes within a second of the workers'.
         if manager is not None:
             manager.join(timeout=_MANAGER_JOIN_S)
-        self.blocks.close()
         self.blocks.cancel_join_thread()
+        # Queue.close() closes nothing in a process that never put (the driver).
+        self.blocks._reader.close()
+        with self._writer_lock:
+            self.blocks._writer.close()
 
 
 class LocalEngine(Engine):
@@ -212,11 +235,10 @@ class LocalEngine(Engine):
                 """Keep the workers busy; False once the pool is found broken."""
                 while len(in_flight) < in_flight_limit and (shard := feed.take()) is not None:
                     try:
-                        future = pool.executor.submit(_decode_task, shard, options)
+                        future = pool.submit(_decode_task, shard, options)
                     except BrokenProcessPool:  # a worker died since the last look: not this shard's try
                         feed.again(shard)
                         return False
-                    future.add_done_callback(pool.task_done)
                     tries[shard.id] = tries.get(shard.id, 0) + 1
                     in_flight[shard.id] = (shard, future)
                 return True
@@ -231,7 +253,9 @@ class LocalEngine(Engine):
                         item = pool.blocks.get(timeout=_POLL_S)
                 except queue.Empty:  # every block that came is taken: look at the workers
                     item = None
-                except (EOFError, OSError):  # a block cut by a worker's death (see _Pool.task_done)
+                except (EOFError, OSError):  # a block cut by a worker's death (see _Pool)
+                    if pool.alive():  # not the queue's end: an error of the driver's own
+                        raise
                     item, broken = None, True
                 if item is None:
                     if not broken and not any(future.done() and future.exception()
@@ -383,13 +407,13 @@ class _CoreSplit:
             return
         waiting = self._waited / elapsed
         seconds = _cpu_seconds(decoders)
-        decoding = sum(used - self._decoder_seconds[pid] for pid, used in seconds.items()
-                       if pid in self._decoder_seconds) / elapsed  # cores the decoders used
+        # Cores the decoders used (a worker started in the window counts from 0).
+        decoding = sum(max(0.0, used - self._decoder_seconds.get(pid, 0.0)) for pid, used in seconds.items()) / elapsed
         left = self.cpus - decoding
         threads = self.torch.get_num_threads()
         if threads > self.low and (waiting > self.WAITING_MORE_THAN or left < threads - 0.5):
             self.torch.set_num_threads(threads - 1)
-        elif threads < self.high and waiting < self.WAITING_LESS_THAN and queue_full and left > threads + 0.5:
+        elif threads < self.high and waiting < self.WAITING_LESS_THAN and queue_full and left > threads + 0.75:
             self.torch.set_num_threads(threads + 1)
         self._window_started, self._waited, self._decoder_seconds = now, 0.0, seconds
 
