@@ -386,6 +386,7 @@ class _CoreSplit:
         self._window_started: float | None = None
         self._waited = 0.0
         self._decoder_seconds: dict[int, float] = {}
+        self._first_window = True
 
     @contextlib.contextmanager
     def waiting(self):
@@ -411,7 +412,11 @@ class _CoreSplit:
         decoding = sum(max(0.0, used - self._decoder_seconds.get(pid, 0.0)) for pid, used in seconds.items()) / elapsed
         left = self.cpus - decoding
         threads = self.torch.get_num_threads()
-        if threads > self.low and (waiting > self.WAITING_MORE_THAN or left < threads - 0.5):
+        # Not in the first window: the workers beyond the plan's share start in it and
+        # fill the queue (ViT-Ti's decoders used 0.54 cores then, 0.2 after).
+        decoders_crowd = not self._first_window and left < threads - 0.5
+        self._first_window = False
+        if threads > self.low and (waiting > self.WAITING_MORE_THAN or decoders_crowd):
             self.torch.set_num_threads(threads - 1)
         elif threads < self.high and waiting < self.WAITING_LESS_THAN and queue_full and left > threads + 0.75:
             self.torch.set_num_threads(threads + 1)
