@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -370,7 +371,6 @@ def test_remote_code_runs_only_with_trust_remote_code(tiny_vit, few_images, tmp_
 class WatchedJob:
     """A classify job over S3 run in its own process, with what was seen while it ran."""
 
-    engine: str
     client: object
     bucket: str
     canary: str
@@ -386,15 +386,31 @@ class WatchedJob:
     listeners: dict  # (pid, bound address, port) -> that process's command line
 
 
-@pytest.fixture(scope="module", params=["local", "ray"])
-def watched_s3_job(request, s3_server, tiny_vit, tmp_path_factory) -> WatchedJob:
-    """S3 in, S3 out, with a canary secret key, on each engine; its process tree is
-    looked at every 0.25 s while it runs (listening sockets, a raylet). One job per
-    engine serves both the secrets test and the exposure test: a Ray start is the
-    slowest part of either."""
+ENGINES = ["local", "ray"]
+
+
+@pytest.fixture(scope="module")
+def watched_s3_jobs(s3_server, tiny_vit, tmp_path_factory) -> Callable[[str], WatchedJob]:
+    """The watched job of an engine, run the first time a test asks for it. One job per
+    engine serves both the secrets test and the exposure test (a Ray start is the
+    slowest part of either), whatever order a parallel suite runs them in (a
+    module-scoped parametrized fixture was set up again when pytest-xdist interleaved
+    its params)."""
+    jobs: dict[str, WatchedJob] = {}
+
+    def job(engine: str) -> WatchedJob:
+        if engine not in jobs:
+            jobs[engine] = _watch_s3_job(engine, s3_server, tiny_vit, tmp_path_factory)
+        return jobs[engine]
+
+    return job
+
+
+def _watch_s3_job(engine: str, s3_server: str, tiny_vit: str, tmp_path_factory) -> WatchedJob:
+    """S3 in, S3 out, with a canary secret key; the job's process tree is looked at every
+    0.25 s while it runs (listening sockets, a raylet)."""
     import boto3
 
-    engine = request.param
     tmp_path = tmp_path_factory.mktemp(f"s3-job-{engine}")
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     bucket = f"vb-sec-{secrets.token_hex(4)}"
@@ -429,7 +445,7 @@ def watched_s3_job(request, s3_server, tiny_vit, tmp_path_factory) -> WatchedJob
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=300)
-    return WatchedJob(engine, client, bucket, canary, report, since, proc.pid, proc.returncode,
+    return WatchedJob(client, bucket, canary, report, since, proc.pid, proc.returncode,
                       out_file.read_text(), err_file.read_text(), time.monotonic() - started, samples,
                       with_raylet, listeners)
 
@@ -459,10 +475,10 @@ def _files_modified_since(roots: list[Path], since: float) -> list[Path]:
 
 # Tests of one module-scoped fixture run in one worker of a parallel suite (pytest -n).
 @pytest.mark.xdist_group("watched_s3_job")
-def test_credentials_never_leak(watched_s3_job, s3_server, tmp_path, tiny_vit, capfd):
-    job = watched_s3_job
-    engine, client, bucket, canary, since, seconds = (job.engine, job.client, job.bucket, job.canary, job.since,
-                                                      job.seconds)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_credentials_never_leak(engine, watched_s3_jobs, s3_server, tmp_path, tiny_vit, capfd):
+    job = watched_s3_jobs(engine)
+    client, bucket, canary, since, seconds = job.client, job.bucket, job.canary, job.since, job.seconds
     out, err = job.out, job.err
     assert job.returncode == 0, err
     assert "predicted         24" in out
@@ -587,14 +603,14 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.xdist_group("watched_s3_job")
-def test_a_local_job_serves_nothing(watched_s3_job):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_local_job_serves_nothing(engine, watched_s3_jobs):
     """While a job runs on one machine, none of its processes listens on the dashboard
     port (8265) or serves a dashboard; the local engine listens on no socket at all.
     (Ray 2.60's gRPC servers bind every interface and have no loopback-only switch;
     that is Ray's, and reported, not tested.)"""
-    job = watched_s3_job
-    engine, samples, with_raylet, listeners, seconds = (job.engine, job.samples, job.with_raylet, job.listeners,
-                                                         job.seconds)
+    job = watched_s3_jobs(engine)
+    samples, with_raylet, listeners, seconds = job.samples, job.with_raylet, job.listeners, job.seconds
     assert job.returncode == 0, job.err
     if engine == "local":
         assert samples >= 3, "the job was not seen running: the check below would prove nothing"
