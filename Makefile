@@ -13,7 +13,7 @@ demo: setup ## set up, then classify the sample images with a local Ray
 	bash scripts/demo.sh $(SAMPLES) $(OUT)
 
 test: setup ## set up, then run the whole test suite
-	$(VENV)/python -m pytest -n 2 --dist loadgroup -ra --durations=25
+	$(VENV)/python -m pytest -n 3 --dist loadgroup -ra --durations=25
 
 bench: setup ## set up, then run the benchmark (see benchmarks/README)
 	$(VENV)/python benchmarks/bench.py

@@ -53,8 +53,9 @@ _POLL_S = 0.2
 # torch state, and a fork server would keep the environment of the first job of a
 # process (tests and notebooks run many jobs in one process).
 _START_METHOD = "spawn"
-# How long closing a pool waits for its management thread (see _Pool.close).
-_MANAGER_JOIN_S = 10.0
+# How long closing a pool waits for its management thread (see _Pool.close), and how
+# long a read that found the queue's end waits for the workers to be gone.
+_MANAGER_JOIN_S = _WORKERS_EXIT_S = 10.0
 
 _blocks = None  # in a decode worker: the queue its blocks go to
 
@@ -149,8 +150,15 @@ class _Pool:
             with self._writer_lock:
                 self.blocks._writer.close()
 
-    def alive(self) -> bool:
-        return any(process.is_alive() for process in list((self.executor._processes or {}).values()))
+    def gone(self, timeout: float) -> bool:
+        """Whether every worker has exited, waiting up to ``timeout`` s: the pipe's end
+        comes while they exit (their ends close before they can be reaped), not after."""
+        deadline = time.monotonic() + timeout
+        while any(process.is_alive() for process in list((self.executor._processes or {}).values())):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def pids(self) -> list[int]:
         # The executor's process map: it has no public one.
@@ -254,7 +262,7 @@ class LocalEngine(Engine):
                 except queue.Empty:  # every block that came is taken: look at the workers
                     item = None
                 except (EOFError, OSError):  # a block cut by a worker's death (see _Pool)
-                    if pool.alive():  # not the queue's end: an error of the driver's own
+                    if not pool.gone(_WORKERS_EXIT_S):  # not the queue's end: an error of the driver's own
                         raise
                     item, broken = None, True
                 if item is None:
