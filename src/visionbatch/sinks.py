@@ -158,8 +158,15 @@ class Destination:
         return f"{self.root}/{name}"
 
     def files(self) -> list[str]:
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+            try:
+                infos = self.fs.get_file_info(selector)
+            except FileNotFoundError:
+                # pyarrow's local listing reads the folder, then (the read failed) asks
+                # whether it exists: one that another job created in between is reported
+                # missing instead of listed. Listed again, it is there.
+                infos = self.fs.get_file_info(selector)
         except (OSError, pa.ArrowException) as err:
             raise DestinationError(f"cannot list {self.uri}: {describe(err)}") from err
         return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
