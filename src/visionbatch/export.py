@@ -72,11 +72,8 @@ class ExportOutput(Destination):
     file is written whole (as DEST's are) before its shard commits."""
 
     def entries(self) -> list[pafs.FileInfo]:
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        except (OSError, pa.ArrowException) as err:
-            raise DestinationError(f"cannot list {self.uri}: {describe(err)}") from err
-        return [info for info in infos if info.base_name != LEASE and not info.base_name.startswith(".")]
+        """What OUT holds but its lease and the temporary files of writes under way."""
+        return [info for info in self.listing() if info.base_name != LEASE and not info.base_name.startswith(".")]
 
     def has_results(self) -> bool:
         return bool(self.entries())

@@ -157,19 +157,22 @@ class Destination:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def files(self) -> list[str]:
+    def listing(self) -> list[pafs.FileInfo]:
+        """Everything in the folder, files and folders (nothing where it does not exist yet)."""
         selector = pafs.FileSelector(self.root, allow_not_found=True)
         try:
             try:
-                infos = self.fs.get_file_info(selector)
+                return self.fs.get_file_info(selector)
             except FileNotFoundError:
                 # pyarrow's local listing reads the folder, then (the read failed) asks
                 # whether it exists: one that another job created in between is reported
                 # missing instead of listed. Listed again, it is there.
-                infos = self.fs.get_file_info(selector)
+                return self.fs.get_file_info(selector)
         except (OSError, pa.ArrowException) as err:
             raise DestinationError(f"cannot list {self.uri}: {describe(err)}") from err
-        return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+
+    def files(self) -> list[str]:
+        return sorted(info.base_name for info in self.listing() if info.type == pafs.FileType.File)
 
     def part_files(self) -> list[str]:
         return [name for name in self.files() if name.startswith("part-")]
