@@ -195,3 +195,32 @@ def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, c
     assert "Traceback" in log.read_text()
     print(f"stopped after {time.monotonic() - started:.1f} s")  # measured, not asserted: a busy machine
     assert not (dest / "_manifest.json").exists()  # model errors are not results: nothing is committed
+
+
+@pytest.mark.parametrize("threads,fewer_threads,held", [("all", (1, 300.0), True), ("fewer", (1, 300.0), False),
+                                                        ("all", None, False)])
+def test_decoders_wait_while_the_model_takes_every_core(threads, fewer_threads, held):
+    """The local engine's decoders are held back (the pool's flag) during a forward pass
+    only where the CPU model's threads take every core, and let go after it, error or not."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    import torch
+
+    from visionbatch.engine_local import _CoreSplit, _cpus
+
+    if threads == "fewer" and _cpus() < 2:
+        pytest.skip("one core: the model's one thread takes every core")
+    before = torch.get_num_threads()
+    torch.set_num_threads(_cpus() - (threads == "fewer"))
+    try:
+        cores = _CoreSplit(SimpleNamespace(fewer_threads=fewer_threads, model_threads=_cpus()))
+        model_running = multiprocessing.get_context("spawn").RawValue("b", False)
+        with cores.forward(model_running):
+            assert bool(model_running.value) is held
+        assert not model_running.value
+        with pytest.raises(RuntimeError), cores.forward(model_running):
+            raise RuntimeError("a failed forward pass")
+        assert not model_running.value
+    finally:
+        torch.set_num_threads(before)

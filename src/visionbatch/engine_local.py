@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -56,8 +57,12 @@ _START_METHOD = "spawn"
 # How long closing a pool waits for its management thread (see _Pool.close), and how
 # long a read that found the queue's end waits for the workers to be gone.
 _MANAGER_JOIN_S = _WORKERS_EXIT_S = 10.0
+# How often a decode worker looks whether the model's forward pass has let go of the
+# cores (see _CoreSplit.forward): a few ms against a ViT-Ti pass's ~300.
+_TURN_POLL_S = 0.002
 
 _blocks = None  # in a decode worker: the queue its blocks go to
+_model_running = None  # in a decode worker: the flag set while a forward pass takes every core
 
 
 @dataclass(frozen=True)
@@ -67,14 +72,19 @@ class _ShardDone:
     shard: str
 
 
-def _init_worker(blocks) -> None:
-    global _blocks
+def _init_worker(blocks, model_running) -> None:
+    global _blocks, _model_running
     # Ctrl-C reaches the whole foreground process group: the driver stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # An image that still blows up becomes a row (MemoryError) or this worker's death,
     # never a machine-wide out-of-memory event.
     limit_memory(DECODE_MEMORY_LIMIT)
-    _blocks = blocks
+    _blocks, _model_running = blocks, model_running
+
+
+def _wait_turn() -> None:
+    while _model_running.value:
+        time.sleep(_TURN_POLL_S)
 
 
 def _decode_task(shard: AnyShard, options: dict) -> None:
@@ -83,7 +93,7 @@ def _decode_task(shard: AnyShard, options: dict) -> None:
     from visionbatch.decode import decode_shards
 
     given = iter([shard])
-    for block in decode_shards(lambda: next(given, None), **options):
+    for block in decode_shards(lambda: next(given, None), **options, wait_turn=_wait_turn):
         _blocks.put(block)
     _blocks.put(_ShardDone(shard.id))
 
@@ -133,8 +143,11 @@ class _Pool:
         context = multiprocessing.get_context(_START_METHOD)
         self.workers = workers
         self.blocks = context.Queue(maxsize=2 * workers + 2)
-        self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                               initializer=_init_worker, initargs=(self.blocks,))
+        # A bare shared byte, no lock: a worker killed while holding an Event's lock
+        # would leave the driver's next set() waiting forever.
+        self.model_running = context.RawValue(ctypes.c_bool, False)
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_worker, initargs=(self.blocks, self.model_running))
         self._writer_lock = threading.Lock()  # a worker starting pickles the write end: not once closed
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
@@ -285,7 +298,9 @@ class LocalEngine(Engine):
                     continue
                 in_flight_limit = limit_after_start
                 cores.adjust(pool.blocks.full(), pool.pids())
-                yield from commit_events(writer(model(item)))
+                with cores.forward(pool.model_running):
+                    predicted = model(item)
+                yield from commit_events(writer(predicted))
         finally:
             feed.stop()
             pool.close()
@@ -375,6 +390,12 @@ class _CoreSplit:
     - a thread more (up to the plan's) when the model is the bottleneck: the queue full,
       the model never waiting, and a core left by the decoders.
 
+    While its threads take every core, the decoders wait during each forward pass (they
+    decode between passes, and while the model waits for a block): a decoder that takes
+    a core from one of the pass's threads holds up the others at the pass's next
+    barrier, where they spin. ViT-Ti on 2 cores, the wait switched on and off every 8 s
+    in one job: 38.4 -> 41.6 and 44.0 -> 49.4 images/s (benchmarks/RESULTS.md).
+
     (On a GPU the threads only feed it: nothing to split.)"""
 
     WINDOW_S = 3.0
@@ -403,6 +424,15 @@ class _CoreSplit:
             yield
         finally:
             self._waited += time.monotonic() - started
+
+    @contextlib.contextmanager
+    def forward(self, model_running):
+        """Around a forward pass; ``model_running``: the pool's flag its decoders wait on."""
+        model_running.value = self.active and self.torch.get_num_threads() >= self.cpus
+        try:
+            yield
+        finally:
+            model_running.value = False
 
     def adjust(self, queue_full: bool, decoders: list[int]) -> None:
         """After each block taken: ``queue_full`` as it is now, ``decoders`` the decode workers' pids."""
