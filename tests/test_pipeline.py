@@ -197,11 +197,14 @@ def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, c
     assert not (dest / "_manifest.json").exists()  # model errors are not results: nothing is committed
 
 
-@pytest.mark.parametrize("threads,fewer_threads,held", [("all", (1, 300.0), True), ("fewer", (1, 300.0), False),
-                                                        ("all", None, False)])
-def test_decoders_wait_while_the_model_takes_every_core(threads, fewer_threads, held):
+@pytest.mark.parametrize("threads,fewer_threads,decoding,held", [
+    ("all", (1, 300.0), "all", True), ("fewer", (1, 300.0), "all", False), ("all", None, "all", False),
+    ("all", (1, 300.0), "fewer", False)])
+def test_decoders_wait_while_the_model_takes_every_core(threads, fewer_threads, decoding, held):
     """The local engine's decoders are held back (the pool's flag) during a forward pass
-    only where the CPU model's threads take every core, and let go after it, error or not."""
+    only where the CPU model's threads take every core and every core has a decoder with
+    a shard (one decoder alone would leave a core idle while the model waits for it), and
+    let go after it, error or not."""
     import multiprocessing
     from types import SimpleNamespace
 
@@ -209,17 +212,18 @@ def test_decoders_wait_while_the_model_takes_every_core(threads, fewer_threads, 
 
     from visionbatch.engine_local import _CoreSplit, _cpus
 
-    if threads == "fewer" and _cpus() < 2:
+    if "fewer" in (threads, decoding) and _cpus() < 2:
         pytest.skip("one core: the model's one thread takes every core")
     before = torch.get_num_threads()
     torch.set_num_threads(_cpus() - (threads == "fewer"))
     try:
         cores = _CoreSplit(SimpleNamespace(fewer_threads=fewer_threads, model_threads=_cpus()))
         model_running = multiprocessing.get_context("spawn").RawValue("b", False)
-        with cores.forward(model_running):
+        decoders = _cpus() - (decoding == "fewer")
+        with cores.forward(model_running, decoders):
             assert bool(model_running.value) is held
         assert not model_running.value
-        with pytest.raises(RuntimeError), cores.forward(model_running):
+        with pytest.raises(RuntimeError), cores.forward(model_running, decoders):
             raise RuntimeError("a failed forward pass")
         assert not model_running.value
     finally:

@@ -298,7 +298,7 @@ class LocalEngine(Engine):
                     continue
                 in_flight_limit = limit_after_start
                 cores.adjust(pool.blocks.full(), pool.pids())
-                with cores.forward(pool.model_running):
+                with cores.forward(pool.model_running, min(len(in_flight), pool.workers)):
                     predicted = model(item)
                 yield from commit_events(writer(predicted))
         finally:
@@ -390,8 +390,9 @@ class _CoreSplit:
     - a thread more (up to the plan's) when the model is the bottleneck: the queue full,
       the model never waiting, and a core left by the decoders.
 
-    While its threads take every core, the decoders wait during each forward pass (they
-    decode between passes, and while the model waits for a block): a decoder that takes
+    While its threads take every core, and a decoder per core has a shard, the decoders
+    wait during each forward pass (they decode between passes, and while the model waits
+    for a block): a decoder that takes
     a core from one of the pass's threads holds up the others at the pass's next
     barrier, where they spin. ViT-Ti on 2 cores, the wait switched on and off every 8 s
     in one job: 38.4 -> 41.6 and 44.0 -> 49.4 images/s (benchmarks/RESULTS.md).
@@ -426,9 +427,11 @@ class _CoreSplit:
             self._waited += time.monotonic() - started
 
     @contextlib.contextmanager
-    def forward(self, model_running):
-        """Around a forward pass; ``model_running``: the pool's flag its decoders wait on."""
-        model_running.value = self.active and self.torch.get_num_threads() >= self.cpus
+    def forward(self, model_running, decoding: int):
+        """Around a forward pass; ``model_running``: the pool's flag its decoders wait on,
+        ``decoding``: how many decoders have a shard. Fewer decoders than cores would
+        leave cores idle while the model waits for their block: they keep decoding."""
+        model_running.value = self.active and self.torch.get_num_threads() >= self.cpus and decoding >= self.cpus
         try:
             yield
         finally:
