@@ -392,10 +392,10 @@ class _CoreSplit:
 
     While its threads take every core, and a decoder per core has a shard, the decoders
     wait during each forward pass (they decode between passes, and while the model waits
-    for a block): a decoder that takes
-    a core from one of the pass's threads holds up the others at the pass's next
-    barrier, where they spin. ViT-Ti on 2 cores, the wait switched on and off every 8 s
-    in one job: 38.4 -> 41.6 and 44.0 -> 49.4 images/s (benchmarks/RESULTS.md).
+    for a block): a decoder that takes a core from one of the pass's threads holds up the
+    others at the pass's next barrier, where they spin. ViT-Ti on 2 cores, the wait
+    switched on and off every 8 s in one job: 38.4 -> 41.6 and 44.0 -> 49.4 images/s
+    (benchmarks/RESULTS.md).
 
     (On a GPU the threads only feed it: nothing to split.)"""
 
