@@ -226,25 +226,3 @@ def test_hung_reads_beyond_the_window_do_not_starve_the_next(tmp_path, silent_se
     out = list(read_ahead(paths, Storage(silent_server), None, timeout=0.5, window=2))
     assert out[:3] == ["read_error: timed out after 0.5 s (--read-timeout)"] * 3
     assert out[3:] == [Path(file).read_bytes() for file in good]
-
-
-def test_decode_shards_waits_its_turn_before_each_image(image_tree):
-    """The local engine's decoders wait while the model's forward pass holds every core:
-    ``wait_turn`` is called before each image of a block is decoded."""
-    from transformers import ViTImageProcessor
-
-    from visionbatch.decode import decode_shards
-    from visionbatch.samples import Reading
-    from visionbatch.shards import Shard
-    from visionbatch.storage import Storage
-
-    paths = tuple(sorted(str(p) for p in image_tree.rglob("*") if p.suffix in (".jpg", ".PNG")))
-    given = iter([Shard("s0", paths)])
-    blocks, blocks_before_turn = [], []
-    for block in decode_shards(lambda: next(given, None), spec=resolve_spec(ViTImageProcessor(size={"height": 32, "width": 32})),
-                               max_pixels=LIMIT, reading=Reading(Storage()), labels=None, batch_size=4,
-                               wait_turn=lambda: blocks_before_turn.append(len(blocks))):
-        blocks.append(block)
-    assert len(paths) == 12 and [block.num_rows for block in blocks] == [4, 4, 4]
-    assert blocks_before_turn == [i // 4 for i in range(12)]
-    assert all(error is None for block in blocks for error in block.column("error").to_pylist())

@@ -197,34 +197,38 @@ def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, c
     assert not (dest / "_manifest.json").exists()  # model errors are not results: nothing is committed
 
 
-@pytest.mark.parametrize("threads,fewer_threads,decoding,held", [
-    ("all", (1, 300.0), "all", True), ("fewer", (1, 300.0), "all", False), ("all", None, "all", False),
-    ("all", (1, 300.0), "fewer", False)])
-def test_decoders_wait_while_the_model_takes_every_core(threads, fewer_threads, decoding, held):
-    """The local engine's decoders are held back (the pool's flag) during a forward pass
-    only where the CPU model's threads take every core and every core has a decoder with
-    a shard (one decoder alone would leave a core idle while the model waits for it), and
-    let go after it, error or not."""
-    import multiprocessing
-    from types import SimpleNamespace
+def test_model_lanes_run_passes_at_once_and_give_results_in_order():
+    """The local engine's lanes: a second forward pass runs while the first does (each
+    waits for the other to have started), and results come in the blocks' order even
+    where the later pass ends first; one lane: the next block waits for the result."""
+    import threading
 
-    import torch
+    from visionbatch.engine_local import _Lanes
 
-    from visionbatch.engine_local import _CoreSplit, _cpus
+    both_started = threading.Barrier(2, timeout=60)
+    first_may_end, second_ended = threading.Event(), threading.Event()
 
-    if "fewer" in (threads, decoding) and _cpus() < 2:
-        pytest.skip("one core: the model's one thread takes every core")
-    before = torch.get_num_threads()
-    torch.set_num_threads(_cpus() - (threads == "fewer"))
+    def model(block: str) -> str:
+        if block in ("first", "second"):
+            both_started.wait()
+        if block == "first":
+            assert first_may_end.wait(60)
+        if block == "second":
+            second_ended.set()
+        return block.upper()
+
+    lanes = _Lanes(model, 2)
     try:
-        cores = _CoreSplit(SimpleNamespace(fewer_threads=fewer_threads, model_threads=_cpus()))
-        model_running = multiprocessing.get_context("spawn").RawValue("b", False)
-        decoders = _cpus() - (decoding == "fewer")
-        with cores.forward(model_running, decoders):
-            assert bool(model_running.value) is held
-        assert not model_running.value
-        with pytest.raises(RuntimeError), cores.forward(model_running, decoders):
-            raise RuntimeError("a failed forward pass")
-        assert not model_running.value
+        lanes.start("first")
+        lanes.start("second")
+        assert not lanes.free
+        assert second_ended.wait(60)
+        assert list(lanes.results()) == []  # the first is still running: nothing out of order
+        first_may_end.set()
+        assert list(lanes.results(wait="all")) == ["FIRST", "SECOND"]
+        lanes.width = 1
+        lanes.start("third")
+        assert not lanes.free
+        assert list(lanes.results(wait="lane")) == ["THIRD"] and lanes.free
     finally:
-        torch.set_num_threads(before)
+        lanes.close()

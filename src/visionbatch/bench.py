@@ -21,6 +21,7 @@ Ray, model load) count the same way for all of them.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -78,21 +79,31 @@ def make_synthetic_images(folder: Path, count: int, size=(96, 72)) -> Path:
     return folder
 
 
-def model_ceiling(model: str, batch_size: int, threads: int | None, device: str, dtype: str, seconds: float) -> dict:
-    """Images/s of the forward pass alone, through the same Predictor code path."""
+def model_ceiling(model: str, batch_size: int, threads: int, lanes: int, device: str, dtype: str,
+                  seconds: float) -> dict:
+    """Images/s of the forward pass alone, through the same Predictor code path: one
+    pass on ``threads`` torch threads at a time, or ``lanes`` passes at once on one
+    thread each, as the local engine runs them on a small CPU machine."""
     import numpy as np
 
     from visionbatch.model import Predictor
 
     predictor = Predictor(model, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device=device, dtype=dtype,
-                          num_threads=threads)
+                          num_threads=1 if lanes > 1 else threads)
     pixels = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
-    for _ in range(2):
-        predictor.predict_pixels(pixels)
-    started, images = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        predictor.predict_pixels(pixels)
-        images += batch_size
+
+    def passes(until: float) -> int:
+        images = 0
+        while time.perf_counter() < until:
+            predictor.predict_pixels(pixels)
+            images += batch_size
+        return images
+
+    with concurrent.futures.ThreadPoolExecutor(lanes) as pool:
+        for _ in pool.map(lambda _: [predictor.predict_pixels(pixels) for _ in range(2)], range(lanes)):
+            pass  # warm-up: each lane's allocations
+        started = time.perf_counter()
+        images = sum(pool.map(passes, [started + seconds] * lanes))
     return {"images_per_s": images / (time.perf_counter() - started)}
 
 
@@ -341,13 +352,20 @@ def main(argv: list[str] | None = None) -> int:
             images = make_images(work / "images", SAMPLE_DIR, args.copies)
         n = sum(1 for p in images.rglob("*") if p.is_file())
         model = args.model or str(make_vit(work / "model", args.vit))
+        from visionbatch.model import resolve_device
         from visionbatch.plan import cpu_model_threads
 
-        threads = args.threads or cpu_model_threads(os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+        threads = args.threads or cpu_model_threads(cpus)
+        # As the local engine runs the model (engine_local._split_cores): where its threads
+        # take every core of a CPU machine and no --threads fixes them, a lane per thread.
+        lanes = threads if resolve_device(args.device) == "cpu" and not args.threads and threads == cpus > 1 else 1
         print(f"machine: {machine()}\nimages: {n} in {images}\nmodel: {args.model or 'random ViT-' + args.vit}, "
-              f"batch {args.batch_size}, ceiling threads {threads}", flush=True)
-        results: dict = {"machine": machine(), "images": n, "batch_size": args.batch_size, "threads": threads}
-        results["ceiling"] = model_ceiling(model, args.batch_size, threads, args.device, args.dtype,
+              f"batch {args.batch_size}, ceiling threads {threads}" + (f" ({lanes} lanes)" if lanes > 1 else ""),
+              flush=True)
+        results: dict = {"machine": machine(), "images": n, "batch_size": args.batch_size, "threads": threads,
+                         "lanes": lanes}
+        results["ceiling"] = model_ceiling(model, args.batch_size, threads, lanes, args.device, args.dtype,
                                           seconds=args.ceiling_seconds)
         if "decode" in lines:
             import torch

@@ -194,8 +194,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: Preprocessing, max_pixel
 
 
 def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_pixels: int, reading: Reading,
-                  labels: LabelResolver | None, batch_size: int, draft_side: int | None = None,
-                  wait_turn: Callable[[], None] | None = None) -> Iterator[pa.Table]:
+                  labels: LabelResolver | None, batch_size: int, draft_side: int | None = None) -> Iterator[pa.Table]:
     """The CPU stage: take shards until there are none; yield model-ready blocks.
 
     Each block holds up to ``batch_size`` decoded images and the failed rows met on the
@@ -203,15 +202,13 @@ def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_
     which the writer knows when a shard is whole. A shard whose size is known only once
     read (a tar) says -1 until its last block, which is held back until the shard ends so
     that it always has rows to say the size with. ``draft_side``: see :func:`decode_image`.
-    ``wait_turn``, where given, is called before each image is decoded (the file is
-    already read): it returns when this process may take a core (see engine_local).
     """
     while (shard := next_shard()) is not None:
-        yield from _decode_shard(shard, spec, max_pixels, reading, labels, batch_size, draft_side, wait_turn)
+        yield from _decode_shard(shard, spec, max_pixels, reading, labels, batch_size, draft_side)
 
 
 def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, batch_size: int,
-                  draft_side: int | None, wait_turn: Callable[[], None] | None) -> Iterator[pa.Table]:
+                  draft_side: int | None) -> Iterator[pa.Table]:
     samples, kept = shard_samples(shard, reading)
     by_folder: dict[str, str | None] = {}
 
@@ -234,8 +231,6 @@ def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, batch_size:
         if held is not None:
             yield block(*held, size=-1)
             held = None
-        if wait_turn is not None:
-            wait_turn()
         rows.append((index, sample.path, true_label(sample), sample.key,
                      *decode_file(sample.path, sample.data, spec, max_pixels, draft_side)))
         images += rows[-1][4] is not None

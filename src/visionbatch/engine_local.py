@@ -6,7 +6,8 @@
       -> decode worker processes (a ProcessPoolExecutor; Pillow, numpy, pyarrow, no torch;
          one per core on CPU): a task per shard, its blocks into one bounded queue
                                                                   visionbatch.decode
-      -> the model: one Predictor in the driver's process (CPU or its one GPU)
+      -> the model: one Predictor in the driver's process (CPU or its one GPU); on a
+         small CPU machine up to a pass per core at once, each on one thread (_Lanes)
       -> ShardWriter in the driver's process (one part file per whole shard)
       -> the driver (visionbatch.job): commits, progress, summary
 
@@ -20,9 +21,9 @@ and a new pool takes the next shards.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -57,12 +58,8 @@ _START_METHOD = "spawn"
 # How long closing a pool waits for its management thread (see _Pool.close), and how
 # long a read that found the queue's end waits for the workers to be gone.
 _MANAGER_JOIN_S = _WORKERS_EXIT_S = 10.0
-# How often a decode worker looks whether the model's forward pass has let go of the
-# cores (see _CoreSplit.forward): a few ms against a ViT-Ti pass's ~300.
-_TURN_POLL_S = 0.002
 
 _blocks = None  # in a decode worker: the queue its blocks go to
-_model_running = None  # in a decode worker: the flag set while a forward pass takes every core
 
 
 @dataclass(frozen=True)
@@ -72,19 +69,14 @@ class _ShardDone:
     shard: str
 
 
-def _init_worker(blocks, model_running) -> None:
-    global _blocks, _model_running
+def _init_worker(blocks) -> None:
+    global _blocks
     # Ctrl-C reaches the whole foreground process group: the driver stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # An image that still blows up becomes a row (MemoryError) or this worker's death,
     # never a machine-wide out-of-memory event.
     limit_memory(DECODE_MEMORY_LIMIT)
-    _blocks, _model_running = blocks, model_running
-
-
-def _wait_turn() -> None:
-    while _model_running.value:
-        time.sleep(_TURN_POLL_S)
+    _blocks = blocks
 
 
 def _decode_task(shard: AnyShard, options: dict) -> None:
@@ -93,7 +85,7 @@ def _decode_task(shard: AnyShard, options: dict) -> None:
     from visionbatch.decode import decode_shards
 
     given = iter([shard])
-    for block in decode_shards(lambda: next(given, None), **options, wait_turn=_wait_turn):
+    for block in decode_shards(lambda: next(given, None), **options):
         _blocks.put(block)
     _blocks.put(_ShardDone(shard.id))
 
@@ -143,11 +135,8 @@ class _Pool:
         context = multiprocessing.get_context(_START_METHOD)
         self.workers = workers
         self.blocks = context.Queue(maxsize=2 * workers + 2)
-        # A bare shared byte, no lock: a worker killed while holding an Event's lock
-        # would leave the driver's next set() waiting forever.
-        self.model_running = context.RawValue(ctypes.c_bool, False)
         self.executor = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(self.blocks, self.model_running))
+            workers, mp_context=context, initializer=_init_worker, initargs=(self.blocks,))
         self._writer_lock = threading.Lock()  # a worker starting pickles the write end: not once closed
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
@@ -224,8 +213,11 @@ class LocalEngine(Engine):
             if prepared.plan.replicas > 1:
                 raise JobError("the local engine runs one model replica: use --engine ray for more")
             # No timing at start (fewer_threads): _CoreSplit follows what the job shows.
-            self._predictor = Predictor(**{**predictor_arguments(prepared.config, prepared.plan,
-                                                                 prepared.plan.batch_size), "fewer_threads": None})
+            arguments = {**predictor_arguments(prepared.config, prepared.plan, prepared.plan.batch_size),
+                         "fewer_threads": None}
+            if _split_cores(prepared):
+                arguments["num_threads"] = 1  # a thread per lane
+            self._predictor = Predictor(**arguments)
         return self._predictor
 
     def run(self, prepared: Prepared, writer: ShardWriter,
@@ -250,7 +242,7 @@ class LocalEngine(Engine):
             feed = _Feed(lambda: next(given, None), 1)
         tries: dict[str, int] = {}
         in_flight: dict[str, tuple[AnyShard, concurrent.futures.Future]] = {}
-        pool, broken = _Pool(workers), False
+        pool, broken, lanes = _Pool(workers), False, None
         try:
             def submit() -> bool:
                 """Keep the workers busy; False once the pool is found broken."""
@@ -266,9 +258,12 @@ class LocalEngine(Engine):
 
             broken = not submit()
             model = self._model(prepared)  # loads while the first shards decode
-            cores = _CoreSplit(plan)
+            cores = _CoreSplit(plan, _split_cores(prepared))
+            lanes = _Lanes(model, cores.high)
             while not feed.ended or in_flight:
                 broken = broken or not submit()
+                for predicted in lanes.results(wait="lane"):
+                    yield from commit_events(writer(predicted))
                 try:
                     with cores.waiting():
                         item = pool.blocks.get(timeout=_POLL_S)
@@ -285,6 +280,8 @@ class LocalEngine(Engine):
                     # A worker died (or a task failed, which decoding never does by design):
                     # the pool and its queue go, with every shard in flight.
                     log.warning("a decode worker failed with %d shard(s) in hand", len(in_flight))
+                    for predicted in lanes.results(wait="all"):  # before their shards are discarded
+                        yield from commit_events(writer(predicted))
                     for shard, _ in in_flight.values():
                         if tries[shard.id] < attempts:
                             feed.again(shard)
@@ -297,11 +294,13 @@ class LocalEngine(Engine):
                     in_flight.pop(item.shard, None)
                     continue
                 in_flight_limit = limit_after_start
-                cores.adjust(pool.blocks.full(), pool.pids())
-                with cores.forward(pool.model_running, min(len(in_flight), pool.workers)):
-                    predicted = model(item)
+                lanes.width = cores.adjust(pool.blocks.full(), pool.pids())
+                lanes.start(item)
+            for predicted in lanes.results(wait="all"):
                 yield from commit_events(writer(predicted))
         finally:
+            if lanes is not None:
+                lanes.close()
             feed.stop()
             pool.close()
 
@@ -380,24 +379,17 @@ class LocalEngine(Engine):
 
 
 class _CoreSplit:
-    """On CPU, the cores the model's torch threads take follow what the job shows, in
-    windows of a few seconds (so that another process taking cores on a shared machine
-    moves the split too):
+    """On CPU, how many forward passes run at once (lanes of one torch thread each, see
+    _Lanes) follows what the job shows, in windows of a few seconds (so that another
+    process taking cores on a shared machine moves the split too):
 
-    - a thread goes back to the decoders (down to the replica's own cores) when the model
-      waits for blocks, or when the decoders use the cores its threads would run on (a
-      light model: its threads then only contend with them);
-    - a thread more (up to the plan's) when the model is the bottleneck: the queue full,
-      the model never waiting, and a core left by the decoders.
+    - a lane goes back to the decoders (down to the replica's own cores) when the model
+      waits for blocks, or when the decoders use the cores its lanes would run on (a
+      light model: its lanes then only contend with them);
+    - a lane more (up to the plan's threads) when the model is the bottleneck: the queue
+      full, the model never waiting, and a core left by the decoders.
 
-    While its threads take every core, and a decoder per core has a shard, the decoders
-    wait during each forward pass (they decode between passes, and while the model waits
-    for a block): a decoder that takes a core from one of the pass's threads holds up the
-    others at the pass's next barrier, where they spin. ViT-Ti on 2 cores, the wait
-    switched on and off every 8 s in one job: 38.4 -> 41.6 and 44.0 -> 49.4 images/s
-    (benchmarks/RESULTS.md).
-
-    (On a GPU the threads only feed it: nothing to split.)"""
+    Inactive (one lane, on the plan's threads) where nothing is split: see _split_cores."""
 
     WINDOW_S = 3.0
     WAITING_MORE_THAN = 0.15  # of the window: the model is starved
@@ -405,13 +397,11 @@ class _CoreSplit:
     # the model ~2% of its time even then (a pickle of its pixels through a pipe).
     WAITING_LESS_THAN = 0.05
 
-    def __init__(self, plan):
-        import torch
-
-        self.active = plan.fewer_threads is not None  # set on CPU where threads reach into decode cores
-        self.low, self.high = (plan.fewer_threads[0], plan.model_threads) if self.active else (0, 0)
+    def __init__(self, plan, active: bool):
+        self.active = active
+        self.low, self.high = (plan.fewer_threads[0], plan.model_threads) if active else (1, 1)
+        self.lanes = self.high
         self.cpus = _cpus()
-        self.torch = torch
         # From the first block on: waiting for the first ones is start-up, not the pace.
         self._window_started: float | None = None
         self._waited = 0.0
@@ -426,42 +416,74 @@ class _CoreSplit:
         finally:
             self._waited += time.monotonic() - started
 
-    @contextlib.contextmanager
-    def forward(self, model_running, decoding: int):
-        """Around a forward pass; ``model_running``: the pool's flag its decoders wait on,
-        ``decoding``: how many decoders have a shard. Fewer decoders than cores would
-        leave cores idle while the model waits for their block: they keep decoding."""
-        model_running.value = self.active and self.torch.get_num_threads() >= self.cpus and decoding >= self.cpus
-        try:
-            yield
-        finally:
-            model_running.value = False
-
-    def adjust(self, queue_full: bool, decoders: list[int]) -> None:
-        """After each block taken: ``queue_full`` as it is now, ``decoders`` the decode workers' pids."""
+    def adjust(self, queue_full: bool, decoders: list[int]) -> int:
+        """After each block taken: ``queue_full`` as it is now, ``decoders`` the decode
+        workers' pids. Returns the lanes to run."""
         if not self.active:
-            return
+            return self.lanes
         now = time.monotonic()
         if self._window_started is None:
             self._window_started, self._waited, self._decoder_seconds = now, 0.0, _cpu_seconds(decoders)
         elapsed = now - self._window_started
         if elapsed < self.WINDOW_S:
-            return
+            return self.lanes
         waiting = self._waited / elapsed
         seconds = _cpu_seconds(decoders)
         # Cores the decoders used (a worker started in the window counts from 0).
         decoding = sum(max(0.0, used - self._decoder_seconds.get(pid, 0.0)) for pid, used in seconds.items()) / elapsed
         left = self.cpus - decoding
-        threads = self.torch.get_num_threads()
         # Not in the first window: the workers beyond the plan's share start in it and
         # fill the queue (ViT-Ti's decoders used 0.54 cores then, 0.2 after).
-        decoders_crowd = not self._first_window and left < threads - 0.5
+        decoders_crowd = not self._first_window and left < self.lanes - 0.5
         self._first_window = False
-        if threads > self.low and (waiting > self.WAITING_MORE_THAN or decoders_crowd):
-            self.torch.set_num_threads(threads - 1)
-        elif threads < self.high and waiting < self.WAITING_LESS_THAN and queue_full and left > threads + 0.75:
-            self.torch.set_num_threads(threads + 1)
+        if self.lanes > self.low and (waiting > self.WAITING_MORE_THAN or decoders_crowd):
+            self.lanes -= 1
+        elif self.lanes < self.high and waiting < self.WAITING_LESS_THAN and queue_full and left > self.lanes + 0.75:
+            self.lanes += 1
         self._window_started, self._waited, self._decoder_seconds = now, 0.0, seconds
+        return self.lanes
+
+
+def _split_cores(prepared: Prepared) -> bool:
+    """Whether _CoreSplit moves cores between the model's lanes and the decoders: on CPU
+    where the plan's threads reach into the decoders' cores (a small machine, no
+    ``--threads``), and not under ``--compile`` (torch.compile is not thread-safe)."""
+    return prepared.plan.fewer_threads is not None and not prepared.config.compile
+
+
+class _Lanes:
+    """The model's forward passes in threads of the driver, up to ``width`` at once (a
+    block each), their results taken in the order the blocks came.
+
+    Why lanes of one thread rather than one pass on every core: a pass on N torch
+    threads meets a barrier at each op, so a decoder that takes one thread's core for a
+    moment holds up the others, which spin there meanwhile. One-thread passes share no
+    barrier (OpenVINO's throughput "streams" and PyTorch's multi-instance launcher for
+    Xeons do the same). ViT-Ti, 2 cores, batch 16, beside a process decoding at 0.2 of a
+    core: 54-55 images/s in two lanes, 45-47 in one pass on 2 threads
+    (benchmarks/RESULTS.md). torch lets go of the GIL inside its ops."""
+
+    def __init__(self, model: Callable[[pa.Table], pa.Table], most: int):
+        self._model = model
+        self._threads = concurrent.futures.ThreadPoolExecutor(most, thread_name_prefix="visionbatch-lane")
+        self._running: collections.deque[concurrent.futures.Future] = collections.deque()
+        self.width = most
+
+    @property
+    def free(self) -> bool:
+        return len(self._running) < self.width
+
+    def start(self, block: pa.Table) -> None:
+        self._running.append(self._threads.submit(self._model, block))
+
+    def results(self, wait: str = "") -> Iterator[pa.Table]:
+        """The results at the head that are ready; ``wait="lane"``: at least until a lane
+        is free, ``"all"``: every one."""
+        while self._running and (self._running[0].done() or wait == "all" or (wait == "lane" and not self.free)):
+            yield self._running.popleft().result()
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 class _Feed:
