@@ -331,12 +331,13 @@ def keep_freed_memory() -> Callable[[int], int] | None:
     the ``malloc_trim`` this returns (peak under 1 GB, no slower: 76.5 s against 82.8 s).
     None where the C library is not glibc, or it refused the settings."""
     import ctypes
-    import ctypes.util
     import platform
 
     if platform.libc_ver()[0] != "glibc":
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    # The process's own symbols, libc's among them: find_library("c") would run ldconfig
+    # in a subprocess, a fork of a process that holds torch.
+    libc = ctypes.CDLL(None)
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # malloc.h
     kept = (libc.mallopt(M_MMAP_THRESHOLD, _HEAP_ALLOCATION_MAX)
             and libc.mallopt(M_TRIM_THRESHOLD, 2 * _HEAP_ALLOCATION_MAX)
