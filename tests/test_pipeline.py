@@ -230,5 +230,35 @@ def test_model_lanes_run_passes_at_once_and_give_results_in_order():
         lanes.start("third")
         assert not lanes.free
         assert list(lanes.results(wait="lane")) == ["THIRD"] and lanes.free
-    finally:
+    finally:  # a failed assertion leaves no pass waiting
+        first_may_end.set()
+        both_started.abort()
         lanes.close()
+
+
+def test_closing_the_lanes_stops_a_pass_in_flight_at_its_next_module():
+    """An interrupted job's lanes close: a forward pass in flight stops at its next
+    module (a heavy model's pass on one thread would hold the exit for seconds)."""
+    import threading
+
+    import torch
+
+    from visionbatch.engine_local import _Lanes, _PassStopped
+
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    started = threading.Event()
+
+    def model(block):
+        started.set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # a long pass: many modules one after another
+            layers(torch.zeros(1, 8))
+        return "ran to its end"
+
+    lanes = _Lanes(model, 1, layers.modules())
+    lanes.start("block")
+    assert started.wait(60)
+    lanes.close()
+    with pytest.raises(_PassStopped):  # not "ran to its end", 60 s later
+        list(lanes.results(wait="all"))
+    assert layers(torch.ones(1, 8)).shape == (1, 8)  # its hooks are gone with the lanes

@@ -94,16 +94,16 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _decoders(plan) -> int:
-    """Decode workers for a job. Where _CoreSplit moves the model's CPU threads (a small
-    machine, no ``--threads``), one per core beside them: where the model is the
-    slower stage they wait on the full queue, idle; where it is
-    light they take the cores it leaves (_CoreSplit hands its threads back), which the
-    plan's share alone would leave idle (micro ViT on 2 cores: 217-244 -> 227-295
-    images/s). Elsewhere the plan's: on a GPU the CPUs the thread that feeds it leaves,
-    and where the model's threads are fixed (``--threads``, or 8 cores and more: the
-    plan leaves the decoders their own cores) nothing would hand cores back."""
-    return _cpus() if plan.fewer_threads is not None else plan.decode_concurrency
+def _decoders(prepared: Prepared) -> int:
+    """Decode workers for a job. Where _CoreSplit moves cores between the model's lanes
+    and the decoders (see _split_cores), one per core: where the model is the slower
+    stage they wait on the full queue, idle; where it is light they take the cores it
+    leaves (_CoreSplit gives its lanes back), which the plan's share alone would leave
+    idle (micro ViT on 2 cores: 217-244 -> 227-295 images/s). Elsewhere the plan's: on a
+    GPU the CPUs the thread that feeds it leaves, and where the model's threads are
+    fixed (``--threads``, ``--compile``, or 8 cores and more: the plan leaves the
+    decoders their own cores) nothing would give cores back."""
+    return _cpus() if _split_cores(prepared) else prepared.plan.decode_concurrency
 
 
 def _cpu_seconds(pids) -> dict[int, float]:
@@ -228,7 +228,7 @@ class LocalEngine(Engine):
             # scheduler's round (Ray's larger blocks, plan.block_images), and the first
             # result comes after one batch is decoded, not a shard.
             options = prepared.decode_options(plan.batch_size)
-            workers, attempts = _decoders(plan), 1
+            workers, attempts = _decoders(prepared), 1
             # Shards in flight: until the model takes its first block, the plan's share
             # of workers (the model loads meanwhile: more workers starting would slow
             # it), then every worker and a shard queued ahead.
@@ -259,7 +259,8 @@ class LocalEngine(Engine):
             broken = not submit()
             model = self._model(prepared)  # loads while the first shards decode
             cores = _CoreSplit(plan, _split_cores(prepared))
-            lanes = _Lanes(model, cores.high)
+            # torch.compile would trace the hooks that stop a pass: its passes run to their end.
+            lanes = _Lanes(model, cores.high, () if config.compile else model.model.modules())
             while not feed.ended or in_flight:
                 broken = broken or not submit()
                 for predicted in lanes.results(wait="lane"):
@@ -461,13 +462,23 @@ class _Lanes:
     barrier (OpenVINO's throughput "streams" and PyTorch's multi-instance launcher for
     Xeons do the same). ViT-Ti, 2 cores, batch 16, beside a process decoding at 0.2 of a
     core: 54-55 images/s in two lanes, 45-47 in one pass on 2 threads
-    (benchmarks/RESULTS.md). torch lets go of the GIL inside its ops."""
+    (benchmarks/RESULTS.md). torch lets go of the GIL inside its ops.
 
-    def __init__(self, model: Callable[[pa.Table], pa.Table], most: int):
+    ``modules``: the torch modules of the model; a pass in flight when the lanes close
+    (an interrupted job) stops at its next module, where it would otherwise run to its
+    end before the process can exit (a heavy model's pass on one thread takes seconds)."""
+
+    def __init__(self, model: Callable[[pa.Table], pa.Table], most: int, modules=()):
         self._model = model
         self._threads = concurrent.futures.ThreadPoolExecutor(most, thread_name_prefix="visionbatch-lane")
         self._running: collections.deque[concurrent.futures.Future] = collections.deque()
         self.width = most
+        self._closing = threading.Event()
+        self._hooks = [module.register_forward_pre_hook(self._stop_if_closing) for module in modules]
+
+    def _stop_if_closing(self, module, args) -> None:
+        if self._closing.is_set():
+            raise _PassStopped
 
     @property
     def free(self) -> bool:
@@ -483,7 +494,15 @@ class _Lanes:
             yield self._running.popleft().result()
 
     def close(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._closing.set()
+        self._threads.shutdown(wait=True, cancel_futures=True)  # the passes in flight stop at their next module
+        for hook in self._hooks:
+            hook.remove()
+
+
+class _PassStopped(BaseException):
+    """Raised in a lane's forward pass once the lanes close; not an Exception, so that
+    the Predictor does not take it for the model's failure on the images."""
 
 
 class _Feed:

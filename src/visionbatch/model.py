@@ -339,9 +339,9 @@ def keep_freed_memory() -> Callable[[int], int] | None:
     # in a subprocess, a fork of a process that holds torch.
     libc = ctypes.CDLL(None)
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # malloc.h
+    libc.mallopt(M_TOP_PAD, _THREAD_HEAP_SIZE)  # fewer faults where it takes; nothing else depends on it
     kept = (libc.mallopt(M_MMAP_THRESHOLD, _HEAP_ALLOCATION_MAX)
-            and libc.mallopt(M_TRIM_THRESHOLD, 2 * _HEAP_ALLOCATION_MAX)
-            and libc.mallopt(M_TOP_PAD, _THREAD_HEAP_SIZE))
+            and libc.mallopt(M_TRIM_THRESHOLD, 2 * _HEAP_ALLOCATION_MAX))
     return libc.malloc_trim if kept else None
 
 

@@ -67,7 +67,7 @@ ERROR_KINDS = (
 SHARD_COLUMN, ROW_COLUMN, SHARD_ROWS_COLUMN = "shard", "row", "shard_rows"
 SHARD_DIGEST_COLUMN = "shard_digest"  # what the manifest checks on --resume (see shards.Shard.digest)
 STAGE_COLUMNS = {"decode_seconds": "read, decode and preprocess (task-seconds)",
-                 "predict_seconds": "model (actor-seconds)"}
+                 "predict_seconds": "model (actor- or lane-seconds)"}
 # The traceback of a model_error, for the driver's log (not written to DEST).
 MODEL_TRACEBACK = "model_traceback"
 
