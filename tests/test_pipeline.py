@@ -199,22 +199,20 @@ def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, c
 
 def test_model_lanes_run_passes_at_once_and_give_results_in_order():
     """The local engine's lanes: a second forward pass runs while the first does (each
-    waits for the other to have started), and results come in the blocks' order even
-    where the later pass ends first; one lane: the next block waits for the result."""
+    waits for the other to have started); results come in the blocks' order even where
+    the later pass ends first, whose lane meanwhile takes the next block; one lane: the
+    next block waits for the result."""
     import threading
 
     from visionbatch.engine_local import _Lanes
 
     both_started = threading.Barrier(2, timeout=60)
-    first_may_end, second_ended = threading.Event(), threading.Event()
+    may_end = {"first": threading.Event(), "second": threading.Event()}
 
     def model(block: str) -> str:
-        if block in ("first", "second"):
+        if block in may_end:
             both_started.wait()
-        if block == "first":
-            assert first_may_end.wait(60)
-        if block == "second":
-            second_ended.set()
+            assert may_end[block].wait(60)
         return block.upper()
 
     lanes = _Lanes(model, 2)
@@ -222,16 +220,21 @@ def test_model_lanes_run_passes_at_once_and_give_results_in_order():
         lanes.start("first")
         lanes.start("second")
         assert not lanes.free
-        assert second_ended.wait(60)
+        may_end["second"].set()
+        deadline = time.monotonic() + 60
+        while not lanes.free and time.monotonic() < deadline:  # until the second pass has ended
+            time.sleep(0.01)
+        assert lanes.free  # its lane takes the next block, though its result waits for the first's
         assert list(lanes.results()) == []  # the first is still running: nothing out of order
-        first_may_end.set()
+        may_end["first"].set()
         assert list(lanes.results(wait="all")) == ["FIRST", "SECOND"]
         lanes.width = 1
         lanes.start("third")
         assert not lanes.free
         assert list(lanes.results(wait="lane")) == ["THIRD"] and lanes.free
     finally:  # a failed assertion leaves no pass waiting
-        first_may_end.set()
+        for event in may_end.values():
+            event.set()
         both_started.abort()
         lanes.close()
 

@@ -482,16 +482,24 @@ class _Lanes:
 
     @property
     def free(self) -> bool:
-        return len(self._running) < self.width
+        """Whether a lane has no pass. A result that waits for an earlier block's still
+        counts against a bound (2 x width), not against its lane, which goes on."""
+        busy = sum(not future.done() for future in self._running)
+        return busy < self.width and len(self._running) < 2 * self.width
 
     def start(self, block: pa.Table) -> None:
         self._running.append(self._threads.submit(self._model, block))
 
     def results(self, wait: str = "") -> Iterator[pa.Table]:
-        """The results at the head that are ready; ``wait="lane"``: at least until a lane
-        is free, ``"all"``: every one."""
-        while self._running and (self._running[0].done() or wait == "all" or (wait == "lane" and not self.free)):
-            yield self._running.popleft().result()
+        """The results at the head that are ready, in order; ``wait="lane"``: waiting
+        until a lane is free, ``"all"``: every one."""
+        while True:
+            while self._running and (self._running[0].done() or wait == "all"):
+                yield self._running.popleft().result()
+            if wait != "lane" or self.free:
+                return
+            concurrent.futures.wait([future for future in self._running if not future.done()],
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
 
     def close(self) -> None:
         self._closing.set()
