@@ -135,8 +135,8 @@ class _Pool:
         context = multiprocessing.get_context(_START_METHOD)
         self.workers = workers
         self.blocks = context.Queue(maxsize=2 * workers + 2)
-        self.executor = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(self.blocks,))
+        self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                               initializer=_init_worker, initargs=(self.blocks,))
         self._writer_lock = threading.Lock()  # a worker starting pickles the write end: not once closed
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
@@ -261,10 +261,14 @@ class LocalEngine(Engine):
             cores = _CoreSplit(plan, _split_cores(prepared))
             # torch.compile would trace the hooks that stop a pass: its passes run to their end.
             lanes = _Lanes(model, cores.high, () if config.compile else model.model.modules())
+
+            def write(wait: str) -> Iterator[tuple[int, dict | None]]:
+                for predicted in lanes.results(wait):
+                    yield from commit_events(writer(predicted))
+
             while not feed.ended or in_flight:
                 broken = broken or not submit()
-                for predicted in lanes.results(wait="lane"):
-                    yield from commit_events(writer(predicted))
+                yield from write("lane")
                 try:
                     with cores.waiting():
                         item = pool.blocks.get(timeout=_POLL_S)
@@ -281,8 +285,7 @@ class LocalEngine(Engine):
                     # A worker died (or a task failed, which decoding never does by design):
                     # the pool and its queue go, with every shard in flight.
                     log.warning("a decode worker failed with %d shard(s) in hand", len(in_flight))
-                    for predicted in lanes.results(wait="all"):  # before their shards are discarded
-                        yield from commit_events(writer(predicted))
+                    yield from write("all")  # before their shards are discarded
                     for shard, _ in in_flight.values():
                         if tries[shard.id] < attempts:
                             feed.again(shard)
@@ -297,8 +300,7 @@ class LocalEngine(Engine):
                 in_flight_limit = limit_after_start
                 lanes.width = cores.adjust(pool.blocks.full(), pool.pids())
                 lanes.start(item)
-            for predicted in lanes.results(wait="all"):
-                yield from commit_events(writer(predicted))
+            yield from write("all")
         finally:
             if lanes is not None:
                 lanes.close()
