@@ -353,13 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(1 for p in images.rglob("*") if p.is_file())
         model = args.model or str(make_vit(work / "model", args.vit))
         from visionbatch.model import resolve_device
-        from visionbatch.plan import cpu_model_threads
+        from visionbatch.plan import cpu_replica, threads_reach_decode_cores
 
         cpus = os.cpu_count() or 1
-        threads = args.threads or cpu_model_threads(cpus)
-        # As the local engine runs the model (engine_local._split_cores): where its threads
-        # take every core of a CPU machine and no --threads fixes them, a lane per thread.
-        lanes = threads if resolve_device(args.device) == "cpu" and not args.threads and threads == cpus > 1 else 1
+        threads, cpus_per_replica = cpu_replica(cpus, cpus, model_threads=args.threads)
+        # As the local engine runs the model (engine_local._split_cores): a lane per thread.
+        split = threads_reach_decode_cores(threads, cpus_per_replica, args.threads)
+        lanes = threads if split and resolve_device(args.device) == "cpu" else 1
         print(f"machine: {machine()}\nimages: {n} in {images}\nmodel: {args.model or 'random ViT-' + args.vit}, "
               f"batch {args.batch_size}, ceiling threads {threads}" + (f" ({lanes} lanes)" if lanes > 1 else ""),
               flush=True)

@@ -104,6 +104,24 @@ def cpu_model_threads(cpus: int, replicas: int = 1) -> int:
     return max(1, (cpus - cpus // 8) // replicas)
 
 
+def cpu_replica(cpus: int, node_cpus: int, replicas: int = 1, model_threads: int | None = None) -> tuple[int, float]:
+    """A CPU model replica's torch threads and the CPUs it holds.
+
+    A replica is one actor on one node: it must fit on the largest node and leave that
+    node a CPU to decode with, or once the other nodes are lost the decode tasks wait
+    forever for CPUs the replica holds. Its torch threads may still use every core
+    (see cpu_model_threads): decoding needs only a small share of them."""
+    threads = model_threads or min(cpu_model_threads(cpus, replicas), cpu_model_threads(node_cpus))
+    return threads, float(max(1, min(threads, cpus - 1, node_cpus - 1)))
+
+
+def threads_reach_decode_cores(threads: int, cpus_per_replica: float, model_threads: int | None) -> bool:
+    """Whether a CPU replica's threads run on cores the decode tasks have too (a small
+    machine), and nothing fixes them (``--threads``): then an engine may move cores
+    between the two (Ray's replica times itself; the local engine's _CoreSplit)."""
+    return not model_threads and threads > cpus_per_replica
+
+
 # Images/s one core decodes and resizes: ImageNet-size JPEGs (~110 KB, ~500 px) to 224 px
 # take 2.8-3.7 ms on this project's machines (`visionbatch bench` line 1b).
 DECODE_IMAGES_PER_CPU_S = 300.0
@@ -128,13 +146,7 @@ def resolve_plan(config: ClassifyConfig, model: ModelPlan, resources: Resources,
     else:
         replicas = config.replicas or 1
         gpus_per_replica = 0.0
-        # A replica is one actor on one node: it must fit on the largest node and leave that
-        # node a CPU to decode with, or once the other nodes are lost the decode tasks wait
-        # forever for CPUs the replica holds. Its torch threads may still use every core
-        # (see cpu_model_threads): decoding needs only a small share of them.
-        node_cpus = resources.node_cpus or cpus
-        threads = config.model_threads or min(cpu_model_threads(cpus, replicas), cpu_model_threads(node_cpus))
-        cpus_per_replica = float(max(1, min(threads, cpus - 1, node_cpus - 1)))
+        threads, cpus_per_replica = cpu_replica(cpus, resources.node_cpus or cpus, replicas, config.model_threads)
         batch_size = config.batch_size or 16
     decode_concurrency = max(1, int(cpus - replicas * cpus_per_replica))
     # On a small machine the replica's threads reach into the decode tasks' cores. That
@@ -142,7 +154,7 @@ def resolve_plan(config: ClassifyConfig, model: ModelPlan, resources: Resources,
     # costs a light one (micro ViT: decoding fell from 0.88 to 0.56 of its one core).
     # Which one the model is shows only on the machine: the replica times itself.
     fewer_threads = None
-    if device == "cpu" and not config.model_threads and threads > cpus_per_replica:
+    if device == "cpu" and threads_reach_decode_cores(threads, cpus_per_replica, config.model_threads):
         fewer_threads = (int(cpus_per_replica), decode_concurrency * DECODE_IMAGES_PER_CPU_S)
     return Plan(
         model=model,
