@@ -176,6 +176,61 @@ def test_a_cpu_replica_keeps_to_its_own_cores_when_they_are_fast_enough(tiny_vit
         torch.set_num_threads(before)
 
 
+def test_packed_linear_layers_give_the_plain_models_outputs_or_are_undone():
+    """Packed layers compute what the plain ones did, and their own weights are released;
+    a model that computes with a layer's weight outside the layer is left as it was."""
+    import torch
+
+    from visionbatch.model import pack_linear_layers
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False)).eval()
+    with torch.inference_mode():
+        plain = model(x)
+        assert pack_linear_layers(model, lambda: (model(x), None)) == 2
+        assert model[0].weight.numel() == 0 and model[0].weight.dtype == torch.float32
+        torch.testing.assert_close(model(x), plain)
+
+    class ReadsWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) @ self.fc.weight
+
+    model = ReadsWeight().eval()
+    with torch.inference_mode():
+        plain = model(x)
+        assert pack_linear_layers(model, lambda: (model(x),)) == 0
+        assert model.fc.weight.shape == (8, 8)
+        torch.testing.assert_close(model(x), plain)
+
+
+def test_a_cpu_replica_runs_packed_layers_with_the_plain_models_predictions(tiny_vit):
+    """A job's CPU replica (it knows its input's layout) packs every linear layer of the
+    model and predicts, scores and embeds as the unpacked model does."""
+    import numpy as np
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    arguments = dict(scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device="cpu", embedding_width=48)
+    packed = visionbatch.Predictor(tiny_vit, pixel_layout=((224, 224, 3), "|u1"), **arguments)
+    plain = visionbatch.Predictor(tiny_vit, **arguments)
+    linear = sum(type(m) is torch.nn.Linear for m in plain.model.modules())
+    assert plain.packed_layers == 0 and packed.packed_layers == linear > 0
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    (packed_ids, packed_scores, packed_embeddings, _), (ids, scores, embeddings, _) = (
+        packed.predict_pixels(pixels), plain.predict_pixels(pixels))
+    assert (packed_ids == ids).all()
+    np.testing.assert_allclose(packed_scores, scores, rtol=1e-4)
+    np.testing.assert_allclose(packed_embeddings, embeddings, rtol=1e-4, atol=1e-5)
+
+
 def test_a_model_that_fails_on_every_batch_stops_the_job(image_tree, tmp_path, capfd):
     """Its processor gives 64x64 images to a ViT built for 224x224: every forward pass
     raises. The job stops with the model's own message instead of writing error rows."""

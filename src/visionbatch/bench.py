@@ -89,7 +89,7 @@ def model_ceiling(model: str, batch_size: int, threads: int, lanes: int, device:
     from visionbatch.model import Predictor
 
     predictor = Predictor(model, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device=device, dtype=dtype,
-                          num_threads=1 if lanes > 1 else threads)
+                          num_threads=1 if lanes > 1 else threads, pixel_layout=((224, 224, 3), "|u1"))
     pixels = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
 
     def passes(until: float) -> int:

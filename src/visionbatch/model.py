@@ -15,6 +15,7 @@ labels' text embeddings are computed once, at load; the embedding is the image's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -345,6 +346,68 @@ def keep_freed_memory() -> Callable[[int], int] | None:
     return libc.malloc_trim if kept else None
 
 
+# How far a packed model's outputs may sit from the plain model's (see
+# pack_linear_layers), relative to the outputs' largest magnitude. The two GEMMs differ
+# in summation order only: ViT-Ti and ViT-B/16 differ by ~1e-6 of it; a layer run on
+# the wrong weights or input moves outputs by orders of magnitude more.
+PACKED_TOLERANCE = 1e-4
+
+
+def _packed_linear(weight, bias, x):
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
+    """Run the model's float32 ``nn.Linear`` layers on oneDNN's GEMM with weights packed
+    once into its blocked layout, where torch's default CPU path (MKL) repacks them in
+    every call. Measured on this project's 2-core AMD host, one thread a pass: ViT-Ti
+    +10-30% images/s, ViT-B/16 on two lanes 3.0 -> 5.1-5.4 (benchmarks/RESULTS.md).
+
+    By hand because torch's own route to these kernels is torch.compile with freezing
+    (tens of seconds to compile a model on a small CPU) and Intel's extension is an
+    x86-only package pinned to torch versions; the ops are the ones torch's inductor calls.
+
+    ``run()`` runs the model on a probe batch and returns its outputs (tensors or None):
+    it runs once before and once after packing, and the packed model is kept only where
+    it ran and gave the same outputs (PACKED_TOLERANCE). A layer's own weight is then
+    released (an empty tensor of its dtype and device, so a model reading
+    ``layer.weight.dtype`` still works, and one computing with it fails in the probe).
+    Returns the layers packed: 0 where torch lacks the ops, or the check failed and the
+    model was left as it was."""
+    import torch
+
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
+    if not layers or not torch.backends.mkldnn.is_available():
+        return 0
+    weights = [layer.weight for layer in layers]
+    with torch.inference_mode():
+        try:
+            expected = run()
+            for layer, weight in zip(layers, weights):
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+                layer.forward = functools.partial(_packed_linear, packed, layer.bias)
+                layer.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
+            same = all(_close(a, b) for a, b in zip(run(), expected, strict=True))
+        except Exception:  # the model fails on any input (the job reports that), torch lacks the
+            same = False   # ops, or this model's code cannot run without a layer's weight
+    if not same:
+        for layer, weight in zip(layers, weights):
+            layer.weight = weight
+            layer.__dict__.pop("forward", None)
+        return 0
+    return len(layers)
+
+
+def _close(packed, plain) -> bool:
+    if packed is None or plain is None:
+        return packed is plain
+    if packed.shape != plain.shape:
+        return False
+    return plain.numel() == 0 or float((packed - plain).abs().max()) <= PACKED_TOLERANCE * max(1.0, float(plain.abs().max()))
+
+
 class Predictor:
     """The model stage: batches of preprocessed images in, top-k predictions out.
 
@@ -426,6 +489,12 @@ class Predictor:
         self.forward = torch.compile(forward) if compile else forward
         self.batch_size = batch_size
         self.pixel_layout = pixel_layout  # (shape, dtype) of one image in a pipeline block
+        self.packed_layers = 0
+        if self.device.type == "cpu" and self.dtype == torch.float32 and pixel_layout and not compile:
+            shape, layout_dtype = pixel_layout
+            probe = np.random.default_rng(0).integers(0, 256, (2, *shape)).astype(np.dtype(layout_dtype))
+            self.packed_layers = pack_linear_layers(self.model,
+                                                    lambda: self._logits_and_embeddings(self._model_input(probe)))
         if fewer_threads and pixel_layout and self.device.type == "cpu":
             self.fit_threads(*fewer_threads)
 
@@ -503,6 +572,22 @@ class Predictor:
         logits = self.forward(pixel_values=pixel_values).logits
         return logits, self.head_input.take() if self.head_input else None
 
+    def _model_input(self, pixels: np.ndarray):
+        """(N, H, W, 3) uint8 or (N, C, H, W) float32 -> the model's input on its device."""
+        import torch
+
+        host = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            # uint8 NHWC -> float32, the affine in place, then NCHW: one new float
+            # tensor where `permute().float() * scale + offset` made three (each a
+            # fresh mmap and its page faults on CPU). Micro ViT on 1 CPU thread:
+            # ~300 -> ~420 images/s, the same logits.
+            x = x.float().mul_(self.scale).add_(self.offset).permute(0, 3, 1, 2).contiguous()
+        return x.to(self.dtype)
+
     def predict_pixels(self, pixels: np.ndarray, true_names: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(N, H, W, 3) uint8, or (N, C, H, W) float32 already preprocessed (the slow
@@ -513,18 +598,7 @@ class Predictor:
         import torch
 
         with torch.inference_mode():
-            host = torch.from_numpy(np.ascontiguousarray(pixels))
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-            x = host.to(self.device, non_blocking=True)
-            if x.dtype == torch.uint8:
-                # uint8 NHWC -> float32, the affine in place, then NCHW: one new float
-                # tensor where `permute().float() * scale + offset` made three (each a
-                # fresh mmap and its page faults on CPU). Micro ViT on 1 CPU thread:
-                # ~300 -> ~420 images/s, the same logits.
-                x = x.float().mul_(self.scale).add_(self.offset).permute(0, 3, 1, 2).contiguous()
-            x = x.to(self.dtype)
-            logits, embeddings = self._logits_and_embeddings(x)
+            logits, embeddings = self._logits_and_embeddings(self._model_input(pixels))
             logits = logits.float()
             probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
             scores, ids = torch.topk(probs, self.top_k, dim=-1)
