@@ -27,7 +27,7 @@ import transformers as tf
 
 from visionbatch.decode import decode_batch
 from visionbatch.model import ModelSource, Predictor, load_processor
-from visionbatch.preprocess import ProcessorPath, UnsupportedProcessor, choose_preprocessing
+from visionbatch.preprocess import ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
 
 pytestmark = pytest.mark.slow
 
@@ -392,10 +392,10 @@ def test_family_matches_pipeline_or_is_refused(family, images, tmp_path):
     assert family not in REFUSED, f"{family} should be refused but took: {reason}"
     assert reason and "\n" not in reason
     path = "processor" if isinstance(preprocessing, ProcessorPath) else "fast"
-    largest, spread = _compare_with_pipeline(family, path, folder, preprocessing, images)
-    SUMMARY[family] = f"{path} (max |score diff| {largest:.1e})"
+    largest, spread, packed = _compare_with_pipeline(family, path, folder, preprocessing, images)
+    SUMMARY[family] = f"{path} (max |score diff| {largest:.1e}, {packed} packed layers)"
     print(f"\n{family:16s} {path:10s} max|score diff| {largest:.1e}  reference score spread {spread:.2f}  "
-          f"{time.perf_counter() - started:.1f}s  ({reason[:100]})")
+          f"packed layers {packed}  {time.perf_counter() - started:.1f}s  ({reason[:100]})")
 
 
 # The slow path, forced where the fast path now serves: the model's own processor on
@@ -410,23 +410,25 @@ def test_processor_path_matches_pipeline(family, images, tmp_path):
     folder = save_family(family, tmp_path / family)
     processor = load_processor(ModelSource(folder, local_files_only=True))
     preprocessing = ProcessorPath.of(processor)
-    largest, _ = _compare_with_pipeline(family, "processor", folder, preprocessing, images)
-    print(f"\n{family:16s} processor (forced)  max|score diff| {largest:.1e}")
+    largest, _, packed = _compare_with_pipeline(family, "processor", folder, preprocessing, images)
+    print(f"\n{family:16s} processor (forced)  max|score diff| {largest:.1e}  packed layers {packed}")
 
 
 def _compare_with_pipeline(family: str, path: str, folder: str, preprocessing, images: list[str]
-                           ) -> tuple[float, float]:
+                           ) -> tuple[float, float, int]:
     """visionbatch's decode -> Predictor on ``images`` against the reference pipeline:
     asserts the same top-1 everywhere and scores within SCORE_TOLERANCE; returns the
-    largest score difference and the spread of the reference's top-1 scores."""
+    largest score difference, the spread of the reference's top-1 scores and the linear
+    layers the Predictor packed (a job's replica knows its input's layout, and packs)."""
     batch = decode_batch({"path": np.array(images, dtype=object)}, spec=preprocessing, max_pixels=10**8)
     assert not any(batch["error"]), f"{family}: decode errors {list(batch['error'])}"
     if isinstance(preprocessing, ProcessorPath):  # pipeline._affine: pixel_values arrive ready
         affine = {"scale": (1.0, 1.0, 1.0), "offset": (0.0, 0.0, 0.0)}
     else:
         affine = {"scale": preprocessing.scale, "offset": preprocessing.offset}
+    shape, dtype = pixel_layout(preprocessing) if preprocessing.output_size else (None, None)
     predictor = Predictor(ModelSource(folder, local_files_only=True), **affine, top_k=1, device="cpu",
-                          dtype="float32")
+                          dtype="float32", pixel_layout=(shape, dtype.str) if shape else None)
     table = predictor(batch).to_pydict()
 
     expected = _reference(folder, images)
@@ -441,7 +443,7 @@ def _compare_with_pipeline(family: str, path: str, folder: str, preprocessing, i
     # the calibrated head makes the scores depend on the input: parity is not vacuous
     assert spread > 0.05 and len({label for label, _ in expected}) > 1, \
         f"{family}: reference top-1 barely varies ({spread:.3g}); the comparison proves little"
-    return largest, spread
+    return largest, spread, predictor.packed_layers
 
 
 def test_summary_line():
