@@ -88,8 +88,13 @@ def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None,
         if orientation in _SWAPS_SIDES:
             width, height = height, width
         image.load()  # the first frame of an animation
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB"), (width, height), Drafted(box, (width, height)) if box else None
+        # Each of these copies the whole image even where it has nothing to do (~4% of
+        # a 500x375 JPEG's decode and resize).
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return image, (width, height), Drafted(box, (width, height)) if box else None
     except MemoryError:
         raise _out_of_memory("decoding", (width, height)) from None
     except OSError as err:
