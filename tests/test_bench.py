@@ -23,3 +23,11 @@ def test_bench_prints_its_lines(tmp_path, capsys):
     results = json.loads(figures.read_text())
     assert results["images"] == 32 and results["visionbatch"]["rows"] == 32
     assert results["ceiling"]["images_per_s"] > 0 and results["pipeline"]["wall_s"] > 0
+
+
+def test_the_shared_cores_bound_charges_each_image_both_stages():
+    """40 images/s from the model on 2 cores (50 ms of a core each) and 200 a core from
+    the decoders (5 ms): 55 ms of a core an image, 2 cores: 36.4 images/s."""
+    from visionbatch.bench import shared_cores_bound
+
+    assert shared_cores_bound(40.0, 200.0, 2)["images_per_s"] == pytest.approx(2 / 0.055)
