@@ -177,9 +177,12 @@ def test_a_cpu_replica_keeps_to_its_own_cores_when_they_are_fast_enough(tiny_vit
 
 
 def test_packed_linear_layers_give_the_plain_models_outputs_or_are_undone():
-    """Packed layers compute what the plain ones did, and their own weights are released;
-    a model that computes with a layer's weight outside the layer is left as it was."""
+    """Packed layers compute what the plain ones did and their own weights are released;
+    a layer the probe does not run, or whose weight is not a parameter (pruning), is left
+    alone; a model that computes with a layer's weight outside the layer, raising or not,
+    is left as it was."""
     import torch
+    import torch.nn.utils.prune
 
     from visionbatch.model import pack_linear_layers
 
@@ -187,27 +190,42 @@ def test_packed_linear_layers_give_the_plain_models_outputs_or_are_undone():
         pytest.skip("this torch has no oneDNN")
     torch.manual_seed(0)
     x = torch.randn(3, 5, 8)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False)).eval()
+
+    class TwoWays(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False))
+            self.unused = torch.nn.Linear(8, 8)  # as a zero-shot model's text tower, in an image pass
+            # its weight set by a forward pre-hook from weight_orig and a mask
+            self.pruned = torch.nn.utils.prune.l1_unstructured(torch.nn.Linear(4, 4), "weight", amount=0.5)
+
+        def forward(self, x):
+            return self.pruned(self.body(x))
+
+    model = TwoWays().eval()
     with torch.inference_mode():
         plain = model(x)
         assert pack_linear_layers(model, lambda: (model(x), None)) == 2
-        assert model[0].weight.numel() == 0 and model[0].weight.dtype == torch.float32
+        assert model.body[0].weight.numel() == 0 and model.body[0].weight.dtype == torch.float32
+        assert model.unused.weight.shape == (8, 8) and "forward" not in model.unused.__dict__
         torch.testing.assert_close(model(x), plain)
 
     class ReadsWeight(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, fails: bool):
             super().__init__()
-            self.fc = torch.nn.Linear(8, 8)
+            self.fc, self.fails = torch.nn.Linear(8, 8), fails
 
         def forward(self, x):
-            return self.fc(x) @ self.fc.weight
+            # an empty weight raises in a matmul, and sums to 0 without a word
+            return self.fc(x) @ self.fc.weight if self.fails else self.fc(x) + self.fc.weight.sum()
 
-    model = ReadsWeight().eval()
-    with torch.inference_mode():
-        plain = model(x)
-        assert pack_linear_layers(model, lambda: (model(x),)) == 0
-        assert model.fc.weight.shape == (8, 8)
-        torch.testing.assert_close(model(x), plain)
+    for fails in (True, False):
+        model = ReadsWeight(fails).eval()
+        with torch.inference_mode():
+            plain = model(x)
+            assert pack_linear_layers(model, lambda: (model(x),)) == 0
+            assert model.fc.weight.shape == (8, 8) and "forward" not in model.fc.__dict__
+            torch.testing.assert_close(model(x), plain)
 
 
 def test_a_cpu_replica_runs_packed_layers_with_the_plain_models_predictions(tiny_vit):

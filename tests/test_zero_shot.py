@@ -106,8 +106,14 @@ def test_siglip_scores_are_sigmoids_as_the_pipeline_gives(sample_dir, tmp_path):
     source = ModelSource(str(folder), local_files_only=True)
     spec, _ = choose_preprocessing(load_processor(source))
     batch = decode_batch({"path": np.array(files, dtype=object)}, spec=spec, max_pixels=10**8)
+    # Given its input's layout, as a job's replica: the image tower's linear layers are packed, not the text tower's.
     predictor = Predictor(source, scale=spec.scale, offset=spec.offset, device="cpu", dtype="float32",
-                          candidate_labels=labels, top_k=4)
+                          candidate_labels=labels, top_k=4, pixel_layout=((*spec.output_size, 3), "|u1"))
+    linear = [m for m in predictor.model.modules() if type(m) is torch.nn.Linear]
+    image_tower = [m for m in predictor.model.vision_model.modules() if type(m) is torch.nn.Linear]
+    if torch.backends.mkldnn.is_available():
+        assert predictor.packed_layers == len(image_tower) < len(linear)
+        assert all(m.weight.numel() for m in predictor.model.text_model.modules() if type(m) is torch.nn.Linear)
     ours = predictor(batch).to_pydict()
     reference = pipeline("zero-shot-image-classification", model=str(folder), device="cpu")(
         files, candidate_labels=list(labels))

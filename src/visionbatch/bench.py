@@ -124,9 +124,10 @@ def decode_ceiling(images: Path, model: str, decode_cpus: int, exact_decode: boo
 
 
 def shared_cores_bound(model_per_s: float, decode_per_core: float, cpus: int) -> dict:
-    """The most a job can reach where the model (``model_per_s`` on all ``cpus``) and the
-    decoders (``decode_per_core``) take turns on the same cores, as the local engine's
-    lanes do on a small CPU machine: each image costs the cores its share of both."""
+    """The most a job can reach where the model (``model_per_s`` on ``cpus`` cores: a
+    lane each) and the decoders (``decode_per_core``) take turns on the same cores, as
+    the local engine's lanes do on a small CPU machine: each image costs the cores its
+    share of both."""
     return {"images_per_s": 1 / (1 / model_per_s + 1 / (decode_per_core * cpus)), "cpus": cpus}
 
 
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             results["decode"] = decode_ceiling(images, model, decode_cpus, "--exact-decode" in args.classify_args)
             if lanes > 1:
                 results["shared"] = shared_cores_bound(results["ceiling"]["images_per_s"],
-                                                       results["decode"]["per_core"], cpus)
+                                                       results["decode"]["per_core"], lanes)
         if "visionbatch" in lines:
             extra = ["--device", args.device, "--dtype", args.dtype, *args.classify_args.split(),
                      *(["--threads", str(args.threads)] if args.threads else [])]

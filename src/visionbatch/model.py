@@ -353,10 +353,10 @@ def keep_freed_memory() -> Callable[[int], int] | None:
 PACKED_TOLERANCE = 1e-4
 
 
-def _packed_linear(weight, bias, x):
+def _packed_linear(weight, bias, input):  # nn.Linear.forward's parameter name, for keyword calls
     import torch
 
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
 
 
 def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
@@ -369,34 +369,49 @@ def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
     (tens of seconds to compile a model on a small CPU) and Intel's extension is an
     x86-only package pinned to torch versions; the ops are the ones torch's inductor calls.
 
-    ``run()`` runs the model on a probe batch and returns its outputs (tensors or None):
-    it runs once before and once after packing, and the packed model is kept only where
-    it ran and gave the same outputs (PACKED_TOLERANCE). A layer's own weight is then
-    released (an empty tensor of its dtype and device, so a model reading
-    ``layer.weight.dtype`` still works, and one computing with it fails in the probe).
-    Returns the layers packed: 0 where torch lacks the ops, or the check failed and the
-    model was left as it was."""
+    ``run()`` runs the model on a probe batch and returns its outputs (tensors or None).
+    It runs once before packing, to see which layers a pass uses (only those are packed:
+    not a zero-shot model's text tower), and once after; the packed model is kept only
+    where it gave the same outputs (PACKED_TOLERANCE). A packed layer's weight is an
+    empty tensor of its dtype and device: a model reading ``layer.weight.dtype`` still
+    works, and one computing with the weight outside the layer fails the check. Left
+    alone: layers whose weight is not a plain parameter (weight_norm, pruning) or whose
+    forward is already replaced. Returns the layers packed: 0 where torch lacks the ops,
+    or the check failed and the model was left as it was.
+
+    Memory: the packed weights are a copy in the process's own memory; transformers maps
+    the checkpoint's file, and its pages for the replaced weights stay in the page cache
+    (reclaimable) until the kernel needs them. A packed model cannot be pickled."""
     import torch
 
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
-    if not layers or not torch.backends.mkldnn.is_available():
+    candidates = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
+                  and isinstance(m._parameters.get("weight"), torch.nn.Parameter)
+                  and m.weight.dtype == torch.float32]
+    if not candidates or not torch.backends.mkldnn.is_available():
         return 0
-    weights = [layer.weight for layer in layers]
+    weights = [m._parameters["weight"] for m in candidates]
+    ran: set = set()
+    seen = [m.register_forward_hook(lambda module, args, output: ran.add(module)) for m in candidates]
     with torch.inference_mode():
         try:
-            expected = run()
-            for layer, weight in zip(layers, weights):
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            try:
+                expected = run()
+            finally:
+                for handle in seen:
+                    handle.remove()
+            layers = [m for m in candidates if m in ran]
+            for layer in layers:
+                packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
                 layer.forward = functools.partial(_packed_linear, packed, layer.bias)
-                layer.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
-            same = all(_close(a, b) for a, b in zip(run(), expected, strict=True))
+                layer._parameters["weight"] = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
+            same = bool(layers) and all(_close(a, b) for a, b in zip(run(), expected, strict=True))
         except Exception:  # the model fails on any input (the job reports that), torch lacks the
             same = False   # ops, or this model's code cannot run without a layer's weight
-    if not same:
-        for layer, weight in zip(layers, weights):
-            layer.weight = weight
-            layer.__dict__.pop("forward", None)
-        return 0
+        if not same:
+            for layer, weight in zip(candidates, weights):
+                layer._parameters["weight"] = weight
+                layer.__dict__.pop("forward", None)
+            return 0
     return len(layers)
 
 
@@ -423,6 +438,10 @@ class Predictor:
     ``embedding_width`` an ``embedding`` column of that width (checked; unit length with
     ``normalize_embeddings``). If the model itself fails on a batch, its rows get
     ``model_error`` rows instead.
+
+    On CPU in float32, given ``pixel_layout`` (not under ``compile``), it packs its
+    linear layers (:func:`pack_linear_layers`) and cannot be pickled afterwards: build it
+    where it runs (Ray's ``map_batches`` takes the class and its arguments).
 
     With ``candidate_labels`` the model is a zero-shot one and those are its classes:
     scores are the softmax over ``logits_per_image`` (sigmoid for SigLIP), as
@@ -492,7 +511,11 @@ class Predictor:
         self.packed_layers = 0
         if self.device.type == "cpu" and self.dtype == torch.float32 and pixel_layout and not compile:
             shape, layout_dtype = pixel_layout
-            probe = np.random.default_rng(0).integers(0, 256, (2, *shape)).astype(np.dtype(layout_dtype))
+            rng, layout_dtype = np.random.default_rng(0), np.dtype(layout_dtype)
+            # One image: the probe runs twice before the first result (packing took 1.4 s for
+            # ViT-B/16 on one thread, 0.16 s for ViT-Ti).
+            probe = (rng.integers(0, 256, (1, *shape)) if layout_dtype == np.uint8 else  # else the processor's output
+                     rng.standard_normal((1, *shape))).astype(layout_dtype)
             self.packed_layers = pack_linear_layers(self.model,
                                                     lambda: self._logits_and_embeddings(self._model_input(probe)))
         if fewer_threads and pixel_layout and self.device.type == "cpu":
