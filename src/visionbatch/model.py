@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import socket
 import threading
 import time
@@ -332,7 +333,6 @@ def keep_freed_memory() -> Callable[[int], int] | None:
     the ``malloc_trim`` this returns (peak under 1 GB, no slower: 76.5 s against 82.8 s).
     None where the C library is not glibc, or it refused the settings."""
     import ctypes
-    import platform
 
     if platform.libc_ver()[0] != "glibc":
         return None
@@ -351,6 +351,7 @@ def keep_freed_memory() -> Callable[[int], int] | None:
 # in summation order only: ViT-Ti and ViT-B/16 differ by ~1e-6 of it; a layer run on
 # the wrong weights or input moves outputs by orders of magnitude more.
 PACKED_TOLERANCE = 1e-4
+_X86_64 = ("x86_64", "amd64")  # platform.machine() on Linux and macOS, on Windows
 
 
 def _packed_linear(weight, bias, input):  # nn.Linear.forward's parameter name, for keyword calls
@@ -387,7 +388,9 @@ def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
     candidates = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
                   and isinstance(m._parameters.get("weight"), torch.nn.Parameter)
                   and m.weight.dtype == torch.float32]
-    if not candidates or not torch.backends.mkldnn.is_available():
+    # x86-64 only: where oneDNN's kernels were measured faster (on ARM torch builds it on
+    # other libraries, unmeasured here).
+    if not candidates or not torch.backends.mkldnn.is_available() or platform.machine().lower() not in _X86_64:
         return 0
     weights = [m._parameters["weight"] for m in candidates]
     ran: set = set()
