@@ -309,13 +309,13 @@ def format_table(results: dict, n: int) -> str:
         rows.append((f"1b. decode-only ceiling ({decode['decode_cpus']} CPU)", "-", f"{decode['images_per_s']:.1f}",
                      "-", f"{decode['images_per_s']:.1f}", "-", "-", "-"))
         ceiling = min(ceiling, decode["images_per_s"])
+    if "floor" in results:
+        rows.append(("1c. in-process floor (16 images)", f"{results['floor']['wall_s']:.1f}", "-",
+                     f"{results['floor']['wall_s']:.1f}", "-", "-", "-", "-"))
     if "shared" in results:
         shared = results["shared"]["images_per_s"]
         rows.append((f"1d. model and decode on the same {results['shared']['cpus']} CPUs (bound)", "-",
                      f"{shared:.1f}", "-", f"{shared:.1f}", "-", "-", "-"))
-    if "floor" in results:
-        rows.append(("1c. in-process floor (16 images)", f"{results['floor']['wall_s']:.1f}", "-",
-                     f"{results['floor']['wall_s']:.1f}", "-", "-", "-", "-"))
     for key, name in (("visionbatch", "2. visionbatch end to end (local engine)"),
                       ("visionbatch-ray", "2b. visionbatch end to end (Ray engine)"),
                       ("seed", "3. seed (read_images + pipeline actor)"), ("pipeline", "4. plain transformers pipeline"),
