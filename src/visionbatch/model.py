@@ -408,8 +408,10 @@ def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
                 layer.forward = functools.partial(_packed_linear, packed, layer.bias)
                 layer._parameters["weight"] = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
             same = bool(layers) and all(_close(a, b) for a, b in zip(run(), expected, strict=True))
-        except Exception:  # the model fails on any input (the job reports that), torch lacks the
-            same = False   # ops, or this model's code cannot run without a layer's weight
+        except Exception:
+            # The model fails on any input (the job reports that), torch lacks the ops, or
+            # this model's code cannot run without a layer's weight.
+            same = False
         if not same:
             for layer, weight in zip(candidates, weights):
                 layer._parameters["weight"] = weight
@@ -423,7 +425,9 @@ def _close(packed, plain) -> bool:
         return packed is plain
     if packed.shape != plain.shape:
         return False
-    return plain.numel() == 0 or float((packed - plain).abs().max()) <= PACKED_TOLERANCE * max(1.0, float(plain.abs().max()))
+    if plain.numel() == 0:
+        return True
+    return float((packed - plain).abs().max()) <= PACKED_TOLERANCE * max(1.0, float(plain.abs().max()))
 
 
 class Predictor:
