@@ -212,17 +212,12 @@ def _containers(job: dict, committed: dict[str, dict], needed: set[str], storage
     listed them (their digests must still be DEST's: else the input changed)."""
     if not needed:
         return {}
-    from visionbatch.config import ClassifyConfig
-    from visionbatch.plan import input_spec
+    from visionbatch.plan import recorded_input_spec
     from visionbatch.shards import iter_shards
     from visionbatch.sources import ListingCounts
 
-    config = ClassifyConfig(sources=tuple(job["sources"]), from_list=job["from_list"], url_column=job["url_column"],
-                            image_column=job["image_column"], keep_columns=tuple(job["keep_columns"]),
-                            follow_symlinks=job["follow_symlinks"], shard_size=job["shard_size"],
-                            limit=job["limit"], labels=job["labels"], label_column=job["label_column"])
     found: dict[str, AnyShard] = {}
-    for shard in iter_shards(input_spec(config), storage, ListingCounts()):
+    for shard in iter_shards(recorded_input_spec(job), storage, ListingCounts()):
         if shard.id in needed:
             if shard.digest != committed[shard.id]["digest"]:
                 break

@@ -284,6 +284,16 @@ def model_metadata(config: ClassifyConfig, source: ModelSource,
         raise JobError(str(err)) from None
 
 
+def recorded_input_spec(job: dict) -> InputSpec:
+    """What the job a DEST records (``job_identity``) listed: its input, from the fields
+    of that record that decide the listing."""
+    return input_spec(ClassifyConfig(
+        sources=tuple(job["sources"]), from_list=job["from_list"], url_column=job["url_column"],
+        image_column=job["image_column"], keep_columns=tuple(job["keep_columns"]),
+        follow_symlinks=job["follow_symlinks"], shard_size=job["shard_size"], limit=job["limit"],
+        labels=job["labels"], label_column=job["label_column"]))
+
+
 def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> dict:
     """Everything that changes a job's results: a DEST belongs to one of these, and
     ``--resume`` with another is refused. The engine is not part of it: a DEST written
