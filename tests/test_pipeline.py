@@ -184,10 +184,10 @@ def test_packed_linear_layers_give_the_plain_models_outputs_or_are_undone():
     import torch
     import torch.nn.utils.prune
 
-    from visionbatch.model import pack_linear_layers
+    from visionbatch.model import linear_packing_supported, pack_linear_layers
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN")
+    if not linear_packing_supported():
+        pytest.skip("linear layers are packed on x86-64 with oneDNN only")
     torch.manual_seed(0)
     x = torch.randn(3, 5, 8)
 
@@ -234,8 +234,10 @@ def test_a_cpu_replica_runs_packed_layers_with_the_plain_models_predictions(tiny
     import numpy as np
     import torch
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN")
+    from visionbatch.model import linear_packing_supported
+
+    if not linear_packing_supported():
+        pytest.skip("linear layers are packed on x86-64 with oneDNN only")
     arguments = dict(scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device="cpu", embedding_width=48)
     packed = visionbatch.Predictor(tiny_vit, pixel_layout=((224, 224, 3), "|u1"), **arguments)
     plain = visionbatch.Predictor(tiny_vit, **arguments)

@@ -82,7 +82,7 @@ def test_siglip_scores_are_sigmoids_as_the_pipeline_gives(sample_dir, tmp_path):
 
     from conftest import write_byte_level_tokenizer
     from visionbatch.decode import decode_batch
-    from visionbatch.model import ModelSource, Predictor, load_processor
+    from visionbatch.model import ModelSource, Predictor, linear_packing_supported, load_processor
     from visionbatch.preprocess import choose_preprocessing
 
     folder = tmp_path / "siglip"
@@ -111,7 +111,7 @@ def test_siglip_scores_are_sigmoids_as_the_pipeline_gives(sample_dir, tmp_path):
                           candidate_labels=labels, top_k=4, pixel_layout=((*spec.output_size, 3), "|u1"))
     linear = [m for m in predictor.model.modules() if type(m) is torch.nn.Linear]
     image_tower = [m for m in predictor.model.vision_model.modules() if type(m) is torch.nn.Linear]
-    if torch.backends.mkldnn.is_available():
+    if linear_packing_supported():
         assert predictor.packed_layers == len(image_tower) < len(linear)
         assert all(m.weight.numel() for m in predictor.model.text_model.modules() if type(m) is torch.nn.Linear)
     ours = predictor(batch).to_pydict()

@@ -360,6 +360,14 @@ def _packed_linear(weight, bias, input):  # nn.Linear.forward's parameter name, 
     return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
 
 
+def linear_packing_supported() -> bool:
+    """torch has oneDNN, on x86-64: where its kernels were measured faster (on ARM torch
+    builds oneDNN on other libraries, unmeasured here)."""
+    import torch
+
+    return torch.backends.mkldnn.is_available() and platform.machine().lower() in _X86_64
+
+
 def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
     """Run the model's float32 ``nn.Linear`` layers on oneDNN's GEMM with weights packed
     once into its blocked layout, where torch's default CPU path (MKL) repacks them in
@@ -388,9 +396,7 @@ def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
     candidates = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
                   and isinstance(m._parameters.get("weight"), torch.nn.Parameter)
                   and m.weight.dtype == torch.float32]
-    # x86-64 only: where oneDNN's kernels were measured faster (on ARM torch builds it on
-    # other libraries, unmeasured here).
-    if not candidates or not torch.backends.mkldnn.is_available() or platform.machine().lower() not in _X86_64:
+    if not candidates or not linear_packing_supported():
         return 0
     weights = [m._parameters["weight"] for m in candidates]
     ran: set = set()
