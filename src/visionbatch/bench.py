@@ -383,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         if "decode" in lines:
             import torch
 
-            cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count() if args.device != "cpu" else 0
-            # As plan.resolve_plan: one CPU per GPU replica, or the CPU replica's
-            # threads less one; the rest decode.
-            decode_cpus = max(1, cpus - (gpus or max(1, min(threads, cpus - 1))))
+            gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+            # As plan.resolve_plan: one CPU per GPU replica, or the CPUs the CPU replica
+            # holds; the rest decode.
+            decode_cpus = max(1, cpus - (gpus or int(cpus_per_replica)))
             results["decode"] = decode_ceiling(images, model, decode_cpus, "--exact-decode" in args.classify_args)
             if lanes > 1:
                 results["shared"] = shared_cores_bound(results["ceiling"]["images_per_s"],
