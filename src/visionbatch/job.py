@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -106,6 +107,8 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
                 lease.confirm()
                 manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
                                          overwrite=output.overwrite, resume=output.resume)
+                prepared = dataclasses.replace(prepared, plan=dataclasses.replace(
+                    prepared.plan, certified_path=manifest.certified_path))
             except KeyboardInterrupt:
                 ignore_further_interrupts()
                 raise JobInterrupted("interrupted during start-up; nothing was written") from None
@@ -173,7 +176,7 @@ class _Job:
                 self._redo_isolated(lost)
             if self._model_failures and not self.summary.predicted:  # fewer shards than the stopping rule needs
                 raise JobError(self._model_failed())
-            self.manifest.write(complete=True)
+            self._write_manifest(complete=True)
         except KeyboardInterrupt:
             ignore_further_interrupts()
             raise JobInterrupted(self._stopped("interrupted")) from None
@@ -198,6 +201,7 @@ class _Job:
         summary.skipped_special = self.status["skipped_special"]
         summary.special_files = self.status["special_examples"]
         summary.skipped_folder_links = self.status["skipped_folder_links"]
+        summary.runtime = self.manifest.runtime
         summary.wall_time_s = time.monotonic() - self.started
         summary.images_per_s = (summary.images_found - summary.already_done) / summary.wall_time_s
         return summary
@@ -223,7 +227,7 @@ class _Job:
     def _stopped(self, why: str, resumable: bool = True) -> str:
         """Commit what finished; the message says what was kept and how to go on."""
         with contextlib.suppress(Exception):
-            self.manifest.write()
+            self._write_manifest()
         kept = self.manifest.saved_rows  # what DEST's manifest lists (the last write may have failed)
         if not resumable:
             return why
@@ -254,9 +258,14 @@ class _Job:
                 committed.add(record["shard"])
                 self.planner.mark_committed([record["shard"]])
             if self.manifest.due(self.output.flush_seconds):
-                self.manifest.write()
+                self._write_manifest()
             self._poll_status()
         return committed
+
+    def _write_manifest(self, complete: bool = False) -> None:
+        """Commit, with what runs the model now (a resumed job keeps a certified choice)."""
+        self.manifest.runtime = self.engine.runtime_report() or self.manifest.runtime
+        self.manifest.write(complete)
 
     def _commit(self, record: dict) -> None:
         """Count a finished shard and list it in the manifest, unless the model failed

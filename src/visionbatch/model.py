@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import socket
@@ -31,8 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from visionbatch.certificate import Certification, Outputs
 from visionbatch.config import DEFAULT_HYPOTHESIS_TEMPLATE
 from visionbatch.results import EMBEDDING, MODEL_TRACEBACK, PREDICTION_FIELDS, RESULT_SCHEMA, TRUE_LABEL_SCORE
+from visionbatch.runtime import (REDUCED_DTYPES, REFERENCE, RuntimeUnavailable, TorchForward, candidate_paths,
+                                 load_openvino)
+
+log = logging.getLogger("visionbatch")
 
 
 class ModelLoadError(Exception):
@@ -274,6 +280,26 @@ def _features(output):
     return output if hasattr(output, "shape") else output.pooler_output
 
 
+def image_tower(model, *, zero_shot: bool, embeddings: bool):
+    """The torch module every runtime computes: pixel_values -> (logits,) or (logits,
+    head input) for a classifier, (image embeddings,) for a zero-shot model."""
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.head_input = HeadInput(model) if embeddings and not zero_shot else None
+
+        def forward(self, pixel_values):
+            if zero_shot:
+                return (_features(self.model.get_image_features(pixel_values=pixel_values)),)
+            logits = self.model(pixel_values=pixel_values).logits
+            return (logits, self.head_input.take()) if self.head_input else (logits,)
+
+    return ImageTower().eval()
+
+
 def embedding_width(config, image_size: tuple[int, int], *, zero_shot: bool, trust_remote_code: bool = False) -> int:
     """The width of the model's embedding, from its config alone: the model built on the
     meta device (no weights, no memory) runs one forward pass of shapes only."""
@@ -481,6 +507,10 @@ class Predictor:
         normalize_embeddings: bool = False,
         candidate_labels: tuple[str, ...] | None = None,
         hypothesis_template: str = DEFAULT_HYPOTHESIS_TEMPLATE,
+        runtime: str = "torch",
+        certified_path: str | None = None,
+        defer_candidates: bool = False,
+        passes_at_once: int = 1,
     ):
         import torch
 
@@ -488,7 +518,17 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(resolve_device(device))
-        self.dtype = resolve_dtype(dtype, self.device.type)
+        # The faster paths this replica may take once certified (none under --compile).
+        # (A Predictor given no pixel layout, in anyone's map_batches, has no probe to convert with.)
+        candidates, self.runtime_notes = (([], []) if compile or not pixel_layout
+                                          else candidate_paths(runtime, dtype, self.device.type))
+        if certified_path is not None:  # a resumed job keeps the path its first run certified
+            candidates = [certified_path] if certified_path != REFERENCE else []
+        # With candidates the model loads as the reference, float32; else as asked.
+        self.dtype = torch.float32 if candidates else resolve_dtype(dtype, self.device.type)
+        self._source, self._load_options = source, {"allow_pickle": allow_pickle,
+                                                    "trust_remote_code": trust_remote_code}
+        self._passes_at_once = passes_at_once
         self._trim_heap = keep_freed_memory() if self.device.type == "cpu" else None
         self._trimmed_at = time.monotonic()
         self.zero_shot = candidate_labels is not None
@@ -512,13 +552,19 @@ class Predictor:
         self.names = pa.array(names, pa.string())
         self.name_of_class = torch.from_numpy(name_of_class.reshape(-1)).to(self.device)
         self.embedding_width, self.normalize_embeddings = embedding_width, normalize_embeddings
-        # A classifier's embedding is its head's input, recorded during the forward pass.
-        self.head_input = HeadInput(self.model) if embedding_width and not self.zero_shot else None
         self.scale = torch.tensor(scale, dtype=torch.float32, device=self.device)  # per channel, NHWC's last axis
         self.offset = torch.tensor(offset, dtype=torch.float32, device=self.device)
-        # What runs per batch: the classifier, or a zero-shot model's image tower.
-        forward = self.model.get_image_features if self.zero_shot else self.model
-        self.forward = torch.compile(forward) if compile else forward
+        # What runs per batch: the classifier (and its head's input, for the embedding), or
+        # a zero-shot model's image tower, as one module (what other runtimes convert).
+        self.tower = image_tower(self.model, zero_shot=self.zero_shot, embeddings=bool(embedding_width))
+        self.forward = torch.compile(self.tower) if compile else self.tower
+        # The reference until a candidate is certified (or, resumed, loaded); see certificate.
+        self.certification = Certification(candidates, REFERENCE, insist=dtype in REDUCED_DTYPES) \
+            if candidates and certified_path is None else None
+        self._candidates: dict[str, Callable] = {}  # path -> forward, once loaded (start_candidates)
+        self._wanted = candidates
+        self.candidates_started = False
+        self.runtime_deferred = ""  # why the candidates were never started, where an engine chose not to
         self.batch_size = batch_size
         self.pixel_layout = pixel_layout  # (shape, dtype) of one image in a pipeline block
         self.packed_layers = 0
@@ -529,10 +575,91 @@ class Predictor:
             # ViT-B/16 on one thread, 0.16 s for ViT-Ti).
             probe = (rng.integers(0, 256, (1, *shape)) if layout_dtype == np.uint8 else  # else the processor's output
                      rng.standard_normal((1, *shape))).astype(layout_dtype)
-            self.packed_layers = pack_linear_layers(self.model,
-                                                    lambda: self._logits_and_embeddings(self._model_input(probe)))
+            self.packed_layers = pack_linear_layers(self.model, lambda: self.forward(self._model_input(probe)))
         if fewer_threads and pixel_layout and self.device.type == "cpu":
             self.fit_threads(*fewer_threads)
+        if candidates and not defer_candidates:
+            self.start_candidates()
+
+    def start_candidates(self) -> None:
+        """Load the candidate paths in a thread of their own (an OpenVINO conversion takes
+        seconds on a first run): the reference's passes go on meanwhile, and their rows
+        are the job's until a candidate is certified. Once only."""
+        if not self._wanted or self.candidates_started:
+            return
+        self.candidates_started = True
+        threading.Thread(target=self._load_candidates, daemon=True, name="visionbatch-candidates").start()
+
+    @property
+    def has_candidates(self) -> bool:
+        return bool(self._wanted)
+
+    def _load_candidates(self) -> None:
+        import torch
+
+        shape, layout_dtype = self.pixel_layout
+        rng = np.random.default_rng(1)
+        probe = (rng.integers(0, 256, (2, *shape)) if np.dtype(layout_dtype) == np.uint8 else
+                 rng.standard_normal((2, *shape))).astype(layout_dtype)
+        loaded: dict[str, Callable] = {}
+        for runtime_name in dict.fromkeys(path.partition("/")[0] for path in self._wanted):
+            paths = [path for path in self._wanted if path.startswith(runtime_name + "/")]
+            try:
+                if runtime_name == "openvino":
+                    fresh = lambda: image_tower(self._fresh_model(torch.float32), zero_shot=self.zero_shot,
+                                                embeddings=bool(self.embedding_width))
+                    with torch.inference_mode():
+                        pixel_values = self._model_input(probe).cpu()
+                    for candidate in load_openvino(fresh, pixel_values, weights=self._weights(),
+                                                   description=self._tower_description(),
+                                                   precisions=[path.partition("/")[2] for path in paths],
+                                                   streams=self._passes_at_once, threads=torch.get_num_threads()):
+                        loaded[candidate.path] = candidate.forward
+                        self.runtime_notes.append(f"{candidate.path}: {candidate.note}")
+                else:
+                    for path in paths:
+                        dtype = getattr(torch, path.partition("/")[2])
+                        loaded[path] = TorchForward(image_tower(self._fresh_model(dtype), zero_shot=self.zero_shot,
+                                                                embeddings=bool(self.embedding_width)), dtype)
+            except Exception as err:  # RuntimeUnavailable, or a model this runtime cannot run: the reference stays
+                why = f"{type(err).__name__}: {_first_line(err)}" if not isinstance(err, RuntimeUnavailable) else str(err)
+                self.runtime_notes.append(f"{runtime_name}: not used: {why}")
+                log.warning("%s is not used: %s", runtime_name, why)
+                for path in paths:
+                    if self.certification:
+                        self.certification.unavailable(path, why)
+        self._candidates = loaded
+
+    def _fresh_model(self, dtype):
+        """Another copy of the model's weights, unpacked, for a candidate path."""
+        return load_model(self._source, dtype=dtype, zero_shot=self.zero_shot, **self._load_options).to(self.device)
+
+    def _weights(self) -> str:
+        return f"{self._source.ref}@{model_revision(self._source)}"
+
+    def _tower_description(self) -> str:
+        kind = "zero-shot image tower" if self.zero_shot else "classifier"
+        return f"{kind}, embeddings {bool(self.embedding_width)}"
+
+    def _forward_now(self) -> Callable | None:
+        """The forward pass rows come from now: a certified (or resumed) candidate once
+        loaded, else the reference; None while a certificate is being taken."""
+        if self.certification is None:
+            return self._candidates.get(self._wanted[0], self.forward) if self._wanted else self.forward
+        if not self.certification.decided:
+            return None
+        chosen = self.certification.chosen
+        return self._candidates.get(chosen, self.forward) if chosen else self.forward
+
+    def runtime_report(self) -> dict:
+        """What ran the model and why: the path rows come from now, the certificate's
+        figures (where one was taken) and notes (a runtime missing, a conversion's source)."""
+        forward = self._forward_now()
+        path = next((p for p, f in self._candidates.items() if f is forward), REFERENCE)
+        notes = self.runtime_notes + ([self.runtime_deferred] if self.runtime_deferred else [])
+        taken = self.certification is not None and self.candidates_started
+        return {"path": path if forward is not None else REFERENCE, "notes": notes,
+                "certificate": self.certification.figures() if taken else None}
 
     def fit_threads(self, threads: int, images_per_s: float, passes: int = 5) -> float:
         """Keep to ``threads`` torch threads if the model runs at least ``images_per_s``
@@ -600,13 +727,37 @@ class Predictor:
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         return image_embeds @ self.text_embeds.T * self.logit_scale + self.logit_bias
 
-    def _logits_and_embeddings(self, pixel_values):
-        """The model's logits for a batch and, where asked, the images' embeddings (on the device)."""
+    def _probs_and_embeddings(self, outputs: tuple):
+        """A tower's outputs -> every class's score (float32) and, where asked, the
+        images' embeddings (float32, normalised where asked), on the device."""
+        import torch
+
         if self.zero_shot:
-            image_embeds = _features(self.forward(pixel_values=pixel_values))
-            return self._zero_shot_logits(image_embeds), image_embeds if self.embedding_width else None
-        logits = self.forward(pixel_values=pixel_values).logits
-        return logits, self.head_input.take() if self.head_input else None
+            logits, embeddings = self._zero_shot_logits(outputs[0]), outputs[0] if self.embedding_width else None
+        else:
+            logits, embeddings = outputs[0], outputs[1] if len(outputs) > 1 else None
+        logits = logits.float()
+        probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        if embeddings is not None:
+            if embeddings.shape[1] != self.embedding_width:
+                raise ValueError(f"the embedding is {embeddings.shape[1]} wide where the model's config gives "
+                                 f"{self.embedding_width}")
+            embeddings = embeddings.float()
+            if self.normalize_embeddings:
+                embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        return probs, embeddings
+
+    def _certify(self, pixel_values) -> tuple:
+        """A pass while the certificate is taken: the reference's outputs (the rows),
+        compared with each loaded candidate's on the same input."""
+        reference = self.forward(pixel_values)
+        tried = {path: self._candidates[path](pixel_values.cpu()) for path in self.certification.pending
+                 if path in self._candidates}
+        if tried:
+            as_host = lambda outputs: Outputs(*(None if value is None else value.cpu().numpy()  # noqa: E731
+                                                for value in self._probs_and_embeddings(outputs)))
+            self.certification.add(as_host(reference), {path: as_host(outputs) for path, outputs in tried.items()})
+        return reference
 
     def _model_input(self, pixels: np.ndarray):
         """(N, H, W, 3) uint8 or (N, C, H, W) float32 -> the model's input on its device."""
@@ -634,9 +785,10 @@ class Predictor:
         import torch
 
         with torch.inference_mode():
-            logits, embeddings = self._logits_and_embeddings(self._model_input(pixels))
-            logits = logits.float()
-            probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+            pixel_values = self._model_input(pixels)
+            forward = self._forward_now()
+            outputs = self._certify(pixel_values) if forward is None else forward(pixel_values)
+            probs, embeddings = self._probs_and_embeddings(outputs)
             scores, ids = torch.topk(probs, self.top_k, dim=-1)
             true_scores = None
             if true_names is not None:  # from the full output: the true name need not be in the top-k
@@ -644,12 +796,6 @@ class Predictor:
                 rows = torch.from_numpy(np.maximum(true_names, 0)).to(self.device)
                 true_scores = by_name.gather(1, rows[:, None])[:, 0].cpu().numpy()
             if embeddings is not None:
-                if embeddings.shape[1] != self.embedding_width:
-                    raise ValueError(f"the embedding is {embeddings.shape[1]} wide where the model's config gives "
-                                     f"{self.embedding_width}")
-                embeddings = embeddings.float()
-                if self.normalize_embeddings:
-                    embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
                 embeddings = embeddings.cpu().numpy()
             return ids.cpu().numpy(), scores.cpu().numpy(), embeddings, true_scores
 

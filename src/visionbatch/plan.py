@@ -85,6 +85,8 @@ class Plan:
     batch_size: int
     decode_concurrency: int  # decode tasks running at once: the CPUs the replicas leave free
     draft_side: int | None  # JPEGs may be decoded down to this side (None: full size)
+    # The model path an earlier run of this job certified (a resumed job keeps it; None: certify).
+    certified_path: str | None = None
 
     @property
     def decode_tasks(self) -> int:
@@ -193,7 +195,8 @@ def predictor_arguments(config: ClassifyConfig, plan: Plan, batch_size: int) -> 
     shape, dtype = pixel_layout(plan.model.spec)
     return {**model_arguments(config, plan.model), "top_k": config.top_k, "device": plan.device,
             "dtype": plan.dtype, "num_threads": plan.model_threads, "fewer_threads": plan.fewer_threads,
-            "compile": config.compile, "batch_size": batch_size, "pixel_layout": (shape, dtype.str)}
+            "compile": config.compile, "batch_size": batch_size, "pixel_layout": (shape, dtype.str),
+            "runtime": config.runtime, "certified_path": plan.certified_path}
 
 
 def block_images(plan: Plan, shard_size: int) -> int:
@@ -302,7 +305,8 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
 
     model = plan.model
     return {"visionbatch": __version__, "model": model.source.ref, "model_revision": model_revision(model.source),
-            "top_k": config.top_k, "format": output.format, "dtype": plan.dtype, "labels": config.labels,
+            "top_k": config.top_k, "format": output.format, "dtype": plan.dtype, "runtime": config.runtime,
+            "labels": config.labels,
             "label_map": config.label_map, "sources": [canonical_uri(uri) for uri in config.sources],
             "from_list": config.from_list, "list_cwd": os.getcwd() if config.from_list else None,
             "follow_symlinks": config.follow_symlinks, "shard_size": config.shard_size, "limit": config.limit,

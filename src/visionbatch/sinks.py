@@ -438,9 +438,10 @@ class Manifest:
     """The driver's record of a job in DEST: its options and its committed shards."""
 
     def __init__(self, destination: Destination, job: dict, shards: dict[str, dict] | None = None,
-                 metric_counts: dict | None = None):
+                 metric_counts: dict | None = None, runtime: dict | None = None):
         self.destination = destination
         self.job = job
+        self.runtime = runtime  # what ran the model and its certificate (Predictor.runtime_report)
         self.shards: dict[str, dict] = dict(shards or {})
         self.metric_counts = metric_counts or {}  # of the committed shards, added up (see evaluate)
         self.saved_rows = self.rows  # rows the manifest in DEST lists
@@ -483,7 +484,16 @@ class Manifest:
             for record in shards.values():
                 part = destination.read_part(record["file"], record["rows"], job_schema(job))
                 metric_counts = merge_counts(metric_counts, metric_counts_of(part))
-        return cls(destination, job, shards, metric_counts)
+        return cls(destination, job, shards, metric_counts, earlier.get("runtime"))
+
+    @property
+    def certified_path(self) -> str | None:
+        """The model path an earlier run certified (a resumed job keeps it), None where none was decided."""
+        runtime = self.runtime or {}
+        certificate = runtime.get("certificate")
+        if certificate is None:
+            return runtime.get("path")  # no certificate to take (torch only), or itself a resumed choice
+        return certificate["chosen"] if certificate["decided"] else None
 
     @property
     def rows(self) -> int:
@@ -510,7 +520,7 @@ class Manifest:
                 self.destination.delete([MANIFEST])
             return
         body = {"version": MANIFEST_VERSION, "complete": complete, "job": self.job, "rows": self.rows,
-                "shards": self.shards, "metric_counts": self.metric_counts}
+                "shards": self.shards, "metric_counts": self.metric_counts, "runtime": self.runtime}
         started = time.monotonic()
         self.destination.write_bytes(MANIFEST, json.dumps(body, separators=(",", ":")).encode())
         self.saved_rows = self.rows

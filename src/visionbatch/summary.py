@@ -78,6 +78,8 @@ class Summary:
     replicas: int = 0
     # Where the time went: wall seconds in the driver, summed worker seconds per stage.
     stage_times: dict[str, float] = field(default_factory=dict)
+    # What ran the model (its path, e.g. openvino/f32) and the certificate that chose it.
+    runtime: dict | None = None
 
     @property
     def top1(self) -> float | None:
@@ -130,6 +132,23 @@ class Summary:
             example = ", ".join(sorted(self.unmapped_folders)[:5])
             lines.append(f"unlabelled        {self.unlabelled} (folders with no matching class: {example}"
                          + (", ..." if len(self.unmapped_folders) > 5 else "") + ")")
+        if self.runtime:
+            lines.append(f"model path        {runtime_line(self.runtime)}")
         if self.dest:
             lines.append(f"results           {self.dest}")
         return "\n".join(lines)
+
+
+def runtime_line(runtime: dict) -> str:
+    """What ran the model, and the certificate's figures, in one line."""
+    certificate = runtime.get("certificate")
+    if not certificate:
+        return runtime["path"] + "".join(f"; {note}" for note in runtime.get("notes", [])[-1:])
+    trials = "; ".join(
+        f"{trial['path']} {trial['verdict']}"
+        + (f" on {trial['images']} images ({trial['agreed']} agree, bound {trial['agreement_lower_bound']:.2%}, "
+           f"largest score difference {trial['max_score_difference']:.2g})" if trial["images"] else "")
+        + (f": {trial['reason']}" if trial["reason"] else "")
+        for trial in certificate["trials"])
+    undecided = "" if certificate["decided"] else " (undecided when the job ended: the reference ran it)"
+    return f"{certificate['chosen']}{undecided}; certificate against {certificate['reference']}: {trials}"
