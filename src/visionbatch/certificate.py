@@ -75,13 +75,20 @@ class Trial:
     min_embedding_cosine: float | None = None
     verdict: str = PENDING
     reason: str = ""
-    available: bool = True  # False: the path could not be loaded here (reason says why)
+    available: bool = True  # False: the path cannot run here (the reason says why)
 
     @property
     def lower_bound(self) -> float:
         return agreement_lower_bound(self.agreed, self.images)
 
     def add(self, reference: "Outputs", candidate: "Outputs") -> None:
+        if self.verdict != PENDING:
+            return
+        if candidate.probs.shape != reference.probs.shape or (reference.embeddings is not None and (
+                candidate.embeddings is None or candidate.embeddings.shape != reference.embeddings.shape)):
+            self.verdict, self.reason = FAILED, (f"its outputs are shaped {_shapes(candidate)} where the "
+                                                 f"reference's are {_shapes(reference)}")
+            return
         self.images += len(reference.probs)
         self.agreed += int((reference.probs.argmax(1) == candidate.probs.argmax(1)).sum())
         self.max_score_difference = max(self.max_score_difference,
@@ -121,6 +128,10 @@ class Outputs:
     embeddings: np.ndarray | None
 
 
+def _shapes(outputs: Outputs) -> str:
+    return " and ".join(str(value.shape) for value in (outputs.probs, outputs.embeddings) if value is not None)
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return (a * b).sum(1) / np.maximum(norms, 1e-12)
@@ -140,11 +151,13 @@ class Certification:
         self.insist = insist
         self._lock = threading.Lock()
 
-    def unavailable(self, path: str, why: str) -> None:
+    def fail(self, path: str, why: str) -> None:
+        """The path cannot run here (not loaded, or it raised on the job's images): it
+        fails, and is never chosen, even where insisted on."""
         with self._lock:
             for trial in self.trials:
-                if trial.path == path:
-                    trial.verdict, trial.reason, trial.available = FAILED, f"not loaded: {why}", False
+                if trial.path == path and trial.verdict == PENDING:
+                    trial.verdict, trial.reason, trial.available = FAILED, why, False
 
     def add(self, reference: Outputs, candidates: dict[str, Outputs]) -> None:
         with self._lock:

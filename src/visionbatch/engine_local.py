@@ -220,6 +220,7 @@ class LocalEngine(Engine):
             if _split_cores(prepared):
                 arguments.update(num_threads=1, passes_at_once=prepared.plan.model_threads)  # a thread per lane
             self._predictor = Predictor(**arguments)
+            self._start_candidates_if_worth_it()
         return self._predictor
 
     def _start_candidates_if_worth_it(self) -> None:
@@ -274,7 +275,7 @@ class LocalEngine(Engine):
 
             broken = not submit()
             model = self._model(prepared)  # loads while the first shards decode
-            certify_pending = model.has_candidates
+            certify_pending = model.has_candidates and not (model.candidates_started or model.runtime_deferred)
             cores = _CoreSplit(plan, _split_cores(prepared))
             # torch.compile would trace the hooks that stop a pass: its passes run to their end.
             lanes = _Lanes(model, cores.high, () if config.compile else model.model.modules())

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 from visionbatch.certificate import Certification, Outputs
 from visionbatch.config import DEFAULT_HYPOTHESIS_TEMPLATE
 from visionbatch.results import EMBEDDING, MODEL_TRACEBACK, PREDICTION_FIELDS, RESULT_SCHEMA, TRUE_LABEL_SCORE
-from visionbatch.runtime import (REDUCED_DTYPES, REFERENCE, RuntimeUnavailable, TorchForward, candidate_paths,
-                                 load_openvino)
+from visionbatch.runtime import (REDUCED_DTYPES, REFERENCE, RuntimeUnavailable, TorchForward, TowerSpec,
+                                 candidate_paths, graph_path, load_openvino)
 
 log = logging.getLogger("visionbatch")
 
@@ -564,6 +564,7 @@ class Predictor:
         self._candidates: dict[str, Callable] = {}  # path -> forward, once loaded (start_candidates)
         self._wanted = candidates
         self.candidates_started = False
+        self._candidates_loaded = threading.Event()
         self.runtime_deferred = ""  # why the candidates were never started, where an engine chose not to
         self.batch_size = batch_size
         self.pixel_layout = pixel_layout  # (shape, dtype) of one image in a pipeline block
@@ -582,13 +583,20 @@ class Predictor:
             self.start_candidates()
 
     def start_candidates(self) -> None:
-        """Load the candidate paths in a thread of their own (an OpenVINO conversion takes
-        seconds on a first run): the reference's passes go on meanwhile, and their rows
-        are the job's until a candidate is certified. Once only."""
+        """Load the candidate paths: at once where they are OpenVINO graphs already
+        converted (read and compiled in ~0.5 s), else in a thread of their own (a
+        conversion takes seconds, in a process of its own): the reference's passes go on
+        meanwhile, and their rows are the job's until a candidate is certified. Once only.
+        A conversion still running when the job ends finishes on its own, for the next job."""
         if not self._wanted or self.candidates_started:
             return
         self.candidates_started = True
-        threading.Thread(target=self._load_candidates, daemon=True, name="visionbatch-candidates").start()
+        converted = all(path.startswith("openvino/") for path in self._wanted) and os.path.exists(
+            graph_path(self.tower_spec().weights, self.tower_spec().description, self.tower_spec().input_shape))
+        if converted:
+            self._load_candidates()
+        else:
+            threading.Thread(target=self._load_candidates, daemon=True, name="visionbatch-candidates").start()
 
     @property
     def has_candidates(self) -> bool:
@@ -597,22 +605,12 @@ class Predictor:
     def _load_candidates(self) -> None:
         import torch
 
-        shape, layout_dtype = self.pixel_layout
-        rng = np.random.default_rng(1)
-        probe = (rng.integers(0, 256, (2, *shape)) if np.dtype(layout_dtype) == np.uint8 else
-                 rng.standard_normal((2, *shape))).astype(layout_dtype)
         loaded: dict[str, Callable] = {}
         for runtime_name in dict.fromkeys(path.partition("/")[0] for path in self._wanted):
             paths = [path for path in self._wanted if path.startswith(runtime_name + "/")]
             try:
                 if runtime_name == "openvino":
-                    fresh = lambda: image_tower(self._fresh_model(torch.float32), zero_shot=self.zero_shot,
-                                                embeddings=bool(self.embedding_width))
-                    with torch.inference_mode():
-                        pixel_values = self._model_input(probe).cpu()
-                    for candidate in load_openvino(fresh, pixel_values, weights=self._weights(),
-                                                   description=self._tower_description(),
-                                                   precisions=[path.partition("/")[2] for path in paths],
+                    for candidate in load_openvino(self.tower_spec(), precisions=[p.partition("/")[2] for p in paths],
                                                    streams=self._passes_at_once, threads=torch.get_num_threads()):
                         loaded[candidate.path] = candidate.forward
                         self.runtime_notes.append(f"{candidate.path}: {candidate.note}")
@@ -622,24 +620,32 @@ class Predictor:
                         loaded[path] = TorchForward(image_tower(self._fresh_model(dtype), zero_shot=self.zero_shot,
                                                                 embeddings=bool(self.embedding_width)), dtype)
             except Exception as err:  # RuntimeUnavailable, or a model this runtime cannot run: the reference stays
-                why = f"{type(err).__name__}: {_first_line(err)}" if not isinstance(err, RuntimeUnavailable) else str(err)
+                why = str(err) if isinstance(err, RuntimeUnavailable) else f"{type(err).__name__}: {_first_line(err)}"
                 self.runtime_notes.append(f"{runtime_name}: not used: {why}")
                 log.warning("%s is not used: %s", runtime_name, why)
                 for path in paths:
                     if self.certification:
-                        self.certification.unavailable(path, why)
+                        self.certification.fail(path, f"not loaded: {why}")
         self._candidates = loaded
+        self._candidates_loaded.set()
+
+    def tower_spec(self) -> TowerSpec:
+        """What a conversion process needs to build this model's tower, and the cache key's names."""
+        shape, layout_dtype = self.pixel_layout
+        input_shape = (shape[2], shape[0], shape[1]) if np.dtype(layout_dtype) == np.uint8 else tuple(shape)
+        kind = "zero-shot image tower" if self.zero_shot else "classifier"
+        return TowerSpec(self._source.ref, self._source.local_files_only, input_shape=tuple(input_shape),
+                         zero_shot=self.zero_shot, embeddings=bool(self.embedding_width),
+                         weights=f"{self._source.ref}@{model_revision(self._source)}",
+                         description=f"{kind}, embeddings {bool(self.embedding_width)}", **self._load_options)
 
     def _fresh_model(self, dtype):
         """Another copy of the model's weights, unpacked, for a candidate path."""
         return load_model(self._source, dtype=dtype, zero_shot=self.zero_shot, **self._load_options).to(self.device)
 
-    def _weights(self) -> str:
-        return f"{self._source.ref}@{model_revision(self._source)}"
-
-    def _tower_description(self) -> str:
-        kind = "zero-shot image tower" if self.zero_shot else "classifier"
-        return f"{kind}, embeddings {bool(self.embedding_width)}"
+    def wait_for_candidates(self, timeout: float) -> bool:
+        """Whether the candidate paths are loaded (or failed to load) within ``timeout`` s."""
+        return self._candidates_loaded.wait(timeout)
 
     def _forward_now(self) -> Callable | None:
         """The forward pass rows come from now: a certified (or resumed) candidate once
@@ -751,12 +757,18 @@ class Predictor:
         """A pass while the certificate is taken: the reference's outputs (the rows),
         compared with each loaded candidate's on the same input."""
         reference = self.forward(pixel_values)
-        tried = {path: self._candidates[path](pixel_values.cpu()) for path in self.certification.pending
-                 if path in self._candidates}
+        as_host = lambda outputs: Outputs(*(None if value is None else value.cpu().numpy()  # noqa: E731
+                                            for value in self._probs_and_embeddings(outputs)))
+        tried = {}
+        for path in self.certification.pending:
+            if path in self._candidates:
+                try:
+                    tried[path] = as_host(self._candidates[path](pixel_values))
+                except Exception as err:  # a path that fails on the job's images fails its certificate
+                    self.certification.fail(path, f"it failed on the job's images: {type(err).__name__}: "
+                                                  f"{_first_line(err)}")
         if tried:
-            as_host = lambda outputs: Outputs(*(None if value is None else value.cpu().numpy()  # noqa: E731
-                                                for value in self._probs_and_embeddings(outputs)))
-            self.certification.add(as_host(reference), {path: as_host(outputs) for path, outputs in tried.items()})
+            self.certification.add(as_host(reference), tried)
         return reference
 
     def _model_input(self, pixels: np.ndarray):

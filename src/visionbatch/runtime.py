@@ -182,6 +182,11 @@ def _cache_key(weights: str, tower: str, input_shape: tuple[int, ...]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
+def graph_path(weights: str, description: str, input_shape: tuple[int, ...]) -> str:
+    """Where the converted graph of a tower is cached."""
+    return os.path.join(cache_root(), "openvino", _cache_key(weights, description, input_shape), "model.xml")
+
+
 def converted_tower(make_tower: Callable, probe, *, weights: str, description: str) -> tuple:
     """The OpenVINO graph of the tower ``make_tower()`` builds (a torch module of float32
     weights; built only where the cache misses) for inputs shaped like ``probe`` (any
@@ -192,8 +197,8 @@ def converted_tower(make_tower: Callable, probe, *, weights: str, description: s
     import torch
 
     input_shape = tuple(probe.shape[1:])
-    folder = os.path.join(cache_root(), "openvino", _cache_key(weights, description, input_shape))
-    path = os.path.join(folder, "model.xml")
+    path = graph_path(weights, description, input_shape)
+    folder = os.path.dirname(path)
     core = openvino.Core()
     if os.path.exists(path):
         return core.read_model(path), [], "cache"
@@ -271,11 +276,96 @@ class OpenVINOForward:
                      for i in range(len(self.compiled.outputs)))
 
 
-def load_openvino(make_tower: Callable, probe, *, weights: str, description: str, precisions: list[str],
-                  streams: int, threads: int) -> list[Loaded]:
-    """The OpenVINO candidates for a tower, one per precision, in their order;
-    RuntimeUnavailable where the tower does not convert."""
-    model, rewrites, came = converted_tower(make_tower, probe, weights=weights, description=description)
+@dataclass(frozen=True)
+class TowerSpec:
+    """What a conversion process needs to build a model's tower on its own (plain values)."""
+
+    model: str
+    local_files_only: bool
+    allow_pickle: bool
+    trust_remote_code: bool
+    zero_shot: bool
+    embeddings: bool
+    input_shape: tuple[int, ...]  # one image's pixel values, (C, H, W)
+    weights: str  # the cache key's names for the weights and the tower
+    description: str
+
+
+class Conversion:
+    """A tower converted in a process of its own (``python -m visionbatch.runtime``):
+    tracing holds the GIL for seconds and a converter may crash, neither of which the
+    job's process should take. One that outlives its job (a job that ended first)
+    finishes and caches the graph for the next."""
+
+    def __init__(self, spec: TowerSpec):
+        import dataclasses
+        import json
+        import subprocess
+        import sys
+
+        # Files, not pipes: a process that outlives its job must not die writing to a
+        # pipe nobody reads (tracing warns on stderr).
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "visionbatch.runtime", json.dumps(dataclasses.asdict(spec))],
+            stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr)
+
+    def result(self) -> tuple[list[str], str]:
+        """(rewrites, where the graph came from); RuntimeUnavailable where it did not convert."""
+        import json
+
+        self.process.wait()
+        self.stdout.seek(0)
+        self.stderr.seek(0)
+        lines, errors = self.stdout.read().strip().splitlines(), self.stderr.read().strip().splitlines()
+        if self.process.returncode != 0 or not lines:
+            why = (errors or [f"exit status {self.process.returncode}"])[-1]
+            raise RuntimeUnavailable(f"the conversion process failed: {why[:300]}")
+        answer = json.loads(lines[-1])
+        if "error" in answer:
+            raise RuntimeUnavailable(answer["error"])
+        return answer["rewrites"], answer["came"]
+
+
+def _convert(spec: TowerSpec) -> dict:
+    """In the conversion process: the tower built from the weights, converted and cached."""
+    import torch
+
+    from visionbatch.model import ModelSource, image_tower, load_model
+
+    def make_tower():
+        model = load_model(ModelSource(spec.model, spec.local_files_only), dtype=torch.float32,
+                           allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code,
+                           zero_shot=spec.zero_shot)
+        return image_tower(model, zero_shot=spec.zero_shot, embeddings=spec.embeddings)
+
+    probe = torch.randn(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        _, rewrites, came = converted_tower(make_tower, probe, weights=spec.weights, description=spec.description)
+    except RuntimeUnavailable as err:
+        return {"error": str(err)}
+    return {"rewrites": rewrites, "came": came}
+
+
+def load_openvino(spec: TowerSpec, *, precisions: list[str], streams: int, threads: int) -> list[Loaded]:
+    """The OpenVINO candidates for a tower, one per precision, in their order: its graph
+    from the cache, else converted first; RuntimeUnavailable where it does not convert."""
+    import openvino
+
+    path = graph_path(spec.weights, spec.description, spec.input_shape)
+    rewrites, came = [], "cache"
+    if not os.path.exists(path):
+        rewrites, came = Conversion(spec).result()
+    model = openvino.Core().read_model(path)
     note = f"OpenVINO {openvino_version()}, {came}" + (f"; rewrote {'; '.join(rewrites)}" if rewrites else "")
     return [Loaded(f"openvino/{precision}", OpenVINOForward(model, precision, streams, threads), note)
             for precision in precisions]
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    logging.disable(logging.WARNING)
+    arguments = json.loads(sys.argv[1])
+    print(json.dumps(_convert(TowerSpec(**{**arguments, "input_shape": tuple(arguments["input_shape"])}))))

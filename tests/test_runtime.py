@@ -1,0 +1,223 @@
+"""Issue 32: the certified CPU runtime. OpenVINO converts the model's image tower (with
+the rewrites it needs, proven equal), a job uses it only once it has agreed with torch
+float32 on the job's own images (the bound, not the point estimate), and a wrong or
+empty graph is caught and the reference kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import save_random_vit, write_image
+from visionbatch.certificate import (AGREEMENT, FAILED, PASSED, PENDING, SAMPLE_IMAGES, Certification, Outputs, Trial,
+                                     agreement_lower_bound, images_needed)
+
+openvino = pytest.importorskip("openvino", reason="needs visionbatch[openvino]")
+
+
+def _outputs(labels: list[int], classes: int = 10) -> Outputs:
+    probs = np.full((len(labels), classes), 0.01, dtype=np.float32)
+    probs[np.arange(len(labels)), labels] = 0.91
+    return Outputs(probs, None)
+
+
+def _feed(trial: Trial, images: int, disagree_every: int | None = None, batch: int = 16) -> None:
+    """Batches whose top-1 the candidate keeps, but for every ``disagree_every``-th image:
+    a near tie (0.46 against 0.45) that the candidate reads the other way, as reduced
+    precision does."""
+    for start in range(0, images, batch):
+        labels = [(start + i) % 10 for i in range(batch)]
+        reference, candidate = _outputs(labels), _outputs(labels)
+        for i, label in enumerate(labels):
+            if disagree_every and (start + i) % disagree_every == disagree_every - 1:
+                for outputs, (first, second) in ((reference, (0.46, 0.45)), (candidate, (0.45, 0.46))):
+                    outputs.probs[i] = 0.01
+                    outputs.probs[i, label], outputs.probs[i, (label + 1) % 10] = first, second
+        trial.add(reference, candidate)
+        if trial.verdict != PENDING:
+            return
+
+
+def test_a_path_passes_only_once_the_agreements_lower_bound_reaches_the_threshold():
+    assert images_needed() == 598
+    assert agreement_lower_bound(598, 598) >= AGREEMENT > agreement_lower_bound(597, 597)
+    assert agreement_lower_bound(200, 200) < 0.99  # a small sample proves little
+    trial = Trial("openvino/f32")
+    _feed(trial, 592)  # 37 batches of 16, all agreeing
+    assert trial.verdict == PENDING and trial.lower_bound < AGREEMENT
+    _feed(trial, 16)
+    assert trial.verdict == PASSED and trial.images == 608
+
+
+@pytest.mark.parametrize("every, fails_by", [(100, 300), (133, 400)])  # 1 in 100; bf16 on Lite0: 6 in 800
+def test_a_path_that_moves_one_answer_in_a_hundred_fails_long_before_the_sample_ends(every, fails_by):
+    trial = Trial("openvino/bf16")
+    _feed(trial, SAMPLE_IMAGES, disagree_every=every)
+    assert trial.verdict == FAILED and trial.images <= fails_by, trial
+    assert "differ" in trial.reason
+
+
+def test_moved_scores_and_empty_outputs_fail():
+    trial = Trial("openvino/f32")
+    reference = _outputs([1, 2])
+    moved = Outputs(reference.probs.copy(), None)
+    moved.probs[0, 1] -= 0.2
+    trial.add(reference, moved)
+    assert trial.verdict == FAILED and "score moved by 0.2" in trial.reason
+    empty = Trial("openvino/f32")
+    empty.add(reference, Outputs(np.zeros((2, 0), np.float32), None))
+    assert empty.verdict == FAILED and "shaped (2, 0)" in empty.reason
+
+
+def test_the_fastest_passing_path_is_chosen_and_an_insisted_one_is_kept_even_when_it_fails():
+    certification = Certification(["openvino/bf16", "openvino/f32"], "torch/float32")
+    for start in range(0, 640, 16):
+        labels = list(range(10)) + list(range(6))
+        certification.add(_outputs(labels), {"openvino/bf16": _outputs([(x + 1) % 10 for x in labels]),
+                                             "openvino/f32": _outputs(labels)})
+    assert certification.decided and certification.chosen == "openvino/f32"
+    assert [trial["verdict"] for trial in certification.figures()["trials"]] == [FAILED, PASSED]
+    insisted = Certification(["torch/bfloat16"], "torch/float32", insist=True)
+    insisted.add(_outputs([1, 2, 3]), {"torch/bfloat16": _outputs([2, 3, 4])})
+    assert insisted.chosen == "torch/bfloat16"
+    insisted = Certification(["torch/bfloat16"], "torch/float32", insist=True)
+    insisted.fail("torch/bfloat16", "not loaded: no kernels")
+    assert insisted.decided and insisted.chosen is None  # a path that cannot run is never kept
+
+
+def test_efficientnets_pooler_is_rewritten_converted_and_cached(tmp_path):
+    """transformers' EfficientNet pools with a kernel wider than its map: replaced by the
+    global average it is, the graph converts and reproduces torch; the second load is the cache's."""
+    import torch
+
+    from test_families import save_family
+    from visionbatch.model import ModelSource, image_tower, load_model
+    from visionbatch.runtime import converted_tower
+
+    folder = save_family("efficientnet", tmp_path / "efficientnet")
+    model = load_model(ModelSource(folder, True), dtype=torch.float32)
+    tower = image_tower(model, zero_shot=False, embeddings=True)
+    probe = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = tower(probe)
+    graph, rewrites, came = converted_tower(lambda: tower, probe, weights=folder, description="test")
+    assert came.startswith("converted") and rewrites == [
+        "model.efficientnet.pooler: AvgPool2d covering its input -> AdaptiveAvgPool2d(1)"]
+    compiled = openvino.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    batch = torch.randn(5, 3, 224, 224)  # another batch size: the graph's batch is dynamic
+    with torch.inference_mode():
+        expected = tower(batch)
+    got = list(compiled(batch.numpy()).values())
+    assert [g.shape for g in got] == [tuple(e.shape) for e in expected]
+    assert all(np.abs(g - e.numpy()).max() < 1e-4 for g, e in zip(got, expected))
+    _, _, again = converted_tower(lambda: pytest.fail("a cached graph needs no model"), probe, weights=folder,
+                                  description="test")
+    assert again == "cache"
+
+
+def _random_pixels(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 224, 224, 3), dtype=np.uint8)
+
+
+def _predictor(model: str, runtime: str):
+    from visionbatch.model import Predictor
+
+    return Predictor(model, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, runtime=runtime, batch_size=16,
+                     pixel_layout=((224, 224, 3), "|u1"), defer_candidates=True)
+
+
+@pytest.mark.parametrize("graph", ["another model's", "an empty"])
+def test_a_wrong_graph_in_the_cache_fails_the_certificate_and_the_reference_answers(graph, tmp_path):
+    """A cached graph is trusted no further than the certificate: a cache that holds
+    another model's graph (or one with empty outputs) under this model's key is caught
+    on the job's images, and every answer is the reference's."""
+    import torch
+
+    from visionbatch.model import ModelSource, image_tower, load_model
+    from visionbatch.runtime import converted_tower
+
+    # A model of its own: the cache it poisons is no other test's.
+    model = save_random_vit(tmp_path / "model", hidden=48, layers=2, heads=3, mlp=96, seed=0, head_scale=20.0)
+    predictor = _predictor(model, "auto")
+    assert predictor.has_candidates and not predictor.candidates_started  # started by the job's engine
+    if graph == "an empty":
+        class Empty(torch.nn.Module):
+            def forward(self, pixel_values):
+                return (pixel_values.flatten(1)[:, :0],)
+        wrong = Empty()
+    else:
+        other = save_random_vit(tmp_path / "other", hidden=48, layers=2, heads=3, mlp=96, seed=7, head_scale=20.0)
+        wrong = image_tower(load_model(ModelSource(other, True), dtype=torch.float32), zero_shot=False,
+                            embeddings=False)
+    spec = predictor.tower_spec()
+    converted_tower(lambda: wrong, torch.randn(2, *spec.input_shape), weights=spec.weights,
+                    description=spec.description)
+    torch_only = _predictor(model, "torch")
+    predictor.start_candidates()
+    assert predictor.wait_for_candidates(120)
+    for seed in range(40):
+        pixels = _random_pixels(16, seed)
+        got, expected = predictor.predict_pixels(pixels), torch_only.predict_pixels(pixels)
+        np.testing.assert_array_equal(got[0], expected[0])
+        if predictor.certification.decided:
+            break
+    report = predictor.runtime_report()
+    assert report["path"] == "torch/float32" and report["certificate"]["decided"]
+    (trial,) = report["certificate"]["trials"]
+    assert trial["verdict"] == FAILED and trial["images"] <= 32, trial
+
+
+def _tree(folder: Path, count: int) -> Path:
+    for i in range(count):
+        write_image(folder / ("n01440764" if i % 2 else "n02102040") / f"{i:04d}.jpg", size=(40, 30), seed=i)
+    return folder
+
+
+def _classify(images: Path, model: str, dest: Path, *extra: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model,
+                           "--output", str(dest), "--quiet", "--shard-size", "200", *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((dest / "_summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_job_certifies_openvino_on_its_own_images_and_its_answers_are_torchs(tiny_vit, tmp_path):
+    """The first job converts beside itself (this one ends first: the reference answers
+    throughout, and the conversion finishes for the next job); the second loads the
+    cached graph with the model and certifies it on its first images."""
+    from visionbatch.model import Predictor
+    from visionbatch.runtime import graph_path
+
+    images = _tree(tmp_path / "images", 700)
+    first = _classify(images, tiny_vit, tmp_path / "first")["runtime"]
+    assert first["path"] == "torch/float32" and not first["certificate"]["decided"], first
+    spec = Predictor(tiny_vit, scale=(1.0,) * 3, offset=(0.0,) * 3, pixel_layout=((224, 224, 3), "|u1"),
+                     runtime="auto", defer_candidates=True).tower_spec()
+    cached = Path(graph_path(spec.weights, spec.description, spec.input_shape))
+    deadline = time.monotonic() + 300
+    while not cached.exists():  # the first job's conversion, finishing on its own
+        assert time.monotonic() < deadline, "the conversion never cached its graph"
+        time.sleep(0.2)
+    runtime = _classify(images, tiny_vit, tmp_path / "auto")["runtime"]
+    certificate = runtime["certificate"]
+    (trial,) = certificate["trials"]
+    assert certificate["decided"] and runtime["path"] == certificate["chosen"] == "openvino/f32", runtime
+    assert trial["verdict"] == PASSED and images_needed() <= trial["images"] < 700
+    assert trial["agreement_lower_bound"] >= AGREEMENT and trial["max_score_difference"] < 1e-3
+    assert any(note.endswith("cache") for note in runtime["notes"]), runtime["notes"]
+    manifest = json.loads((tmp_path / "auto" / "_manifest.json").read_text())
+    assert manifest["runtime"]["path"] == "openvino/f32" and manifest["job"]["runtime"] == "auto"
+    reference = _classify(images, tiny_vit, tmp_path / "torch", "--runtime", "torch")
+    assert reference["runtime"] == {"path": "torch/float32", "notes": [], "certificate": None}
+    got = pq.read_table(tmp_path / "auto", columns=["path", "label", "score"]).sort_by("path")
+    expected = pq.read_table(tmp_path / "torch", columns=["path", "label", "score"]).sort_by("path")
+    assert got.column("label").to_pylist() == expected.column("label").to_pylist()
+    np.testing.assert_allclose(got.column("score").to_numpy(), expected.column("score").to_numpy(), atol=1e-4)
