@@ -8,6 +8,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from test_faults import kill_session, session_processes, start  # noqa: F401 (st
 from visionbatch.cli import main
 from visionbatch.export import SELECTION, TASKS, safe_name
 from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
+from visionbatch.storage import within
 
 N_IMAGES = 24
 
@@ -115,9 +117,41 @@ def test_webdataset(job, tmp_path, capfd):
     assert main(["export", str(dest), "--to", str(out), "-q", "--resume", "--where", "score < 0.01",
                  "--shard-size", "4"]) == 1
     assert "--resume with other options" in capfd.readouterr().err
-    # --overwrite replaces an earlier export, never a classify job's DEST.
-    assert main(["export", str(dest), "--to", str(dest), "-q", "--overwrite"]) == 1
-    assert read_results(str(dest)).num_rows == table.num_rows
+    # --overwrite replaces an earlier export, never a classify job's DEST (a copy of one: DEST itself overlaps).
+    other_dest = tmp_path / "other-dest"
+    shutil.copytree(dest, other_dest)
+    assert main(["export", str(dest), "--to", str(other_dest), "-q", "--overwrite"]) == 1
+    assert "holds files that no export wrote (_SUCCESS, _manifest.json" in capfd.readouterr().err
+    assert read_results(str(other_dest)).num_rows == table.num_rows
+
+
+def test_out_and_dest_are_kept_apart(job, capfd):
+    """OUT inside DEST would make DEST unreadable as a dataset (a reader meets the tars);
+    DEST inside OUT would mix the export with DEST's files. Refused before either is touched."""
+    dest, table = job
+    before = sorted(dest.rglob("*"))
+    for out, to in ((dest, dest / "exp"), (dest, dest.parent), (dest, dest / "." / "exp" / ".."),
+                    ("s3://bucket/dest", "s3://anonymous@bucket/dest/exp/"), ("s3://bucket/dest/", "S3://bucket")):
+        assert main(["export", str(out), "--to", str(to), "-q"]) == 2, (out, to)
+        err = capfd.readouterr().err
+        assert f"--to {to} and DEST {out} overlap" in err and "export to a folder outside DEST" in err
+    assert sorted(dest.rglob("*")) == before
+    assert not within(f"{dest}-2", str(dest)) and not within("s3://bucket/dest-2", "s3://bucket/dest")  # siblings
+
+
+def test_a_folder_of_other_files_is_never_an_export(job, tmp_path, capfd):
+    """--resume continues an export only, --overwrite replaces one only; without a flag the
+    refusal says what the folder holds."""
+    dest, _ = job
+    out = tmp_path / "mine"
+    (out / "photos").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    for flag in ("--resume", "--overwrite", None):
+        assert main(["export", str(dest), "--to", str(out), "-q", *([flag] if flag else [])]) == 1
+        err = capfd.readouterr().err
+        assert f"{out} holds files that no export wrote (notes.txt, photos/): export into an empty or new OUT" in err
+        assert "already holds results" not in err
+    assert sorted(path.name for path in out.rglob("*")) == ["notes.txt", "photos"]
 
 
 def test_imagefolder_reads_as_a_hugging_face_dataset(job, tmp_path):

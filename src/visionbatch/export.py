@@ -53,9 +53,9 @@ from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
-from visionbatch.sinks import LABEL_ISSUES, LEASE, Destination, DestinationError, job_schema
+from visionbatch.sinks import LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, job_schema
 from visionbatch.sources import IMAGE_EXTENSIONS
-from visionbatch.storage import Storage, canonical_uri, describe
+from visionbatch.storage import Storage, canonical_uri, describe, within
 
 SELECTION = "_selection.parquet"
 TASKS = "tasks.json"  # labelstudio: every task, merged from TASK_PARTS/<shard>.json at the end
@@ -79,12 +79,22 @@ class ExportOutput(Destination):
     def has_results(self) -> bool:
         return bool(self.entries())
 
+    def check_own(self) -> None:
+        """Refuse an OUT that holds files no export wrote (a user's folder, a classify job's
+        DEST): no flag mixes an export into them or deletes them. An export's OUT has its
+        manifest, or (stopped before its first commit) its selection, before any other file."""
+        entries = self.entries()
+        names = {info.base_name for info in entries}
+        if not entries or (self.manifest() or {}).get("job", {}).get("export") or (
+                MANIFEST not in names and SELECTION in names):
+            return
+        shown = sorted(info.base_name + ("/" if info.type == pafs.FileType.Directory else "") for info in entries)
+        raise DestinationError(f"{self.uri} holds files that no export wrote ({', '.join(shown[:5])}"
+                               f"{f' and {len(shown) - 5} more' if len(shown) > 5 else ''}): export into an empty "
+                               "or new OUT (--overwrite replaces, and --resume continues, only an export)")
+
     def clear(self) -> None:
-        """Remove an earlier export (and only that: a folder with other files, a classify
-        job's DEST among them, is refused)."""
-        if not (self.manifest() or {}).get("job", {}).get("export"):
-            raise DestinationError(f"{self.uri} holds files that no export wrote: --overwrite replaces only an "
-                                   "earlier export; choose an empty or new OUT")
+        """Remove an earlier export (:meth:`check_own` refused anything else)."""
         for info in self.entries():
             if info.type == pafs.FileType.Directory:
                 self.fs.delete_dir(info.path)
@@ -506,8 +516,13 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     storage = Storage(config.s3_endpoint)
     destination, out = Destination(config.dest, storage), ExportOutput(config.to, storage)
     query = selection_query(config.where)  # a --where that is not one predicate is refused before OUT is touched
+    for inner, outer in ((config.to, config.dest), (config.dest, config.to)):
+        if within(inner, outer):  # DEST would no longer read as a dataset, or OUT would mix its files with DEST's
+            raise ValueError(f"--to {config.to} and DEST {config.dest} overlap ({inner} is inside {outer}): "
+                             "export to a folder outside DEST")
     with sigterm_as_interrupt():
         dest_manifest = destination.finished_manifest()
+        out.check_own()
         lease = Lease.take(out, config.overwrite, config.resume)
         engine, bar, manifest = None, None, None
         try:

@@ -58,6 +58,13 @@ def canonical_uri(uri: str) -> str:
         return uri
 
 
+def within(uri: str, folder: str) -> bool:
+    """Whether ``uri`` is ``folder`` or lies under it, by their canonical forms (a public
+    bucket's ``anonymous@`` is the same bucket)."""
+    uri, folder = (canonical_uri(name).replace("://anonymous@", "://", 1) for name in (uri, folder))
+    return uri == folder or uri.startswith(folder.rstrip("/") + "/")
+
+
 def _endpoint(explicit: str | None) -> str | None:
     """The S3-compatible endpoint: the explicit option, else the standard AWS variable."""
     endpoint = explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
