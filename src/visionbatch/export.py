@@ -101,7 +101,7 @@ class ExportOutput(Destination):
             else:
                 self.fs.delete_file(info.path)
 
-    def damaged_parts(self, shards: dict[str, dict]) -> dict[str, str]:
+    def damaged_parts(self, shards: dict[str, dict], schema: pa.Schema) -> dict[str, str]:
         return {}  # a shard's files are all written, whole, before it commits
 
     def folder(self, name: str) -> Destination:
