@@ -8,6 +8,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from test_faults import kill_session, session_processes, start  # noqa: F401 (st
 from visionbatch.cli import main
 from visionbatch.export import SELECTION, TASKS, safe_name
 from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
+from visionbatch.storage import within
 
 N_IMAGES = 24
 
@@ -115,9 +117,41 @@ def test_webdataset(job, tmp_path, capfd):
     assert main(["export", str(dest), "--to", str(out), "-q", "--resume", "--where", "score < 0.01",
                  "--shard-size", "4"]) == 1
     assert "--resume with other options" in capfd.readouterr().err
-    # --overwrite replaces an earlier export, never a classify job's DEST.
-    assert main(["export", str(dest), "--to", str(dest), "-q", "--overwrite"]) == 1
-    assert read_results(str(dest)).num_rows == table.num_rows
+    # --overwrite replaces an earlier export, never a classify job's DEST (a copy of one: DEST itself overlaps).
+    other_dest = tmp_path / "other-dest"
+    shutil.copytree(dest, other_dest)
+    assert main(["export", str(dest), "--to", str(other_dest), "-q", "--overwrite"]) == 1
+    assert "holds files that no export wrote (_SUCCESS, _manifest.json" in capfd.readouterr().err
+    assert read_results(str(other_dest)).num_rows == table.num_rows
+
+
+def test_out_and_dest_are_kept_apart(job, capfd):
+    """OUT inside DEST would make DEST unreadable as a dataset (a reader meets the tars);
+    DEST inside OUT would mix the export with DEST's files. Refused before either is touched."""
+    dest, table = job
+    before = sorted(dest.rglob("*"))
+    for out, to in ((dest, dest / "exp"), (dest, dest.parent), (dest, dest / "." / "exp" / ".."),
+                    ("s3://bucket/dest", "s3://anonymous@bucket/dest/exp/"), ("s3://bucket/dest/", "S3://bucket")):
+        assert main(["export", str(out), "--to", str(to), "-q"]) == 2, (out, to)
+        err = capfd.readouterr().err
+        assert f"--to {to} and DEST {out} overlap" in err and "export to a folder outside DEST" in err
+    assert sorted(dest.rglob("*")) == before
+    assert not within(f"{dest}-2", str(dest)) and not within("s3://bucket/dest-2", "s3://bucket/dest")  # siblings
+
+
+def test_a_folder_of_other_files_is_never_an_export(job, tmp_path, capfd):
+    """--resume continues an export only, --overwrite replaces one only; without a flag the
+    refusal says what the folder holds."""
+    dest, _ = job
+    out = tmp_path / "mine"
+    (out / "photos").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    for flag in ("--resume", "--overwrite", None):
+        assert main(["export", str(dest), "--to", str(out), "-q", *([flag] if flag else [])]) == 1
+        err = capfd.readouterr().err
+        assert f"{out} holds files that no export wrote (notes.txt, photos/): export into an empty or new OUT" in err
+        assert "already holds results" not in err
+    assert sorted(path.name for path in out.rglob("*")) == ["notes.txt", "photos"]
 
 
 def test_imagefolder_reads_as_a_hugging_face_dataset(job, tmp_path):
@@ -231,6 +265,69 @@ def test_bad_sql_and_nothing_selected(job, tmp_path, capfd):
     assert main(["export", str(dest), "--to", str(out), "--where", "score > 2", "--format", "labelstudio"]) == 0
     assert "nothing selected" in capfd.readouterr().out
     assert json.loads((out / TASKS).read_text()) == [] and (out / "_SUCCESS").exists()
+
+
+def _attacks(secret: Path) -> dict[str, str]:
+    """The issue's attempts, each with why it is refused: a file's contents deciding the
+    selection, a file read, a file written by a statement smuggled after the predicate."""
+    return {
+        f"score < 2 AND (SELECT count(*) FROM read_csv('{secret}', header=false)) = 3": "it holds a subquery",
+        f"read_text('{secret}') IS NOT NULL": "read_text() is not a scalar function",
+        "1=1); COPY (SELECT 'owned' AS x) TO 'pwned.csv'; SELECT * FROM results WHERE (1=1":
+            "it is not one SQL predicate (syntax error",
+        "score < 2; COPY (SELECT 'owned' AS x) TO 'pwned.csv'": "it is not one SQL predicate",
+        "score < 2 UNION ALL SELECT * FROM results": "a clause follows the predicate",
+        "label IN (SELECT label FROM results LIMIT 1)": "it holds a subquery",
+    }
+
+
+def test_a_where_that_is_more_than_a_predicate_is_refused(job, tmp_path, monkeypatch, capfd):
+    dest, _ = job
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\nb\nc\n")
+    monkeypatch.chdir(tmp_path)  # where a smuggled COPY would write pwned.csv
+    for i, (where, why) in enumerate(_attacks(secret).items()):
+        out = tmp_path / f"out-{i}"
+        assert main(["export", str(dest), "--to", str(out), "--where", where]) == 2, where
+        assert f"visionbatch: error: --where {where!r} is refused: {why}" in capfd.readouterr().err
+        assert not out.exists()  # refused before OUT is touched: nothing was selected
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["secret.csv"]
+
+
+def test_the_where_connection_reaches_no_file(tmp_path):
+    """The second wall, should a predicate get past the parser: the connection that runs
+    it can open no file and cannot be given access back."""
+    import duckdb
+
+    from visionbatch.export import _connect
+
+    (tmp_path / "secret.csv").write_text("a\nb\n")
+    (tmp_path / "work").mkdir()  # its spill folder, the one folder it may use
+    with _connect(str(tmp_path / "work"), files=False) as db:
+        for sql in (f"SELECT * FROM read_csv('{tmp_path / 'secret.csv'}')",
+                    f"COPY (SELECT 1 AS x) TO '{tmp_path / 'pwned.csv'}'", "SET enable_external_access = true",
+                    "INSTALL httpfs"):
+            with pytest.raises(duckdb.Error):
+                db.execute(sql)
+    assert not (tmp_path / "pwned.csv").exists()
+
+
+def test_legitimate_predicates(job, tmp_path):
+    dest, table = job
+    rows = [row for row in table.to_pylist() if row["error"] is None]
+    threshold = _median(table)
+    some = rows[0]["top_k_labels"][1]
+    cases = {  # a predicate, and the same test in Python
+        f"list_contains(top_k_labels, {some!r}) OR score * 2 + 0 >= {2 * threshold}":
+            lambda row: some in row["top_k_labels"] or row["score"] * 2 >= 2 * threshold,
+        f"label LIKE '%, %' AND NOT (label IN ({rows[0]['label']!r}, 'tench, Tinca tinca')) AND true_label IS NOT NULL":
+            lambda row: ", " in row["label"] and row["label"] not in (rows[0]["label"], "tench, Tinca tinca"),
+    }
+    for i, (where, test) in enumerate(cases.items()):
+        expected = {row["path"] for row in rows if test(row)}
+        assert 0 < len(expected) < len(rows), where
+        _export(dest, tmp_path / f"out-{i}", "--where", where)
+        assert set(_by_path(_tar_samples(tmp_path / f"out-{i}"))) == expected, where
 
 
 def test_to_object_storage(job, s3_server, tmp_path):

@@ -244,6 +244,32 @@ def test_keep_columns_that_collide_are_refused(tmp_path, capfd):
     assert "--keep-columns: label would collide" in capfd.readouterr().err
 
 
+def test_special_files_are_refused_at_once(tmp_path, tiny_vit, start):
+    """A FIFO read as a list, a SOURCE, a Parquet table or a label map would wait forever
+    for a writer (or fail with a misleading error): each is refused, the job ends with
+    exit 1 and says what the path is. The wait's timeout only guards against a hang."""
+    import os
+
+    write_image(tmp_path / "images" / WNIDS[0] / "a.jpg", seed=0)
+    fifo = tmp_path / "f.fifo"
+    os.mkfifo(fifo)
+    os.mkfifo(tmp_path / "t.parquet")
+    model = ["--model", tiny_vit, "--output", tmp_path / "dest", "-q"]
+    cases = {
+        "list": ([fifo, "--from-list"], f"list file {fifo} is not a regular file (a FIFO): name a file or a folder"),
+        "source": ([fifo], f"source {fifo} is not a regular file (a FIFO): name a file or a folder"),
+        "table": ([tmp_path / "t.parquet", "--image-column", "image"],
+                  f"source {tmp_path / 't.parquet'} is not a regular file (a FIFO)"),
+        "label-map": ([tmp_path / "images", "--label-map", fifo],
+                      f"cannot read --label-map {fifo}: not a regular file (a FIFO)"),
+    }
+    for name, (options, message) in cases.items():
+        run = start(["classify", *options, *model], tmp_path / name)
+        assert run.wait(120) == 1, (name, run.stderr)
+        assert message in run.stderr, (name, run.stderr)
+    assert not list(tmp_path.glob("dest/part-*"))
+
+
 # --------------------------------------------------------------------------- URLs
 
 

@@ -199,8 +199,9 @@ class ExportConfig:
     format: ExportFormat = option("webdataset", "webdataset: tars with a .json per sample; imagefolder: a folder "
                                   "per predicted label; labelstudio: images and a Label Studio import file with "
                                   "the predictions as pre-annotations")
-    where: str | None = option(None, "a SQL predicate over a result row's columns (DuckDB), e.g. \"score < 0.5\" "
-                               "(row by row: it runs over one part file at a time)", metavar="SQL")
+    where: str | None = option(None, "one SQL predicate over a result row's columns (DuckDB), e.g. \"score < "
+                               "0.5\": operators and scalar functions, no subquery or table function (row by "
+                               "row: it runs over one part file at a time)", metavar="SQL")
     per_class: int | None = option(None, "only the N least confident rows of each predicted label (of those the "
                                    "other options select)", metavar="N")
     label_issues: bool = option(False, "only the rows `visionbatch label-issues DEST` flagged")

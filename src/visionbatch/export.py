@@ -3,7 +3,8 @@
 ``visionbatch export DEST --to OUT --format webdataset|imagefolder|labelstudio``, rows
 chosen by ``--where`` (SQL), ``--per-class N`` and ``--label-issues`` (all that apply):
 
-select  DuckDB runs ``--where`` over each committed part file of DEST, one part in
+select  DuckDB runs ``--where`` (checked on its parse tree to be one row-level predicate,
+        in a connection that can open no file) over each committed part file of DEST, one part in
         memory at a time (read as every reader of DEST reads it: any format, any
         storage), and spills the matching rows (never error rows) to a local file;
         over the spill, DuckDB keeps the rows ``label-issues`` flagged (a semi-join on
@@ -52,9 +53,9 @@ from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
-from visionbatch.sinks import LABEL_ISSUES, LEASE, Destination, DestinationError, job_schema
+from visionbatch.sinks import LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, job_schema
 from visionbatch.sources import IMAGE_EXTENSIONS
-from visionbatch.storage import Storage, canonical_uri, describe
+from visionbatch.storage import Storage, canonical_uri, describe, within
 
 SELECTION = "_selection.parquet"
 TASKS = "tasks.json"  # labelstudio: every task, merged from TASK_PARTS/<shard>.json at the end
@@ -78,19 +79,29 @@ class ExportOutput(Destination):
     def has_results(self) -> bool:
         return bool(self.entries())
 
+    def check_own(self) -> None:
+        """Refuse an OUT that holds files no export wrote (a user's folder, a classify job's
+        DEST): no flag mixes an export into them or deletes them. An export's OUT has its
+        manifest, or (stopped before its first commit) its selection, before any other file."""
+        entries = self.entries()
+        names = {info.base_name for info in entries}
+        if not entries or (self.manifest() or {}).get("job", {}).get("export") or (
+                MANIFEST not in names and SELECTION in names):
+            return
+        shown = sorted(info.base_name + ("/" if info.type == pafs.FileType.Directory else "") for info in entries)
+        raise DestinationError(f"{self.uri} holds files that no export wrote ({', '.join(shown[:5])}"
+                               f"{f' and {len(shown) - 5} more' if len(shown) > 5 else ''}): export into an empty "
+                               "or new OUT (--overwrite replaces, and --resume continues, only an export)")
+
     def clear(self) -> None:
-        """Remove an earlier export (and only that: a folder with other files, a classify
-        job's DEST among them, is refused)."""
-        if not (self.manifest() or {}).get("job", {}).get("export"):
-            raise DestinationError(f"{self.uri} holds files that no export wrote: --overwrite replaces only an "
-                                   "earlier export; choose an empty or new OUT")
+        """Remove an earlier export (:meth:`check_own` refused anything else)."""
         for info in self.entries():
             if info.type == pafs.FileType.Directory:
                 self.fs.delete_dir(info.path)
             else:
                 self.fs.delete_file(info.path)
 
-    def damaged_parts(self, shards: dict[str, dict]) -> dict[str, str]:
+    def damaged_parts(self, shards: dict[str, dict], schema: pa.Schema) -> dict[str, str]:
         return {}  # a shard's files are all written, whole, before it commits
 
     def folder(self, name: str) -> Destination:
@@ -104,13 +115,73 @@ def _quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _connect(work: str):
+_NO_EXTENSIONS = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
+
+
+def _connect(work: str, files: bool = True):
+    """A DuckDB connection that spills to ``work``; ``files=False``: one that can touch no
+    other file and load no extension, its settings locked (it runs the user's --where)."""
     import duckdb
 
-    db = duckdb.connect()
+    db = duckdb.connect(config=_NO_EXTENSIONS)
     db.execute(f"SET memory_limit = '{SELECT_MEMORY}'")
     db.execute(f"SET temp_directory = {_quoted(work)}")
+    if not files:
+        db.execute("SET enable_external_access = false")
+        db.execute("SET lock_configuration = true")
     return db
+
+
+# What a --where predicate is made of (DuckDB's parse-tree classes): a row's columns,
+# constants, operators and function calls; no subquery, no parameter, no star.
+_PREDICATE_NODES = {"COLUMN_REF", "CONSTANT", "COMPARISON", "CONJUNCTION", "OPERATOR", "FUNCTION", "CAST", "TYPE",
+                    "BETWEEN", "CASE", "COLLATE", "LAMBDA"}
+_UNLOCATED = re.compile(r'"query_location(_length)?": *\d+')
+
+
+def selection_query(where: str | None) -> str:
+    """The query that picks a part's rows (table ``results``): ``--where`` as the one
+    predicate of one SELECT, checked on DuckDB's own parse tree (the exact text that runs)
+    to hold only row-level expressions and scalar functions; else a ValueError saying why."""
+    if not where:
+        return "SELECT * FROM results"
+    query = f"SELECT * FROM results WHERE {where}"
+    import duckdb
+
+    with duckdb.connect(config=_NO_EXTENSIONS) as db:
+        tree, bare = (json.loads(db.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+                      for sql in (query, "SELECT * FROM results"))
+        # Scalar functions, and macros that query no table (a few of the pg_* ones do).
+        scalar = {name for (name,) in db.execute(
+            "SELECT DISTINCT function_name FROM duckdb_functions() WHERE function_type = 'scalar' "
+            "OR (function_type = 'macro' AND macro_definition NOT ILIKE '%select%')").fetchall()}
+    refused = f"--where {where!r} is refused: "
+    one_row = "a predicate tests one row's columns, with operators and scalar functions"
+    if tree["error"]:
+        raise ValueError(refused + f"it is not one SQL predicate ({tree['error_message']}); {one_row}")
+    if len(tree["statements"]) != 1:
+        raise ValueError(refused + f"it is several statements; {one_row}")
+    node = tree["statements"][0]["node"]
+    predicate = node.get("where_clause")
+    if _UNLOCATED.sub("", json.dumps({**node, "where_clause": None})) != _UNLOCATED.sub(
+            "", json.dumps(bare["statements"][0]["node"])):
+        raise ValueError(refused + f"a clause follows the predicate; {one_row}")
+
+    def check(item) -> None:
+        if isinstance(item, list):
+            for value in item:
+                check(value)
+        elif isinstance(item, dict):
+            kind = item.get("class")
+            if kind is not None and kind not in _PREDICATE_NODES:
+                raise ValueError(refused + f"it holds a {kind.lower()}; {one_row}")
+            if kind == "FUNCTION" and item["function_name"] not in scalar:
+                raise ValueError(refused + f"{item['function_name']}() is not a scalar function; {one_row}")
+            for value in item.values():
+                check(value)
+
+    check(predicate)
+    return query
 
 
 def _rows_of_parts(destination: Destination) -> Iterator[pa.Table]:
@@ -127,10 +198,11 @@ def _rows_of_parts(destination: Destination) -> Iterator[pa.Table]:
                .append_column(ROW, pa.array(range(rows.num_rows), pa.int64())))
 
 
-def select(destination: Destination, config: ExportConfig, work: str) -> str:
+def select(destination: Destination, config: ExportConfig, query: str, work: str) -> str:
     """The chosen rows of DEST, in its order, as a local Parquet file in row groups of
-    ``config.shard_size`` rows; returns its path. A bad ``--where`` is a ValueError that
-    names DuckDB's error and the columns there are."""
+    ``config.shard_size`` rows; returns its path. ``query``: :func:`selection_query`'s,
+    run over each part's rows but error rows in a connection that can touch no file; one
+    that DuckDB cannot run is a ValueError that names DuckDB's error and the columns there are."""
     issues = None
     if config.label_issues:
         if LABEL_ISSUES not in destination.files():
@@ -139,15 +211,14 @@ def select(destination: Destination, config: ExportConfig, work: str) -> str:
         issues = os.path.join(work, LABEL_ISSUES)
         destination.copy_file(LABEL_ISSUES, issues)
     spill, chosen = os.path.join(work, "matching.parquet"), os.path.join(work, "chosen.parquet")
-    where = f"error IS NULL AND ({config.where})" if config.where else "error IS NULL"
-    with _connect(work) as db:
-        writer, schema = None, None
+    writer, schema = None, None
+    with _connect(work, files=False) as db:
         try:
             for part in _rows_of_parts(destination):
-                db.register("results", part)
+                db.register("results", part.filter(pc.is_null(part.column("error"))))
                 try:
-                    matching = db.sql(f"SELECT * FROM results WHERE {where}").to_arrow_table()
-                except Exception as err:  # duckdb.Error: a parse, binder or conversion error
+                    matching = db.sql(query).to_arrow_table()
+                except Exception as err:  # duckdb.Error: a binder or conversion error
                     raise ValueError(f"--where {config.where!r}: {describe(err)}; the columns are: "
                                      f"{', '.join(name for name in part.column_names if name not in (PART, ROW))}"
                                      ) from None
@@ -160,15 +231,16 @@ def select(destination: Destination, config: ExportConfig, work: str) -> str:
         finally:
             if writer is not None:
                 writer.close()
-        if writer is None:  # a job with no rows
-            pq.write_table(pa.table({PART: pa.array([], pa.string())}), chosen)
-            return chosen
-        query = f"SELECT * FROM read_parquet({_quoted(spill)})"
-        if issues:
-            query += f" WHERE path IN (SELECT path FROM read_parquet({_quoted(issues)}))"
-        if config.per_class:
-            query += f" QUALIFY row_number() OVER (PARTITION BY label ORDER BY score, {PART}, {ROW}) <= {config.per_class}"
-        unsized = os.path.join(work, "sorted.parquet")
+    if writer is None:  # a job with no rows
+        pq.write_table(pa.table({PART: pa.array([], pa.string())}), chosen)
+        return chosen
+    query = f"SELECT * FROM read_parquet({_quoted(spill)})"
+    if issues:
+        query += f" WHERE path IN (SELECT path FROM read_parquet({_quoted(issues)}))"
+    if config.per_class:
+        query += f" QUALIFY row_number() OVER (PARTITION BY label ORDER BY score, {PART}, {ROW}) <= {config.per_class}"
+    unsized = os.path.join(work, "sorted.parquet")
+    with _connect(work) as db:
         db.execute(f"COPY ({query} ORDER BY {PART}, {ROW}) TO {_quoted(unsized)} (FORMAT parquet)")
     return _in_shards(pq.ParquetFile(unsized), chosen, config.shard_size)
 
@@ -443,8 +515,14 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     started = time.monotonic()
     storage = Storage(config.s3_endpoint)
     destination, out = Destination(config.dest, storage), ExportOutput(config.to, storage)
+    query = selection_query(config.where)  # a --where that is not one predicate is refused before OUT is touched
+    for inner, outer in ((config.to, config.dest), (config.dest, config.to)):
+        if within(inner, outer):  # DEST would no longer read as a dataset, or OUT would mix its files with DEST's
+            raise ValueError(f"--to {config.to} and DEST {config.dest} overlap ({inner} is inside {outer}): "
+                             "export to a folder outside DEST")
     with sigterm_as_interrupt():
         dest_manifest = destination.finished_manifest()
+        out.check_own()
         lease = Lease.take(out, config.overwrite, config.resume)
         engine, bar, manifest = None, None, None
         try:
@@ -454,7 +532,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
             if not manifest.shards or SELECTION not in out.files():  # nothing done yet: choose the rows (again)
                 manifest.shards.clear()
                 with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
-                    out.write_file(SELECTION, select(destination, config, work))
+                    out.write_file(SELECTION, select(destination, config, query, work))
             with out.open_file(SELECTION) as file:
                 selection = pq.ParquetFile(file)
                 selected = selection.metadata.num_rows

@@ -102,27 +102,40 @@ def _selected(schema: pa.Schema, columns: tuple[str, ...]) -> pa.Schema:
                       if field.name in LABEL_COLUMNS else field for field in fields])
 
 
+def _require(names: list[str], wanted: list[str] | tuple[str, ...]) -> None:
+    """A ValueError unless a part file has every column a reader wants (a file of another
+    schema, put in a part's place, is damage)."""
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise ValueError(f"not this job's results: no column {', '.join(missing)}")
+
+
 def _decode(data: bytes, fmt: str, schema: pa.Schema, columns: tuple[str, ...] | None = None) -> pa.Table:
     """A part file's rows in ``schema``, then the job's own columns; ``columns``: only
-    these result columns (from Parquet, only they are read), class names dictionary-encoded."""
+    these result columns (from Parquet, only they are read), class names dictionary-encoded.
+    A part that lacks one of them is a ValueError."""
+    wanted = columns or schema.names
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
+        _require(pq.read_schema(io.BytesIO(data)).names, wanted)
         encoded = [f"{name}.list.element" if pa.types.is_list(schema.field(name).type) else name
                    for name in LABEL_COLUMNS if name in (columns or ())]
-        file = pq.ParquetFile(io.BytesIO(data), read_dictionary=encoded)
-        table = file.read(columns=columns and [name for name in columns if name in file.schema_arrow.names])
+        table = pq.ParquetFile(io.BytesIO(data), read_dictionary=encoded).read(columns=columns and list(columns))
     elif fmt == "csv":
         import pyarrow.csv as pacsv
 
         types = {f.name: (pa.string() if f.name in _LIST_COLUMNS else f.type) for f in schema}
         table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+        _require(table.column_names, wanted)
         for name in (name for name in _LIST_COLUMNS if name in schema.names):
             decoded = [None if v is None else json.loads(v) for v in table.column(name).to_pylist()]
             table = table.set_column(table.schema.get_field_index(name), name,
                                      pa.array(decoded, schema.field(name).type))
     else:
         rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+        if rows:
+            _require(set().union(*rows), wanted)
         extra = list(dict.fromkeys(name for row in rows for name in row if name not in schema.names))
         with_extra = pa.schema([*schema, *(pa.field(name, pa.string()) for name in extra)]) if extra else schema
         table = pa.Table.from_pylist(rows, schema=with_extra)
@@ -274,41 +287,41 @@ class Destination:
         (``columns``: only these result columns, class names dictionary-encoded)."""
         try:
             table = _decode(self.read_bytes(name), _format_of(name), schema, columns)
-        except (OSError, ValueError, pa.ArrowException) as err:  # missing, cut short, not the format
-            raise DestinationError(f"{self.uri}/{name} is missing or damaged ({describe(err)}); "
-                                   "rerun the job with --resume to redo it") from None
+        except (OSError, ValueError, pa.ArrowException) as err:  # missing, cut short, not the format or schema
+            raise self._damaged(name, f"is missing or damaged ({describe(err)})") from None
         if table.num_rows != rows:
-            raise DestinationError(f"{self.uri}/{name} holds {table.num_rows} rows where the manifest says {rows}; "
-                                   "rerun the job with --resume to redo it")
+            raise self._damaged(name, f"holds {table.num_rows} rows where the manifest says {rows}")
         return table
 
-    def check_part(self, name: str, rows: int) -> None:
-        """Raise DestinationError unless the part file is whole and holds ``rows`` rows
-        (Parquet: from its footer alone)."""
+    def _damaged(self, name: str, why: str) -> DestinationError:
+        return DestinationError(f"{self.uri}/{name} {why}; rerun the classify command with --resume to redo it")
+
+    def check_part(self, name: str, rows: int, schema: pa.Schema) -> None:
+        """Raise DestinationError unless the part file is whole, holds ``rows`` rows and
+        the columns of ``schema`` (Parquet: from its footer alone)."""
         if _format_of(name) != "parquet":
-            self.read_part(name, rows)
+            self.read_part(name, rows, schema)
             return
         import pyarrow.parquet as pq
 
         try:
             with self.fs.open_input_file(self._path(name)) as file:
-                found = pq.ParquetFile(file).metadata.num_rows
+                metadata = pq.ParquetFile(file).metadata
+            _require(metadata.schema.to_arrow_schema().names, schema.names)
         except (OSError, ValueError, pa.ArrowException) as err:
-            raise DestinationError(f"{self.uri}/{name} is missing or damaged ({describe(err)}); "
-                                   "rerun the job with --resume to redo it") from None
-        if found != rows:
-            raise DestinationError(f"{self.uri}/{name} holds {found} rows where the manifest says {rows}; "
-                                   "rerun the job with --resume to redo it")
+            raise self._damaged(name, f"is missing or damaged ({describe(err)})") from None
+        if metadata.num_rows != rows:
+            raise self._damaged(name, f"holds {metadata.num_rows} rows where the manifest says {rows}")
 
-    def damaged_parts(self, shards: dict[str, dict]) -> dict[str, str]:
-        """Committed shards whose part file is missing or damaged: shard -> why (checked
-        in parallel: on object storage each check is a request)."""
+    def damaged_parts(self, shards: dict[str, dict], schema: pa.Schema) -> dict[str, str]:
+        """Committed shards whose part file is missing, damaged or of another schema than
+        ``schema``: shard -> why (checked in parallel: on object storage each check is a request)."""
         from concurrent.futures import ThreadPoolExecutor
 
         def check(item) -> tuple[str, str | None]:
             shard, record = item
             try:
-                self.check_part(record["file"], record["rows"])
+                self.check_part(record["file"], record["rows"], schema)
             except DestinationError as err:
                 return shard, str(err)
             return shard, None
@@ -319,6 +332,9 @@ class Destination:
     def finished_manifest(self) -> dict:
         """The manifest of a finished job (DestinationError if the job did not finish)."""
         manifest = self.manifest()
+        if manifest is None and SUCCESS in self.files():
+            raise self._damaged(MANIFEST, f"is missing (though {SUCCESS} is there): which results were committed "
+                                "is unknown")
         if manifest is None or SUCCESS not in self.files():
             raise DestinationError(
                 f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume")
@@ -333,7 +349,7 @@ class Destination:
         """The metric counts of a finished job, as its manifest added them up."""
         manifest = self.finished_manifest()
         if verify:
-            damaged = self.damaged_parts(manifest["shards"])
+            damaged = self.damaged_parts(manifest["shards"], job_schema(manifest["job"]))
             if damaged:
                 raise DestinationError(next(iter(damaged.values())))
         return manifest["metric_counts"]
@@ -473,7 +489,7 @@ class Manifest:
                 + "; ".join(f"{key}: {earlier['job'].get(key)!r} there, {job.get(key)!r} now" for key in differing))
         shards = dict(earlier["shards"])
         metric_counts = earlier.get("metric_counts")
-        damaged = destination.damaged_parts(shards)
+        damaged = destination.damaged_parts(shards, job_schema(job))
         if damaged:
             log.warning("%d committed part file(s) in %s are missing or damaged; their shards are redone",
                         len(damaged), destination.uri)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from visionbatch.storage import REMOTE_SCHEMES, SourceError, Storage, describe, uri_prefix
+from visionbatch.storage import REMOTE_SCHEMES, SourceError, Storage, describe, file_kind, uri_prefix
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _GLOB_CHARS = "*?["
@@ -68,6 +68,9 @@ def _source_root(uri: str, storage: Storage, from_list: bool = False):
         raise SourceError(f"cannot list {uri}: {describe(err)}") from err
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"{'list file' if from_list else 'source'} not found: {uri}")
+    if info.type == pafs.FileType.Unknown:  # a FIFO, socket or device (local): reading it could wait forever
+        raise SourceError(f"{'list file' if from_list else 'source'} {uri} is not a regular file "
+                          f"({file_kind(os.stat(path).st_mode)}): name a file or a folder")
     return fs, path, pattern, info
 
 
@@ -333,7 +336,7 @@ def _local_path(path: str, cwd: str) -> str:
 
 
 def _iter_list_batches(list_uri: str, storage: Storage, column: str, keep: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
-    fs, path = storage.resolve(list_uri)
+    fs, path, _, _ = _source_root(list_uri, storage, from_list=True)
     lower = path.lower()
     wanted = [column, *keep]
     try:

@@ -58,6 +58,13 @@ def canonical_uri(uri: str) -> str:
         return uri
 
 
+def within(uri: str, folder: str) -> bool:
+    """Whether ``uri`` is ``folder`` or lies under it, by their canonical forms (a public
+    bucket's ``anonymous@`` is the same bucket)."""
+    uri, folder = (canonical_uri(name).replace("://anonymous@", "://", 1) for name in (uri, folder))
+    return uri == folder or uri.startswith(folder.rstrip("/") + "/")
+
+
 def _endpoint(explicit: str | None) -> str | None:
     """The S3-compatible endpoint: the explicit option, else the standard AWS variable."""
     endpoint = explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -131,7 +138,7 @@ class Storage:
             # only regular files (or links to them) are opened.
             mode = os.stat(path).st_mode
             if not stat.S_ISREG(mode):
-                raise OSError(f"not a regular file ({_file_kind(mode)})")
+                raise OSError(f"not a regular file ({file_kind(mode)})")
         with fs.open_input_stream(path) as stream:
             if max_bytes is None:
                 return stream.read()
@@ -197,7 +204,8 @@ def _retry_reason(err) -> str:
     return describe(err.reason) if err.reason is not None else describe(err)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is (from its ``st_mode``)."""
     for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
         if test(mode):
