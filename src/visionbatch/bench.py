@@ -80,16 +80,26 @@ def make_synthetic_images(folder: Path, count: int, size=(96, 72)) -> Path:
 
 
 def model_ceiling(model: str, batch_size: int, threads: int, lanes: int, device: str, dtype: str,
-                  seconds: float) -> dict:
+                  seconds: float, path: str = "torch/float32") -> dict:
     """Images/s of the forward pass alone, through the same Predictor code path: one
     pass on ``threads`` torch threads at a time, or ``lanes`` passes at once on one
-    thread each, as the local engine runs them on a small CPU machine."""
+    thread each, as the local engine runs them on a small CPU machine; ``path``: which
+    runtime and precision (e.g. openvino/f32)."""
     import numpy as np
 
     from visionbatch.model import Predictor
 
-    predictor = Predictor(model, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device=device, dtype=dtype,
-                          num_threads=1 if lanes > 1 else threads, pixel_layout=((224, 224, 3), "|u1"))
+    from visionbatch.runtime import REFERENCE
+
+    # Another path than the reference is given as a resumed job's certified one: loaded, not certified.
+    runtime = path.partition("/")[0] if path != REFERENCE else "torch"
+    precision = {"bf16": "bfloat16", "f16": "float16"}.get(path.partition("/")[2], path.partition("/")[2])
+    predictor = Predictor(model, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, device=device,
+                          dtype=dtype if path == REFERENCE else precision if precision != "f32" else "float32",
+                          num_threads=1 if lanes > 1 else threads, pixel_layout=((224, 224, 3), "|u1"),
+                          runtime=runtime, certified_path=None if path == REFERENCE else path, passes_at_once=lanes)
+    if path != REFERENCE and not (predictor.wait_for_candidates(900) and predictor.runtime_report()["path"] == path):
+        return {"images_per_s": 0.0, "path": path, "unavailable": predictor.runtime_report()["notes"]}
     pixels = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
 
     def passes(until: float) -> int:
@@ -104,7 +114,7 @@ def model_ceiling(model: str, batch_size: int, threads: int, lanes: int, device:
             pass  # warm-up: each lane's allocations
         started = time.perf_counter()
         images = sum(pool.map(passes, [started + seconds] * lanes))
-    return {"images_per_s": images / (time.perf_counter() - started)}
+    return {"images_per_s": images / (time.perf_counter() - started), "path": path}
 
 
 def decode_ceiling(images: Path, model: str, decode_cpus: int, exact_decode: bool = False) -> dict:
@@ -264,7 +274,7 @@ def run_visionbatch(images: Path, model: str, out: Path, batch_size: int | None,
     # the job's end.
     first = wall - (summary["wall_time_s"] - summary["time_to_first_result_s"])
     return {"wall_s": wall, "images_per_s": rows / wall, "first_result_s": first,
-            "steady_images_per_s": summary.get("steady_images_per_s"), "rows": rows,
+            "steady_images_per_s": summary.get("steady_images_per_s"), "rows": rows, "runtime": summary.get("runtime"),
             "spilled_mb": summary.get("object_store_spilled_mb"), **memory}
 
 
@@ -303,7 +313,11 @@ def format_table(results: dict, n: int) -> str:
              "wall vs Daft")]
     seed_wall = results.get("seed", {}).get("wall_s")
     daft_wall = (results.get("daft") or {}).get("wall_s")
-    rows.append(("1. model-only ceiling", "-", f"{ceiling:.1f}", "-", f"{ceiling:.1f}", "-", "-", "-"))
+    rows.append((f"1. model-only ceiling ({results['ceiling']['path']})", "-", f"{ceiling:.1f}", "-", f"{ceiling:.1f}",
+                 "-", "-", "-"))
+    for other in results.get("paths", []):
+        rate = f"{other['images_per_s']:.1f}" if other["images_per_s"] else "not available"
+        rows.append((f"1-{other['path']}. model-only ceiling", "-", rate, "-", rate, "-", "-", "-"))
     if "decode" in results:
         decode = results["decode"]
         rows.append((f"1b. decode-only ceiling ({decode['decode_cpus']} CPU)", "-", f"{decode['images_per_s']:.1f}",
@@ -317,6 +331,7 @@ def format_table(results: dict, n: int) -> str:
         rows.append((f"1d. model and decode on the same {results['shared']['cpus']} CPUs (bound)", "-",
                      f"{shared:.1f}", "-", f"{shared:.1f}", "-", "-", "-"))
     for key, name in (("visionbatch", "2. visionbatch end to end (local engine)"),
+                      ("visionbatch-torch", "2a. visionbatch --runtime torch"),
                       ("visionbatch-ray", "2b. visionbatch end to end (Ray engine)"),
                       ("seed", "3. seed (read_images + pipeline actor)"), ("pipeline", "4. plain transformers pipeline"),
                       ("daft", "5. Daft (native runner, docs' style)")):
@@ -346,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads for the ceiling (default: what visionbatch uses)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16, for every line")
-    parser.add_argument("--lines", default="ceiling,decode,floor,visionbatch,visionbatch-ray,seed,pipeline,daft")
+    parser.add_argument("--lines", default="ceiling,decode,floor,visionbatch,visionbatch-torch,visionbatch-ray,seed,"
+                        "pipeline,daft")
+    parser.add_argument("--paths", default="torch/float32",
+                        help="comma-separated model paths whose model-only ceilings are measured (torch/float32, "
+                        "torch/bfloat16, openvino/f32, openvino/bf16); the first is line 1, the bound of 1d")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0, help="how long to time the model alone")
     parser.add_argument("--daft-python", default=sys.executable, metavar="PYTHON",
                         help="the Python that runs the Daft line (default: this one, with the bench extra; Daft "
@@ -378,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         results: dict = {"machine": machine(), "images": n, "batch_size": args.batch_size, "threads": threads,
                          "lanes": lanes}
-        results["ceiling"] = model_ceiling(model, args.batch_size, threads, lanes, args.device, args.dtype,
-                                          seconds=args.ceiling_seconds)
+        paths = args.paths.split(",")
+        results["ceiling"], *others = [model_ceiling(model, args.batch_size, threads, lanes, args.device, args.dtype,
+                                                     seconds=args.ceiling_seconds, path=path) for path in paths]
+        results["paths"] = others
         if "decode" in lines:
             import torch
 
@@ -395,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = ["--device", args.device, "--dtype", args.dtype, *args.classify_args.split(),
                      *(["--threads", str(args.threads)] if args.threads else [])]
             results["visionbatch"] = run_visionbatch(images, model, work / "out-vb", args.batch_size, extra)
+        if "visionbatch-torch" in lines:  # the same job on the reference path alone
+            results["visionbatch-torch"] = run_visionbatch(images, model, work / "out-vb-torch", args.batch_size,
+                                                           [*extra, "--runtime", "torch"])
         if "visionbatch-ray" in lines:
             results["visionbatch-ray"] = run_visionbatch(images, model, work / "out-vb-ray", args.batch_size,
                                                          [*extra, "--engine", "ray"])
@@ -410,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         if "pipeline" in lines:
             results["pipeline"] = run_plain_pipeline(images, model, args.batch_size, args.dtype)
         print(format_table(results, n))
+        from visionbatch.summary import runtime_line
+
+        for key in ("visionbatch", "visionbatch-torch"):
+            if (results.get(key) or {}).get("runtime"):
+                print(f"model path, {key}: {runtime_line(results[key]['runtime'])}")
         for key in ("visionbatch", "visionbatch-ray", "seed", "pipeline", "daft"):
             if (results.get(key) or {}).get("driver_peak_rss_mb"):
                 workers = ", ".join(f"{k} {v:.0f}" for k, v in sorted(results[key]["worker_peak_rss_mb"].items()))
