@@ -213,6 +213,10 @@ def test_a_job_certifies_openvino_on_its_own_images_and_its_answers_are_torchs(t
     assert trial["verdict"] == PASSED and images_needed() <= trial["images"] < 700
     assert trial["agreement_lower_bound"] >= AGREEMENT and trial["max_score_difference"] < 1e-3
     assert any(note.endswith("cache") for note in runtime["notes"]), runtime["notes"]
+    page = tmp_path / "report.html"
+    subprocess.run([sys.executable, "-m", "visionbatch.cli", "report", str(tmp_path / "auto"), "--html", str(page)],
+                   check=True, capture_output=True, timeout=300)
+    assert "openvino/f32; certificate against torch/float32: openvino/f32 passed on" in page.read_text()
     manifest = json.loads((tmp_path / "auto" / "_manifest.json").read_text())
     assert manifest["runtime"]["path"] == "openvino/f32" and manifest["job"]["runtime"] == "auto"
     reference = _classify(images, tiny_vit, tmp_path / "torch", "--runtime", "torch")

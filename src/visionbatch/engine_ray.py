@@ -358,7 +358,10 @@ def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = Tru
         Predictor,
         batch_size=None,
         batch_format="pyarrow" if pyarrow_blocks else "numpy",
-        fn_constructor_kwargs=predictor_arguments(config, plan, batch_size),
+        # On CPU torch only, for now: each replica would certify on its own, with figures
+        # the summary does not gather yet, and a small job would convert for nothing.
+        fn_constructor_kwargs={**predictor_arguments(config, plan, batch_size),
+                               **({"runtime": "torch"} if plan.device == "cpu" else {})},
         compute=ray.data.ActorPoolStrategy(size=plan.replicas),
         num_cpus=plan.cpus_per_replica,
         num_gpus=plan.gpus_per_replica or None,

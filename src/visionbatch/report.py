@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from visionbatch.evaluate import compute_metrics, worst_classes_first
 from visionbatch.sinks import LABEL_ISSUES, SUMMARY, Destination
 from visionbatch.storage import Storage, is_remote
+from visionbatch.summary import runtime_line
 
 GALLERY_SIZE = 12
 THUMBNAIL_PX = 128
@@ -268,6 +269,7 @@ def _run_section(summary: dict | None) -> str:
     rows = [
         ("model", summary.get("model")),
         ("device / dtype", f"{summary.get('device')} / {summary.get('dtype')}"),
+        ("model path and certificate", runtime_line(summary["runtime"]) if summary.get("runtime") else "-"),
         ("destination", summary.get("dest")),
         ("images found", summary.get("images_found")),
         ("predicted", summary.get("predicted")),
