@@ -482,6 +482,8 @@ class Manifest:
         if earlier.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
             raise DestinationError(f"{destination.uri} was written by another version of visionbatch; "
                                    "write to a new DEST or pass --overwrite")
+        if "runtime" in job and "runtime" not in earlier["job"]:  # a job from before --runtime: torch ran it
+            earlier["job"]["runtime"] = "torch"
         differing = sorted(key for key in set(job) | set(earlier["job"]) if job.get(key) != earlier["job"].get(key))
         if differing:
             raise DestinationError(
