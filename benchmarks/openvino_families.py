@@ -46,8 +46,8 @@ def main() -> int:
         arguments = dict(model=folder, **_affine(spec), pixel_layout=(shape, dtype.str), batch_size=16)
         reference = Predictor(**arguments, runtime="torch")
         candidate = Predictor(**arguments, runtime="openvino", certified_path="openvino/f32")
-        candidate.wait_for_candidates(600)
-        report = candidate.runtime_report()
+        candidate.paths.wait(600)
+        report = candidate.paths.report()
         if report["path"] != "openvino/f32":
             print(f"{name:22} {'torch (fell back)':14} {'':>7} {'':>15}  {'; '.join(report['notes'])}")
             continue

@@ -146,7 +146,7 @@ def test_a_wrong_graph_in_the_cache_fails_the_certificate_and_the_reference_answ
     # A model of its own: the cache it poisons is no other test's.
     model = save_random_vit(tmp_path / "model", hidden=48, layers=2, heads=3, mlp=96, seed=0, head_scale=20.0)
     predictor = _predictor(model, "auto")
-    assert predictor.has_candidates and not predictor.candidates_started  # started by the job's engine
+    assert predictor.paths.wanted and not predictor.paths.started  # started by the job's engine
     if graph == "an empty":
         class Empty(torch.nn.Module):
             def forward(self, pixel_values):
@@ -156,19 +156,19 @@ def test_a_wrong_graph_in_the_cache_fails_the_certificate_and_the_reference_answ
         other = save_random_vit(tmp_path / "other", hidden=48, layers=2, heads=3, mlp=96, seed=7, head_scale=20.0)
         wrong = image_tower(load_model(ModelSource(other, True), dtype=torch.float32), zero_shot=False,
                             embeddings=False)
-    spec = predictor.tower_spec()
+    spec = predictor.paths.spec
     converted_tower(lambda: wrong, torch.randn(2, *spec.input_shape), weights=spec.weights,
                     description=spec.description)
     torch_only = _predictor(model, "torch")
-    predictor.start_candidates()
-    assert predictor.wait_for_candidates(120)
+    predictor.paths.start()
+    assert predictor.paths.wait(120)
     for seed in range(40):
         pixels = _random_pixels(16, seed)
         got, expected = predictor.predict_pixels(pixels), torch_only.predict_pixels(pixels)
         np.testing.assert_array_equal(got[0], expected[0])
-        if predictor.certification.decided:
+        if predictor.paths.certification.decided:
             break
-    report = predictor.runtime_report()
+    report = predictor.paths.report()
     assert report["path"] == "torch/float32" and report["certificate"]["decided"]
     (trial,) = report["certificate"]["trials"]
     assert trial["verdict"] == FAILED and trial["images"] <= 32, trial
@@ -200,7 +200,7 @@ def test_a_job_certifies_openvino_on_its_own_images_and_its_answers_are_torchs(t
     first = _classify(images, tiny_vit, tmp_path / "first")["runtime"]
     assert first["path"] == "torch/float32" and not first["certificate"]["decided"], first
     spec = Predictor(tiny_vit, scale=(1.0,) * 3, offset=(0.0,) * 3, pixel_layout=((224, 224, 3), "|u1"),
-                     runtime="auto", defer_candidates=True).tower_spec()
+                     runtime="auto", defer_candidates=True).paths.spec
     cached = Path(graph_path(spec.weights, spec.description, spec.input_shape))
     deadline = time.monotonic() + 300
     while not cached.exists():  # the first job's conversion, finishing on its own
@@ -225,3 +225,42 @@ def test_a_job_certifies_openvino_on_its_own_images_and_its_answers_are_torchs(t
     expected = pq.read_table(tmp_path / "torch", columns=["path", "label", "score"]).sort_by("path")
     assert got.column("label").to_pylist() == expected.column("label").to_pylist()
     np.testing.assert_allclose(got.column("score").to_numpy(), expected.column("score").to_numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_resumed_job_keeps_the_path_its_first_run_certified(tmp_path):
+    """Interrupted once its certificate is in the manifest, the job resumes on the
+    certified path without certifying again, and reports the first run's figures."""
+    import os
+    import signal
+
+    from visionbatch.model import Predictor
+
+    model = save_random_vit(tmp_path / "model", hidden=192, layers=4, heads=3, mlp=768, seed=3, head_scale=20.0)
+    Predictor(model, scale=(1.0,) * 3, offset=(0.0,) * 3, pixel_layout=((224, 224, 3), "|u1"), runtime="auto",
+              certified_path="openvino/f32").paths.wait(600)  # converted and cached
+    images, dest = _tree(tmp_path / "images", 1200), tmp_path / "out"
+    arguments = [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output",
+                 str(dest), "--quiet", "--shard-size", "100"]
+    first = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while True:  # until the manifest records a decided certificate
+        assert first.poll() is None, f"the job ended before it could be interrupted: {first.stderr.read()}"
+        assert time.monotonic() < deadline, "no certificate in the manifest"
+        try:
+            runtime = json.loads((dest / "_manifest.json").read_text()).get("runtime") or {}
+        except (FileNotFoundError, json.JSONDecodeError):
+            runtime = {}
+        if (runtime.get("certificate") or {}).get("decided"):
+            break
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(300) == 130, first.stderr.read()
+    assert runtime["path"] == "openvino/f32"
+    resumed = subprocess.run([*arguments, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((dest / "_summary.json").read_text())
+    assert 0 < summary["already_done"] < 1200 and summary["predicted"] == 1200
+    assert summary["runtime"]["path"] == "openvino/f32"
+    assert summary["runtime"]["certificate"] == runtime["certificate"]  # the first run's, not taken again

@@ -98,8 +98,8 @@ def model_ceiling(model: str, batch_size: int, threads: int, lanes: int, device:
                           dtype=dtype if path == REFERENCE else precision if precision != "f32" else "float32",
                           num_threads=1 if lanes > 1 else threads, pixel_layout=((224, 224, 3), "|u1"),
                           runtime=runtime, certified_path=None if path == REFERENCE else path, passes_at_once=lanes)
-    if path != REFERENCE and not (predictor.wait_for_candidates(900) and predictor.runtime_report()["path"] == path):
-        return {"images_per_s": 0.0, "path": path, "unavailable": predictor.runtime_report()["notes"]}
+    if path != REFERENCE and not (predictor.paths.wait(900) and predictor.paths.report()["path"] == path):
+        return {"images_per_s": 0.0, "path": path, "unavailable": predictor.paths.report()["notes"]}
     pixels = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
 
     def passes(until: float) -> int:

@@ -83,7 +83,7 @@ class Engine:
         return None
 
     def runtime_report(self) -> dict | None:
-        """What runs the model and why (the Predictor's runtime_report); None where the
+        """What runs the model and why (its model's ModelPaths.report); None where the
         engine's replicas do not report it (Ray's actors certify each on its own)."""
         return None
 

@@ -228,14 +228,14 @@ class LocalEngine(Engine):
         on a first run) once the job has images enough for a certificate to pass; a
         smaller job runs on the reference throughout, and says why."""
         status = self.planner.status()
-        if self._predictor.certification is None or status["images_listed"] >= images_needed():  # or resumed
-            self._predictor.start_candidates()
-        elif status["listing_done"] and not self._predictor.runtime_deferred:
-            self._predictor.runtime_deferred = (f"the job's {status['images_listed']} images are fewer than the "
+        if self._predictor.paths.certification is None or status["images_listed"] >= images_needed():  # or resumed
+            self._predictor.paths.start()
+        elif status["listing_done"] and not self._predictor.paths.deferred:
+            self._predictor.paths.deferred = (f"the job's {status['images_listed']} images are fewer than the "
                                                 f"{images_needed()} a certificate needs: torch/float32 throughout")
 
     def runtime_report(self) -> dict | None:
-        return self._predictor.runtime_report() if self._predictor is not None else None
+        return self._predictor.paths.report() if self._predictor is not None else None
 
     def run(self, prepared: Prepared, writer: ShardWriter,
             shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
@@ -275,7 +275,7 @@ class LocalEngine(Engine):
 
             broken = not submit()
             model = self._model(prepared)  # loads while the first shards decode
-            certify_pending = model.has_candidates and not (model.candidates_started or model.runtime_deferred)
+            certify_pending = bool(model.paths.wanted) and not (model.paths.started or model.paths.deferred)
             cores = _CoreSplit(plan, _split_cores(prepared))
             # torch.compile would trace the hooks that stop a pass: its passes run to their end.
             lanes = _Lanes(model, cores.high, () if config.compile else model.model.modules())
@@ -320,7 +320,7 @@ class LocalEngine(Engine):
                 lanes.start(item)
                 if certify_pending and shards is None:
                     self._start_candidates_if_worth_it()
-                    certify_pending = not (model.candidates_started or model.runtime_deferred)
+                    certify_pending = not (model.paths.started or model.paths.deferred)
             yield from write("all")
         finally:
             if lanes is not None:

@@ -263,8 +263,12 @@ class _Job:
         return committed
 
     def _write_manifest(self, complete: bool = False) -> None:
-        """Commit, with what runs the model now (a resumed job keeps a certified choice)."""
-        self.manifest.runtime = self.engine.runtime_report() or self.manifest.runtime
+        """Commit, with what runs the model now (a resumed job keeps a certified choice,
+        and the figures of the certificate that chose it)."""
+        report, earlier = self.engine.runtime_report(), self.manifest.runtime or {}
+        if report is not None and report["certificate"] is None and earlier.get("certificate"):
+            report = {**report, "certificate": earlier["certificate"]}
+        self.manifest.runtime = report or self.manifest.runtime
         self.manifest.write(complete)
 
     def _commit(self, record: dict) -> None:

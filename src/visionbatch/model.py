@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import platform
 import socket
@@ -32,13 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visionbatch.certificate import Certification, Outputs
+from visionbatch.certificate import Outputs
 from visionbatch.config import DEFAULT_HYPOTHESIS_TEMPLATE
 from visionbatch.results import EMBEDDING, MODEL_TRACEBACK, PREDICTION_FIELDS, RESULT_SCHEMA, TRUE_LABEL_SCORE
-from visionbatch.runtime import (REDUCED_DTYPES, REFERENCE, RuntimeUnavailable, TorchForward, TowerSpec,
-                                 candidate_paths, graph_path, load_openvino)
-
-log = logging.getLogger("visionbatch")
+from visionbatch.runtime import REDUCED_DTYPES, REFERENCE, ModelPaths, TowerSpec, candidate_paths
 
 
 class ModelLoadError(Exception):
@@ -520,15 +516,12 @@ class Predictor:
         self.device = torch.device(resolve_device(device))
         # The faster paths this replica may take once certified (none under --compile).
         # (A Predictor given no pixel layout, in anyone's map_batches, has no probe to convert with.)
-        candidates, self.runtime_notes = (([], []) if compile or not pixel_layout
-                                          else candidate_paths(runtime, dtype, self.device.type))
+        candidates, notes = (([], []) if compile or not pixel_layout
+                             else candidate_paths(runtime, dtype, self.device.type))
         if certified_path is not None:  # a resumed job keeps the path its first run certified
             candidates = [certified_path] if certified_path != REFERENCE else []
         # With candidates the model loads as the reference, float32; else as asked.
         self.dtype = torch.float32 if candidates else resolve_dtype(dtype, self.device.type)
-        self._source, self._load_options = source, {"allow_pickle": allow_pickle,
-                                                    "trust_remote_code": trust_remote_code}
-        self._passes_at_once = passes_at_once
         self._trim_heap = keep_freed_memory() if self.device.type == "cpu" else None
         self._trimmed_at = time.monotonic()
         self.zero_shot = candidate_labels is not None
@@ -558,14 +551,6 @@ class Predictor:
         # a zero-shot model's image tower, as one module (what other runtimes convert).
         self.tower = image_tower(self.model, zero_shot=self.zero_shot, embeddings=bool(embedding_width))
         self.forward = torch.compile(self.tower) if compile else self.tower
-        # The reference until a candidate is certified (or, resumed, loaded); see certificate.
-        self.certification = Certification(candidates, REFERENCE, insist=dtype in REDUCED_DTYPES) \
-            if candidates and certified_path is None else None
-        self._candidates: dict[str, Callable] = {}  # path -> forward, once loaded (start_candidates)
-        self._wanted = candidates
-        self.candidates_started = False
-        self._candidates_loaded = threading.Event()
-        self.runtime_deferred = ""  # why the candidates were never started, where an engine chose not to
         self.batch_size = batch_size
         self.pixel_layout = pixel_layout  # (shape, dtype) of one image in a pipeline block
         self.packed_layers = 0
@@ -579,93 +564,28 @@ class Predictor:
             self.packed_layers = pack_linear_layers(self.model, lambda: self.forward(self._model_input(probe)))
         if fewer_threads and pixel_layout and self.device.type == "cpu":
             self.fit_threads(*fewer_threads)
-        if candidates and not defer_candidates:
-            self.start_candidates()
+        # The faster paths and the certificate that picks one; the reference until then.
+        self.paths = ModelPaths(
+            candidates, reference=self.forward, notes=notes,
+            spec=self._tower_spec(source, {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
+            if candidates else None,
+            fresh_tower=lambda dtype: image_tower(
+                load_model(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           zero_shot=self.zero_shot).to(self.device),
+                zero_shot=self.zero_shot, embeddings=bool(embedding_width)),
+            streams=passes_at_once, certify=certified_path is None, insist=dtype in REDUCED_DTYPES)
+        if not defer_candidates:
+            self.paths.start()
 
-    def start_candidates(self) -> None:
-        """Load the candidate paths: at once where they are OpenVINO graphs already
-        converted (read and compiled in ~0.5 s), else in a thread of their own (a
-        conversion takes seconds, in a process of its own): the reference's passes go on
-        meanwhile, and their rows are the job's until a candidate is certified. Once only.
-        A conversion still running when the job ends finishes on its own, for the next job."""
-        if not self._wanted or self.candidates_started:
-            return
-        self.candidates_started = True
-        converted = all(path.startswith("openvino/") for path in self._wanted) and os.path.exists(
-            graph_path(self.tower_spec().weights, self.tower_spec().description, self.tower_spec().input_shape))
-        if converted:
-            self._load_candidates()
-        else:
-            threading.Thread(target=self._load_candidates, daemon=True, name="visionbatch-candidates").start()
-
-    @property
-    def has_candidates(self) -> bool:
-        return bool(self._wanted)
-
-    def _load_candidates(self) -> None:
-        import torch
-
-        loaded: dict[str, Callable] = {}
-        for runtime_name in dict.fromkeys(path.partition("/")[0] for path in self._wanted):
-            paths = [path for path in self._wanted if path.startswith(runtime_name + "/")]
-            try:
-                if runtime_name == "openvino":
-                    for candidate in load_openvino(self.tower_spec(), precisions=[p.partition("/")[2] for p in paths],
-                                                   streams=self._passes_at_once, threads=torch.get_num_threads()):
-                        loaded[candidate.path] = candidate.forward
-                        self.runtime_notes.append(f"{candidate.path}: {candidate.note}")
-                else:
-                    for path in paths:
-                        dtype = getattr(torch, path.partition("/")[2])
-                        loaded[path] = TorchForward(image_tower(self._fresh_model(dtype), zero_shot=self.zero_shot,
-                                                                embeddings=bool(self.embedding_width)), dtype)
-            except Exception as err:  # RuntimeUnavailable, or a model this runtime cannot run: the reference stays
-                why = str(err) if isinstance(err, RuntimeUnavailable) else f"{type(err).__name__}: {_first_line(err)}"
-                self.runtime_notes.append(f"{runtime_name}: not used: {why}")
-                log.warning("%s is not used: %s", runtime_name, why)
-                for path in paths:
-                    if self.certification:
-                        self.certification.fail(path, f"not loaded: {why}")
-        self._candidates = loaded
-        self._candidates_loaded.set()
-
-    def tower_spec(self) -> TowerSpec:
+    def _tower_spec(self, source: ModelSource, load_options: dict) -> TowerSpec:
         """What a conversion process needs to build this model's tower, and the cache key's names."""
         shape, layout_dtype = self.pixel_layout
         input_shape = (shape[2], shape[0], shape[1]) if np.dtype(layout_dtype) == np.uint8 else tuple(shape)
         kind = "zero-shot image tower" if self.zero_shot else "classifier"
-        return TowerSpec(self._source.ref, self._source.local_files_only, input_shape=tuple(input_shape),
+        return TowerSpec(source.ref, source.local_files_only, input_shape=tuple(input_shape),
                          zero_shot=self.zero_shot, embeddings=bool(self.embedding_width),
-                         weights=f"{self._source.ref}@{model_revision(self._source)}",
-                         description=f"{kind}, embeddings {bool(self.embedding_width)}", **self._load_options)
-
-    def _fresh_model(self, dtype):
-        """Another copy of the model's weights, unpacked, for a candidate path."""
-        return load_model(self._source, dtype=dtype, zero_shot=self.zero_shot, **self._load_options).to(self.device)
-
-    def wait_for_candidates(self, timeout: float) -> bool:
-        """Whether the candidate paths are loaded (or failed to load) within ``timeout`` s."""
-        return self._candidates_loaded.wait(timeout)
-
-    def _forward_now(self) -> Callable | None:
-        """The forward pass rows come from now: a certified (or resumed) candidate once
-        loaded, else the reference; None while a certificate is being taken."""
-        if self.certification is None:
-            return self._candidates.get(self._wanted[0], self.forward) if self._wanted else self.forward
-        if not self.certification.decided:
-            return None
-        chosen = self.certification.chosen
-        return self._candidates.get(chosen, self.forward) if chosen else self.forward
-
-    def runtime_report(self) -> dict:
-        """What ran the model and why: the path rows come from now, the certificate's
-        figures (where one was taken) and notes (a runtime missing, a conversion's source)."""
-        forward = self._forward_now()
-        path = next((p for p, f in self._candidates.items() if f is forward), REFERENCE)
-        notes = self.runtime_notes + ([self.runtime_deferred] if self.runtime_deferred else [])
-        taken = self.certification is not None and self.candidates_started
-        return {"path": path if forward is not None else REFERENCE, "notes": notes,
-                "certificate": self.certification.figures() if taken else None}
+                         weights=f"{source.ref}@{model_revision(source)}",
+                         description=f"{kind}, embeddings {bool(self.embedding_width)}", **load_options)
 
     def fit_threads(self, threads: int, images_per_s: float, passes: int = 5) -> float:
         """Keep to ``threads`` torch threads if the model runs at least ``images_per_s``
@@ -753,23 +673,10 @@ class Predictor:
                 embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         return probs, embeddings
 
-    def _certify(self, pixel_values) -> tuple:
-        """A pass while the certificate is taken: the reference's outputs (the rows),
-        compared with each loaded candidate's on the same input."""
-        reference = self.forward(pixel_values)
-        as_host = lambda outputs: Outputs(*(None if value is None else value.cpu().numpy()  # noqa: E731
-                                            for value in self._probs_and_embeddings(outputs)))
-        tried = {}
-        for path in self.certification.pending:
-            if path in self._candidates:
-                try:
-                    tried[path] = as_host(self._candidates[path](pixel_values))
-                except Exception as err:  # a path that fails on the job's images fails its certificate
-                    self.certification.fail(path, f"it failed on the job's images: {type(err).__name__}: "
-                                                  f"{_first_line(err)}")
-        if tried:
-            self.certification.add(as_host(reference), tried)
-        return reference
+    def _on_host(self, outputs: tuple) -> Outputs:
+        """A tower's outputs as the certificate compares them."""
+        probs, embeddings = self._probs_and_embeddings(outputs)
+        return Outputs(probs.cpu().numpy(), None if embeddings is None else embeddings.cpu().numpy())
 
     def _model_input(self, pixels: np.ndarray):
         """(N, H, W, 3) uint8 or (N, C, H, W) float32 -> the model's input on its device."""
@@ -798,8 +705,8 @@ class Predictor:
 
         with torch.inference_mode():
             pixel_values = self._model_input(pixels)
-            forward = self._forward_now()
-            outputs = self._certify(pixel_values) if forward is None else forward(pixel_values)
+            forward = self.paths.forward_now()
+            outputs = forward(pixel_values) if forward else self.paths.certify(pixel_values, self._on_host)
             probs, embeddings = self._probs_and_embeddings(outputs)
             scores, ids = torch.topk(probs, self.top_k, dim=-1)
             true_scores = None

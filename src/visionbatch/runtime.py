@@ -362,6 +362,111 @@ def load_openvino(spec: TowerSpec, *, precisions: list[str], streams: int, threa
             for precision in precisions]
 
 
+class ModelPaths:
+    """A model replica's faster paths (``wanted``, fastest first, from candidate_paths, or
+    the one a resumed job certified): loading them (``start``), the certificate that
+    decides which one rows come from (``certify``, fed by the replica's passes from any
+    thread), and what to report. ``reference``: the torch float32 forward; ``spec``: the
+    tower, for OpenVINO; ``fresh_tower(dtype)``: another copy of it in a torch dtype."""
+
+    def __init__(self, wanted: list[str], *, reference: Callable, spec: TowerSpec | None,
+                 fresh_tower: Callable, streams: int, certify: bool, insist: bool, notes: list[str]):
+        from visionbatch.certificate import Certification
+
+        self.wanted, self.reference, self.spec = wanted, reference, spec
+        self._fresh_tower, self._streams = fresh_tower, streams
+        self.certification = Certification(wanted, REFERENCE, insist) if wanted and certify else None
+        self.notes = notes
+        self.loaded: dict[str, Callable] = {}  # path -> forward, once loaded
+        self.started = False
+        self.deferred = ""  # why they were never started, where an engine chose not to
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        """Load the paths: at once where they are OpenVINO graphs already converted (read
+        and compiled in ~0.5 s), else in a thread of their own (a conversion takes
+        seconds, in a process of its own): the reference's passes go on meanwhile, and
+        their rows are the job's until a path is certified. Once only. A conversion still
+        running when the job ends finishes on its own, for the next job."""
+        if not self.wanted or self.started:
+            return
+        self.started = True
+        if all(path.startswith("openvino/") for path in self.wanted) and os.path.exists(
+                graph_path(self.spec.weights, self.spec.description, self.spec.input_shape)):
+            self._load()
+        else:
+            threading.Thread(target=self._load, daemon=True, name="visionbatch-paths").start()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the paths are loaded (or failed to load) within ``timeout`` s."""
+        return self._done.wait(timeout)
+
+    def _load(self) -> None:
+        import torch
+
+        loaded: dict[str, Callable] = {}
+        for runtime in dict.fromkeys(path.partition("/")[0] for path in self.wanted):
+            paths = [path for path in self.wanted if path.startswith(runtime + "/")]
+            try:
+                if runtime == "openvino":
+                    for candidate in load_openvino(self.spec, precisions=[path.partition("/")[2] for path in paths],
+                                                   streams=self._streams, threads=torch.get_num_threads()):
+                        loaded[candidate.path] = candidate.forward
+                        self.notes.append(f"{candidate.path}: {candidate.note}")
+                else:
+                    for path in paths:
+                        dtype = getattr(torch, path.partition("/")[2])
+                        loaded[path] = TorchForward(self._fresh_tower(dtype), dtype)
+            except Exception as err:  # RuntimeUnavailable, or a model this runtime cannot run: the reference stays
+                why = str(err) if isinstance(err, RuntimeUnavailable) else f"{type(err).__name__}: {_first_line(err)}"
+                self.notes.append(f"{runtime}: not used: {why}")
+                log.warning("%s is not used: %s", runtime, why)
+                for path in paths:
+                    if self.certification:
+                        self.certification.fail(path, f"not loaded: {why}")
+        self.loaded = loaded
+        self._done.set()
+
+    def forward_now(self) -> Callable | None:
+        """The forward pass rows come from now: a certified (or resumed) path once
+        loaded, else the reference; None while a certificate is being taken."""
+        if self.certification is None:
+            return self.loaded.get(self.wanted[0], self.reference) if self.wanted else self.reference
+        if not self.certification.decided:
+            return None
+        return self.loaded.get(self.certification.chosen, self.reference)
+
+    def certify(self, pixel_values, on_host: Callable) -> tuple:
+        """A pass while the certificate is taken: the reference's outputs (the rows),
+        compared with each loaded path's on the same input (``on_host``: outputs -> Outputs)."""
+        reference = self.reference(pixel_values)
+        tried = {}
+        for path in self.certification.pending:
+            if path in self.loaded:
+                try:
+                    tried[path] = on_host(self.loaded[path](pixel_values))
+                except Exception as err:  # a path that fails on the job's images fails its certificate
+                    self.certification.fail(path, f"it failed on the job's images: {type(err).__name__}: "
+                                                  f"{_first_line(err)}")
+        if tried:
+            self.certification.add(on_host(reference), tried)
+        return reference
+
+    def report(self) -> dict:
+        """The path rows come from now, the certificate's figures (where one was taken)
+        and notes (a runtime missing, where a graph came from, why none was tried)."""
+        forward = self.forward_now()
+        path = next((p for p, f in self.loaded.items() if f is forward), REFERENCE)
+        taken = self.certification is not None and self.started
+        return {"path": path, "notes": self.notes + ([self.deferred] if self.deferred else []),
+                "certificate": self.certification.figures() if taken else None}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
 if __name__ == "__main__":
     import json
     import sys

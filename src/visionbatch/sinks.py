@@ -457,7 +457,7 @@ class Manifest:
                  metric_counts: dict | None = None, runtime: dict | None = None):
         self.destination = destination
         self.job = job
-        self.runtime = runtime  # what ran the model and its certificate (Predictor.runtime_report)
+        self.runtime = runtime  # what ran the model and its certificate (runtime.ModelPaths.report)
         self.shards: dict[str, dict] = dict(shards or {})
         self.metric_counts = metric_counts or {}  # of the committed shards, added up (see evaluate)
         self.saved_rows = self.rows  # rows the manifest in DEST lists
