@@ -148,6 +148,7 @@ class _Job:
         self._model_failures, self._model_error = 0, ""  # shards with model errors while nothing is predicted
         self._status_at = 0.0
         self._first: tuple[float, int] | None = None  # when rows first reached the writer, and how many
+        self._certified: tuple[float, int] | None = None  # when the certificate was seen decided, and rows by then
         self._streamed = 0
 
     def run(self) -> Summary:
@@ -241,6 +242,10 @@ class _Job:
         if not wait and now - self._status_at < _STATUS_EVERY_S:
             return
         status, self._status_at = self.planner.status(), now
+        if self._certified is None:  # when the rows began to come from the certified path (or the reference)
+            certificate = (self.engine.runtime_report() or {}).get("certificate")
+            if certificate and certificate["decided"]:
+                self._certified = (now, self._streamed)
         if status["listing_done"] and not self.status.get("listing_done"):
             self.summary.stage_times["listing ended (wall, from start)"] = now - self.started
             if self.bar is not None and not status["unsized_shards"]:  # a tar's images: counted as read
@@ -303,6 +308,8 @@ class _Job:
             self.summary.time_to_first_result_s = now - self.started
         elif now > self._first[0]:
             self.summary.steady_images_per_s = (self._streamed + rows - self._first[1]) / (now - self._first[0])
+        if self._certified is not None and now > self._certified[0]:
+            self.summary.certified_images_per_s = (self._streamed + rows - self._certified[1]) / (now - self._certified[0])
         self._streamed += rows
         self.bar.update(rows)
 

@@ -74,6 +74,7 @@ class Summary:
     time_to_first_result_s: float | None = None
     images_per_s: float = 0.0
     steady_images_per_s: float | None = None  # after the first result: excludes start-up
+    certified_images_per_s: float | None = None  # after the certificate decided: the chosen path's pace
     batch_size: int = 0
     replicas: int = 0
     # Where the time went: wall seconds in the driver, summed worker seconds per stage.
