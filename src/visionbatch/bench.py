@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 pace = results[key]["certified_images_per_s"]
                 print(f"steady after the certificate, {key}: {pace:.1f} images/s ({pace / bound:.2f}x line "
                       f"{'1d' if 'shared' in results else '1'})")
-        for key in ("visionbatch", "visionbatch-ray", "seed", "pipeline", "daft"):
+        for key in ("visionbatch", "visionbatch-torch", "visionbatch-ray", "seed", "pipeline", "daft"):
             if (results.get(key) or {}).get("driver_peak_rss_mb"):
                 workers = ", ".join(f"{k} {v:.0f}" for k, v in sorted(results[key]["worker_peak_rss_mb"].items()))
                 print(f"peak RSS MB, {key}: driver {results[key]['driver_peak_rss_mb']:.0f}"

@@ -573,7 +573,8 @@ class Predictor:
                 load_model(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                            zero_shot=self.zero_shot).to(self.device),
                 zero_shot=self.zero_shot, embeddings=bool(embedding_width)),
-            streams=passes_at_once, certify=certified_path is None, insist=dtype in REDUCED_DTYPES)
+            streams=passes_at_once, threads=torch.get_num_threads(), certify=certified_path is None,
+            insist=dtype in REDUCED_DTYPES)
         if not defer_candidates:
             self.paths.start()
 
