@@ -8,7 +8,7 @@ select  DuckDB runs ``--where`` (checked on its parse tree to be one row-level p
         memory at a time (read as every reader of DEST reads it: any format, any
         storage), and spills the matching rows (never error rows) to a local file;
         over the spill, DuckDB keeps the rows ``label-issues`` flagged (a semi-join on
-        DEST/_label_issues.parquet) and the ``--per-class`` least confident (QUALIFY
+        DEST/_derived/label_issues.parquet) and the ``--per-class`` least confident (QUALIFY
         row_number() OVER (PARTITION BY label ORDER BY score) <= N), within a memory
         limit, in DEST's order. The selection is written once, to OUT/_selection.parquet,
         in row groups of ``--shard-size`` rows: row group i is export shard i, so a
@@ -205,11 +205,12 @@ def select(destination: Destination, config: ExportConfig, query: str, work: str
     that DuckDB cannot run is a ValueError that names DuckDB's error and the columns there are."""
     issues = None
     if config.label_issues:
-        if LABEL_ISSUES not in destination.files():
+        name = destination.label_issues_file()
+        if name is None:
             raise DestinationError(f"{destination.uri} has no {LABEL_ISSUES}: run visionbatch label-issues "
                                    f"{destination.uri} first")
-        issues = os.path.join(work, LABEL_ISSUES)
-        destination.copy_file(LABEL_ISSUES, issues)
+        issues = os.path.join(work, "label_issues.parquet")
+        destination.copy_file(name, issues)
     spill, chosen = os.path.join(work, "matching.parquet"), os.path.join(work, "chosen.parquet")
     writer, schema = None, None
     with _connect(work, files=False) as db:

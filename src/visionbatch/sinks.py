@@ -10,11 +10,13 @@ Layout of DEST::
     _lease.json          while a job runs: which job holds DEST (one at a time)
     _summary.json        the job's summary
     _metrics.json        its metrics (evaluate)
-    _label_issues.parquet  rows whose given label looks wrong (label_issues)
+    _derived/            tables derived from the results: label_issues.parquet, rows
+                         whose given label looks wrong (label_issues)
 
 Every name but the part files starts with "_" (temporary names with "."), the names
 Parquet readers skip: DEST reads as a plain dataset (pandas.read_parquet(DEST),
-pyarrow.dataset.dataset(DEST), DuckDB and polars on DEST/*.parquet).
+pyarrow.dataset.dataset(DEST), DuckDB and polars on DEST/part-*.parquet). Derived
+tables sit one folder down, where a glob over DEST's top level does not reach them.
 
 Workers write part files (:class:`ShardWriter`): under a hidden temporary name, then
 renamed (locally) or uploaded whole (an object store shows an object only once its
@@ -31,6 +33,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -54,18 +57,23 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 SUMMARY = "_summary.json"
 METRICS_FILE = "_metrics.json"  # evaluate's metrics
-LABEL_ISSUES = "_label_issues.parquet"
+DERIVED = "_derived"
+LABEL_ISSUES = f"{DERIVED}/label_issues.parquet"
+LABEL_ISSUES_BEFORE = "_label_issues.parquet"  # where label-issues wrote it before DERIVED: still read
 # 3: rows carry true_label_score; --resume across versions is refused, so no DEST mixes
 # part files with and without it.
 MANIFEST_VERSION = 3
 EMBEDDINGS_KEY = "embeddings"  # in the manifest's job record: {"width", "normalized"}, or null
-_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE, LABEL_ISSUES)
+_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE, LABEL_ISSUES_BEFORE)
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores", EMBEDDING)
 log = logging.getLogger("visionbatch")
 
 
 class DestinationError(Exception):
     """DEST cannot be used as asked (holds results, unreachable, nothing to read)."""
+
+
+PART_GLOB = "part-*.parquet"  # the glob that selects a (Parquet) DEST's result parts and nothing else
 
 
 def part_name(shard: str, fmt: str) -> str:
@@ -193,6 +201,15 @@ class Destination:
     def has_results(self) -> bool:
         return any(name.startswith("part-") or name in (MANIFEST, SUCCESS) for name in self.files())
 
+    def exists(self, name: str) -> bool:
+        """Whether the file ``name`` (a path below DEST) is there."""
+        return self.fs.get_file_info(self._path(name)).type == pafs.FileType.File
+
+    def label_issues_file(self) -> str | None:
+        """The name of DEST's label issues table (at DEST's top where an older label-issues
+        wrote it); None where label-issues has not run."""
+        return next((name for name in (LABEL_ISSUES, LABEL_ISSUES_BEFORE) if self.exists(name)), None)
+
     def open_file(self, name: str):
         """A file in DEST for random access (a Parquet file's footer, then some of it)."""
         return self.fs.open_input_file(self._path(name))
@@ -233,8 +250,9 @@ class Destination:
             with self.fs.open_output_stream(self._path(name)) as out:
                 fill(out)
             return
-        self.fs.create_dir(self.root, recursive=True)
-        tmp = self._path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers of DEST skip it
+        folder, base = posixpath.split(name)
+        self.fs.create_dir(self._path(folder).rstrip("/"), recursive=True)
+        tmp = self._path(posixpath.join(folder, f".{base}.{uuid.uuid4().hex[:8]}.tmp"))  # hidden: readers skip it
         try:
             with self.fs.open_output_stream(tmp) as out:
                 fill(out)
@@ -265,9 +283,11 @@ class Destination:
                     if (name.startswith("part-") and name not in keep) or (name.startswith(".") and name.endswith(".tmp")))
 
     def clear(self) -> None:
-        """Remove visionbatch's own files (results, manifest, summary, metrics)."""
+        """Remove visionbatch's own files (results, manifest, summary, metrics, derived tables)."""
         self.delete(name for name in self.files() if name.startswith("part-") or name in _OWN_FILES
                     or (name.startswith(".") and name.endswith(".tmp")))
+        if self.fs.get_file_info(self._path(DERIVED)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self._path(DERIVED))
 
     def read_parts(self, names: list[str], schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
         tables = [_decode(self.read_bytes(name), _format_of(name), schema) for name in names]
