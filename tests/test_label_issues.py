@@ -83,9 +83,13 @@ def test_planted_errors_are_flagged_and_ranked_first(fmt, tmp_path, capfd):
     assert f"label issues      {len(planted)} of {len(rows) - 2} labelled rows" in out
     assert "cat" in out.split("flagged")[1]  # the per-class counts: cat was given twice wrongly
     # DEST still reads as a plain dataset of result rows, and as visionbatch's results.
+    assert read_results(dest).num_rows == len(rows)
     if fmt == "parquet":
         assert pyarrow.dataset.dataset(dest).count_rows() == len(rows)
-    assert read_results(dest).num_rows == len(rows)
+        datasets = pytest.importorskip("datasets")  # the result parts; the issues table apart
+        cache = str(tmp_path / "hf-cache")
+        assert datasets.load_dataset(dest, split="train", cache_dir=cache).num_rows == len(rows)
+        assert datasets.load_dataset(dest, "label_issues", split="train", cache_dir=cache).to_list() == found
 
 
 def _dest_with_images(tmp_path) -> tuple[str, dict[str, str]]:

@@ -265,6 +265,8 @@ class _Job:
     def _write_manifest(self, complete: bool = False) -> None:
         """Commit, with what runs the model now (a resumed job keeps a certified choice)."""
         self.manifest.runtime = self.engine.runtime_report() or self.manifest.runtime
+        if complete:  # before _SUCCESS: a finished DEST has it
+            self.manifest.destination.write_hub_config(self.output.format)
         self.manifest.write(complete)
 
     def _commit(self, record: dict) -> None:

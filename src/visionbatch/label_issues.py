@@ -199,4 +199,5 @@ def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
         destination.write_file(LABEL_ISSUES, out)
     if destination.exists(LABEL_ISSUES_BEFORE):  # an older label-issues' table, at DEST's top: globs met it
         destination.delete([LABEL_ISSUES_BEFORE])
+    destination.write_hub_config(manifest["job"]["format"])
     return LabelIssues(destination.uri, rows, thresholds.labels.to_pylist(), thresholds.rows.tolist(), flagged.tolist())

@@ -12,6 +12,9 @@ Layout of DEST::
     _metrics.json        its metrics (evaluate)
     _derived/            tables derived from the results: label_issues.parquet, rows
                          whose given label looks wrong (label_issues)
+    .huggingface.yaml    which files are which, for Hugging Face datasets and the Hub:
+                         the result parts (the default config), each derived table
+                         (Parquet DESTs)
 
 Every name but the part files starts with "_" (temporary names with "."), the names
 Parquet readers skip: DEST reads as a plain dataset (pandas.read_parquet(DEST),
@@ -59,12 +62,17 @@ SUMMARY = "_summary.json"
 METRICS_FILE = "_metrics.json"  # evaluate's metrics
 DERIVED = "_derived"
 LABEL_ISSUES = f"{DERIVED}/label_issues.parquet"
+DERIVED_TABLES = {"label_issues": LABEL_ISSUES}  # a Hugging Face config each, where present
+# A dataset card's YAML on its own (datasets >= 2.17 and the Hub read it as README.md's):
+# a README.md in DEST would be read as a part by pandas.read_parquet(DEST) and pyarrow's
+# dataset discovery, which skip only names starting with "_" or ".".
+HUB_CONFIG = ".huggingface.yaml"
 LABEL_ISSUES_BEFORE = "_label_issues.parquet"  # where label-issues wrote it before DERIVED: still read
 # 3: rows carry true_label_score; --resume across versions is refused, so no DEST mixes
 # part files with and without it.
 MANIFEST_VERSION = 3
 EMBEDDINGS_KEY = "embeddings"  # in the manifest's job record: {"width", "normalized"}, or null
-_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE, LABEL_ISSUES_BEFORE)
+_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE, LABEL_ISSUES_BEFORE, HUB_CONFIG)
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores", EMBEDDING)
 log = logging.getLogger("visionbatch")
 
@@ -73,11 +81,13 @@ class DestinationError(Exception):
     """DEST cannot be used as asked (holds results, unreachable, nothing to read)."""
 
 
-PART_GLOB = "part-*.parquet"  # the glob that selects a (Parquet) DEST's result parts and nothing else
-
-
 def part_name(shard: str, fmt: str) -> str:
     return f"part-{shard}{EXTENSIONS[fmt]}"
+
+
+def part_glob(fmt: str) -> str:
+    """The glob that selects DEST's result parts and nothing else."""
+    return part_name("*", fmt)
 
 
 def _encode(table: pa.Table, fmt: str) -> bytes:
@@ -288,6 +298,20 @@ class Destination:
                     or (name.startswith(".") and name.endswith(".tmp")))
         if self.fs.get_file_info(self._path(DERIVED)).type == pafs.FileType.Directory:
             self.fs.delete_dir(self._path(DERIVED))
+
+    def write_hub_config(self, fmt: str) -> None:
+        """Write HUB_CONFIG: ``datasets.load_dataset(DEST)`` gives the result rows (the
+        default config) and each derived table present (a config named after it). Only
+        for Parquet parts: datasets guesses CSV and JSON columns' types file by file (a
+        column null throughout one part fails), and reads every config with the builder
+        of the first one's files."""
+        if fmt != "parquet":
+            return
+        configs = [{"config_name": "default", "default": True, "data_files": part_glob(fmt)}]
+        configs += [{"config_name": name, "data_files": path} for name, path in DERIVED_TABLES.items()
+                    if self.exists(path)]
+        body = json.dumps({"configs": configs}, indent=2)  # JSON is YAML
+        self.write_bytes(HUB_CONFIG, f"# visionbatch: which files are which (Hugging Face datasets)\n{body}\n".encode())
 
     def read_parts(self, names: list[str], schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
         tables = [_decode(self.read_bytes(name), _format_of(name), schema) for name in names]
