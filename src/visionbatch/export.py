@@ -60,10 +60,12 @@ from visionbatch.storage import Storage, canonical_uri, describe, within
 SELECTION = "_selection.parquet"
 TASKS = "tasks.json"  # labelstudio: every task, merged from TASK_PARTS/<shard>.json at the end
 TASK_PARTS = "_tasks"
+METADATA = "metadata.jsonl"  # imagefolder: a line per image, merged from METADATA_PARTS/<shard>.jsonl at the end
+METADATA_PARTS = "_metadata"
 IMAGES = "images"  # labelstudio: the image files its tasks point to
 PART, ROW = "_part", "_row"  # a selected row's part file (its shard id) and index in it
 SELECT_MEMORY = "256MB"  # DuckDB's memory limit while selecting; beyond it, it spills to disk
-# What a sample's .json (webdataset) carries, where the row has it.
+# What a sample's .json (webdataset) and its metadata.jsonl line (imagefolder) carry, where the row has it.
 SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score")
 _FORMATS = {"JPEG": ".jpg", "TIFF": ".tif"}  # Pillow's format name -> extension, where not .<name>
 
@@ -383,8 +385,9 @@ class ExportTask:
 
 
 class _TarWriter:
-    """webdataset: shard-<id>.tar, per sample <key>.<ext> and <key>.json (a key has no dot:
-    webdataset splits a member's name at its first one)."""
+    """webdataset: shard-<id>.tar, per sample <key>.<ext>, <key>.json and <key>.cls (the
+    predicted class's index, as webdataset's and datasets' decoders read a class); a key
+    has no dot: webdataset splits a member's name at its first one."""
 
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
         self.out, self.name = out, f"shard-{task.id}.tar"
@@ -399,6 +402,7 @@ class _TarWriter:
     def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
         self._member(f"{key}{ext.lower()}", data)  # webdataset's decoders go by lower-case extensions
         self._member(f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode())
+        self._member(f"{key}.cls", str(row["label_id"]).encode())
 
     def close(self) -> str:
         self.tar.close()
@@ -407,19 +411,25 @@ class _TarWriter:
 
 
 class _FolderWriter:
-    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique)."""
+    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique), and
+    the shard's lines of metadata.jsonl in _metadata/<id>.jsonl: per image its file_name
+    (relative to OUT, as datasets' imagefolder joins it) and SAMPLE_FIELDS."""
 
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
-        self.out, self.folders = out, {}
+        self.task, self.out, self.folders, self.lines = task, out, {}, []
 
     def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
         label = safe_name(row["label"])
         if label not in self.folders:
             self.folders[label] = self.out.folder(label)
-        self.folders[label].write_bytes(f"{key}-{_stem(row['path'])}{ext}", data)
+        name = f"{key}-{_stem(row['path'])}{ext}"
+        self.folders[label].write_bytes(name, data)
+        self.lines.append(json.dumps({"file_name": f"{label}/{name}", **sample_json(row)}, ensure_ascii=False))
 
-    def close(self) -> None:
-        return None
+    def close(self) -> str:
+        name = f"{self.task.id}.jsonl"
+        self.out.folder(METADATA_PARTS).write_bytes(name, "".join(line + "\n" for line in self.lines).encode())
+        return f"{METADATA_PARTS}/{name}"
 
 
 class _LabelStudioWriter:
@@ -558,8 +568,8 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
                         bar.update(record["rows"] + record["counts"]["missing"])
                     if manifest.due(config.flush_seconds):
                         manifest.write()
-            if config.format == "labelstudio":
-                _merge_tasks(out, len(parts))
+            if config.format in _MERGED:
+                _merge(out, config.format, len(parts))
             manifest.write(complete=True)
         except KeyboardInterrupt:
             ignore_further_interrupts()
@@ -598,18 +608,26 @@ def _stopped(why: str, manifest, out: str) -> str:
     return f"{why}; {manifest.saved_rows} exported rows are saved in {out}: rerun the same command with --resume"
 
 
-def _merge_tasks(out: ExportOutput, shards: int) -> None:
-    """labelstudio: the shards' task lists as one import file, streamed (a shard's list at a time)."""
-    parts = out.folder(TASK_PARTS)
+# Formats whose shards each write a piece of one file: (the pieces' folder, the file, a JSON array?)
+_MERGED = {"labelstudio": (TASK_PARTS, TASKS, True), "imagefolder": (METADATA_PARTS, METADATA, False)}
+
+
+def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
+    """The shards' pieces as one file, streamed (a piece at a time): labelstudio's task
+    lists as one JSON array, imagefolder's metadata lines as one JSON-lines file."""
+    folder, name, array = _MERGED[fmt]
+    parts = out.folder(folder)
     with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
-        merged = os.path.join(work, TASKS)
+        merged = os.path.join(work, name)
         with open(merged, "wb") as file:
-            file.write(b"[")
+            file.write(b"[" if array else b"")
             first = True
             for shard in range(shards):
-                body = parts.read_bytes(f"{shard:06d}.json").strip()[1:-1].strip()
+                body = parts.read_bytes(f"{shard:06d}{posixpath.splitext(name)[1]}")
+                if array:
+                    body = body.strip()[1:-1].strip()
                 if body:
-                    file.write(body if first else b"," + body)
+                    file.write(body if first or not array else b"," + body)
                     first = False
-            file.write(b"]")
-        out.write_file(TASKS, merged)
+            file.write(b"]" if array else b"")
+        out.write_file(name, merged)
