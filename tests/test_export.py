@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import SAMPLE_DIR, WNIDS
 from test_faults import kill_session, session_processes, start  # noqa: F401 (start: the fixture that starts and cleans up runs)
 from visionbatch.cli import main
-from visionbatch.export import SELECTION, TASKS, safe_name
+from visionbatch.export import LABELING_CONFIG, SELECTION, TASKS, safe_name
 from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
 from visionbatch.storage import within
 
@@ -221,7 +221,7 @@ LABEL_STUDIO_IMPORT_SCHEMA = {
 }
 
 
-def test_labelstudio_tasks_follow_the_documented_import_format(job, tmp_path):
+def test_labelstudio_tasks_follow_the_documented_import_format(job, tiny_vit, tmp_path):
     import jsonschema
 
     dest, table = job
@@ -241,6 +241,15 @@ def test_labelstudio_tasks_follow_the_documented_import_format(job, tmp_path):
         (prediction,) = task["predictions"]
         assert prediction["result"][0]["value"]["choices"] == [row["label"]]
         assert prediction["score"] == pytest.approx(row["score"])
+        assert prediction["model_version"] == Path(tiny_vit).name  # the model's name, not a path of this machine
+    # The labeling config: the names the predictions use, its choices exactly the tasks' labels.
+    import xml.etree.ElementTree as ElementTree
+
+    view = ElementTree.parse(out / LABELING_CONFIG).getroot()
+    assert view.find("Image").attrib == {"name": "image", "value": "$image"}
+    choices = view.find("Choices")
+    assert choices.attrib["name"] == "label" and choices.attrib["toName"] == "image"
+    assert [choice.attrib["value"] for choice in choices] == sorted({row["label"] for row in expected.values()})
 
 
 # --------------------------------------------------------------------------- choosing rows

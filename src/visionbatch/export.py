@@ -60,6 +60,7 @@ from visionbatch.storage import Storage, canonical_uri, describe, within
 SELECTION = "_selection.parquet"
 TASKS = "tasks.json"  # labelstudio: every task, merged from TASK_PARTS/<shard>.json at the end
 TASK_PARTS = "_tasks"
+LABELING_CONFIG = "labeling_config.xml"  # labelstudio: the project's labeling interface, its choices the tasks' labels
 METADATA = "metadata.jsonl"  # imagefolder: a line per image, merged from METADATA_PARTS/<shard>.jsonl at the end
 METADATA_PARTS = "_metadata"
 IMAGES = "images"  # labelstudio: the image files its tasks point to
@@ -505,6 +506,12 @@ class ExportSummary:
         return "\n".join(lines)
 
 
+def model_name(ref: str) -> str:
+    """A model as a label names it: a hub id as it is, a local folder by its name (not a
+    path of this machine)."""
+    return posixpath.basename(ref.rstrip("/")) if os.path.isabs(ref) or os.path.exists(ref) else ref
+
+
 def export_identity(config: ExportConfig, dest_manifest: dict) -> dict:
     """Everything that changes an export's output: --resume with another is refused."""
     shards = dest_manifest["shards"]
@@ -553,7 +560,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
             reading = Reading(storage, image_column=dest_manifest["job"].get("image_column"),
                               read_timeout=DEFAULT_READ_TIMEOUT_S)
             tasks = [ExportTask(out.uri, storage, config.format, shard, {part: containers[part] for part in mine},
-                                reading, config.image_url_prefix, dest_manifest["job"].get("model") or "")
+                                reading, config.image_url_prefix, model_name(dest_manifest["job"].get("model") or ""))
                      for shard, mine in enumerate(parts) if f"{shard:06d}" not in manifest.shards]
             from tqdm import tqdm
 
@@ -570,6 +577,8 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
                         manifest.write()
             if config.format in _MERGED:
                 _merge(out, config.format, len(parts))
+            if config.format == "labelstudio":
+                _write_labeling_config(out, len(parts))
             manifest.write(complete=True)
         except KeyboardInterrupt:
             ignore_further_interrupts()
@@ -631,3 +640,19 @@ def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
                     first = False
             file.write(b"]" if array else b"")
         out.write_file(name, merged)
+
+
+def _write_labeling_config(out: ExportOutput, shards: int) -> None:
+    """labelstudio: the labeling interface the tasks' pre-annotations fit (an <Image> named
+    "image", a <Choices> named "label"), its <Choice>s the distinct predicted labels of the
+    tasks, sorted. Label Studio accepts a config whose names or choices match nothing, silently."""
+    from xml.sax.saxutils import quoteattr
+
+    labels = set()
+    for shard in range(shards):
+        for task in json.loads(out.folder(TASK_PARTS).read_bytes(f"{shard:06d}.json")):
+            labels.update(task["predictions"][0]["result"][0]["value"]["choices"])
+    choices = "".join(f"\n    <Choice value={quoteattr(label)}/>" for label in sorted(labels))
+    out.write_bytes(LABELING_CONFIG, (f'<View>\n  <Image name="image" value="$image"/>\n  <Choices name="label" '
+                                      f'toName="image" choice="single" showInLine="true">{choices}\n  </Choices>\n'
+                                      "</View>\n").encode())
