@@ -328,7 +328,7 @@ def write_finished_dest(destination, table, fmt: str = "parquet", shard_size: in
     the manifest's job record."""
     from visionbatch.sinks import Manifest, write_shard
 
-    manifest = Manifest(destination, {"test": True})
+    manifest = Manifest(destination, {"test": True, "format": fmt})
     size = shard_size or max(table.num_rows, 1)
     for seq, start in enumerate(range(0, max(table.num_rows, 1), size)):
         manifest.add(write_shard(destination, f"000-{seq:07d}", table.slice(start, size), fmt))

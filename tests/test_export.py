@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import SAMPLE_DIR, WNIDS
 from test_faults import kill_session, session_processes, start  # noqa: F401 (start: the fixture that starts and cleans up runs)
 from visionbatch.cli import main
-from visionbatch.export import SELECTION, TASKS, safe_name
+from visionbatch.export import LABELING_CONFIG, SELECTION, TASKS, safe_name
 from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
 from visionbatch.storage import within
 
@@ -82,7 +82,7 @@ def _by_path(samples: list[dict]) -> dict[str, tuple[bytes, dict]]:
     found = {}
     for sample in samples:
         meta = json.loads(sample["json"])
-        (image,) = [value for key, value in sample.items() if not key.startswith("__") and key != "json"]
+        (image,) = [value for key, value in sample.items() if not key.startswith("__") and key not in ("json", "cls")]
         assert meta["path"] not in found, f"{meta['path']} exported twice"
         assert "." not in sample["__key__"]
         found[meta["path"]] = (image, meta)
@@ -99,11 +99,17 @@ def test_webdataset(job, tmp_path, capfd):
     assert 0 < len(expected) < table.num_rows
     out = tmp_path / "out"
     _export(dest, out, "--format", "webdataset", "--where", f"score < {threshold}", "--shard-size", "4")
-    found = _by_path(_tar_samples(out))
+    samples = _tar_samples(out)
+    found = _by_path(samples)
     assert set(found) == set(expected)
+    # .cls: the predicted class's index, as webdataset decodes a class.
+    assert {json.loads(sample["json"])["path"]: int(sample["cls"]) for sample in samples} == {
+        path: row["label_id"] for path, row in expected.items()}
     for path, (image, meta) in found.items():
         assert image == Path(path).read_bytes()
         row = expected[path]
+        assert all(isinstance(value, float) for value in (meta["score"], meta["true_label_score"],
+                                                          *meta["top_k_scores"]))  # typed numbers, not text
         assert meta["label"] == row["label"] and meta["true_label"] == row["true_label"]
         assert meta["top_k_labels"] == row["top_k_labels"]
         assert meta["score"] == pytest.approx(row["score"]) and meta["true_label_score"] == pytest.approx(
@@ -168,10 +174,17 @@ def test_imagefolder_reads_as_a_hugging_face_dataset(job, tmp_path):
     assert len(by_bytes) == len(expected)  # each image distinct: matched by content
     for file in files:
         assert file.parent.name == safe_name(by_bytes[file.read_bytes()]["label"])
-    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds) == len(expected)
-    names = ds.features["label"].names
-    assert sorted(names[label] for label in ds["label"]) == sorted(safe_name(row["label"]) for row in expected.values())
+    # metadata.jsonl: each image keeps its row's truth (datasets joins it by file_name).
+    for sample in ds:
+        row = expected[sample["path"]]
+        assert sample["image"].tobytes() == Image.open(row["path"]).tobytes()
+        assert sample["label"] == row["label"] and sample["true_label"] == row["true_label"]
+        assert sample["top_k_labels"] == row["top_k_labels"]
+        assert sample["score"] == pytest.approx(row["score"])
+        assert sample["top_k_scores"] == pytest.approx(row["top_k_scores"])
+        assert sample["true_label_score"] == pytest.approx(row["true_label_score"])
 
 
 # The documented format of a Label Studio import file with pre-annotations, written from
@@ -208,7 +221,7 @@ LABEL_STUDIO_IMPORT_SCHEMA = {
 }
 
 
-def test_labelstudio_tasks_follow_the_documented_import_format(job, tmp_path):
+def test_labelstudio_tasks_follow_the_documented_import_format(job, tiny_vit, tmp_path):
     import jsonschema
 
     dest, table = job
@@ -228,6 +241,15 @@ def test_labelstudio_tasks_follow_the_documented_import_format(job, tmp_path):
         (prediction,) = task["predictions"]
         assert prediction["result"][0]["value"]["choices"] == [row["label"]]
         assert prediction["score"] == pytest.approx(row["score"])
+        assert prediction["model_version"] == Path(tiny_vit).name  # the model's name, not a path of this machine
+    # The labeling config: the names the predictions use, its choices exactly the tasks' labels.
+    import xml.etree.ElementTree as ElementTree
+
+    view = ElementTree.parse(out / LABELING_CONFIG).getroot()
+    assert view.find("Image").attrib == {"name": "image", "value": "$image"}
+    choices = view.find("Choices")
+    assert choices.attrib["name"] == "label" and choices.attrib["toName"] == "image"
+    assert [choice.attrib["value"] for choice in choices] == sorted({row["label"] for row in expected.values()})
 
 
 # --------------------------------------------------------------------------- choosing rows

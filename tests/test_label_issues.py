@@ -15,7 +15,7 @@ from visionbatch.cli import main
 from visionbatch.label_issues import ISSUES_SCHEMA, Thresholds, flag_rows
 from visionbatch.report import write_report
 from visionbatch.results import RESULT_SCHEMA, TRUE_LABEL_SCORE
-from visionbatch.sinks import LABEL_ISSUES, MANIFEST, Destination, read_results
+from visionbatch.sinks import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST, Destination, read_results
 
 CLASSES = ["cat", "dog", "fox", "owl"]
 PER_CLASS = 12
@@ -83,18 +83,27 @@ def test_planted_errors_are_flagged_and_ranked_first(fmt, tmp_path, capfd):
     assert f"label issues      {len(planted)} of {len(rows) - 2} labelled rows" in out
     assert "cat" in out.split("flagged")[1]  # the per-class counts: cat was given twice wrongly
     # DEST still reads as a plain dataset of result rows, and as visionbatch's results.
+    assert read_results(dest).num_rows == len(rows)
     if fmt == "parquet":
         assert pyarrow.dataset.dataset(dest).count_rows() == len(rows)
-    assert read_results(dest).num_rows == len(rows)
+        datasets = pytest.importorskip("datasets")  # the result parts; the issues table apart
+        cache = str(tmp_path / "hf-cache")
+        assert datasets.load_dataset(dest, split="train", cache_dir=cache).num_rows == len(rows)
+        assert datasets.load_dataset(dest, "label_issues", split="train", cache_dir=cache).to_list() == found
 
 
-def test_report_shows_the_suspected_label_errors(tmp_path):
+def _dest_with_images(tmp_path) -> tuple[str, dict[str, str]]:
+    """A DEST of the planted rows whose planted images exist (the report and export show them)."""
     rows, planted = planted_rows()
     images = tmp_path / "images"
     rows = [{**row, "path": str(images / row["path"])} for row in rows]
     for i, path in enumerate(planted):
         write_image(images / path, seed=i)
-    dest = write_dest(tmp_path / "dest", rows)
+    return write_dest(tmp_path / "dest", rows), {str(images / path): real for path, real in planted.items()}
+
+
+def test_report_shows_the_suspected_label_errors(tmp_path):
+    dest, planted = _dest_with_images(tmp_path)
     report = tmp_path / "report.html"
     write_report(dest, str(report))
     assert "Suspected label errors" not in report.read_text()  # label-issues has not run
@@ -106,6 +115,23 @@ def test_report_shows_the_suspected_label_errors(tmp_path):
     first = pq.read_table(f"{dest}/{LABEL_ISSUES}").to_pylist()[0]
     assert (f"given: {first['given_label']}</span><br><span class=\"right\">suggested: {first['suggested_label']}"
             in section.split("#2,")[0])
+
+
+def test_label_issues_where_an_older_version_wrote_them(tmp_path):
+    """A DEST whose label issues sit at its top (as label-issues wrote them before _derived/):
+    the report and export still read them, and label-issues run again moves them down."""
+    dest, planted = _dest_with_images(tmp_path)
+    assert main(["label-issues", dest]) == 0
+    (tmp_path / "dest" / LABEL_ISSUES).rename(tmp_path / "dest" / LABEL_ISSUES_BEFORE)
+    report = tmp_path / "report.html"
+    write_report(dest, str(report))
+    assert f"Suspected label errors ({len(planted)})" in report.read_text()
+    assert f"DEST/{LABEL_ISSUES_BEFORE}" in report.read_text()
+    out = tmp_path / "export"
+    assert main(["export", dest, "--to", str(out), "--format", "imagefolder", "--label-issues", "-q"]) == 0
+    assert len(list(out.glob("*/*"))) == len(planted)  # the flagged rows: the planted ones
+    assert main(["label-issues", dest]) == 0
+    assert (tmp_path / "dest" / LABEL_ISSUES).exists() and not (tmp_path / "dest" / LABEL_ISSUES_BEFORE).exists()
 
 
 def test_a_singleton_class_leans_on_the_shared_threshold(tmp_path):

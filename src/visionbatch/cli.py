@@ -51,7 +51,7 @@ def _report_parser(sub) -> None:
 def _label_issues_parser(sub) -> None:
     p = sub.add_parser("label-issues", help="find rows whose given label looks wrong",
                        description="Flag the rows of DEST whose given (true) label looks wrong (confident "
-                       "learning), ranked most likely wrong first, into DEST/_label_issues.parquet.")
+                       "learning), ranked most likely wrong first, into DEST/_derived/label_issues.parquet.")
     _dest_arguments(p)
 
 

@@ -8,7 +8,7 @@ select  DuckDB runs ``--where`` (checked on its parse tree to be one row-level p
         memory at a time (read as every reader of DEST reads it: any format, any
         storage), and spills the matching rows (never error rows) to a local file;
         over the spill, DuckDB keeps the rows ``label-issues`` flagged (a semi-join on
-        DEST/_label_issues.parquet) and the ``--per-class`` least confident (QUALIFY
+        DEST/_derived/label_issues.parquet) and the ``--per-class`` least confident (QUALIFY
         row_number() OVER (PARTITION BY label ORDER BY score) <= N), within a memory
         limit, in DEST's order. The selection is written once, to OUT/_selection.parquet,
         in row groups of ``--shard-size`` rows: row group i is export shard i, so a
@@ -60,10 +60,13 @@ from visionbatch.storage import Storage, canonical_uri, describe, within
 SELECTION = "_selection.parquet"
 TASKS = "tasks.json"  # labelstudio: every task, merged from TASK_PARTS/<shard>.json at the end
 TASK_PARTS = "_tasks"
+LABELING_CONFIG = "labeling_config.xml"  # labelstudio: the project's labeling interface, its choices the tasks' labels
+METADATA = "metadata.jsonl"  # imagefolder: a line per image, merged from METADATA_PARTS/<shard>.jsonl at the end
+METADATA_PARTS = "_metadata"
 IMAGES = "images"  # labelstudio: the image files its tasks point to
 PART, ROW = "_part", "_row"  # a selected row's part file (its shard id) and index in it
 SELECT_MEMORY = "256MB"  # DuckDB's memory limit while selecting; beyond it, it spills to disk
-# What a sample's .json (webdataset) carries, where the row has it.
+# What a sample's .json (webdataset) and its metadata.jsonl line (imagefolder) carry, where the row has it.
 SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score")
 _FORMATS = {"JPEG": ".jpg", "TIFF": ".tif"}  # Pillow's format name -> extension, where not .<name>
 
@@ -205,11 +208,12 @@ def select(destination: Destination, config: ExportConfig, query: str, work: str
     that DuckDB cannot run is a ValueError that names DuckDB's error and the columns there are."""
     issues = None
     if config.label_issues:
-        if LABEL_ISSUES not in destination.files():
+        name = destination.label_issues_file()
+        if name is None:
             raise DestinationError(f"{destination.uri} has no {LABEL_ISSUES}: run visionbatch label-issues "
                                    f"{destination.uri} first")
-        issues = os.path.join(work, LABEL_ISSUES)
-        destination.copy_file(LABEL_ISSUES, issues)
+        issues = os.path.join(work, "label_issues.parquet")
+        destination.copy_file(name, issues)
     spill, chosen = os.path.join(work, "matching.parquet"), os.path.join(work, "chosen.parquet")
     writer, schema = None, None
     with _connect(work, files=False) as db:
@@ -382,8 +386,9 @@ class ExportTask:
 
 
 class _TarWriter:
-    """webdataset: shard-<id>.tar, per sample <key>.<ext> and <key>.json (a key has no dot:
-    webdataset splits a member's name at its first one)."""
+    """webdataset: shard-<id>.tar, per sample <key>.<ext>, <key>.json and <key>.cls (the
+    predicted class's index, as webdataset's and datasets' decoders read a class); a key
+    has no dot: webdataset splits a member's name at its first one."""
 
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
         self.out, self.name = out, f"shard-{task.id}.tar"
@@ -398,6 +403,7 @@ class _TarWriter:
     def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
         self._member(f"{key}{ext.lower()}", data)  # webdataset's decoders go by lower-case extensions
         self._member(f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode())
+        self._member(f"{key}.cls", str(row["label_id"]).encode())
 
     def close(self) -> str:
         self.tar.close()
@@ -406,19 +412,25 @@ class _TarWriter:
 
 
 class _FolderWriter:
-    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique)."""
+    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique), and
+    the shard's lines of metadata.jsonl in _metadata/<id>.jsonl: per image its file_name
+    (relative to OUT, as datasets' imagefolder joins it) and SAMPLE_FIELDS."""
 
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
-        self.out, self.folders = out, {}
+        self.task, self.out, self.folders, self.lines = task, out, {}, []
 
     def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
         label = safe_name(row["label"])
         if label not in self.folders:
             self.folders[label] = self.out.folder(label)
-        self.folders[label].write_bytes(f"{key}-{_stem(row['path'])}{ext}", data)
+        name = f"{key}-{_stem(row['path'])}{ext}"
+        self.folders[label].write_bytes(name, data)
+        self.lines.append(json.dumps({"file_name": f"{label}/{name}", **sample_json(row)}, ensure_ascii=False))
 
-    def close(self) -> None:
-        return None
+    def close(self) -> str:
+        name = f"{self.task.id}.jsonl"
+        self.out.folder(METADATA_PARTS).write_bytes(name, "".join(line + "\n" for line in self.lines).encode())
+        return f"{METADATA_PARTS}/{name}"
 
 
 class _LabelStudioWriter:
@@ -494,6 +506,12 @@ class ExportSummary:
         return "\n".join(lines)
 
 
+def model_name(ref: str) -> str:
+    """A model as a label names it: a hub id as it is, a local folder by its name (not a
+    path of this machine)."""
+    return posixpath.basename(ref.rstrip("/")) if os.path.isabs(ref) or os.path.exists(ref) else ref
+
+
 def export_identity(config: ExportConfig, dest_manifest: dict) -> dict:
     """Everything that changes an export's output: --resume with another is refused."""
     shards = dest_manifest["shards"]
@@ -542,7 +560,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
             reading = Reading(storage, image_column=dest_manifest["job"].get("image_column"),
                               read_timeout=DEFAULT_READ_TIMEOUT_S)
             tasks = [ExportTask(out.uri, storage, config.format, shard, {part: containers[part] for part in mine},
-                                reading, config.image_url_prefix, dest_manifest["job"].get("model") or "")
+                                reading, config.image_url_prefix, model_name(dest_manifest["job"].get("model") or ""))
                      for shard, mine in enumerate(parts) if f"{shard:06d}" not in manifest.shards]
             from tqdm import tqdm
 
@@ -557,8 +575,10 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
                         bar.update(record["rows"] + record["counts"]["missing"])
                     if manifest.due(config.flush_seconds):
                         manifest.write()
+            if config.format in _MERGED:
+                _merge(out, config.format, len(parts))
             if config.format == "labelstudio":
-                _merge_tasks(out, len(parts))
+                _write_labeling_config(out, len(parts))
             manifest.write(complete=True)
         except KeyboardInterrupt:
             ignore_further_interrupts()
@@ -597,18 +617,42 @@ def _stopped(why: str, manifest, out: str) -> str:
     return f"{why}; {manifest.saved_rows} exported rows are saved in {out}: rerun the same command with --resume"
 
 
-def _merge_tasks(out: ExportOutput, shards: int) -> None:
-    """labelstudio: the shards' task lists as one import file, streamed (a shard's list at a time)."""
-    parts = out.folder(TASK_PARTS)
+# Formats whose shards each write a piece of one file: (the pieces' folder, the file, a JSON array?)
+_MERGED = {"labelstudio": (TASK_PARTS, TASKS, True), "imagefolder": (METADATA_PARTS, METADATA, False)}
+
+
+def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
+    """The shards' pieces as one file, streamed (a piece at a time): labelstudio's task
+    lists as one JSON array, imagefolder's metadata lines as one JSON-lines file."""
+    folder, name, array = _MERGED[fmt]
+    parts = out.folder(folder)
     with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
-        merged = os.path.join(work, TASKS)
+        merged = os.path.join(work, name)
         with open(merged, "wb") as file:
-            file.write(b"[")
+            file.write(b"[" if array else b"")
             first = True
             for shard in range(shards):
-                body = parts.read_bytes(f"{shard:06d}.json").strip()[1:-1].strip()
+                body = parts.read_bytes(f"{shard:06d}{posixpath.splitext(name)[1]}")
+                if array:
+                    body = body.strip()[1:-1].strip()
                 if body:
-                    file.write(body if first else b"," + body)
+                    file.write(body if first or not array else b"," + body)
                     first = False
-            file.write(b"]")
-        out.write_file(TASKS, merged)
+            file.write(b"]" if array else b"")
+        out.write_file(name, merged)
+
+
+def _write_labeling_config(out: ExportOutput, shards: int) -> None:
+    """labelstudio: the labeling interface the tasks' pre-annotations fit (an <Image> named
+    "image", a <Choices> named "label"), its <Choice>s the distinct predicted labels of the
+    tasks, sorted. Label Studio accepts a config whose names or choices match nothing, silently."""
+    from xml.sax.saxutils import quoteattr
+
+    labels = set()
+    for shard in range(shards):
+        for task in json.loads(out.folder(TASK_PARTS).read_bytes(f"{shard:06d}.json")):
+            labels.update(task["predictions"][0]["result"][0]["value"]["choices"])
+    choices = "".join(f"\n    <Choice value={quoteattr(label)}/>" for label in sorted(labels))
+    out.write_bytes(LABELING_CONFIG, (f'<View>\n  <Image name="image" value="$image"/>\n  <Choices name="label" '
+                                      f'toName="image" choice="single" showInLine="true">{choices}\n  </Choices>\n'
+                                      "</View>\n").encode())

@@ -274,6 +274,8 @@ class _Job:
         if report is not None and report["certificate"] is None and earlier.get("certificate"):
             report = {**report, "certificate": earlier["certificate"]}
         self.manifest.runtime = report or self.manifest.runtime
+        if complete:  # before _SUCCESS: a finished DEST has it
+            self.manifest.destination.write_hub_config(self.output.format)
         self.manifest.write(complete)
 
     def _commit(self, record: dict) -> None:

@@ -13,7 +13,7 @@ pass 2  per part, the rows where a top-k class other than the given one scores a
         suggested label. Only flagged rows are kept, streamed to a spill file on local disk
 rank    DuckDB orders the spill by ``self_confidence`` (the given label's score,
         ascending; ties by path) within a memory limit, spilling to disk, and writes
-        ``DEST/_label_issues.parquet``
+        ``DEST/_derived/label_issues.parquet``
 
 Memory holds one part's columns, the K thresholds and the K counts; the sort is
 DuckDB's. A class outside a row's top-k cannot be suggested: one that beats the given
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from visionbatch.results import TRUE_LABEL_SCORE
-from visionbatch.sinks import LABEL_ISSUES, MANIFEST_VERSION, Destination, DestinationError, job_schema
+from visionbatch.sinks import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST_VERSION, Destination, DestinationError, job_schema
 from visionbatch.storage import Storage
 
 # A class's threshold is a Bayesian average: (sum of its scores + PRIOR_ROWS * shared) /
@@ -176,7 +176,7 @@ def _rank(spill: str, out: str, work: str) -> None:
 
 def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
     """Flag the rows of a finished DEST whose given label looks wrong (module docstring)
-    and write them, ranked, to ``DEST/_label_issues.parquet``."""
+    and write them, ranked, to ``DEST/_derived/label_issues.parquet``."""
     destination = Destination(dest, Storage(s3_endpoint))
     manifest = destination.finished_manifest()
     if manifest.get("version") != MANIFEST_VERSION:
@@ -186,7 +186,7 @@ def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
     flagged = np.zeros(len(thresholds.labels), dtype=np.int64)
     rows = 0
     with tempfile.TemporaryDirectory(prefix="visionbatch-label-issues-") as work:
-        spill, out = os.path.join(work, "flagged.parquet"), os.path.join(work, LABEL_ISSUES)
+        spill, out = os.path.join(work, "flagged.parquet"), os.path.join(work, "ranked.parquet")
         with pq.ParquetWriter(spill, ISSUES_SCHEMA.remove(ISSUES_SCHEMA.get_field_index("rank"))) as writer:
             for part in _parts(destination, _ROW_COLUMNS):
                 rows += part.num_rows
@@ -197,4 +197,7 @@ def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
                                        minlength=len(flagged))
         _rank(spill, out, work)
         destination.write_file(LABEL_ISSUES, out)
+    if destination.exists(LABEL_ISSUES_BEFORE):  # an older label-issues' table, at DEST's top: globs met it
+        destination.delete([LABEL_ISSUES_BEFORE])
+    destination.write_hub_config(manifest["job"]["format"])
     return LabelIssues(destination.uri, rows, thresholds.labels.to_pylist(), thresholds.rows.tolist(), flagged.tolist())

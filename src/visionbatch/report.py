@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from visionbatch.evaluate import compute_metrics, worst_classes_first
-from visionbatch.sinks import LABEL_ISSUES, SUMMARY, Destination
+from visionbatch.sinks import SUMMARY, Destination
 from visionbatch.storage import Storage, is_remote
 from visionbatch.summary import runtime_line
 
@@ -254,12 +254,12 @@ def _galleries(table: pa.Table, s3_endpoint: str | None) -> str:
     return "".join(f"<section><h2>{_e(title)}</h2>{_gallery(rows, thumbnails)}</section>" for title, rows in picked)
 
 
-def _label_issues_section(issues: list[dict], total: int, s3_endpoint: str | None) -> str:
-    """The first rows of ``_label_issues.parquet``: the labels most likely wrong."""
+def _label_issues_section(issues: list[dict], total: int, name: str, s3_endpoint: str | None) -> str:
+    """The first rows of DEST's label issues table (``name``): the labels most likely wrong."""
     gallery = _gallery(issues, _thumbnails((row["path"] for row in issues), s3_endpoint), _label_issue_caption)
     return (f"<section><h2>Suspected label errors ({total})</h2><p class=\"muted\">From "
             f"<code>visionbatch label-issues</code>: the given label is least likely first; "
-            f"all of them in DEST/{LABEL_ISSUES}.</p>{gallery}</section>")
+            f"all of them in DEST/{name}.</p>{gallery}</section>")
 
 
 def _run_section(summary: dict | None) -> str:
@@ -333,9 +333,9 @@ def _failed_section(table: pa.Table) -> str:
 
 
 def render_report(table: pa.Table, summary: dict | None, s3_endpoint: str | None = None,
-                  label_issues: tuple[list[dict], int] | None = None) -> str:
+                  label_issues: tuple[list[dict], int, str] | None = None) -> str:
     """The report page for result rows and the job's summary (None if absent), and
-    ``label_issues``: the first rows of DEST's label issues and how many there are."""
+    ``label_issues``: the first rows of DEST's label issues, how many there are and their file."""
     metrics = compute_metrics(table)
     ok = table.filter(pc.is_null(table.column("error")))
     scores = pc.fill_null(ok.column("score"), 0.0).to_numpy(zero_copy_only=False)
@@ -360,17 +360,18 @@ def render_report(table: pa.Table, summary: dict | None, s3_endpoint: str | None
     ])
 
 
-def _first_label_issues(destination: Destination) -> tuple[list[dict], int] | None:
-    """The GALLERY_SIZE first (most likely wrong) rows of DEST's label issues and their
-    count, read from the file's head alone; None where label-issues has not run."""
-    if LABEL_ISSUES not in destination.files():
+def _first_label_issues(destination: Destination) -> tuple[list[dict], int, str] | None:
+    """The GALLERY_SIZE first (most likely wrong) rows of DEST's label issues, their count
+    (read from the file's head alone) and their file's name; None where label-issues has not run."""
+    name = destination.label_issues_file()
+    if name is None:
         return None
     import pyarrow.parquet as pq
 
-    with destination.open_file(LABEL_ISSUES) as file:
+    with destination.open_file(name) as file:
         issues = pq.ParquetFile(file)
         first = next(issues.iter_batches(batch_size=GALLERY_SIZE), None)
-        return (first.to_pylist() if first is not None else []), issues.metadata.num_rows
+        return (first.to_pylist() if first is not None else []), issues.metadata.num_rows, name
 
 
 def write_report(dest: str, html_path: str, s3_endpoint: str | None = None) -> str:

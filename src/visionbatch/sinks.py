@@ -10,11 +10,16 @@ Layout of DEST::
     _lease.json          while a job runs: which job holds DEST (one at a time)
     _summary.json        the job's summary
     _metrics.json        its metrics (evaluate)
-    _label_issues.parquet  rows whose given label looks wrong (label_issues)
+    _derived/            tables derived from the results: label_issues.parquet, rows
+                         whose given label looks wrong (label_issues)
+    .huggingface.yaml    which files are which, for Hugging Face datasets and the Hub:
+                         the result parts (the default config), each derived table
+                         (Parquet DESTs)
 
 Every name but the part files starts with "_" (temporary names with "."), the names
 Parquet readers skip: DEST reads as a plain dataset (pandas.read_parquet(DEST),
-pyarrow.dataset.dataset(DEST), DuckDB and polars on DEST/*.parquet).
+pyarrow.dataset.dataset(DEST), DuckDB and polars on DEST/part-*.parquet). Derived
+tables sit one folder down, where a glob over DEST's top level does not reach them.
 
 Workers write part files (:class:`ShardWriter`): under a hidden temporary name, then
 renamed (locally) or uploaded whole (an object store shows an object only once its
@@ -31,6 +36,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -54,12 +60,19 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 SUMMARY = "_summary.json"
 METRICS_FILE = "_metrics.json"  # evaluate's metrics
-LABEL_ISSUES = "_label_issues.parquet"
+DERIVED = "_derived"
+LABEL_ISSUES = f"{DERIVED}/label_issues.parquet"
+DERIVED_TABLES = {"label_issues": LABEL_ISSUES}  # a Hugging Face config each, where present
+# A dataset card's YAML on its own (datasets >= 2.17 and the Hub read it as README.md's):
+# a README.md in DEST would be read as a part by pandas.read_parquet(DEST) and pyarrow's
+# dataset discovery, which skip only names starting with "_" or ".".
+HUB_CONFIG = ".huggingface.yaml"
+LABEL_ISSUES_BEFORE = "_label_issues.parquet"  # where label-issues wrote it before DERIVED: still read
 # 3: rows carry true_label_score; --resume across versions is refused, so no DEST mixes
 # part files with and without it.
 MANIFEST_VERSION = 3
 EMBEDDINGS_KEY = "embeddings"  # in the manifest's job record: {"width", "normalized"}, or null
-_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE, LABEL_ISSUES)
+_OWN_FILES = (MANIFEST, SUCCESS, SUMMARY, METRICS_FILE, LABEL_ISSUES_BEFORE, HUB_CONFIG)
 _LIST_COLUMNS = ("top_k_labels", "top_k_scores", EMBEDDING)
 log = logging.getLogger("visionbatch")
 
@@ -70,6 +83,11 @@ class DestinationError(Exception):
 
 def part_name(shard: str, fmt: str) -> str:
     return f"part-{shard}{EXTENSIONS[fmt]}"
+
+
+def part_glob(fmt: str) -> str:
+    """The glob that selects DEST's result parts and nothing else."""
+    return part_name("*", fmt)
 
 
 def _encode(table: pa.Table, fmt: str) -> bytes:
@@ -193,6 +211,15 @@ class Destination:
     def has_results(self) -> bool:
         return any(name.startswith("part-") or name in (MANIFEST, SUCCESS) for name in self.files())
 
+    def exists(self, name: str) -> bool:
+        """Whether the file ``name`` (a path below DEST) is there."""
+        return self.fs.get_file_info(self._path(name)).type == pafs.FileType.File
+
+    def label_issues_file(self) -> str | None:
+        """The name of DEST's label issues table (at DEST's top where an older label-issues
+        wrote it); None where label-issues has not run."""
+        return next((name for name in (LABEL_ISSUES, LABEL_ISSUES_BEFORE) if self.exists(name)), None)
+
     def open_file(self, name: str):
         """A file in DEST for random access (a Parquet file's footer, then some of it)."""
         return self.fs.open_input_file(self._path(name))
@@ -233,8 +260,9 @@ class Destination:
             with self.fs.open_output_stream(self._path(name)) as out:
                 fill(out)
             return
-        self.fs.create_dir(self.root, recursive=True)
-        tmp = self._path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers of DEST skip it
+        folder, base = posixpath.split(name)
+        self.fs.create_dir(self._path(folder).rstrip("/"), recursive=True)
+        tmp = self._path(posixpath.join(folder, f".{base}.{uuid.uuid4().hex[:8]}.tmp"))  # hidden: readers skip it
         try:
             with self.fs.open_output_stream(tmp) as out:
                 fill(out)
@@ -265,9 +293,25 @@ class Destination:
                     if (name.startswith("part-") and name not in keep) or (name.startswith(".") and name.endswith(".tmp")))
 
     def clear(self) -> None:
-        """Remove visionbatch's own files (results, manifest, summary, metrics)."""
+        """Remove visionbatch's own files (results, manifest, summary, metrics, derived tables)."""
         self.delete(name for name in self.files() if name.startswith("part-") or name in _OWN_FILES
                     or (name.startswith(".") and name.endswith(".tmp")))
+        if self.fs.get_file_info(self._path(DERIVED)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self._path(DERIVED))
+
+    def write_hub_config(self, fmt: str) -> None:
+        """Write HUB_CONFIG: ``datasets.load_dataset(DEST)`` gives the result rows (the
+        default config) and each derived table present (a config named after it). Only
+        for Parquet parts: datasets guesses CSV and JSON columns' types file by file (a
+        column null throughout one part fails), and reads every config with the builder
+        of the first one's files."""
+        if fmt != "parquet":
+            return
+        configs = [{"config_name": "default", "default": True, "data_files": part_glob(fmt)}]
+        configs += [{"config_name": name, "data_files": path} for name, path in DERIVED_TABLES.items()
+                    if self.exists(path)]
+        body = json.dumps({"configs": configs}, indent=2)  # JSON is YAML
+        self.write_bytes(HUB_CONFIG, f"# visionbatch: which files are which (Hugging Face datasets)\n{body}\n".encode())
 
     def read_parts(self, names: list[str], schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
         tables = [_decode(self.read_bytes(name), _format_of(name), schema) for name in names]
