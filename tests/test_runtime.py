@@ -264,3 +264,22 @@ def test_a_resumed_job_keeps_the_path_its_first_run_certified(tmp_path):
     assert 0 < summary["already_done"] < 1200 and summary["predicted"] == 1200
     assert summary["runtime"]["path"] == "openvino/f32"
     assert summary["runtime"]["certificate"] == runtime["certificate"]  # the first run's, not taken again
+
+
+def test_the_paths_a_cpu_job_may_take():
+    """auto: OpenVINO at every precision this CPU runs (bf16 first where it has it); an
+    explicit reduced dtype: that precision, or f32 with a note where the CPU lacks it;
+    torch: a reduced dtype is torch's, float32 is the reference alone."""
+    from visionbatch.runtime import candidate_paths, openvino_precisions
+
+    here = openvino_precisions()
+    assert here[-1] == "f32"
+    assert candidate_paths("auto", "auto", "cpu") == ([f"openvino/{p}" for p in here], [])
+    assert candidate_paths("openvino", "float32", "cpu") == (["openvino/f32"], [])
+    paths, notes = candidate_paths("auto", "bfloat16", "cpu")
+    if "bf16" in here:
+        assert (paths, notes) == (["openvino/bf16"], [])
+    else:
+        assert paths == ["openvino/f32"] and notes == ["OpenVINO has no bf16 kernels for this CPU: f32 instead"]
+    assert candidate_paths("torch", "bfloat16", "cpu") == (["torch/bfloat16"], [])
+    assert candidate_paths("torch", "auto", "cpu") == ([], [])
