@@ -288,6 +288,26 @@ def test_kill_9_of_the_driver_then_resume_on_ray_with_its_actors_killed(images, 
              f"after the 10 s grace (those are killed by pid); {killed_at} rows committed when the actors were killed")
 
 
+@pytest.mark.slow
+def test_kill_9_of_the_driver_takes_its_processes_with_it(images, slow_vit, tmp_path, start):
+    """The driver (local engine) SIGKILLed mid-job, alone: its decode workers and
+    multiprocessing's resource tracker are gone within 10 s, not reparented to PID 1."""
+    dest = tmp_path / "out"
+    run = start(_classify_args(images, slow_vit, dest), tmp_path / "run")
+    run.wait_for_commit(dest)
+    children = {pid: cmd for pid, (_, cmd) in session_processes(run.pid).items() if pid != run.pid}
+    assert any("multiprocessing.spawn" in cmd for cmd in children.values()), children
+    assert any("resource_tracker" in cmd for cmd in children.values()), children
+    os.kill(run.pid, signal.SIGKILL)
+    run.proc.wait()
+    killed = time.monotonic()
+    while (alive := set(children) & set(session_processes(run.pid))) and time.monotonic() - killed < 10:
+        time.sleep(0.1)
+    assert not alive, f"still alive 10 s after the driver's kill: {[children[pid] for pid in alive]}"
+    print(f"\n[faults] kill -9 of the driver: its {len(children)} processes gone "
+          f"{time.monotonic() - killed:.1f} s after it")
+
+
 def _resume_and_check(start, images, model, dest, run_dir, expected, committed, *more):
     """Run ``--resume`` into ``dest`` and check it (see _check_resumed)."""
     started = time.monotonic()

@@ -24,11 +24,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -61,6 +63,7 @@ _START_METHOD = "spawn"
 _MANAGER_JOIN_S = _WORKERS_EXIT_S = 10.0
 
 _blocks = None  # in a decode worker: the queue its blocks go to
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,22 @@ class _ShardDone:
     shard: str
 
 
-def _init_worker(blocks) -> None:
+def _die_with(driver: int) -> None:
+    """On Linux, have the kernel SIGKILL this worker when the driver dies, even by
+    kill -9: it would otherwise wait on its queues forever, reparented to PID 1, and
+    keep multiprocessing's resource tracker alive too (that one exits once every
+    process holding its pipe, the driver and its workers, is gone). The signal comes
+    when the thread that started the worker ends: the driver's thread that runs the job."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != driver:  # it died before the signal was asked for
+        os._exit(1)
+
+
+def _init_worker(blocks, driver: int) -> None:
     global _blocks
+    _die_with(driver)
     # Ctrl-C reaches the whole foreground process group: the driver stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # An image that still blows up becomes a row (MemoryError) or this worker's death,
@@ -137,7 +154,7 @@ class _Pool:
         self.workers = workers
         self.blocks = context.Queue(maxsize=2 * workers + 2)
         self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                               initializer=_init_worker, initargs=(self.blocks,))
+                                                               initializer=_init_worker, initargs=(self.blocks, os.getpid()))
         self._writer_lock = threading.Lock()  # a worker starting pickles the write end: not once closed
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
