@@ -452,6 +452,33 @@ def test_decoder_that_kills_its_worker(images, tiny_vit, tmp_path, start):
     _outcome("decoder os._exit on one file", len(expected), table, seconds, "that file: worker_crash row")
 
 
+@pytest.mark.slow
+def test_a_stopped_worker_loses_its_shards(images, slow_vit, tmp_path, start):
+    """kill -STOP of a decode worker mid-job (it holds a shard: the model is the slower
+    stage, so each worker waits with one for room in the queue): after --stall-timeout
+    seconds of the model waiting, the workers are replaced, their shards done again, and
+    the job ends with every row once, predicted."""
+    dest = tmp_path / "out"
+    expected = _expected_paths(images)
+    run = start(_classify_args(images, slow_vit, dest, "--stall-timeout", 3), tmp_path / "run")
+    run.wait_for_commit(dest)
+    worker = next(pid for pid, (_, cmd) in session_processes(run.pid).items() if "spawn_main" in cmd)
+    os.kill(worker, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        assert run.wait(300) == 0, run.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+    seconds = time.monotonic() - stopped
+    assert "a decode worker sent nothing for" in run.stderr, run.stderr
+    table = _check_exactly_once(dest, expected)
+    assert table.column("error").null_count == len(expected)
+    assert not wait_session_gone(run)
+    _outcome("kill -STOP of a decode worker, --stall-timeout 3", len(expected), table, seconds,
+             "seconds from the stop to the job's end")
+
+
 # --------------------------------------------------------------------------- 4. flaky object store
 
 _SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
