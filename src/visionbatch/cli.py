@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
-    from visionbatch.job import ignore_further_interrupts, sigterm_as_interrupt
+    from visionbatch.job import sigterm_as_interrupt
 
     try:
         log_path = _log_path()
@@ -175,17 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visionbatch: error: cannot write the log file to the temporary folder (TMPDIR="
               f"{os.environ.get('TMPDIR', '/tmp')}): {err}", file=sys.stderr)
         return EXIT_FAILED
-    with _library_noise_to(log_path) as terminal, sigterm_as_interrupt():
+    # After a stop, the stop signals stay ignored through the interpreter's exit (it
+    # resets only handlers it set): the default ones would end it without its 130.
+    with _library_noise_to(log_path) as terminal, sigterm_as_interrupt(restore_after_a_stop=False):
         args.terminal = terminal
-        code = _run_command(args, log_path)
-    if code == EXIT_INTERRUPTED:  # ignored through the interpreter's exit too (it resets only handlers it set)
-        ignore_further_interrupts()
-    return code
+        return _run_command(args, log_path)
 
 
 def _run_command(args, log_path: str) -> int:
     """Run the command; its exit status, with any error told in one line."""
-    from visionbatch.job import JobError, JobInterrupted, ignore_further_interrupts
+    from visionbatch.job import JobError, JobInterrupted
     from visionbatch.model import ModelLoadError
     from visionbatch.sinks import DestinationError
     from visionbatch.storage import SourceError
@@ -193,14 +192,11 @@ def _run_command(args, log_path: str) -> int:
     try:
         return COMMANDS[args.command](args)
     except (JobInterrupted, ValueError) as err:
-        if isinstance(err, JobInterrupted):
-            ignore_further_interrupts()
         print(f"visionbatch: error: {err}", file=args.terminal.err)
         return EXIT_INTERRUPTED if isinstance(err, JobInterrupted) else EXIT_USAGE
     except (JobError, ModelLoadError, DestinationError, SourceError) as err:
         return _failed(str(err), log_path, args.terminal)
     except KeyboardInterrupt:
-        ignore_further_interrupts()
         print("visionbatch: interrupted", file=args.terminal.err)
         return EXIT_INTERRUPTED
     except Exception as err:  # a failure no message foresaw: still one line, the traceback in the log

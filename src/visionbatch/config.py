@@ -34,6 +34,9 @@ MAX_MADE_PIXELS = DEFAULT_MAX_PIXELS
 # with 16 pyarrow threads 1.3 GB (arenas and stacks count, though mostly untouched).
 DECODE_MEMORY_LIMIT = 3 << 30
 DEFAULT_READ_TIMEOUT_S = 60.0
+# A block's files are read 16 at a time (samples.READ_AHEAD), each for up to the read
+# timeout: a worker silent for twice that is stuck (stopped, hung), not slow.
+DEFAULT_STALL_TIMEOUT_S = 2 * DEFAULT_READ_TIMEOUT_S
 DEFAULT_MAX_BYTES = 50_000_000  # a 12-MP JPEG is ~5 MB, a 100-MP TIFF ~300 MB: raise it for such collections
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -96,6 +99,10 @@ class ClassifyConfig:
                                 "that leaves at least three times the model's resize side)")
     read_timeout: float = option(DEFAULT_READ_TIMEOUT_S, "seconds to wait for one file's bytes before giving it a "
                                  "read_error row (a hung mount or server)", metavar="SECONDS")
+    stall_timeout: float = option(DEFAULT_STALL_TIMEOUT_S, "how long the model may wait on a decode worker that "
+                                  "sends nothing of the shard it started (a stopped or hung process; time the model "
+                                  "is busy does not count) before the workers are replaced and their shards done "
+                                  "again (local engine); keep it above --read-timeout", metavar="SECONDS")
     shard_size: int = option(1000, "images per shard: the unit of work, of output (one part file each) and of "
                              "--resume", metavar="N")
     allow_pickle: bool = option(False, "also load pickled (.bin) weights; only for models you trust")
@@ -143,7 +150,8 @@ class ClassifyConfig:
             raise ValueError("--label-column reads WebDataset members or --image-column tables, not list files")
         if self.download_timeout <= 0 or self.download_retries < 0:
             raise ValueError("--download-timeout must be positive and --download-retries at least 0")
-        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size", "read_timeout"):
+        for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size", "read_timeout",
+                     "stall_timeout"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -205,6 +213,10 @@ class ExportConfig:
     per_class: int | None = option(None, "only the N least confident rows of each predicted label (of those the "
                                    "other options select)", metavar="N")
     label_issues: bool = option(False, "only the rows `visionbatch label-issues DEST` flagged")
+    stall_timeout: float = option(DEFAULT_STALL_TIMEOUT_S, "how long the model may wait on a decode worker that "
+                                  "sends nothing of the shard it started (a stopped or hung process; time the model "
+                                  "is busy does not count) before the workers are replaced and their shards done "
+                                  "again (local engine); keep it above --read-timeout", metavar="SECONDS")
     shard_size: int = option(1000, "rows per export shard: the unit of work, of output (a tar each) and of "
                              "--resume", metavar="N")
     image_url_prefix: str = option("/data/local-files/?d=", "labelstudio: what precedes images/NAME in a "

@@ -24,11 +24,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -43,6 +45,7 @@ from visionbatch.decode import limit_memory
 from visionbatch.engine import Engine, commit_events, gpu_count
 from visionbatch.model import Predictor
 from visionbatch.plan import JobError, ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
+from visionbatch.results import SHARD_COLUMN
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
 from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage
@@ -61,6 +64,14 @@ _START_METHOD = "spawn"
 _MANAGER_JOIN_S = _WORKERS_EXIT_S = 10.0
 
 _blocks = None  # in a decode worker: the queue its blocks go to
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass(frozen=True)
+class _ShardStarted:
+    """A decode task's first item in the queue: a worker has the shard in hand."""
+
+    shard: str
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,22 @@ class _ShardDone:
     shard: str
 
 
-def _init_worker(blocks) -> None:
+def _die_with(driver: int) -> None:
+    """On Linux, have the kernel SIGKILL this worker when the driver dies, even by
+    kill -9: it would otherwise wait on its queues forever, reparented to PID 1, and
+    keep multiprocessing's resource tracker alive too (that one exits once every
+    process holding its pipe, the driver and its workers, is gone). The signal comes
+    when the thread that started the worker ends: the driver's thread that runs the job."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != driver:  # it died before the signal was asked for
+        os._exit(1)
+
+
+def _init_worker(blocks, driver: int) -> None:
     global _blocks
+    _die_with(driver)
     # Ctrl-C reaches the whole foreground process group: the driver stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # An image that still blows up becomes a row (MemoryError) or this worker's death,
@@ -86,6 +111,7 @@ def _decode_task(shard: AnyShard, options: dict) -> None:
     from visionbatch.decode import decode_shards
 
     given = iter([shard])
+    _blocks.put(_ShardStarted(shard.id))
     for block in decode_shards(lambda: next(given, None), **options):
         _blocks.put(block)
     _blocks.put(_ShardDone(shard.id))
@@ -132,13 +158,15 @@ class _Pool:
     to inherit it (all started: the pool starts no more), or once the pool is broken;
     a read of a cut block then ends with EOFError when the workers are gone."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, stall_timeout: float | None = None):
         context = multiprocessing.get_context(_START_METHOD)
         self.workers = workers
         self.blocks = context.Queue(maxsize=2 * workers + 2)
         self.executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                               initializer=_init_worker, initargs=(self.blocks,))
+                                                               initializer=_init_worker, initargs=(self.blocks, os.getpid()))
         self._writer_lock = threading.Lock()  # a worker starting pickles the write end: not once closed
+        # Where the driver takes blocks (LocalEngine.run): a stuck worker breaks the pool.
+        self.stall = _Stall(stall_timeout, self.kill) if stall_timeout is not None else None
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
         with self._writer_lock:
@@ -157,24 +185,33 @@ class _Pool:
         """Whether every worker has exited, waiting up to ``timeout`` s: the pipe's end
         comes while they exit (their ends close before they can be reaped), not after."""
         deadline = time.monotonic() + timeout
-        while any(process.is_alive() for process in list((self.executor._processes or {}).values())):
+        while any(process.is_alive() for process in self.processes()):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
         return True
 
     def pids(self) -> list[int]:
-        # The executor's process map: it has no public one.
-        return list(self.executor._processes or {})
+        return [process.pid for process in self.processes()]
+
+    def processes(self) -> list:
+        # The executor's process map: it has no public one (and shutdown drops it).
+        return list((self.executor._processes or {}).values())
+
+    def kill(self) -> None:
+        """SIGKILL every worker, a stopped one too (SIGTERM would wait for its SIGCONT);
+        they hold nothing to clean up. (Python 3.14 has ProcessPoolExecutor.kill_workers.)"""
+        for process in self.processes():
+            process.kill()
 
     def close(self) -> None:
-        # Workers busy with a shard would finish it first: stop them now. (Python 3.14
-        # has ProcessPoolExecutor.terminate_workers; before it, only its process map.)
-        processes = list((self.executor._processes or {}).values())
-        manager = self.executor._executor_manager_thread
+        if self.stall is not None:
+            self.stall.stop()
+        # Workers busy with a shard would finish it first: stop them now.
+        processes, manager = self.processes(), self.executor._executor_manager_thread
         self.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
-            process.terminate()
+            process.kill()
         # The pool's thread then closes its wake-up pipe; should the interpreter exit
         # meanwhile (an interrupted job), the pool's exit hook writes to that pipe as it
         # closes ("OSError: Bad file descriptor" on stderr, a race in CPython 3.11's
@@ -186,6 +223,79 @@ class _Pool:
         self.blocks._reader.close()
         with self._writer_lock:
             self.blocks._writer.close()
+
+
+class _Stall:
+    """Watches a pool for a stuck worker (stopped, hung): a shard it started that has
+    sent nothing, or a pool with shards in hand that has sent nothing at all (an idle
+    worker stopped while it holds the lock on the pool's tasks), while the driver waited
+    ``timeout`` s for blocks, all told (time the model is busy does not count: workers
+    then wait for room in the queue). A thread of the driver looks every second and
+    then kills the pool's workers: the driver itself may be blocked in the middle of a
+    block that a stopped worker will never finish writing. Every writer dead ends that
+    read, and the pool is broken as at a worker's death: its shards go again, a new
+    pool takes the next ones."""
+
+    def __init__(self, timeout: float, kill: Callable[[], None]):
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._waited = 0.0  # the driver's time waiting for blocks, all told
+        self._since: float | None = None  # when the wait under way began
+        self._in_hand: set[str] = set()  # shards submitted and not done
+        self._heard: dict[str, float] = {}  # a started shard -> _waited when it last sent something
+        self._last = 0.0  # _waited when the pool last sent something, or was given work when it had none
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, args=(kill,), daemon=True, name="visionbatch-stall").start()
+
+    def _waited_now(self) -> float:
+        return self._waited + (time.monotonic() - self._since if self._since is not None else 0.0)
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Around the driver's wait for a block."""
+        with self._lock:
+            self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waited, self._since = self._waited_now(), None
+
+    def submitted(self, shard: str) -> None:
+        with self._lock:
+            if not self._in_hand:
+                self._last = self._waited_now()
+            self._in_hand.add(shard)
+
+    def heard(self, shard: str) -> None:
+        """Something came from ``shard``: its start or a block."""
+        with self._lock:
+            self._heard[shard] = self._last = self._waited_now()
+
+    def done(self, shard: str) -> None:
+        with self._lock:
+            self._heard.pop(shard, None)
+            self._in_hand.discard(shard)
+            self._last = self._waited_now()
+
+    def _silent(self) -> float:
+        with self._lock:
+            now = self._waited_now()
+            silences = [now - heard for heard in self._heard.values()]
+            if self._in_hand:
+                silences.append(now - self._last)
+            return max(silences, default=0.0)
+
+    def _watch(self, kill: Callable[[], None]) -> None:
+        while not self._stopped.wait(1.0):
+            if (silent := self._silent()) > self.timeout:
+                log.warning("a decode worker sent nothing for %.0f s (stopped or hung): the workers are replaced "
+                            "and their shards done again", silent)
+                kill()
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 class LocalEngine(Engine):
@@ -259,13 +369,14 @@ class LocalEngine(Engine):
             feed = _Feed(lambda: next(given, None), 1)
         tries: dict[str, int] = {}
         in_flight: dict[str, tuple[AnyShard, concurrent.futures.Future]] = {}
-        pool, broken, lanes = _Pool(workers), False, None
+        pool, broken, lanes = _Pool(workers, config.stall_timeout), False, None
         try:
             def submit() -> bool:
                 """Keep the workers busy; False once the pool is found broken."""
                 while len(in_flight) < in_flight_limit and (shard := feed.take()) is not None:
                     try:
                         future = pool.submit(_decode_task, shard, options)
+                        pool.stall.submitted(shard.id)
                     except BrokenProcessPool:  # a worker died since the last look: not this shard's try
                         feed.again(shard)
                         return False
@@ -288,7 +399,7 @@ class LocalEngine(Engine):
                 broken = broken or not submit()
                 yield from write("lane")
                 try:
-                    with cores.waiting():
+                    with cores.waiting(), pool.stall.waiting():
                         item = pool.blocks.get(timeout=_POLL_S)
                 except queue.Empty:  # every block that came is taken: look at the workers
                     item = None
@@ -310,11 +421,16 @@ class LocalEngine(Engine):
                     writer.discard(list(in_flight))
                     in_flight.clear()
                     pool.close()
-                    pool, broken = _Pool(workers), False
+                    pool, broken = _Pool(workers, config.stall_timeout), False
+                    continue
+                if isinstance(item, _ShardStarted):
+                    pool.stall.heard(item.shard)
                     continue
                 if isinstance(item, _ShardDone):
                     in_flight.pop(item.shard, None)
+                    pool.stall.done(item.shard)
                     continue
+                pool.stall.heard(item.column(SHARD_COLUMN)[0].as_py())
                 in_flight_limit = limit_after_start
                 lanes.width = cores.adjust(pool.blocks.full(), pool.pids())
                 lanes.start(item)

@@ -527,7 +527,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     """Export the chosen rows' images from DEST to OUT (module docstring); ``progress``:
     the stream for the progress bar (None: no bar)."""
     from visionbatch.engine import make_engine
-    from visionbatch.job import JobError, JobInterrupted, ignore_further_interrupts, sigterm_as_interrupt
+    from visionbatch.job import JobError, JobInterrupted, sigterm_as_interrupt
     from visionbatch.sinks import Lease, Manifest
 
     started = time.monotonic()
@@ -581,7 +581,6 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
                 _write_labeling_config(out, len(parts))
             manifest.write(complete=True)
         except KeyboardInterrupt:
-            ignore_further_interrupts()
             raise JobInterrupted(_stopped("interrupted", manifest, config.to)) from None
         except ValueError:  # a bad --where: nothing to keep
             raise

@@ -35,8 +35,7 @@ from visionbatch.sources import check_source
 from visionbatch.storage import SourceError, Storage, describe
 from visionbatch.summary import Summary
 
-__all__ = ["JobError", "JobInterrupted", "ignore_further_interrupts", "prepare", "run", "run_job",
-           "sigterm_as_interrupt"]
+__all__ = ["JobError", "JobInterrupted", "prepare", "run", "run_job", "sigterm_as_interrupt"]
 
 log = logging.getLogger("visionbatch")
 
@@ -110,7 +109,6 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
                 prepared = dataclasses.replace(prepared, plan=dataclasses.replace(
                     prepared.plan, certified_path=manifest.certified_path))
             except KeyboardInterrupt:
-                ignore_further_interrupts()
                 raise JobInterrupted("interrupted during start-up; nothing was written") from None
             except DestinationError as err:
                 raise JobError(str(err)) from None
@@ -179,7 +177,6 @@ class _Job:
                 raise JobError(self._model_failed())
             self._write_manifest(complete=True)
         except KeyboardInterrupt:
-            ignore_further_interrupts()
             raise JobInterrupted(self._stopped("interrupted")) from None
         except DestinationError as err:  # a full disk, a read-only mount, a bucket gone
             raise JobError(self._stopped(str(err))) from None
@@ -410,7 +407,12 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # signals are handled there only
 
 
-def _raise_interrupt(signum, frame):
+def _interrupt_once(signum, frame):
+    """The first stop signal raises KeyboardInterrupt in the main thread; from then on
+    the stop signals are ignored: raised again while the stop cleans up (a thread's
+    join, a pool's close), they would cut it short and leave threads and processes
+    behind, the interpreter then waiting for them at exit."""
+    _ignore_further_interrupts()
     raise KeyboardInterrupt
 
 
@@ -418,7 +420,7 @@ def _raise_interrupt(signum, frame):
 def _interrupts_held():
     """Stop signals during start-up take effect once it is done: raised at any point,
     they could break an import half done in the thread that loads the model's configs.
-    Yields the event that says one came."""
+    Yields the event that says one came (then the stop signals stay ignored)."""
     import signal
     import threading
 
@@ -430,35 +432,39 @@ def _interrupts_held():
     try:
         yield came
     finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+        if came.is_set():
+            _ignore_further_interrupts()
+        else:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM and SIGHUP stop the job like Ctrl-C: committed rows stay and --resume
-    continues. Every handler is as before once the block ends."""
+def sigterm_as_interrupt(restore_after_a_stop: bool = True):
+    """SIGTERM and SIGHUP stop the job like Ctrl-C, and any of them only once (see
+    _interrupt_once): committed rows stay and --resume continues. Every handler is as
+    before once the block ends, unless a stop came and ``restore_after_a_stop`` is
+    False (the command line, whose process exits next). Inside another such block,
+    nothing changes: the outer one decides."""
     import signal
 
     if not _in_main_thread():
         yield
         return
-    signals = _stop_signals()
-    saved = {signum: signal.getsignal(signum) for signum in signals}
-    for signum in signals:
-        if signum != signal.SIGINT:  # Ctrl-C raises KeyboardInterrupt already
-            signal.signal(signum, _raise_interrupt)
+    signals = [signum for signum in _stop_signals() if signal.getsignal(signum) is not _interrupt_once]
+    saved = {signum: signal.signal(signum, _interrupt_once) for signum in signals}
     try:
         yield
     finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+        stopped = any(signal.getsignal(signum) is not _interrupt_once for signum in signals)
+        if restore_after_a_stop or not stopped:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
 
 
-def ignore_further_interrupts() -> None:
+def _ignore_further_interrupts() -> None:
     """Once a job is stopping, another Ctrl-C or SIGTERM changes nothing: the stop
-    finishes (commit, lease, engine) and the exit status stays 130. (Inside
-    :func:`sigterm_as_interrupt`, which puts the handlers back.)"""
+    finishes (commit, lease, engine) and the exit status stays 130."""
     import signal
 
     if _in_main_thread():
