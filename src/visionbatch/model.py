@@ -553,6 +553,16 @@ class Predictor:
         self.forward = torch.compile(self.tower) if compile else self.tower
         self.batch_size = batch_size
         self.pixel_layout = pixel_layout  # (shape, dtype) of one image in a pipeline block
+        # The faster paths and the certificate that picks one; the reference until then.
+        self.paths = ModelPaths(
+            candidates, reference=self.forward, notes=notes,
+            spec=self._tower_spec(source, {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
+            if candidates else None,
+            fresh_tower=lambda dtype: image_tower(
+                load_model(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           zero_shot=self.zero_shot).to(self.device),
+                zero_shot=self.zero_shot, embeddings=bool(embedding_width)),
+            streams=passes_at_once, certify=certified_path is None, insist=dtype in REDUCED_DTYPES)
         self.packed_layers = 0
         if self.device.type == "cpu" and self.dtype == torch.float32 and pixel_layout and not compile:
             shape, layout_dtype = pixel_layout
@@ -564,17 +574,6 @@ class Predictor:
             self.packed_layers = pack_linear_layers(self.model, lambda: self.forward(self._model_input(probe)))
         if fewer_threads and pixel_layout and self.device.type == "cpu":
             self.fit_threads(*fewer_threads)
-        # The faster paths and the certificate that picks one; the reference until then.
-        self.paths = ModelPaths(
-            candidates, reference=self.forward, notes=notes,
-            spec=self._tower_spec(source, {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
-            if candidates else None,
-            fresh_tower=lambda dtype: image_tower(
-                load_model(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           zero_shot=self.zero_shot).to(self.device),
-                zero_shot=self.zero_shot, embeddings=bool(embedding_width)),
-            streams=passes_at_once, threads=torch.get_num_threads(), certify=certified_path is None,
-            insist=dtype in REDUCED_DTYPES)
         if not defer_candidates:
             self.paths.start()
 

@@ -370,12 +370,11 @@ class ModelPaths:
     tower, for OpenVINO; ``fresh_tower(dtype)``: another copy of it in a torch dtype."""
 
     def __init__(self, wanted: list[str], *, reference: Callable, spec: TowerSpec | None,
-                 fresh_tower: Callable, streams: int, threads: int, certify: bool, insist: bool, notes: list[str]):
+                 fresh_tower: Callable, streams: int, certify: bool, insist: bool, notes: list[str]):
         from visionbatch.certificate import Certification
 
         self.wanted, self.reference, self.spec = wanted, reference, spec
-        # Passes at once (the local engine's lanes), and threads each (the replica's torch threads).
-        self._fresh_tower, self._streams, self._threads = fresh_tower, streams, threads
+        self._fresh_tower, self._streams = fresh_tower, streams  # passes at once: the local engine's lanes
         self.certification = Certification(wanted, REFERENCE, insist) if wanted and certify else None
         self.notes = notes
         self.loaded: dict[str, Callable] = {}  # path -> forward, once loaded
@@ -411,7 +410,8 @@ class ModelPaths:
             try:
                 if runtime == "openvino":
                     for candidate in load_openvino(self.spec, precisions=[path.partition("/")[2] for path in paths],
-                                                   streams=self._streams, threads=self._threads):
+                                                   # each on the replica's torch threads (torch's count is per process)
+                                                   streams=self._streams, threads=torch.get_num_threads()):
                         loaded[candidate.path] = candidate.forward
                         self.notes.append(f"{candidate.path}: {candidate.note}")
                 else:
