@@ -8,7 +8,7 @@ the same 64 random images in the model's own input layout: top-1 agreement and t
 largest score difference. The suite tests a handful (tests/test_runtime.py); this runs
 them all (~2 minutes on 2 cores).
 
-    .venv/bin/python benchmarks/openvino_families.py
+    .venv/bin/python benchmarks/openvino_families.py [FAMILY ...]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="visionbatch-families-"))
     print(f"{'family':22} {'path':14} {'agree':>7} {'max score diff':>15}  note")
-    for name in FAMILIES:
+    for name in sys.argv[1:] or FAMILIES:
         if name in REFUSED:
             continue
         folder = save_family(name, work / name)
