@@ -180,90 +180,84 @@ def _tree(folder: Path, count: int) -> Path:
     return folder
 
 
-def _classify(images: Path, model: str, dest: Path, *extra: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model,
-                           "--output", str(dest), "--quiet", "--shard-size", "200", *extra],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def _classify(images: Path, model: str, dest: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output", str(dest),
+            "--quiet", "--shard-size", "100", *extra]
+
+
+def _summary(dest: Path) -> dict:
     return json.loads((dest / "_summary.json").read_text())
 
 
+def _certificate_committed(job: subprocess.Popen, dest: Path) -> dict:
+    """Wait until DEST's manifest records a decided certificate (the job still running); its runtime."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert job.poll() is None, f"the job ended before its certificate was committed: {job.stderr.read()}"
+        assert time.monotonic() < deadline, "no decided certificate in the manifest"
+        try:
+            runtime = json.loads((dest / "_manifest.json").read_text()).get("runtime") or {}
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet
+            runtime = {}
+        if (runtime.get("certificate") or {}).get("decided"):
+            return runtime
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_a_job_certifies_openvino_on_its_own_images_and_its_answers_are_torchs(tiny_vit, tmp_path):
-    """The first job converts beside itself (this one ends first: the reference answers
-    throughout, and the conversion finishes for the next job); the second loads the
-    cached graph with the model and certifies it on its first images."""
+def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(tmp_path):
+    """The first job converts beside itself (it ends first: the reference answers
+    throughout, and the conversion finishes for the next job). The second loads the
+    cached graph with the model, certifies it on its first images, is interrupted once
+    its certificate is committed, and resumes on the certified path without certifying
+    again. Its rows are the first job's (torch's) answers."""
+    import os
+    import signal
+
     from visionbatch.model import Predictor
     from visionbatch.runtime import graph_path
 
-    images = _tree(tmp_path / "images", 700)
-    first = _classify(images, tiny_vit, tmp_path / "first")["runtime"]
+    model = save_random_vit(tmp_path / "model", hidden=192, layers=4, heads=3, mlp=768, seed=3, head_scale=20.0)
+    images = _tree(tmp_path / "images", 1000)
+    subprocess.run(_classify(images, model, tmp_path / "first"), check=True, timeout=600)
+    first = _summary(tmp_path / "first")["runtime"]
     assert first["path"] == "torch/float32" and not first["certificate"]["decided"], first
-    spec = Predictor(tiny_vit, scale=(1.0,) * 3, offset=(0.0,) * 3, pixel_layout=((224, 224, 3), "|u1"),
+    spec = Predictor(model, scale=(1.0,) * 3, offset=(0.0,) * 3, pixel_layout=((224, 224, 3), "|u1"),
                      runtime="auto", defer_candidates=True).paths.spec
     cached = Path(graph_path(spec.weights, spec.description, spec.input_shape))
     deadline = time.monotonic() + 300
     while not cached.exists():  # the first job's conversion, finishing on its own
         assert time.monotonic() < deadline, "the conversion never cached its graph"
         time.sleep(0.2)
-    runtime = _classify(images, tiny_vit, tmp_path / "auto")["runtime"]
-    certificate = runtime["certificate"]
-    (trial,) = certificate["trials"]
-    assert certificate["decided"] and runtime["path"] == certificate["chosen"] == "openvino/f32", runtime
-    assert trial["verdict"] == PASSED and images_needed() <= trial["images"] < 700
+
+    dest = tmp_path / "auto"
+    second = subprocess.Popen(_classify(images, model, dest), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    runtime = _certificate_committed(second, dest)
+    os.killpg(second.pid, signal.SIGINT)
+    assert second.wait(300) == 130, second.stderr.read()
+    (trial,) = runtime["certificate"]["trials"]
+    assert runtime["path"] == runtime["certificate"]["chosen"] == "openvino/f32", runtime
+    assert trial["verdict"] == PASSED and images_needed() <= trial["images"] < 1000
     assert trial["agreement_lower_bound"] >= AGREEMENT and trial["max_score_difference"] < 1e-3
     assert any(note.endswith("cache") for note in runtime["notes"]), runtime["notes"]
-    page = tmp_path / "report.html"
-    subprocess.run([sys.executable, "-m", "visionbatch.cli", "report", str(tmp_path / "auto"), "--html", str(page)],
-                   check=True, capture_output=True, timeout=300)
-    assert "openvino/f32; certificate against torch/float32: openvino/f32 passed on" in page.read_text()
-    manifest = json.loads((tmp_path / "auto" / "_manifest.json").read_text())
-    assert manifest["runtime"]["path"] == "openvino/f32" and manifest["job"]["runtime"] == "auto"
-    reference = _classify(images, tiny_vit, tmp_path / "torch", "--runtime", "torch")
-    assert reference["runtime"] == {"path": "torch/float32", "notes": [], "certificate": None}
-    got = pq.read_table(tmp_path / "auto", columns=["path", "label", "score"]).sort_by("path")
-    expected = pq.read_table(tmp_path / "torch", columns=["path", "label", "score"]).sort_by("path")
-    assert got.column("label").to_pylist() == expected.column("label").to_pylist()
-    np.testing.assert_allclose(got.column("score").to_numpy(), expected.column("score").to_numpy(), atol=1e-4)
 
-
-@pytest.mark.slow
-def test_a_resumed_job_keeps_the_path_its_first_run_certified(tmp_path):
-    """Interrupted once its certificate is in the manifest, the job resumes on the
-    certified path without certifying again, and reports the first run's figures."""
-    import os
-    import signal
-
-    from visionbatch.model import Predictor
-
-    model = save_random_vit(tmp_path / "model", hidden=192, layers=4, heads=3, mlp=768, seed=3, head_scale=20.0)
-    Predictor(model, scale=(1.0,) * 3, offset=(0.0,) * 3, pixel_layout=((224, 224, 3), "|u1"), runtime="auto",
-              certified_path="openvino/f32").paths.wait(600)  # converted and cached
-    images, dest = _tree(tmp_path / "images", 1200), tmp_path / "out"
-    arguments = [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output",
-                 str(dest), "--quiet", "--shard-size", "100"]
-    first = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    deadline = time.monotonic() + 300
-    while True:  # until the manifest records a decided certificate
-        assert first.poll() is None, f"the job ended before it could be interrupted: {first.stderr.read()}"
-        assert time.monotonic() < deadline, "no certificate in the manifest"
-        try:
-            runtime = json.loads((dest / "_manifest.json").read_text()).get("runtime") or {}
-        except (FileNotFoundError, json.JSONDecodeError):
-            runtime = {}
-        if (runtime.get("certificate") or {}).get("decided"):
-            break
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGINT)
-    assert first.wait(300) == 130, first.stderr.read()
-    assert runtime["path"] == "openvino/f32"
-    resumed = subprocess.run([*arguments, "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([*_classify(images, model, dest), "--resume"], capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads((dest / "_summary.json").read_text())
-    assert 0 < summary["already_done"] < 1200 and summary["predicted"] == 1200
+    summary = _summary(dest)
+    assert 0 < summary["already_done"] < 1000 and summary["predicted"] == 1000
     assert summary["runtime"]["path"] == "openvino/f32"
     assert summary["runtime"]["certificate"] == runtime["certificate"]  # the first run's, not taken again
+    assert json.loads((dest / "_manifest.json").read_text())["job"]["runtime"] == "auto"
+    page = tmp_path / "report.html"
+    subprocess.run([sys.executable, "-m", "visionbatch.cli", "report", str(dest), "--html", str(page)],
+                   check=True, capture_output=True, timeout=300)
+    assert "openvino/f32; certificate against torch/float32: openvino/f32 passed on" in page.read_text()
+    got = pq.read_table(dest, columns=["path", "label", "score"]).sort_by("path")
+    expected = pq.read_table(tmp_path / "first", columns=["path", "label", "score"]).sort_by("path")
+    assert got.column("label").to_pylist() == expected.column("label").to_pylist()
+    np.testing.assert_allclose(got.column("score").to_numpy(), expected.column("score").to_numpy(), atol=1e-4)
 
 
 def test_the_paths_a_cpu_job_may_take():
