@@ -213,6 +213,9 @@ class ExportConfig:
     per_class: int | None = option(None, "only the N least confident rows of each predicted label (of those the "
                                    "other options select)", metavar="N")
     label_issues: bool = option(False, "only the rows `visionbatch label-issues DEST` flagged")
+    reviewed: str | None = option(None, "a Label Studio JSON export of reviewed tasks (from an export --format "
+                                  "labelstudio): each row gets its reviewed_label (--where sees it), and imagefolder "
+                                  "files a reviewed image under its reviewed label", metavar="FILE")
     stall_timeout: float = option(DEFAULT_STALL_TIMEOUT_S, "how long the model may wait on a decode worker that "
                                   "sends nothing of the shard it started (a stopped or hung process; time the model "
                                   "is busy does not count) before the workers are replaced and their shards done "

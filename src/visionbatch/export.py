@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -50,6 +51,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
+from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, predicted_labels, read_reviews, task
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
@@ -67,7 +69,8 @@ IMAGES = "images"  # labelstudio: the image files its tasks point to
 PART, ROW = "_part", "_row"  # a selected row's part file (its shard id) and index in it
 SELECT_MEMORY = "256MB"  # DuckDB's memory limit while selecting; beyond it, it spills to disk
 # What a sample's .json (webdataset) and its metadata.jsonl line (imagefolder) carry, where the row has it.
-SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score")
+SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score",
+                 REVIEWED_LABEL)
 _FORMATS = {"JPEG": ".jpg", "TIFF": ".tif"}  # Pillow's format name -> extension, where not .<name>
 
 
@@ -187,8 +190,9 @@ def selection_query(where: str | None) -> str:
     return query
 
 
-def _rows_of_parts(destination: Destination) -> Iterator[pa.Table]:
-    """Each committed part's rows (no embeddings), with its shard id and each row's index in it."""
+def _rows_of_parts(destination: Destination, reviews: Reviews | None) -> Iterator[pa.Table]:
+    """Each committed part's rows (no embeddings), with its reviewed label (``reviews``), its
+    shard id and each row's index in it."""
     manifest = destination.finished_manifest()
     schema = job_schema(manifest["job"])
     for shard, record in sorted(manifest["shards"].items()):
@@ -197,11 +201,13 @@ def _rows_of_parts(destination: Destination) -> Iterator[pa.Table]:
             rows = rows.drop_columns([EMBEDDING])
         if KEY_COLUMN not in rows.column_names:
             rows = rows.append_column(KEY_COLUMN, pa.nulls(rows.num_rows, pa.string()))
+        if reviews is not None:
+            rows = rows.append_column(REVIEWED_LABEL, reviews.lookup(rows.column("path")))
         yield (rows.append_column(PART, pa.array([shard] * rows.num_rows, pa.string()))
                .append_column(ROW, pa.array(range(rows.num_rows), pa.int64())))
 
 
-def select(destination: Destination, config: ExportConfig, query: str, work: str) -> str:
+def select(destination: Destination, config: ExportConfig, query: str, reviews: Reviews | None, work: str) -> str:
     """The chosen rows of DEST, in its order, as a local Parquet file in row groups of
     ``config.shard_size`` rows; returns its path. ``query``: :func:`selection_query`'s,
     run over each part's rows but error rows in a connection that can touch no file; one
@@ -218,7 +224,7 @@ def select(destination: Destination, config: ExportConfig, query: str, work: str
     writer, schema = None, None
     with _connect(work, files=False) as db:
         try:
-            for part in _rows_of_parts(destination):
+            for part in _rows_of_parts(destination, reviews):
                 db.register("results", part.filter(pc.is_null(part.column("error"))))
                 try:
                     matching = db.sql(query).to_arrow_table()
@@ -412,7 +418,8 @@ class _TarWriter:
 
 
 class _FolderWriter:
-    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique), and
+    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique; the
+    label a reviewed one where the row has it, else the predicted one), and
     the shard's lines of metadata.jsonl in _metadata/<id>.jsonl: per image its file_name
     (relative to OUT, as datasets' imagefolder joins it) and SAMPLE_FIELDS."""
 
@@ -420,7 +427,7 @@ class _FolderWriter:
         self.task, self.out, self.folders, self.lines = task, out, {}, []
 
     def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
-        label = safe_name(row["label"])
+        label = safe_name(row.get(REVIEWED_LABEL) or row["label"])
         if label not in self.folders:
             self.folders[label] = self.out.folder(label)
         name = f"{key}-{_stem(row['path'])}{ext}"
@@ -435,8 +442,7 @@ class _FolderWriter:
 
 class _LabelStudioWriter:
     """labelstudio: images/<key>-<stem><ext>, and the shard's tasks in _tasks/<id>.json:
-    Label Studio's JSON import format, the prediction as a pre-annotation (a "choices"
-    result from a <Choices name="label"> to an <Image name="image">)."""
+    Label Studio's JSON import format, the prediction as a pre-annotation (:func:`labelstudio.task`)."""
 
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
         self.task, self.out, self.images, self.tasks = task, out, out.folder(IMAGES), []
@@ -444,13 +450,7 @@ class _LabelStudioWriter:
     def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
         name = f"{key}-{_stem(row['path'])}{ext}"
         self.images.write_bytes(name, data)
-        data_fields = {"image": f"{self.task.image_url_prefix}{IMAGES}/{name}", "path": row["path"]}
-        if row.get("true_label") is not None:
-            data_fields["true_label"] = row["true_label"]
-        self.tasks.append({"data": data_fields, "predictions": [{
-            "model_version": self.task.model, "score": row["score"],
-            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                        "value": {"choices": [row["label"]]}}]}]})
+        self.tasks.append(task(f"{self.task.image_url_prefix}{IMAGES}/{name}", row, self.task.model))
 
     def close(self) -> str:
         name = f"{self.task.id}.json"
@@ -512,14 +512,16 @@ def model_name(ref: str) -> str:
     return posixpath.basename(ref.rstrip("/")) if os.path.isabs(ref) or os.path.exists(ref) else ref
 
 
-def export_identity(config: ExportConfig, dest_manifest: dict) -> dict:
+def export_identity(config: ExportConfig, dest_manifest: dict, reviews: Reviews | None) -> dict:
     """Everything that changes an export's output: --resume with another is refused."""
     shards = dest_manifest["shards"]
+    reviewed = reviews and paths_digest(f"{path}\t{label}" for path, label in zip(
+        *(reviews.labels.column(name).to_pylist() for name in reviews.labels.column_names)))
     return {"export": True, "dest": canonical_uri(config.dest),
             "dest_digest": paths_digest(f"{shard} {record['digest']} {record['rows']}"
                                         for shard, record in sorted(shards.items())),
             "format": config.format, "where": config.where, "per_class": config.per_class,
-            "label_issues": config.label_issues, "shard_size": config.shard_size,
+            "label_issues": config.label_issues, "reviewed": reviewed, "shard_size": config.shard_size,
             "image_url_prefix": config.image_url_prefix if config.format == "labelstudio" else None}
 
 
@@ -538,19 +540,22 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
         if within(inner, outer):  # DEST would no longer read as a dataset, or OUT would mix its files with DEST's
             raise ValueError(f"--to {config.to} and DEST {config.dest} overlap ({inner} is inside {outer}): "
                              "export to a folder outside DEST")
+    reviews = read_reviews(config.reviewed, storage) if config.reviewed else None
     with sigterm_as_interrupt():
         dest_manifest = destination.finished_manifest()
+        if reviews is not None:
+            _warn_unknown(reviews, dest_manifest["job"])
         out.check_own()
         lease = Lease.take(out, config.overwrite, config.resume)
         engine, bar, manifest = None, None, None
         try:
             lease.confirm()
-            manifest = Manifest.open(out, export_identity(config, dest_manifest), overwrite=config.overwrite,
+            manifest = Manifest.open(out, export_identity(config, dest_manifest, reviews), overwrite=config.overwrite,
                                      resume=config.resume)
             if not manifest.shards or SELECTION not in out.files():  # nothing done yet: choose the rows (again)
                 manifest.shards.clear()
                 with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
-                    out.write_file(SELECTION, select(destination, config, query, work))
+                    out.write_file(SELECTION, select(destination, config, query, reviews, work))
             with out.open_file(SELECTION) as file:
                 selection = pq.ParquetFile(file)
                 selected = selection.metadata.num_rows
@@ -642,16 +647,22 @@ def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
 
 
 def _write_labeling_config(out: ExportOutput, shards: int) -> None:
-    """labelstudio: the labeling interface the tasks' pre-annotations fit (an <Image> named
-    "image", a <Choices> named "label"), its <Choice>s the distinct predicted labels of the
-    tasks, sorted. Label Studio accepts a config whose names or choices match nothing, silently."""
-    from xml.sax.saxutils import quoteattr
-
+    """labelstudio: the labeling interface the tasks' pre-annotations fit, its <Choice>s the
+    distinct predicted labels of the tasks."""
     labels = set()
     for shard in range(shards):
-        for task in json.loads(out.folder(TASK_PARTS).read_bytes(f"{shard:06d}.json")):
-            labels.update(task["predictions"][0]["result"][0]["value"]["choices"])
-    choices = "".join(f"\n    <Choice value={quoteattr(label)}/>" for label in sorted(labels))
-    out.write_bytes(LABELING_CONFIG, (f'<View>\n  <Image name="image" value="$image"/>\n  <Choices name="label" '
-                                      f'toName="image" choice="single" showInLine="true">{choices}\n  </Choices>\n'
-                                      "</View>\n").encode())
+        labels |= predicted_labels(json.loads(out.folder(TASK_PARTS).read_bytes(f"{shard:06d}.json")))
+    out.write_bytes(LABELING_CONFIG, labeling_config(labels).encode())
+
+
+def _warn_unknown(reviews: Reviews, job: dict) -> None:
+    """Reviewed labels that are none of the model's classes are still used (a reviewer's
+    answer); said, so that a typo in an edited labeling config is seen."""
+    from visionbatch.plan import recorded_classes
+
+    classes = recorded_classes(job)
+    unknown = reviews.unknown(classes) if classes is not None else {}
+    if unknown:
+        logging.getLogger("visionbatch").warning(
+            "reviewed labels that are none of the model's classes: %s",
+            ", ".join(f"{label!r} ({count})" for label, count in unknown.items()))
