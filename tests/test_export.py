@@ -252,6 +252,28 @@ def test_labelstudio_tasks_follow_the_documented_import_format(job, tiny_vit, tm
     assert [choice.attrib["value"] for choice in choices] == sorted({row["label"] for row in expected.values()})
 
 
+def test_labeling_config_has_each_repeated_class_name_once_and_says_so(images, tmp_path, capfd):
+    """ImageNet names classes 134 and 517 "crane": a label is one <Choice>, and the export
+    says which labels stand for several classes (a reviewer's answer cannot tell them apart)."""
+    import xml.etree.ElementTree as ElementTree
+
+    from conftest import save_random_vit
+
+    model = save_random_vit(tmp_path / "model", hidden=48, layers=2, heads=3, mlp=96, seed=4, head_scale=20.0,
+                            labels=["crane", "tench, Tinca tinca", "crane", "tabby, tabby cat"])
+    dest, out = tmp_path / "dest", tmp_path / "out"
+    assert main(["classify", str(images), "--model", model, "--output", str(dest), "-q", "--labels", "none"]) == 0
+    table = read_results(str(dest))
+    labels = set(table.column("label").to_pylist())
+    assert {0, 2} <= set(table.column("label_id").to_pylist()) and len(labels) > 1  # both cranes, and another
+    capfd.readouterr()
+    _export(dest, out, "--format", "labelstudio")
+    choices = [choice.attrib["value"] for choice in ElementTree.parse(out / LABELING_CONFIG).getroot().find("Choices")]
+    assert choices == sorted(labels)
+    assert ("labeling config: 'crane' names the model's classes 0, 2: one <Choice> each, so a reviewer's answer "
+            "cannot tell those classes apart") in capfd.readouterr().err
+
+
 # --------------------------------------------------------------------------- choosing rows
 
 

@@ -530,6 +530,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     the stream for the progress bar (None: no bar)."""
     from visionbatch.engine import make_engine
     from visionbatch.job import JobError, JobInterrupted, sigterm_as_interrupt
+    from visionbatch.plan import recorded_classes
     from visionbatch.sinks import Lease, Manifest
 
     started = time.monotonic()
@@ -543,8 +544,10 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     reviews = read_reviews(config.reviewed, storage) if config.reviewed else None
     with sigterm_as_interrupt():
         dest_manifest = destination.finished_manifest()
+        # The model's classes (from its config), for what the labeling config and the reviews are checked against.
+        classes = recorded_classes(dest_manifest["job"]) if config.format == "labelstudio" or reviews else None
         if reviews is not None:
-            _warn_unknown(reviews, dest_manifest["job"])
+            _warn_unknown(reviews, classes)
         out.check_own()
         lease = Lease.take(out, config.overwrite, config.resume)
         engine, bar, manifest = None, None, None
@@ -583,7 +586,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
             if config.format in _MERGED:
                 _merge(out, config.format, len(parts))
             if config.format == "labelstudio":
-                _write_labeling_config(out, len(parts))
+                _write_labeling_config(out, len(parts), classes)
             manifest.write(complete=True)
         except KeyboardInterrupt:
             raise JobInterrupted(_stopped("interrupted", manifest, config.to)) from None
@@ -646,21 +649,29 @@ def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
         out.write_file(name, merged)
 
 
-def _write_labeling_config(out: ExportOutput, shards: int) -> None:
+def _write_labeling_config(out: ExportOutput, shards: int, classes: list[str] | None) -> None:
     """labelstudio: the labeling interface the tasks' pre-annotations fit, its <Choice>s the
-    distinct predicted labels of the tasks."""
+    distinct predicted labels of the tasks; a label that names several of the model's
+    ``classes`` (ImageNet's "crane" is classes 134 and 517) is one <Choice>, and said."""
     labels = set()
     for shard in range(shards):
         labels |= predicted_labels(json.loads(out.folder(TASK_PARTS).read_bytes(f"{shard:06d}.json")))
+    indices: dict[str, list[int]] = {}
+    for index, name in enumerate(classes or ()):
+        if name in labels:
+            indices.setdefault(name, []).append(index)
+    repeated = {label: where for label, where in sorted(indices.items()) if len(where) > 1}
+    if repeated:
+        logging.getLogger("visionbatch").warning(
+            "labeling config: %s: one <Choice> each, so a reviewer's answer cannot tell those classes apart",
+            "; ".join(f"{label!r} names the model's classes {', '.join(map(str, indices))}"
+                      for label, indices in repeated.items()))
     out.write_bytes(LABELING_CONFIG, labeling_config(labels).encode())
 
 
-def _warn_unknown(reviews: Reviews, job: dict) -> None:
+def _warn_unknown(reviews: Reviews, classes: list[str] | None) -> None:
     """Reviewed labels that are none of the model's classes are still used (a reviewer's
     answer); said, so that a typo in an edited labeling config is seen."""
-    from visionbatch.plan import recorded_classes
-
-    classes = recorded_classes(job)
     unknown = reviews.unknown(classes) if classes is not None else {}
     if unknown:
         logging.getLogger("visionbatch").warning(
