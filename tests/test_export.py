@@ -274,6 +274,31 @@ def test_labeling_config_has_each_repeated_class_name_once_and_says_so(images, t
             "cannot tell those classes apart") in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder", "labelstudio"])
+def test_the_selection_names_each_exported_file(job, tmp_path, fmt):
+    """_selection.parquet's exported_file joins each chosen row to its file in OUT (a tar
+    member as tar#member), as a user would join them with DuckDB."""
+    import tarfile
+
+    import duckdb
+
+    dest, table = job
+    expected = _expected(table, _median(table))
+    out = tmp_path / "out"
+    _export(dest, out, "--format", fmt, "--where", f"score < {_median(table)}", "--shard-size", "4")
+    joined = duckdb.sql(f"SELECT path, exported_file FROM read_parquet('{out / SELECTION}')").fetchall()
+    assert sorted(path for path, _ in joined) == sorted(expected)
+    assert len({name for _, name in joined}) == len(joined)
+    for path, name in joined:
+        if fmt == "webdataset":
+            tar, member = name.split("#")
+            with tarfile.open(out / tar) as archive:
+                data = archive.extractfile(member).read()
+        else:
+            data = (out / name).read_bytes()
+        assert data == Path(path).read_bytes()
+
+
 # --------------------------------------------------------------------------- choosing rows
 
 
@@ -422,6 +447,10 @@ def test_a_vanished_image_is_left_out_and_counted(images, tmp_path, capfd):
     assert main(["export", str(dest), "--to", str(out), "--format", "imagefolder"]) == 0
     assert sorted(path.read_bytes() for path in (out / "cat").iterdir()) == sorted(f.read_bytes() for f in files)
     assert f"not exported      1 rows whose image could not be read (first: {gone}: read_error" in capfd.readouterr().out
+    chosen = pq.read_table(out / SELECTION, columns=["path", "exported_file"])
+    selection = dict(zip(*(column.to_pylist() for column in chosen.columns)))
+    assert selection[str(gone)] is None
+    assert sorted((out / selection[str(path)]).read_bytes() for path in files) == sorted(f.read_bytes() for f in files)
 
 
 # --------------------------------------------------------------------------- other inputs

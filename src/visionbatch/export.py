@@ -66,6 +66,8 @@ LABELING_CONFIG = "labeling_config.xml"  # labelstudio: the project's labeling i
 METADATA = "metadata.jsonl"  # imagefolder: a line per image, merged from METADATA_PARTS/<shard>.jsonl at the end
 METADATA_PARTS = "_metadata"
 IMAGES = "images"  # labelstudio: the image files its tasks point to
+EXPORTED_FILE = "exported_file"  # the selection's column: a row's file, relative to OUT (a tar member: tar#member)
+FILE_PARTS = "_files"  # each shard's EXPORTED_FILE values (written with its images), merged into SELECTION at the end
 PART, ROW = "_part", "_row"  # a selected row's part file (its shard id) and index in it
 SELECT_MEMORY = "256MB"  # DuckDB's memory limit while selecting; beyond it, it spills to disk
 # What a sample's .json (webdataset) and its metadata.jsonl line (imagefolder) carry, where the row has it.
@@ -406,10 +408,12 @@ class _TarWriter:
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         self.tar.addfile(info, io.BytesIO(data))
 
-    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
-        self._member(f"{key}{ext.lower()}", data)  # webdataset's decoders go by lower-case extensions
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
+        image = f"{key}{ext.lower()}"  # webdataset's decoders go by lower-case extensions
+        self._member(image, data)
         self._member(f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode())
         self._member(f"{key}.cls", str(row["label_id"]).encode())
+        return f"{self.name}#{image}"
 
     def close(self) -> str:
         self.tar.close()
@@ -426,13 +430,14 @@ class _FolderWriter:
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
         self.task, self.out, self.folders, self.lines = task, out, {}, []
 
-    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
         label = safe_name(row.get(REVIEWED_LABEL) or row["label"])
         if label not in self.folders:
             self.folders[label] = self.out.folder(label)
         name = f"{key}-{_stem(row['path'])}{ext}"
         self.folders[label].write_bytes(name, data)
         self.lines.append(json.dumps({"file_name": f"{label}/{name}", **sample_json(row)}, ensure_ascii=False))
+        return f"{label}/{name}"
 
     def close(self) -> str:
         name = f"{self.task.id}.jsonl"
@@ -447,10 +452,11 @@ class _LabelStudioWriter:
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
         self.task, self.out, self.images, self.tasks = task, out, out.folder(IMAGES), []
 
-    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
         name = f"{key}-{_stem(row['path'])}{ext}"
         self.images.write_bytes(name, data)
         self.tasks.append(task(f"{self.task.image_url_prefix}{IMAGES}/{name}", row, self.task.model))
+        return f"{IMAGES}/{name}"
 
     def close(self) -> str:
         name = f"{self.task.id}.json"
@@ -462,23 +468,28 @@ _WRITERS = {"webdataset": _TarWriter, "imagefolder": _FolderWriter, "labelstudio
 
 
 def export_shard(task: ExportTask) -> dict:
-    """Write one export shard's images; its commit record (rows written, rows whose
-    image could not be read and the first such row's error)."""
+    """Write one export shard's images, and its rows' file names (null: not written) in
+    _files/<id>.parquet; its commit record (rows written, rows whose image could not be
+    read and the first such row's error)."""
     out = ExportOutput(task.out, task.storage)
     with out.open_file(SELECTION) as file:
         rows = pq.ParquetFile(file).read_row_group(task.shard)
-    written, missing, example = 0, 0, None
+    files: list[str | None] = []
+    example = None
     with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
         writer = _WRITERS[task.format](task, out, work)
         for i, (row, data) in enumerate(zip(rows.to_pylist(), _images(rows, task.containers, task.reading))):
             if isinstance(data, str):
-                missing += 1
+                files.append(None)
                 example = example or f"{row['path']}: {data}"
                 continue
-            writer.add(f"{task.id}-{i:06d}", row, data, _extension(row["path"], data))
-            written += 1
+            files.append(writer.add(f"{task.id}-{i:06d}", row, data, _extension(row["path"], data)))
         file_name = writer.close()
-    return {"shard": task.id, "file": file_name, "rows": written, "counts": {"missing": missing},
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({EXPORTED_FILE: pa.array(files, pa.string())}), sink)
+    out.folder(FILE_PARTS).write_bytes(f"{task.id}.parquet", sink.getvalue().to_pybytes())
+    written = sum(name is not None for name in files)
+    return {"shard": task.id, "file": file_name, "rows": written, "counts": {"missing": len(files) - written},
             "missing_example": example}
 
 
@@ -585,6 +596,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
                         manifest.write()
             if config.format in _MERGED:
                 _merge(out, config.format, len(parts))
+            _name_files(out, len(parts))
             if config.format == "labelstudio":
                 _write_labeling_config(out, len(parts), classes)
             manifest.write(complete=True)
@@ -647,6 +659,27 @@ def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
                     first = False
             file.write(b"]" if array else b"")
         out.write_file(name, merged)
+
+
+def _name_files(out: ExportOutput, shards: int) -> None:
+    """SELECTION again, each row group (export shard) with its rows' EXPORTED_FILE from the
+    shard's piece: a row group in memory at a time. Run again (a resumed export that
+    stopped after it), it replaces the column."""
+    pieces = out.folder(FILE_PARTS)
+    with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+        named = os.path.join(work, SELECTION)
+        with out.open_file(SELECTION) as file:
+            selection = pq.ParquetFile(file)
+            schema = selection.schema_arrow
+            if EXPORTED_FILE in schema.names:
+                schema = schema.remove(schema.get_field_index(EXPORTED_FILE))
+            with pq.ParquetWriter(named, schema.append(pa.field(EXPORTED_FILE, pa.string()))) as writer:
+                for shard in range(shards):
+                    rows = selection.read_row_group(shard, columns=schema.names)
+                    files = pq.read_table(pa.BufferReader(pieces.read_bytes(f"{shard:06d}.parquet")))
+                    writer.write_table(rows.append_column(EXPORTED_FILE, files.column(EXPORTED_FILE)),
+                                       row_group_size=max(rows.num_rows, 1))
+        out.write_file(SELECTION, named)
 
 
 def _write_labeling_config(out: ExportOutput, shards: int, classes: list[str] | None) -> None:
