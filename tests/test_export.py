@@ -299,6 +299,50 @@ def test_the_selection_names_each_exported_file(job, tmp_path, fmt):
         assert data == Path(path).read_bytes()
 
 
+# FiftyOneImageClassificationDataset, as FiftyOne documents it (docs.voxel51.com, "Importing data into
+# FiftyOne": data/ and labels.json {"classes": [...], "labels": {"<uuid>": <target>}}, a uuid being a file
+# of data/ without its extension) and as its importer and ImageClassificationSampleParser read it
+# (fiftyone/utils/data/importers.py, parsers.py: a target is null, a class name or id, or a dict with
+# "label" and "confidence"; another labels file of the same layout loads with labels_path=).
+FIFTYONE_LABELS_SCHEMA = {
+    "type": "object", "required": ["labels"],
+    "properties": {
+        "classes": {"type": ["array", "null"], "items": {"type": "string"}},
+        "labels": {"type": "object", "additionalProperties": {"anyOf": [
+            {"type": "null"}, {"type": "string"}, {"type": "integer"},
+            {"type": "object", "required": ["label"],
+             "properties": {"label": {"type": ["string", "integer"]}, "confidence": {"type": ["number", "null"]}}}]}},
+    },
+}
+
+
+def test_fiftyone_classification_layout(job, tmp_path):
+    """FiftyOne's image classification layout with the ground truth (labels.json) and the
+    predictions (predictions.json) as separate label fields over the same data/:
+    ``Dataset.from_dir(OUT, FiftyOneImageClassificationDataset, label_field="ground_truth")``
+    then ``merge_dir(..., labels_path="predictions.json", label_field="predictions")``."""
+    import jsonschema
+
+    dest, table = job
+    expected = _expected(table, _median(table))
+    out = tmp_path / "out"
+    _export(dest, out, "--format", "fiftyone", "--where", f"score < {_median(table)}", "--shard-size", "4")
+    ground_truth, predictions = (json.loads((out / name).read_text()) for name in ("labels.json", "predictions.json"))
+    for labels in (ground_truth, predictions):
+        jsonschema.validate(labels, FIFTYONE_LABELS_SCHEMA)
+    files = {path.stem: path for path in (out / "data").iterdir()}  # the importer's uuid: the name without extension
+    assert set(files) == set(ground_truth["labels"]) == set(predictions["labels"])
+    by_bytes = {Path(path).read_bytes(): row for path, row in expected.items()}
+    assert sorted(row["path"] for row in (by_bytes[file.read_bytes()] for file in files.values())) == sorted(expected)
+    for uuid, file in files.items():
+        row = by_bytes[file.read_bytes()]
+        assert ground_truth["labels"][uuid] == row["true_label"]
+        assert predictions["labels"][uuid]["label"] == row["label"]
+        assert predictions["labels"][uuid]["confidence"] == pytest.approx(row["score"])
+    assert ground_truth["classes"] == sorted({row["true_label"] for row in expected.values()})
+    assert predictions["classes"] == sorted({row["label"] for row in expected.values()})
+
+
 # --------------------------------------------------------------------------- choosing rows
 
 

@@ -189,7 +189,7 @@ class OutputConfig:
             raise ValueError("--overwrite and --resume contradict each other: choose one")
 
 
-ExportFormat = Literal["webdataset", "imagefolder", "labelstudio"]
+ExportFormat = Literal["webdataset", "imagefolder", "labelstudio", "fiftyone"]
 
 
 def same_option(config_class, name: str):
@@ -206,7 +206,8 @@ class ExportConfig:
     to: str
     format: ExportFormat = option("webdataset", "webdataset: tars with a .json per sample; imagefolder: a folder "
                                   "per predicted label; labelstudio: images and a Label Studio import file with "
-                                  "the predictions as pre-annotations")
+                                  "the predictions as pre-annotations; fiftyone: FiftyOne's image classification layout, the ground truth in "
+                                  "labels.json and the predictions in predictions.json")
     where: str | None = option(None, "one SQL predicate over a result row's columns (DuckDB), e.g. \"score < "
                                "0.5\": operators and scalar functions, no subquery or table function (row by "
                                "row: it runs over one part file at a time)", metavar="SQL")

@@ -66,6 +66,10 @@ LABELING_CONFIG = "labeling_config.xml"  # labelstudio: the project's labeling i
 METADATA = "metadata.jsonl"  # imagefolder: a line per image, merged from METADATA_PARTS/<shard>.jsonl at the end
 METADATA_PARTS = "_metadata"
 IMAGES = "images"  # labelstudio: the image files its tasks point to
+# fiftyone: FiftyOneImageClassificationDataset's data/ and labels files, {"classes": [...], "labels": {uuid: target}},
+# one per label field, each merged from its shards' pieces (<folder>/<shard>.json: {uuid: target}) at the end
+FIFTYONE_DATA = "data"
+FIFTYONE_LABELS = {"labels.json": "_labels", "predictions.json": "_predictions"}  # ground truth; predictions
 EXPORTED_FILE = "exported_file"  # the selection's column: a row's file, relative to OUT (a tar member: tar#member)
 FILE_PARTS = "_files"  # each shard's EXPORTED_FILE values (written with its images), merged into SELECTION at the end
 PART, ROW = "_part", "_row"  # a selected row's part file (its shard id) and index in it
@@ -464,7 +468,30 @@ class _LabelStudioWriter:
         return f"{TASK_PARTS}/{name}"
 
 
-_WRITERS = {"webdataset": _TarWriter, "imagefolder": _FolderWriter, "labelstudio": _LabelStudioWriter}
+class _FiftyOneWriter:
+    """fiftyone: data/<key><ext> (the key is FiftyOne's uuid: the file name without its
+    extension) and the shard's targets: the true label (null where unknown) for labels.json,
+    {"label", "confidence"} for predictions.json (the target forms FiftyOne's parser reads)."""
+
+    def __init__(self, task: ExportTask, out: ExportOutput, work: str):
+        self.task, self.out, self.data = task, out, out.folder(FIFTYONE_DATA)
+        self.targets: dict[str, dict] = {folder: {} for folder in FIFTYONE_LABELS.values()}
+
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
+        self.data.write_bytes(f"{key}{ext}", data)
+        ground_truth, predictions = FIFTYONE_LABELS.values()
+        self.targets[ground_truth][key] = row.get("true_label")
+        self.targets[predictions][key] = {"label": row["label"], "confidence": row["score"]}
+        return f"{FIFTYONE_DATA}/{key}{ext}"
+
+    def close(self) -> str:
+        for folder, targets in self.targets.items():
+            self.out.folder(folder).write_bytes(f"{self.task.id}.json", json.dumps(targets, ensure_ascii=False).encode())
+        return FIFTYONE_DATA
+
+
+_WRITERS = {"webdataset": _TarWriter, "imagefolder": _FolderWriter, "labelstudio": _LabelStudioWriter,
+            "fiftyone": _FiftyOneWriter}
 
 
 def export_shard(task: ExportTask) -> dict:
@@ -596,6 +623,8 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
                         manifest.write()
             if config.format in _MERGED:
                 _merge(out, config.format, len(parts))
+            if config.format == "fiftyone":
+                _merge_fiftyone(out, len(parts))
             _name_files(out, len(parts))
             if config.format == "labelstudio":
                 _write_labeling_config(out, len(parts), classes)
@@ -659,6 +688,28 @@ def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
                     first = False
             file.write(b"]" if array else b"")
         out.write_file(name, merged)
+
+
+def _merge_fiftyone(out: ExportOutput, shards: int) -> None:
+    """Each FiftyOne labels file from its shards' pieces, streamed (a piece at a time), its
+    classes the labels its targets name, sorted."""
+    for name, folder in FIFTYONE_LABELS.items():
+        pieces, classes = out.folder(folder), set()
+        with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+            merged = os.path.join(work, name)
+            with open(merged, "w", encoding="utf-8") as file:
+                file.write('{"labels": {')
+                first = True
+                for shard in range(shards):
+                    targets = json.loads(pieces.read_bytes(f"{shard:06d}.json"))
+                    for key, target in targets.items():
+                        label = target["label"] if isinstance(target, dict) else target
+                        if label is not None:
+                            classes.add(label)
+                        file.write(("" if first else ", ") + f"{json.dumps(key)}: {json.dumps(target, ensure_ascii=False)}")
+                        first = False
+                file.write(f"}}, \"classes\": {json.dumps(sorted(classes), ensure_ascii=False)}}}")
+            out.write_file(name, merged)
 
 
 def _name_files(out: ExportOutput, shards: int) -> None:
