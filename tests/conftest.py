@@ -88,15 +88,17 @@ def _scale_head(model, factor: float = 20.0) -> None:
         model.classifier.weight.mul_(factor)
 
 
-def save_random_vit(folder, hidden: int, layers: int, heads: int, mlp: int, seed: int, head_scale: float = 1.0) -> str:
-    """A random ViT with the 1000 ImageNet labels and a fixed 224x224 resize, saved to ``folder``."""
+def save_random_vit(folder, hidden: int, layers: int, heads: int, mlp: int, seed: int, head_scale: float = 1.0,
+                    labels: list[str] | None = None) -> str:
+    """A random ViT with ``labels`` (default: the 1000 ImageNet labels) and a fixed 224x224
+    resize, saved to ``folder``."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    id2label = _imagenet_labels()
+    id2label = dict(enumerate(labels)) if labels else _imagenet_labels()
     config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       intermediate_size=mlp, image_size=224,
-                       patch_size=16, num_labels=1000, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+                       intermediate_size=mlp, image_size=224, patch_size=16, num_labels=len(id2label),
+                       id2label=id2label, label2id={v: k for k, v in id2label.items()})
     torch.manual_seed(seed)
     model = ViTForImageClassification(config)
     if head_scale != 1.0:

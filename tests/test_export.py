@@ -252,6 +252,97 @@ def test_labelstudio_tasks_follow_the_documented_import_format(job, tiny_vit, tm
     assert [choice.attrib["value"] for choice in choices] == sorted({row["label"] for row in expected.values()})
 
 
+def test_labeling_config_has_each_repeated_class_name_once_and_says_so(images, tmp_path, capfd):
+    """ImageNet names classes 134 and 517 "crane": a label is one <Choice>, and the export
+    says which labels stand for several classes (a reviewer's answer cannot tell them apart)."""
+    import xml.etree.ElementTree as ElementTree
+
+    from conftest import save_random_vit
+
+    model = save_random_vit(tmp_path / "model", hidden=48, layers=2, heads=3, mlp=96, seed=4, head_scale=20.0,
+                            labels=["crane", "tench, Tinca tinca", "crane", "tabby, tabby cat"])
+    dest, out = tmp_path / "dest", tmp_path / "out"
+    assert main(["classify", str(images), "--model", model, "--output", str(dest), "-q", "--labels", "none"]) == 0
+    table = read_results(str(dest))
+    labels = set(table.column("label").to_pylist())
+    assert {0, 2} <= set(table.column("label_id").to_pylist()) and len(labels) > 1  # both cranes, and another
+    capfd.readouterr()
+    _export(dest, out, "--format", "labelstudio")
+    choices = [choice.attrib["value"] for choice in ElementTree.parse(out / LABELING_CONFIG).getroot().find("Choices")]
+    assert choices == sorted(labels)
+    assert ("labeling config: 'crane' names the model's classes 0, 2: one <Choice> each, so a reviewer's answer "
+            "cannot tell those classes apart") in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder", "labelstudio"])
+def test_the_selection_names_each_exported_file(job, tmp_path, fmt):
+    """_selection.parquet's exported_file joins each chosen row to its file in OUT (a tar
+    member as tar#member), as a user would join them with DuckDB."""
+    import tarfile
+
+    import duckdb
+
+    dest, table = job
+    expected = _expected(table, _median(table))
+    out = tmp_path / "out"
+    _export(dest, out, "--format", fmt, "--where", f"score < {_median(table)}", "--shard-size", "4")
+    joined = duckdb.sql(f"SELECT path, exported_file FROM read_parquet('{out / SELECTION}')").fetchall()
+    assert sorted(path for path, _ in joined) == sorted(expected)
+    assert len({name for _, name in joined}) == len(joined)
+    for path, name in joined:
+        if fmt == "webdataset":
+            tar, member = name.split("#")
+            with tarfile.open(out / tar) as archive:
+                data = archive.extractfile(member).read()
+        else:
+            data = (out / name).read_bytes()
+        assert data == Path(path).read_bytes()
+
+
+# FiftyOneImageClassificationDataset, as FiftyOne documents it (docs.voxel51.com, "Importing data into
+# FiftyOne": data/ and labels.json {"classes": [...], "labels": {"<uuid>": <target>}}, a uuid being a file
+# of data/ without its extension) and as its importer and ImageClassificationSampleParser read it
+# (fiftyone/utils/data/importers.py, parsers.py: a target is null, a class name or id, or a dict with
+# "label" and "confidence"; another labels file of the same layout loads with labels_path=).
+FIFTYONE_LABELS_SCHEMA = {
+    "type": "object", "required": ["labels"],
+    "properties": {
+        "classes": {"type": ["array", "null"], "items": {"type": "string"}},
+        "labels": {"type": "object", "additionalProperties": {"anyOf": [
+            {"type": "null"}, {"type": "string"}, {"type": "integer"},
+            {"type": "object", "required": ["label"],
+             "properties": {"label": {"type": ["string", "integer"]}, "confidence": {"type": ["number", "null"]}}}]}},
+    },
+}
+
+
+def test_fiftyone_classification_layout(job, tmp_path):
+    """FiftyOne's image classification layout with the ground truth (labels.json) and the
+    predictions (predictions.json) as separate label fields over the same data/:
+    ``Dataset.from_dir(OUT, FiftyOneImageClassificationDataset, label_field="ground_truth")``
+    then ``merge_dir(..., labels_path="predictions.json", label_field="predictions")``."""
+    import jsonschema
+
+    dest, table = job
+    expected = _expected(table, _median(table))
+    out = tmp_path / "out"
+    _export(dest, out, "--format", "fiftyone", "--where", f"score < {_median(table)}", "--shard-size", "4")
+    ground_truth, predictions = (json.loads((out / name).read_text()) for name in ("labels.json", "predictions.json"))
+    for labels in (ground_truth, predictions):
+        jsonschema.validate(labels, FIFTYONE_LABELS_SCHEMA)
+    files = {path.stem: path for path in (out / "data").iterdir()}  # the importer's uuid: the name without extension
+    assert set(files) == set(ground_truth["labels"]) == set(predictions["labels"])
+    by_bytes = {Path(path).read_bytes(): row for path, row in expected.items()}
+    assert sorted(row["path"] for row in (by_bytes[file.read_bytes()] for file in files.values())) == sorted(expected)
+    for uuid, file in files.items():
+        row = by_bytes[file.read_bytes()]
+        assert ground_truth["labels"][uuid] == row["true_label"]
+        assert predictions["labels"][uuid]["label"] == row["label"]
+        assert predictions["labels"][uuid]["confidence"] == pytest.approx(row["score"])
+    assert ground_truth["classes"] == sorted({row["true_label"] for row in expected.values()})
+    assert predictions["classes"] == sorted({row["label"] for row in expected.values()})
+
+
 # --------------------------------------------------------------------------- choosing rows
 
 
@@ -400,6 +491,10 @@ def test_a_vanished_image_is_left_out_and_counted(images, tmp_path, capfd):
     assert main(["export", str(dest), "--to", str(out), "--format", "imagefolder"]) == 0
     assert sorted(path.read_bytes() for path in (out / "cat").iterdir()) == sorted(f.read_bytes() for f in files)
     assert f"not exported      1 rows whose image could not be read (first: {gone}: read_error" in capfd.readouterr().out
+    chosen = pq.read_table(out / SELECTION, columns=["path", "exported_file"])
+    selection = dict(zip(*(column.to_pylist() for column in chosen.columns)))
+    assert selection[str(gone)] is None
+    assert sorted((out / selection[str(path)]).read_bytes() for path in files) == sorted(f.read_bytes() for f in files)
 
 
 # --------------------------------------------------------------------------- other inputs

@@ -40,6 +40,9 @@ def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and calibration of results in DEST",
                        description="Compute metrics over the results in DEST, print them and write DEST/_metrics.json.")
     _dest_arguments(p)
+    p.add_argument("--reviewed", metavar="FILE", help="a Label Studio JSON export of reviewed tasks (from an export "
+                   "--format labelstudio): also how the model's and the given labels of the reviewed rows fare "
+                   "against the reviewers' labels")
 
 
 def _report_parser(sub) -> None:
@@ -97,7 +100,8 @@ def _run_evaluate(args) -> int:
     from visionbatch.evaluate import evaluate_dest, format_metrics
 
     # The metrics are the answer; a _metrics.json that cannot be written (a read-only DEST) is a warning.
-    print(format_metrics(evaluate_dest(args.dest, args.s3_endpoint, must_write=False)), file=args.terminal.out)
+    print(format_metrics(evaluate_dest(args.dest, args.s3_endpoint, must_write=False, reviewed=args.reviewed)),
+          file=args.terminal.out)
     return EXIT_OK
 
 

@@ -189,7 +189,7 @@ class OutputConfig:
             raise ValueError("--overwrite and --resume contradict each other: choose one")
 
 
-ExportFormat = Literal["webdataset", "imagefolder", "labelstudio"]
+ExportFormat = Literal["webdataset", "imagefolder", "labelstudio", "fiftyone"]
 
 
 def same_option(config_class, name: str):
@@ -206,13 +206,17 @@ class ExportConfig:
     to: str
     format: ExportFormat = option("webdataset", "webdataset: tars with a .json per sample; imagefolder: a folder "
                                   "per predicted label; labelstudio: images and a Label Studio import file with "
-                                  "the predictions as pre-annotations")
+                                  "the predictions as pre-annotations; fiftyone: FiftyOne's image classification layout, the ground truth in "
+                                  "labels.json and the predictions in predictions.json")
     where: str | None = option(None, "one SQL predicate over a result row's columns (DuckDB), e.g. \"score < "
                                "0.5\": operators and scalar functions, no subquery or table function (row by "
                                "row: it runs over one part file at a time)", metavar="SQL")
     per_class: int | None = option(None, "only the N least confident rows of each predicted label (of those the "
                                    "other options select)", metavar="N")
     label_issues: bool = option(False, "only the rows `visionbatch label-issues DEST` flagged")
+    reviewed: str | None = option(None, "a Label Studio JSON export of reviewed tasks (from an export --format "
+                                  "labelstudio): each row gets its reviewed_label (--where sees it), and imagefolder "
+                                  "files a reviewed image under its reviewed label", metavar="FILE")
     stall_timeout: float = option(DEFAULT_STALL_TIMEOUT_S, "how long the model may wait on a decode worker that "
                                   "sends nothing of the shard it started (a stopped or hung process; time the model "
                                   "is busy does not count) before the workers are replaced and their shards done "

@@ -46,6 +46,15 @@ when there is nothing to compute it over (e.g. no labelled rows)::
                              are more than max_classes classes only the max_classes
                              involved in the most rows are kept and omitted_classes says
                              how many were left out (their cells are not listed)
+    reviewed                 only with ``--reviewed FILE`` (a Label Studio JSON export of
+                             reviewed tasks, :mod:`visionbatch.labelstudio`): {tasks,
+                             skipped, unanswered, reviewed: paths given a label, rows: DEST's
+                             rows of those paths (error rows left out), not_in_dest: reviewed
+                             paths DEST has no row of, model_right: rows whose label is the
+                             reviewed one, model_accuracy, given: rows with a true_label,
+                             given_right: those whose true_label is the reviewed one,
+                             given_accuracy, unknown_labels: {reviewed label that is none of
+                             the model's classes: paths}}
 """
 
 from __future__ import annotations
@@ -57,9 +66,11 @@ import numpy as np
 import pyarrow as pa
 
 from visionbatch.counts import CALIBRATION_BINS, CALIBRATION_EDGES, metric_counts
+from visionbatch.labelstudio import Reviews, read_reviews
 from visionbatch.sinks import METRICS_FILE, Destination, DestinationError
 
 SCHEMA_VERSION = 1
+REVIEWED = "reviewed"  # the figures against reviewed labels, where asked
 
 
 def _divide(numerator: float, denominator: int) -> float | None:
@@ -191,6 +202,8 @@ def format_metrics(metrics: dict, max_rows: int = 20) -> str:
         f"rows               {metrics['rows']}  (labelled {n}, unlabelled {metrics['unlabelled']}, "
         f"errors {errors}{f': {kinds}' if errors else ''})",
     ]
+    if REVIEWED in metrics:
+        lines.append(format_reviewed(metrics[REVIEWED]))
     per_class = worst_classes_first(metrics["per_class"])
     if per_class:
         width = max(5, *(len(c["label"]) for c in per_class[:max_rows]))
@@ -206,14 +219,64 @@ def format_metrics(metrics: dict, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
-def evaluate_dest(dest: str, s3_endpoint: str | None = None, verify: bool = True, must_write: bool = True) -> dict:
+def reviewed_metrics(destination: Destination, reviews: Reviews) -> dict:
+    """How the model's labels and the given labels of DEST's reviewed rows fare against
+    the reviewed labels (the schema's ``reviewed``): a pass over a few columns of one part
+    file at a time."""
+    import pyarrow.compute as pc
+
+    from visionbatch.plan import recorded_classes
+
+    found: set[str] = set()
+    rows = model_right = given = given_right = 0
+    for part in destination.committed_rows(("path", "label", "true_label", "error")):
+        reviewed = reviews.lookup(part.column("path"))
+        kept = pc.and_(pc.is_valid(reviewed), pc.is_null(part.column("error")))
+        part, reviewed = part.filter(kept), reviewed.filter(kept)
+        found.update(part.column("path").to_pylist())
+        rows += part.num_rows
+        # Class names come dictionary-encoded: compare them as text.
+        label, true_label = (part.column(name).cast(pa.string()) for name in ("label", "true_label"))
+        model_right += pc.sum(pc.equal(label, reviewed)).as_py() or 0
+        given += pc.sum(pc.is_valid(true_label)).as_py() or 0
+        given_right += pc.sum(pc.equal(true_label, reviewed)).as_py() or 0
+    classes = recorded_classes(destination.finished_manifest()["job"])
+    return {"tasks": reviews.tasks, "skipped": reviews.skipped, "unanswered": reviews.unanswered,
+            "reviewed": reviews.labels.num_rows, "rows": rows,
+            "not_in_dest": len(set(reviews.labels.column("path").to_pylist()) - found),
+            "model_right": model_right, "model_accuracy": _divide(model_right, rows),
+            "given": given, "given_right": given_right, "given_accuracy": _divide(given_right, given),
+            "unknown_labels": None if classes is None else reviews.unknown(classes)}
+
+
+def format_reviewed(reviewed: dict) -> str:
+    """The reviewed figures as text."""
+    lines = [f"reviewed           {reviewed['rows']} rows ({reviewed['reviewed']} paths reviewed of "
+             f"{reviewed['tasks']} tasks: {reviewed['skipped']} skipped, {reviewed['unanswered']} unanswered; "
+             f"{reviewed['not_in_dest']} not in DEST)",
+             f"  model right      {_ratio(reviewed['model_accuracy'])}  ({reviewed['model_right']}/{reviewed['rows']})",
+             f"  given right      {_ratio(reviewed['given_accuracy'])}  ({reviewed['given_right']}/{reviewed['given']}"
+             " with a given label)"]
+    unknown = reviewed["unknown_labels"]
+    if unknown:
+        lines.append("  not the model's  " + ", ".join(f"{label!r} ({count})" for label, count in unknown.items()))
+    elif unknown is None:
+        lines.append("  not the model's  unknown: its classes could not be loaded")
+    return "\n".join(lines)
+
+
+def evaluate_dest(dest: str, s3_endpoint: str | None = None, verify: bool = True, must_write: bool = True,
+                  reviewed: str | None = None) -> dict:
     """The metrics of DEST's results, written to DEST/_metrics.json: from the counts the
     manifest adds up shard by shard (no pass over the rows), after checking that every
-    committed part file is there and whole (``verify``). ``must_write=False``: a
+    committed part file is there and whole (``verify``); ``reviewed``: a Label Studio JSON
+    export of reviewed tasks, the figures of the rows it reviewed added. ``must_write=False``: a
     _metrics.json that cannot be written (a full disk) is a warning, not an error."""
     destination = Destination(dest, s3_endpoint)
     counts = destination.committed_metric_counts(verify=verify)
     metrics = metrics_from_counts(counts)
+    if reviewed:
+        metrics[REVIEWED] = reviewed_metrics(destination, read_reviews(reviewed, destination.storage))
     try:
         destination.write_bytes(METRICS_FILE, json.dumps(metrics, indent=1).encode())
     except DestinationError as err:

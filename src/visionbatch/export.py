@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -50,6 +51,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
+from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, predicted_labels, read_reviews, task
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
@@ -64,10 +66,17 @@ LABELING_CONFIG = "labeling_config.xml"  # labelstudio: the project's labeling i
 METADATA = "metadata.jsonl"  # imagefolder: a line per image, merged from METADATA_PARTS/<shard>.jsonl at the end
 METADATA_PARTS = "_metadata"
 IMAGES = "images"  # labelstudio: the image files its tasks point to
+# fiftyone: FiftyOneImageClassificationDataset's data/ and labels files, {"classes": [...], "labels": {uuid: target}},
+# one per label field, each merged from its shards' pieces (<folder>/<shard>.json: {uuid: target}) at the end
+FIFTYONE_DATA = "data"
+FIFTYONE_LABELS = {"labels.json": "_labels", "predictions.json": "_predictions"}  # ground truth; predictions
+EXPORTED_FILE = "exported_file"  # the selection's column: a row's file, relative to OUT (a tar member: tar#member)
+FILE_PARTS = "_files"  # each shard's EXPORTED_FILE values (written with its images), merged into SELECTION at the end
 PART, ROW = "_part", "_row"  # a selected row's part file (its shard id) and index in it
 SELECT_MEMORY = "256MB"  # DuckDB's memory limit while selecting; beyond it, it spills to disk
 # What a sample's .json (webdataset) and its metadata.jsonl line (imagefolder) carry, where the row has it.
-SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score")
+SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true_label", "true_label_score",
+                 REVIEWED_LABEL)
 _FORMATS = {"JPEG": ".jpg", "TIFF": ".tif"}  # Pillow's format name -> extension, where not .<name>
 
 
@@ -187,8 +196,9 @@ def selection_query(where: str | None) -> str:
     return query
 
 
-def _rows_of_parts(destination: Destination) -> Iterator[pa.Table]:
-    """Each committed part's rows (no embeddings), with its shard id and each row's index in it."""
+def _rows_of_parts(destination: Destination, reviews: Reviews | None) -> Iterator[pa.Table]:
+    """Each committed part's rows (no embeddings), with its reviewed label (``reviews``), its
+    shard id and each row's index in it."""
     manifest = destination.finished_manifest()
     schema = job_schema(manifest["job"])
     for shard, record in sorted(manifest["shards"].items()):
@@ -197,11 +207,13 @@ def _rows_of_parts(destination: Destination) -> Iterator[pa.Table]:
             rows = rows.drop_columns([EMBEDDING])
         if KEY_COLUMN not in rows.column_names:
             rows = rows.append_column(KEY_COLUMN, pa.nulls(rows.num_rows, pa.string()))
+        if reviews is not None:
+            rows = rows.append_column(REVIEWED_LABEL, reviews.lookup(rows.column("path")))
         yield (rows.append_column(PART, pa.array([shard] * rows.num_rows, pa.string()))
                .append_column(ROW, pa.array(range(rows.num_rows), pa.int64())))
 
 
-def select(destination: Destination, config: ExportConfig, query: str, work: str) -> str:
+def select(destination: Destination, config: ExportConfig, query: str, reviews: Reviews | None, work: str) -> str:
     """The chosen rows of DEST, in its order, as a local Parquet file in row groups of
     ``config.shard_size`` rows; returns its path. ``query``: :func:`selection_query`'s,
     run over each part's rows but error rows in a connection that can touch no file; one
@@ -218,7 +230,7 @@ def select(destination: Destination, config: ExportConfig, query: str, work: str
     writer, schema = None, None
     with _connect(work, files=False) as db:
         try:
-            for part in _rows_of_parts(destination):
+            for part in _rows_of_parts(destination, reviews):
                 db.register("results", part.filter(pc.is_null(part.column("error"))))
                 try:
                     matching = db.sql(query).to_arrow_table()
@@ -400,10 +412,12 @@ class _TarWriter:
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         self.tar.addfile(info, io.BytesIO(data))
 
-    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
-        self._member(f"{key}{ext.lower()}", data)  # webdataset's decoders go by lower-case extensions
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
+        image = f"{key}{ext.lower()}"  # webdataset's decoders go by lower-case extensions
+        self._member(image, data)
         self._member(f"{key}.json", json.dumps(sample_json(row), ensure_ascii=False).encode())
         self._member(f"{key}.cls", str(row["label_id"]).encode())
+        return f"{self.name}#{image}"
 
     def close(self) -> str:
         self.tar.close()
@@ -412,20 +426,22 @@ class _TarWriter:
 
 
 class _FolderWriter:
-    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique), and
+    """imagefolder: <label>/<key>-<original stem><ext> (the key makes names unique; the
+    label a reviewed one where the row has it, else the predicted one), and
     the shard's lines of metadata.jsonl in _metadata/<id>.jsonl: per image its file_name
     (relative to OUT, as datasets' imagefolder joins it) and SAMPLE_FIELDS."""
 
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
         self.task, self.out, self.folders, self.lines = task, out, {}, []
 
-    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
-        label = safe_name(row["label"])
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
+        label = safe_name(row.get(REVIEWED_LABEL) or row["label"])
         if label not in self.folders:
             self.folders[label] = self.out.folder(label)
         name = f"{key}-{_stem(row['path'])}{ext}"
         self.folders[label].write_bytes(name, data)
         self.lines.append(json.dumps({"file_name": f"{label}/{name}", **sample_json(row)}, ensure_ascii=False))
+        return f"{label}/{name}"
 
     def close(self) -> str:
         name = f"{self.task.id}.jsonl"
@@ -435,22 +451,16 @@ class _FolderWriter:
 
 class _LabelStudioWriter:
     """labelstudio: images/<key>-<stem><ext>, and the shard's tasks in _tasks/<id>.json:
-    Label Studio's JSON import format, the prediction as a pre-annotation (a "choices"
-    result from a <Choices name="label"> to an <Image name="image">)."""
+    Label Studio's JSON import format, the prediction as a pre-annotation (:func:`labelstudio.task`)."""
 
     def __init__(self, task: ExportTask, out: ExportOutput, work: str):
         self.task, self.out, self.images, self.tasks = task, out, out.folder(IMAGES), []
 
-    def add(self, key: str, row: dict, data: bytes, ext: str) -> None:
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
         name = f"{key}-{_stem(row['path'])}{ext}"
         self.images.write_bytes(name, data)
-        data_fields = {"image": f"{self.task.image_url_prefix}{IMAGES}/{name}", "path": row["path"]}
-        if row.get("true_label") is not None:
-            data_fields["true_label"] = row["true_label"]
-        self.tasks.append({"data": data_fields, "predictions": [{
-            "model_version": self.task.model, "score": row["score"],
-            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                        "value": {"choices": [row["label"]]}}]}]})
+        self.tasks.append(task(f"{self.task.image_url_prefix}{IMAGES}/{name}", row, self.task.model))
+        return f"{IMAGES}/{name}"
 
     def close(self) -> str:
         name = f"{self.task.id}.json"
@@ -458,27 +468,55 @@ class _LabelStudioWriter:
         return f"{TASK_PARTS}/{name}"
 
 
-_WRITERS = {"webdataset": _TarWriter, "imagefolder": _FolderWriter, "labelstudio": _LabelStudioWriter}
+class _FiftyOneWriter:
+    """fiftyone: data/<key><ext> (the key is FiftyOne's uuid: the file name without its
+    extension) and the shard's targets: the true label (null where unknown) for labels.json,
+    {"label", "confidence"} for predictions.json (the target forms FiftyOne's parser reads)."""
+
+    def __init__(self, task: ExportTask, out: ExportOutput, work: str):
+        self.task, self.out, self.data = task, out, out.folder(FIFTYONE_DATA)
+        self.targets: dict[str, dict] = {folder: {} for folder in FIFTYONE_LABELS.values()}
+
+    def add(self, key: str, row: dict, data: bytes, ext: str) -> str:
+        self.data.write_bytes(f"{key}{ext}", data)
+        ground_truth, predictions = FIFTYONE_LABELS.values()
+        self.targets[ground_truth][key] = row.get("true_label")
+        self.targets[predictions][key] = {"label": row["label"], "confidence": row["score"]}
+        return f"{FIFTYONE_DATA}/{key}{ext}"
+
+    def close(self) -> str:
+        for folder, targets in self.targets.items():
+            self.out.folder(folder).write_bytes(f"{self.task.id}.json", json.dumps(targets, ensure_ascii=False).encode())
+        return FIFTYONE_DATA
+
+
+_WRITERS = {"webdataset": _TarWriter, "imagefolder": _FolderWriter, "labelstudio": _LabelStudioWriter,
+            "fiftyone": _FiftyOneWriter}
 
 
 def export_shard(task: ExportTask) -> dict:
-    """Write one export shard's images; its commit record (rows written, rows whose
-    image could not be read and the first such row's error)."""
+    """Write one export shard's images, and its rows' file names (null: not written) in
+    _files/<id>.parquet; its commit record (rows written, rows whose image could not be
+    read and the first such row's error)."""
     out = ExportOutput(task.out, task.storage)
     with out.open_file(SELECTION) as file:
         rows = pq.ParquetFile(file).read_row_group(task.shard)
-    written, missing, example = 0, 0, None
+    files: list[str | None] = []
+    example = None
     with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
         writer = _WRITERS[task.format](task, out, work)
         for i, (row, data) in enumerate(zip(rows.to_pylist(), _images(rows, task.containers, task.reading))):
             if isinstance(data, str):
-                missing += 1
+                files.append(None)
                 example = example or f"{row['path']}: {data}"
                 continue
-            writer.add(f"{task.id}-{i:06d}", row, data, _extension(row["path"], data))
-            written += 1
+            files.append(writer.add(f"{task.id}-{i:06d}", row, data, _extension(row["path"], data)))
         file_name = writer.close()
-    return {"shard": task.id, "file": file_name, "rows": written, "counts": {"missing": missing},
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({EXPORTED_FILE: pa.array(files, pa.string())}), sink)
+    out.folder(FILE_PARTS).write_bytes(f"{task.id}.parquet", sink.getvalue().to_pybytes())
+    written = sum(name is not None for name in files)
+    return {"shard": task.id, "file": file_name, "rows": written, "counts": {"missing": len(files) - written},
             "missing_example": example}
 
 
@@ -512,14 +550,16 @@ def model_name(ref: str) -> str:
     return posixpath.basename(ref.rstrip("/")) if os.path.isabs(ref) or os.path.exists(ref) else ref
 
 
-def export_identity(config: ExportConfig, dest_manifest: dict) -> dict:
+def export_identity(config: ExportConfig, dest_manifest: dict, reviews: Reviews | None) -> dict:
     """Everything that changes an export's output: --resume with another is refused."""
     shards = dest_manifest["shards"]
+    reviewed = reviews and paths_digest(f"{path}\t{label}" for path, label in zip(
+        *(reviews.labels.column(name).to_pylist() for name in reviews.labels.column_names)))
     return {"export": True, "dest": canonical_uri(config.dest),
             "dest_digest": paths_digest(f"{shard} {record['digest']} {record['rows']}"
                                         for shard, record in sorted(shards.items())),
             "format": config.format, "where": config.where, "per_class": config.per_class,
-            "label_issues": config.label_issues, "shard_size": config.shard_size,
+            "label_issues": config.label_issues, "reviewed": reviewed, "shard_size": config.shard_size,
             "image_url_prefix": config.image_url_prefix if config.format == "labelstudio" else None}
 
 
@@ -528,6 +568,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     the stream for the progress bar (None: no bar)."""
     from visionbatch.engine import make_engine
     from visionbatch.job import JobError, JobInterrupted, sigterm_as_interrupt
+    from visionbatch.plan import recorded_classes
     from visionbatch.sinks import Lease, Manifest
 
     started = time.monotonic()
@@ -538,19 +579,24 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
         if within(inner, outer):  # DEST would no longer read as a dataset, or OUT would mix its files with DEST's
             raise ValueError(f"--to {config.to} and DEST {config.dest} overlap ({inner} is inside {outer}): "
                              "export to a folder outside DEST")
+    reviews = read_reviews(config.reviewed, storage) if config.reviewed else None
     with sigterm_as_interrupt():
         dest_manifest = destination.finished_manifest()
+        # The model's classes (from its config), for what the labeling config and the reviews are checked against.
+        classes = recorded_classes(dest_manifest["job"]) if config.format == "labelstudio" or reviews else None
+        if reviews is not None:
+            _warn_unknown(reviews, classes)
         out.check_own()
         lease = Lease.take(out, config.overwrite, config.resume)
         engine, bar, manifest = None, None, None
         try:
             lease.confirm()
-            manifest = Manifest.open(out, export_identity(config, dest_manifest), overwrite=config.overwrite,
+            manifest = Manifest.open(out, export_identity(config, dest_manifest, reviews), overwrite=config.overwrite,
                                      resume=config.resume)
             if not manifest.shards or SELECTION not in out.files():  # nothing done yet: choose the rows (again)
                 manifest.shards.clear()
                 with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
-                    out.write_file(SELECTION, select(destination, config, query, work))
+                    out.write_file(SELECTION, select(destination, config, query, reviews, work))
             with out.open_file(SELECTION) as file:
                 selection = pq.ParquetFile(file)
                 selected = selection.metadata.num_rows
@@ -577,8 +623,11 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
                         manifest.write()
             if config.format in _MERGED:
                 _merge(out, config.format, len(parts))
+            if config.format == "fiftyone":
+                _merge_fiftyone(out, len(parts))
+            _name_files(out, len(parts))
             if config.format == "labelstudio":
-                _write_labeling_config(out, len(parts))
+                _write_labeling_config(out, len(parts), classes)
             manifest.write(complete=True)
         except KeyboardInterrupt:
             raise JobInterrupted(_stopped("interrupted", manifest, config.to)) from None
@@ -641,17 +690,74 @@ def _merge(out: ExportOutput, fmt: str, shards: int) -> None:
         out.write_file(name, merged)
 
 
-def _write_labeling_config(out: ExportOutput, shards: int) -> None:
-    """labelstudio: the labeling interface the tasks' pre-annotations fit (an <Image> named
-    "image", a <Choices> named "label"), its <Choice>s the distinct predicted labels of the
-    tasks, sorted. Label Studio accepts a config whose names or choices match nothing, silently."""
-    from xml.sax.saxutils import quoteattr
+def _merge_fiftyone(out: ExportOutput, shards: int) -> None:
+    """Each FiftyOne labels file from its shards' pieces, streamed (a piece at a time), its
+    classes the labels its targets name, sorted."""
+    for name, folder in FIFTYONE_LABELS.items():
+        pieces, classes = out.folder(folder), set()
+        with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+            merged = os.path.join(work, name)
+            with open(merged, "w", encoding="utf-8") as file:
+                file.write('{"labels": {')
+                first = True
+                for shard in range(shards):
+                    targets = json.loads(pieces.read_bytes(f"{shard:06d}.json"))
+                    for key, target in targets.items():
+                        label = target["label"] if isinstance(target, dict) else target
+                        if label is not None:
+                            classes.add(label)
+                        file.write(("" if first else ", ") + f"{json.dumps(key)}: {json.dumps(target, ensure_ascii=False)}")
+                        first = False
+                file.write(f"}}, \"classes\": {json.dumps(sorted(classes), ensure_ascii=False)}}}")
+            out.write_file(name, merged)
 
+
+def _name_files(out: ExportOutput, shards: int) -> None:
+    """SELECTION again, each row group (export shard) with its rows' EXPORTED_FILE from the
+    shard's piece: a row group in memory at a time. Run again (a resumed export that
+    stopped after it), it replaces the column."""
+    pieces = out.folder(FILE_PARTS)
+    with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+        named = os.path.join(work, SELECTION)
+        with out.open_file(SELECTION) as file:
+            selection = pq.ParquetFile(file)
+            schema = selection.schema_arrow
+            if EXPORTED_FILE in schema.names:
+                schema = schema.remove(schema.get_field_index(EXPORTED_FILE))
+            with pq.ParquetWriter(named, schema.append(pa.field(EXPORTED_FILE, pa.string()))) as writer:
+                for shard in range(shards):
+                    rows = selection.read_row_group(shard, columns=schema.names)
+                    files = pq.read_table(pa.BufferReader(pieces.read_bytes(f"{shard:06d}.parquet")))
+                    writer.write_table(rows.append_column(EXPORTED_FILE, files.column(EXPORTED_FILE)),
+                                       row_group_size=max(rows.num_rows, 1))
+        out.write_file(SELECTION, named)
+
+
+def _write_labeling_config(out: ExportOutput, shards: int, classes: list[str] | None) -> None:
+    """labelstudio: the labeling interface the tasks' pre-annotations fit, its <Choice>s the
+    distinct predicted labels of the tasks; a label that names several of the model's
+    ``classes`` (ImageNet's "crane" is classes 134 and 517) is one <Choice>, and said."""
     labels = set()
     for shard in range(shards):
-        for task in json.loads(out.folder(TASK_PARTS).read_bytes(f"{shard:06d}.json")):
-            labels.update(task["predictions"][0]["result"][0]["value"]["choices"])
-    choices = "".join(f"\n    <Choice value={quoteattr(label)}/>" for label in sorted(labels))
-    out.write_bytes(LABELING_CONFIG, (f'<View>\n  <Image name="image" value="$image"/>\n  <Choices name="label" '
-                                      f'toName="image" choice="single" showInLine="true">{choices}\n  </Choices>\n'
-                                      "</View>\n").encode())
+        labels |= predicted_labels(json.loads(out.folder(TASK_PARTS).read_bytes(f"{shard:06d}.json")))
+    indices: dict[str, list[int]] = {}
+    for index, name in enumerate(classes or ()):
+        if name in labels:
+            indices.setdefault(name, []).append(index)
+    repeated = {label: where for label, where in sorted(indices.items()) if len(where) > 1}
+    if repeated:
+        logging.getLogger("visionbatch").warning(
+            "labeling config: %s: one <Choice> each, so a reviewer's answer cannot tell those classes apart",
+            "; ".join(f"{label!r} names the model's classes {', '.join(map(str, indices))}"
+                      for label, indices in repeated.items()))
+    out.write_bytes(LABELING_CONFIG, labeling_config(labels).encode())
+
+
+def _warn_unknown(reviews: Reviews, classes: list[str] | None) -> None:
+    """Reviewed labels that are none of the model's classes are still used (a reviewer's
+    answer); said, so that a typo in an edited labeling config is seen."""
+    unknown = reviews.unknown(classes) if classes is not None else {}
+    if unknown:
+        logging.getLogger("visionbatch").warning(
+            "reviewed labels that are none of the model's classes: %s",
+            ", ".join(f"{label!r} ({count})" for label, count in unknown.items()))

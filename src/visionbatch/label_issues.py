@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from visionbatch.results import TRUE_LABEL_SCORE
-from visionbatch.sinks import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST_VERSION, Destination, DestinationError, job_schema
+from visionbatch.sinks import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST_VERSION, Destination, DestinationError
 from visionbatch.storage import Storage
 
 # A class's threshold is a Bayesian average: (sum of its scores + PRIOR_ROWS * shared) /
@@ -148,13 +148,6 @@ class LabelIssues:
         return "\n".join(lines)
 
 
-def _parts(destination: Destination, columns: tuple[str, ...]) -> Iterator[pa.Table]:
-    manifest, shards = destination.committed_parts()
-    schema = job_schema(manifest["job"])
-    for shard in shards:
-        yield destination.read_part(shard["file"], shard["rows"], schema, columns)
-
-
 def _rank(spill: str, out: str, work: str) -> None:
     """Order the flagged rows by self_confidence (ties by path) and number them, with
     DuckDB: an external sort within SORT_MEMORY."""
@@ -182,13 +175,13 @@ def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
     if manifest.get("version") != MANIFEST_VERSION:
         raise DestinationError(f"{destination.uri} was written by an older visionbatch, whose rows lack "
                                f"{TRUE_LABEL_SCORE}: classify again (into a new DEST, or with --overwrite)")
-    thresholds = Thresholds.from_parts(_parts(destination, _SCORE_COLUMNS))
+    thresholds = Thresholds.from_parts(destination.committed_rows(_SCORE_COLUMNS))
     flagged = np.zeros(len(thresholds.labels), dtype=np.int64)
     rows = 0
     with tempfile.TemporaryDirectory(prefix="visionbatch-label-issues-") as work:
         spill, out = os.path.join(work, "flagged.parquet"), os.path.join(work, "ranked.parquet")
         with pq.ParquetWriter(spill, ISSUES_SCHEMA.remove(ISSUES_SCHEMA.get_field_index("rank"))) as writer:
-            for part in _parts(destination, _ROW_COLUMNS):
+            for part in destination.committed_rows(_ROW_COLUMNS):
                 rows += part.num_rows
                 issues = flag_rows(part, thresholds)
                 if issues.num_rows:

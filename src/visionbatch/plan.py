@@ -19,8 +19,8 @@ import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, label_list
 from visionbatch.labels import LabelResolver, build_resolver
-from visionbatch.model import (ModelSource, check_model_kind, embedding_width, load_config, load_processor,
-                               model_revision)
+from visionbatch.model import (ModelLoadError, ModelSource, check_model_kind, embedding_width, load_config,
+                               load_processor, model_revision, resolve_model_source)
 from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
                                    draft_side, pixel_layout)
 from visionbatch.results import result_schema
@@ -295,6 +295,20 @@ def recorded_input_spec(job: dict) -> InputSpec:
         image_column=job["image_column"], keep_columns=tuple(job["keep_columns"]),
         follow_symlinks=job["follow_symlinks"], shard_size=job["shard_size"], limit=job["limit"],
         labels=job["labels"], label_column=job["label_column"]))
+
+
+def recorded_classes(job: dict) -> list[str] | None:
+    """The classes the job a DEST records could answer, in index order: its zero-shot
+    labels, or its model's ``id2label`` (from its config, no weights); None where that
+    config can no longer be loaded (the model moved, the hub unreachable)."""
+    if job["zero_shot"]:
+        return list(job["zero_shot"]["labels"])
+    try:
+        id2label = load_config(resolve_model_source(job["model"])).id2label
+    except ModelLoadError as err:
+        log.warning("cannot check labels against the model's classes: %s", err)
+        return None
+    return [id2label[index] for index in sorted(id2label)]
 
 
 def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> dict:

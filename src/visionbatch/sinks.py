@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -388,6 +389,14 @@ class Destination:
         """A finished job's manifest and its committed shards' records, in shard order."""
         manifest = self.finished_manifest()
         return manifest, sorted(manifest["shards"].values(), key=lambda shard: shard["file"])
+
+    def committed_rows(self, columns: tuple[str, ...] | None = None) -> Iterator[pa.Table]:
+        """A finished job's committed parts' rows (``columns``: only these), a part at a
+        time, in shard order, each checked as it is read."""
+        manifest, shards = self.committed_parts()
+        schema = job_schema(manifest["job"])
+        for shard in shards:
+            yield self.read_part(shard["file"], shard["rows"], schema, columns)
 
     def committed_metric_counts(self, verify: bool = True) -> dict:
         """The metric counts of a finished job, as its manifest added them up."""
