@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -27,6 +28,13 @@ CONFIDENCE = 0.95  # of that one-sided bound (Clopper-Pearson)
 MAX_SCORE_DIFFERENCE = 0.05  # the most any class's score may move (softmax or sigmoid scores)
 MIN_EMBEDDING_COSINE = 0.99  # with --embeddings: the least cosine between an image's two embeddings
 SAMPLE_IMAGES = 1000  # the most images certified: then 1 disagreement still passes (bound 99.53%)
+# A path must also pay for its certificate: certifying costs its passes over the sample
+# beside the reference's, and saves (1 - 1 / speedup) of the reference's time on every
+# image after it; over a job of N images that pays from a speedup of
+# 1 + sample / (N - sample) (3,200 images: 1.23; 100,000: 1.006). Timed on the job's own
+# batches, after a first one (warm-up), from this many images on.
+SPEED_SAMPLE_IMAGES = 64
+MIN_SPEEDUP = 1.05  # where the job's size is unknown
 
 PENDING, PASSED, FAILED = "pending", "passed", "failed"
 
@@ -76,12 +84,21 @@ class Trial:
     verdict: str = PENDING
     reason: str = ""
     available: bool = True  # False: the path cannot run here (the reason says why)
+    # Pass seconds, the reference's and this path's, on the same batches (after the first).
+    reference_seconds: float = 0.0
+    seconds: float = 0.0
+    timed_images: int = 0
+
+    @property
+    def speedup(self) -> float | None:
+        return self.reference_seconds / self.seconds if self.timed_images and self.seconds > 0 else None
 
     @property
     def lower_bound(self) -> float:
         return agreement_lower_bound(self.agreed, self.images)
 
-    def add(self, reference: "Outputs", candidate: "Outputs") -> None:
+    def add(self, reference: "Outputs", candidate: "Outputs", reference_seconds: float = 0.0, seconds: float = 0.0,
+            needed_speedup: float = 0.0) -> None:
         if self.verdict != PENDING:
             return
         if candidate.probs.shape != reference.probs.shape or (reference.embeddings is not None and (
@@ -89,6 +106,9 @@ class Trial:
             self.verdict, self.reason = FAILED, (f"its outputs are shaped {_shapes(candidate)} where the "
                                                  f"reference's are {_shapes(reference)}")
             return
+        if self.images:  # the first batch warms the path up
+            self.reference_seconds, self.seconds = self.reference_seconds + reference_seconds, self.seconds + seconds
+            self.timed_images += len(reference.probs)
         self.images += len(reference.probs)
         self.agreed += int((reference.probs.argmax(1) == candidate.probs.argmax(1)).sum())
         self.max_score_difference = max(self.max_score_difference,
@@ -96,9 +116,9 @@ class Trial:
         if reference.embeddings is not None:
             cosine = float(_cosines(reference.embeddings, candidate.embeddings).min(initial=1.0))
             self.min_embedding_cosine = min(cosine, self.min_embedding_cosine or 1.0)
-        self._decide()
+        self._decide(needed_speedup)
 
-    def _decide(self) -> None:
+    def _decide(self, needed_speedup: float) -> None:
         if self.verdict != PENDING:
             return
         disagreed = self.images - self.agreed
@@ -112,12 +132,16 @@ class Trial:
             self.verdict, self.reason = FAILED, (f"{disagreed} of {self.images} top-1 labels differ: even if the rest "
                                                  f"of the {SAMPLE_IMAGES}-image sample agreed, the agreement's bound "
                                                  f"would stay under {AGREEMENT:.1%}")
+        elif self.timed_images >= SPEED_SAMPLE_IMAGES and (self.speedup or 0.0) < needed_speedup:
+            self.verdict, self.reason = FAILED, (f"it runs {self.speedup:.2f}x the reference's speed on the job's "
+                                                 f"batches, where paying for its certificate needs "
+                                                 f"{needed_speedup:.2f}x")
         elif self.lower_bound >= AGREEMENT:
             self.verdict = PASSED
 
     def figures(self) -> dict:
         return {**asdict(self), "agreement": self.agreed / self.images if self.images else None,
-                "agreement_lower_bound": self.lower_bound}
+                "agreement_lower_bound": self.lower_bound, "speedup": self.speedup}
 
 
 @dataclass
@@ -143,13 +167,23 @@ class Certification:
     failed, the reference (None) once all failed, and undecided (``decided`` False) until then.
 
     ``insist``: the user asked for the (one) candidate's precision (``--dtype bfloat16``):
-    it is chosen once its verdict is in, passed or failed; a failure is reported, not hidden."""
+    it is chosen once its verdict is in, passed or failed; a failure is reported, not hidden.
+    ``must_pay``: the choice is for speed alone (``--runtime auto --dtype auto``): a path
+    must also pay for its certificate (SPEED_SAMPLE_IMAGES); one asked for by name need not."""
 
-    def __init__(self, candidates: list[str], reference: str, insist: bool = False):
+    def __init__(self, candidates: list[str], reference: str, insist: bool = False, must_pay: bool = False):
         self.reference = reference
         self.trials = [Trial(path) for path in candidates]
-        self.insist = insist
+        self.insist, self.must_pay = insist, must_pay
         self._lock = threading.Lock()
+        self.expected_images: Callable[[], int | None] = lambda: None  # the job's size, where known
+
+    def needed_speedup(self) -> float:
+        """What a path must gain to pay for its certificate over the job (see SPEED_SAMPLE_IMAGES)."""
+        if not self.must_pay:
+            return 0.0
+        images, sample = self.expected_images(), images_needed()
+        return 1.0 + sample / max(1, images - sample) if images else MIN_SPEEDUP
 
     def fail(self, path: str, why: str) -> None:
         """The path cannot run here (not loaded, or it raised on the job's images): it
@@ -159,11 +193,14 @@ class Certification:
                 if trial.path == path and trial.verdict == PENDING:
                     trial.verdict, trial.reason, trial.available = FAILED, why, False
 
-    def add(self, reference: Outputs, candidates: dict[str, Outputs]) -> None:
+    def add(self, reference: Outputs, candidates: dict[str, Outputs], seconds: dict[str, float]) -> None:
+        """One batch: the reference's outputs and each candidate's, and each one's pass
+        seconds (``seconds[self.reference]`` the reference's)."""
+        needed = self.needed_speedup()
         with self._lock:
             for trial in self.trials:
                 if trial.path in candidates:
-                    trial.add(reference, candidates[trial.path])
+                    trial.add(reference, candidates[trial.path], seconds[self.reference], seconds[trial.path], needed)
 
     @property
     def pending(self) -> list[str]:

@@ -82,9 +82,10 @@ class ClassifyConfig:
                           "support it, else fp16; on CPU what OpenVINO runs there), float32 until it does and "
                           "where it does not; an explicit bfloat16/float16 is certified too and used even where "
                           "it fails (reported)")
-    runtime: Runtime = option("auto", "what runs the model on CPU: auto and openvino: OpenVINO (pip install "
+    runtime: Runtime = option("auto", "what runs the model on CPU: auto: OpenVINO (pip install "
                               "'visionbatch[openvino]') once it passes the job's certificate (its answers against "
-                              "torch float32 on the job's own first images), else torch; torch: torch only")
+                              "torch float32 on the job's own first images) and is fast enough to pay for it, else "
+                              "torch; openvino: OpenVINO once it passes the certificate; torch: torch only")
     limit: int | None = option(None, "classify only the first N images (in listing order)", metavar="N")
     labels: LabelsMode = option("dirs", "dirs: true label from the parent folder's name; column: from "
                                 "--label-column; none: no labels")

@@ -339,7 +339,7 @@ class LocalEngine(Engine):
         smaller job runs on the reference throughout, and says why."""
         status = self.planner.status()
         if self._predictor.paths.certification is None or status["images_listed"] >= images_needed():  # or resumed
-            self._predictor.paths.start()
+            self._predictor.paths.start(lambda: self.planner.status()["images_listed"])
         elif status["listing_done"] and not self._predictor.paths.deferred:
             self._predictor.paths.deferred = (f"the job's {status['images_listed']} images are fewer than the "
                                                 f"{images_needed()} a certificate needs: torch/float32 throughout")

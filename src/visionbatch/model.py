@@ -562,7 +562,8 @@ class Predictor:
                 load_model(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                            zero_shot=self.zero_shot).to(self.device),
                 zero_shot=self.zero_shot, embeddings=bool(embedding_width)),
-            streams=passes_at_once, certify=certified_path is None, insist=dtype in REDUCED_DTYPES)
+            streams=passes_at_once, certify=certified_path is None, insist=dtype in REDUCED_DTYPES,
+            must_pay=runtime == "auto" and dtype == "auto")
         self.packed_layers = 0
         if self.device.type == "cpu" and self.dtype == torch.float32 and pixel_layout and not compile:
             shape, layout_dtype = pixel_layout

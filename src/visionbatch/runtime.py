@@ -370,27 +370,31 @@ class ModelPaths:
     tower, for OpenVINO; ``fresh_tower(dtype)``: another copy of it in a torch dtype."""
 
     def __init__(self, wanted: list[str], *, reference: Callable, spec: TowerSpec | None,
-                 fresh_tower: Callable, streams: int, certify: bool, insist: bool, notes: list[str]):
+                 fresh_tower: Callable, streams: int, certify: bool, insist: bool, must_pay: bool,
+                 notes: list[str]):
         from visionbatch.certificate import Certification
 
         self.wanted, self.reference, self.spec = wanted, reference, spec
         self._fresh_tower, self._streams = fresh_tower, streams  # passes at once: the local engine's lanes
-        self.certification = Certification(wanted, REFERENCE, insist) if wanted and certify else None
+        self.certification = Certification(wanted, REFERENCE, insist, must_pay) if wanted and certify else None
         self.notes = notes
         self.loaded: dict[str, Callable] = {}  # path -> forward, once loaded
         self.started = False
         self.deferred = ""  # why they were never started, where an engine chose not to
         self._done = threading.Event()
 
-    def start(self) -> None:
+    def start(self, expected_images: Callable[[], int | None] | None = None) -> None:
         """Load the paths: at once where they are OpenVINO graphs already converted (read
         and compiled in ~0.5 s), else in a thread of their own (a conversion takes
         seconds, in a process of its own): the reference's passes go on meanwhile, and
         their rows are the job's until a path is certified. Once only. A conversion still
-        running when the job ends finishes on its own, for the next job."""
+        running when the job ends finishes on its own, for the next job.
+        ``expected_images()``: the job's size so far (a path must pay for its certificate)."""
         if not self.wanted or self.started:
             return
         self.started = True
+        if self.certification and expected_images:  # the job's size: what a path must gain to pay for it
+            self.certification.expected_images = expected_images
         if all(path.startswith("openvino/") for path in self.wanted) and os.path.exists(
                 graph_path(self.spec.weights, self.spec.description, self.spec.input_shape)):
             self._load()
@@ -440,17 +444,23 @@ class ModelPaths:
     def certify(self, pixel_values, on_host: Callable) -> tuple:
         """A pass while the certificate is taken: the reference's outputs (the rows),
         compared with each loaded path's on the same input (``on_host``: outputs -> Outputs)."""
+        started = time.perf_counter()
         reference = self.reference(pixel_values)
+        seconds = {REFERENCE: time.perf_counter() - started}
         tried = {}
         for path in self.certification.pending:
             if path in self.loaded:
+                started = time.perf_counter()
                 try:
-                    tried[path] = on_host(self.loaded[path](pixel_values))
+                    outputs = self.loaded[path](pixel_values)
                 except Exception as err:  # a path that fails on the job's images fails its certificate
                     self.certification.fail(path, f"it failed on the job's images: {type(err).__name__}: "
                                                   f"{_first_line(err)}")
+                    continue
+                seconds[path] = time.perf_counter() - started
+                tried[path] = on_host(outputs)
         if tried:
-            self.certification.add(on_host(reference), tried)
+            self.certification.add(on_host(reference), tried, seconds)
         return reference
 
     def report(self) -> dict:
