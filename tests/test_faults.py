@@ -101,11 +101,12 @@ class Run:
             kill_session(self)
             pytest.fail(f"visionbatch did not exit within {timeout} s; stderr:\n{self.stderr}")
 
-    def wait_for_commit(self, dest: Path, timeout: float = 180, more_than: int = 0) -> float:
+    def wait_for_commit(self, dest: Path | str, timeout: float = 180, more_than: int = 0,
+                        endpoint: str | None = None) -> float:
         """Poll until DEST's manifest lists more than ``more_than`` committed shards; returns
         the seconds since start."""
         deadline = time.monotonic() + timeout
-        while len(_committed_parts(dest)) <= more_than:
+        while len(_committed_parts(dest, endpoint)) <= more_than:
             if self.proc.poll() is not None:
                 pytest.fail(f"the run ended (exit {self.proc.returncode}) before committing a part file:\n{self.stderr}")
             if time.monotonic() > deadline:
@@ -187,10 +188,10 @@ def start():
 # --------------------------------------------------------------------------- checks
 
 
-def _committed_parts(dest: Path) -> list[str]:
+def _committed_parts(dest: Path | str, endpoint: str | None = None) -> list[str]:
     """The part files DEST's manifest lists (it is replaced whole, never seen half-written)."""
-    manifest = dest / "_manifest.json"
-    return sorted(s["file"] for s in json.loads(manifest.read_text())["shards"].values()) if manifest.exists() else []
+    manifest = Destination(str(dest), endpoint).manifest()
+    return sorted(s["file"] for s in manifest["shards"].values()) if manifest else []
 
 
 def _rows_on_disk(dest: Path, names: list[str] | None = None) -> list[str]:
@@ -655,22 +656,8 @@ def test_corrupt_model_config_fails_fast(images, tiny_vit, tmp_path, start):
 def test_two_jobs_into_one_dest_only_one_runs(where, images, tiny_vit, s3_server, tmp_path, start):
     """Started together: one holds DEST's lease and runs, the other exits 1 naming the
     holder; every file ends up exactly once."""
-    files = sorted(images.rglob("*.jpg"))[:24]
-    if where == "local":
-        source, dest, endpoint = images, tmp_path / "out", None
-        expected = _expected_paths(images)
-        more = []
-    else:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-        bucket = f"vb-lease-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-        client.create_bucket(Bucket=bucket)
-        for path in files:
-            client.upload_file(str(path), bucket, f"val/{path.relative_to(images).as_posix()}")
-        source, dest, endpoint = f"s3://{bucket}/val/", f"s3://{bucket}/results", s3_server
-        expected = {f"s3://{bucket}/val/{p.relative_to(images).as_posix()}" for p in files}
-        more = ["--s3-endpoint", s3_server]
+    source, dest, endpoint, expected, more = _source_and_dest(where, images, sorted(images.rglob("*.jpg"))[:24],
+                                                              s3_server, tmp_path)
     runs = [start(_classify_args(source, tiny_vit, dest, *more), tmp_path / f"run{i}") for i in range(2)]
     codes = [run.wait(300) for run in runs]
     assert sorted(codes) == [0, 1], [run.stderr for run in runs]
@@ -678,13 +665,101 @@ def test_two_jobs_into_one_dest_only_one_runs(where, images, tiny_vit, s3_server
     assert "in use by another job (pid" in loser.stderr, loser.stderr
     table = _check_exactly_once(dest, expected, s3_endpoint=endpoint)
     assert table.column("error").null_count == len(expected)
-    assert "_lease.json" not in _names(dest, endpoint)  # released by the job that ran
+    assert json.loads(Destination(str(dest), endpoint).read_bytes("_lease.json"))["released"]
     _outcome(f"two jobs started together into one DEST ({where})", len(expected), table,
              time.monotonic() - runs[0].started, loser.stderr.strip())
 
 
-def _names(dest, endpoint: str | None) -> set[str]:
-    return set(Destination(str(dest), endpoint).files())
+def _source_and_dest(where: str, images: Path, files: list[Path], s3_server: str, tmp_path: Path):
+    """SOURCE and DEST on local disk (SOURCE: every image) or in a new bucket of the S3
+    server (SOURCE: ``files``); returns them with the endpoint, the paths the rows should
+    have and the options the S3 server needs."""
+    if where == "local":
+        return images, tmp_path / "out", None, _expected_paths(images), []
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    bucket = f"vb-lease-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    client.create_bucket(Bucket=bucket)
+    for path in files:
+        client.upload_file(str(path), bucket, f"val/{path.relative_to(images).as_posix()}")
+    expected = {f"s3://{bucket}/val/{p.relative_to(images).as_posix()}" for p in files}
+    return f"s3://{bucket}/val/", f"s3://{bucket}/results", s3_server, expected, ["--s3-endpoint", s3_server]
+
+
+# --------------------------------------------------------------------------- 6b. a stale job is fenced off
+
+LEASE_STALE_S = 3.0  # the fencing test's lease staleness (VISIONBATCH_LEASE_STALE_S): seconds, not a minute
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {timeout} s")
+        time.sleep(0.05)
+
+
+def _labels_by_file(table) -> dict[str, str]:
+    """A result table's label per image, keyed by the image's class folder and name."""
+    return {"/".join(path.split("/")[-2:]): label
+            for path, label in zip(table.column("path").to_pylist(), table.column("label").to_pylist())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_paused_job_taken_over_writes_nothing(where, images, slow_vit, tiny_vit, s3_server, tmp_path, start):
+    """Job A is paused (SIGSTOP of its process group) mid-job past its lease's staleness;
+    job B takes DEST over with another model and --overwrite; A, continued while B runs,
+    exits 1 naming B, and DEST is exactly B's results, read through the manifest or as
+    every part file in it."""
+    import pyarrow.dataset as pads
+    import visionbatch
+
+    source, dest, endpoint, expected, more = _source_and_dest(where, images, sorted(images.rglob("*.jpg")),
+                                                              s3_server, tmp_path)
+    destination = Destination(str(dest), endpoint)
+    env = {"VISIONBATCH_LEASE_STALE_S": str(LEASE_STALE_S)}
+    more = [*more, "--runtime", "torch"]  # one model path: B's rows and the reference's are alike
+    a = start(_classify_args(source, slow_vit, dest, *more), tmp_path / "a", env)
+    a.wait_for_commit(dest, endpoint=endpoint)
+    os.killpg(a.pid, signal.SIGSTOP)
+    a_rows = _labels_by_file(destination.read_parts(_committed_parts(dest, endpoint)))
+    assert "_SUCCESS" not in destination.files(), "A should be paused mid-job"
+
+    def lease() -> dict:
+        return json.loads(destination.read_bytes("_lease.json"))
+
+    _wait_until(lambda: time.time() - lease()["heartbeat"] > LEASE_STALE_S + 0.5, 60, "A's lease going stale")
+    b = start(_classify_args(source, tiny_vit, dest, *more, "--overwrite"), tmp_path / "b", env)
+    def b_committed() -> bool:
+        with contextlib.suppress(FileNotFoundError):  # B's --overwrite is removing A's files
+            return (destination.manifest() or {}).get("generation") == lease()["generation"] == 2
+        return False
+
+    _wait_until(b_committed, 180, "B's first commit")
+    os.killpg(a.pid, signal.SIGCONT)
+    a_code, b_code = a.wait(120), b.wait(300)
+    assert (a_code, b_code) == (1, 0), (a.stderr, b.stderr)
+
+    held = lease()  # B's, released
+    assert held["pid"] == b.pid and held["generation"] == 2 and held["released"], held
+    line = _one_error_line(a)
+    assert (f"was taken over by a newer job (holder {held['id']}, pid {b.pid} on {held['host']}, lease generation 2, "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held['started']))})") in line, line
+
+    visionbatch.run([str(images)], str(tmp_path / "reference"), model=tiny_vit, runtime="torch", progress=False)
+    b_rows = _labels_by_file(read_results(str(tmp_path / "reference")))  # B's model on every image
+    assert sum(a_rows[name] != b_rows[name] for name in a_rows) > len(a_rows) / 2, "A's labels should differ from B's"
+    table = _check_exactly_once(dest, expected, s3_endpoint=endpoint)
+    assert _labels_by_file(table) == b_rows
+    parts = destination.part_files()
+    assert parts == _committed_parts(dest, endpoint) and all(".g2." in name for name in parts), parts
+    every_part = pads.dataset([f"{destination.root}/{name}" for name in parts], filesystem=destination.fs).to_table()
+    assert every_part.num_rows == len(b_rows) and _labels_by_file(every_part) == b_rows
+    assert json.loads(destination.read_bytes("_SUCCESS"))["generation"] == destination.manifest()["generation"] == 2
+    assert not [name for name in destination.files() if name.endswith(".tmp")], destination.files()
+    _outcome(f"a paused job taken over ({where})", len(expected), table, time.monotonic() - a.started, line)
 
 
 # --------------------------------------------------------------------------- 7. DEST or TMPDIR unusable
@@ -813,4 +888,5 @@ def test_sigterm_during_start_up(images, tiny_vit, tmp_path, start):
     assert code == 130, run.stderr
     assert line == "visionbatch: error: interrupted during start-up; nothing was written"
     assert not wait_session_gone(run), "the interrupted run left processes behind"
-    assert not list(dest.iterdir()), "DEST should be left empty (the lease released)"
+    assert [p.name for p in dest.iterdir()] == ["_lease.json"], "DEST should hold only its lease"
+    assert json.loads((dest / "_lease.json").read_text())["released"]

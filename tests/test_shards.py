@@ -14,8 +14,9 @@ import visionbatch
 from visionbatch.job import JobError
 from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
-from visionbatch.sinks import (Destination, DestinationError, Manifest, ShardWriter, part_name, read_results,
-                              write_shard)
+from visionbatch import sinks
+from visionbatch.sinks import (Destination, DestinationError, Lease, Manifest, ShardWriter, Superseded, part_name,
+                              read_results, write_shard)
 from visionbatch.sources import ListingCounts
 from visionbatch.storage import Storage
 
@@ -132,9 +133,9 @@ def test_resume_redoes_only_uncommitted_shards(image_tree, tiny_vit, tmp_path):
     # What an interrupted run leaves: two shards committed, the third's part file
     # written but never committed, no _SUCCESS; and one committed part file damaged since.
     _uncommit(dest, "000-0000002")
-    damaged = dest / "part-000-0000001.parquet"
+    damaged = dest / manifest["shards"]["000-0000001"]["file"]
     damaged.write_bytes(damaged.read_bytes()[:100])
-    kept = {name: os.stat(dest / name).st_mtime_ns for name in ("part-000-0000000.parquet",)}
+    kept = {name: os.stat(dest / name).st_mtime_ns for name in (manifest["shards"]["000-0000000"]["file"],)}
     with pytest.raises(JobError, match="--resume"):
         visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, progress=False)
     with pytest.raises(JobError, match="shard_size: 5 there, 4 now"):
@@ -143,6 +144,9 @@ def test_resume_redoes_only_uncommitted_shards(image_tree, tiny_vit, tmp_path):
     resumed = visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, shard_size=5, resume=True, progress=False)
     assert resumed.already_done == 5 and resumed.images_found == 12 and resumed.predicted == 12
     assert {name: os.stat(dest / name).st_mtime_ns for name in kept} == kept  # not rewritten
+    # The damaged shard is redone under the resumed job's generation; the damaged file, a stray, is removed.
+    assert not damaged.exists() and sorted(p.name for p in dest.glob("part-*")) == sorted(
+        record["file"] for record in json.loads((dest / "_manifest.json").read_text())["shards"].values())
     paths = read_results(str(dest)).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 12
 
@@ -210,3 +214,43 @@ def test_readers_verify_every_part_file(fmt, damage, tmp_path):
         read_results(str(tmp_path))
     for command in (["evaluate", str(tmp_path)], ["report", str(tmp_path), "--html", str(tmp_path / "r.html")]):
         assert main(command) == 1
+
+
+def test_a_stale_job_is_fenced_off_and_its_late_commit_refused(tmp_path, monkeypatch):
+    """Job A holds DEST's lease (generation 1) and commits a shard; B takes the lease over
+    (generation 2: A's counts as stale), replaces DEST and finishes. A's heartbeat stops
+    renewing, and a late beat of A's is undone by B's; A's writes and deletes raise
+    Superseded naming B; a manifest of A's that lands anyway (written between a check and
+    the write) makes readers refuse DEST instead of reading A's results."""
+    rows = conform(pa.table({"path": ["/a.jpg", "/b.jpg"]}))
+    a = Lease.take(Destination(str(tmp_path)), overwrite=False, resume=False)  # no heartbeat: A is paused
+    stale = Manifest(a.fenced(), {"job": "a"})
+    stale.add(write_shard(stale.destination, "000-0000000", rows, "parquet"))
+    stale.write()
+    monkeypatch.setattr(sinks, "LEASE_STALE_S", 0.0)  # A's lease, renewed or not, counts as stale
+    b = Lease.take(Destination(str(tmp_path)), overwrite=True, resume=False)
+    b.confirm()
+    assert not a.renew() and a.lost["id"] == b.holder["id"] == json.loads((tmp_path / "_lease.json").read_text())["id"]
+    a._write()  # a beat of A's that read its own lease just before B took over
+    assert b.renew() and json.loads((tmp_path / "_lease.json").read_text())["id"] == b.holder["id"]
+    newer = Manifest.open(b.fenced(), {"job": "b"}, overwrite=True, resume=False)
+    newer.add(write_shard(newer.destination, "000-0000000", rows.slice(1), "parquet"))
+    newer.write(complete=True)
+    assert [record["file"] for record in newer.shards.values()] == ["part-000-0000000.g2.parquet"]
+
+    named = f"holder {b.holder['id']}, pid {os.getpid()} on {b.holder['host']}, lease generation 2"
+    for attempt in (a.check, lambda: write_shard(stale.destination, "000-0000001", rows, "parquet"), stale.write,
+                    lambda: stale.write(complete=True), stale.destination.clear):
+        with pytest.raises(Superseded, match=named):
+            attempt()
+    assert read_results(str(tmp_path)).column("path").to_pylist() == ["/b.jpg"]
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-000-0000000.g2.parquet"]
+
+    a.release()  # leaves B's lease as it is
+    b.release()
+    assert json.loads((tmp_path / "_lease.json").read_text())["id"] == b.holder["id"]
+    monkeypatch.setattr(stale.destination, "check_fence", lambda: None)  # a write whose check passed before B came
+    stale.write()
+    with pytest.raises(DestinationError, match="written by a stale job \\(lease generation 1\\) after the job of "
+                                               "generation 2 finished"):
+        read_results(str(tmp_path))

@@ -55,7 +55,8 @@ from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, pr
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
-from visionbatch.sinks import LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, job_schema
+from visionbatch.sinks import (LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, Fence, Superseded,
+                               job_schema)
 from visionbatch.sources import IMAGE_EXTENSIONS
 from visionbatch.storage import Storage, canonical_uri, describe, within
 
@@ -107,6 +108,7 @@ class ExportOutput(Destination):
 
     def clear(self) -> None:
         """Remove an earlier export (:meth:`check_own` refused anything else)."""
+        self.check_fence()
         for info in self.entries():
             if info.type == pafs.FileType.Directory:
                 self.fs.delete_dir(info.path)
@@ -117,7 +119,7 @@ class ExportOutput(Destination):
         return {}  # a shard's files are all written, whole, before it commits
 
     def folder(self, name: str) -> Destination:
-        return Destination(f"{self.uri}/{name}", self.storage)
+        return Destination(f"{self.uri}/{name}", self.storage, self.fence)
 
 
 # --------------------------------------------------------------------------- select
@@ -391,6 +393,7 @@ class ExportTask:
     reading: Reading
     image_url_prefix: str
     model: str
+    fence: Fence  # OUT's lease, checked before each file appears
 
     @property
     def id(self) -> str:
@@ -498,7 +501,7 @@ def export_shard(task: ExportTask) -> dict:
     """Write one export shard's images, and its rows' file names (null: not written) in
     _files/<id>.parquet; its commit record (rows written, rows whose image could not be
     read and the first such row's error)."""
-    out = ExportOutput(task.out, task.storage)
+    out = ExportOutput(task.out, task.storage, task.fence)
     with out.open_file(SELECTION) as file:
         rows = pq.ParquetFile(file).read_row_group(task.shard)
     files: list[str | None] = []
@@ -591,6 +594,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
         engine, bar, manifest = None, None, None
         try:
             lease.confirm()
+            out = lease.fenced()
             manifest = Manifest.open(out, export_identity(config, dest_manifest, reviews), overwrite=config.overwrite,
                                      resume=config.resume)
             if not manifest.shards or SELECTION not in out.files():  # nothing done yet: choose the rows (again)
@@ -606,7 +610,8 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
             reading = Reading(storage, image_column=dest_manifest["job"].get("image_column"),
                               read_timeout=DEFAULT_READ_TIMEOUT_S)
             tasks = [ExportTask(out.uri, storage, config.format, shard, {part: containers[part] for part in mine},
-                                reading, config.image_url_prefix, model_name(dest_manifest["job"].get("model") or ""))
+                                reading, config.image_url_prefix, model_name(dest_manifest["job"].get("model") or ""),
+                                out.fence)
                      for shard, mine in enumerate(parts) if f"{shard:06d}" not in manifest.shards]
             from tqdm import tqdm
 
@@ -616,6 +621,7 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
             if tasks:
                 engine = make_engine(config, model=False)
                 for record in engine.map_tasks(export_shard, tasks, config.max_retries, config.address):
+                    lease.check()
                     if record is not None:
                         manifest.add(record)
                         bar.update(record["rows"] + record["counts"]["missing"])
@@ -633,6 +639,8 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
             raise JobInterrupted(_stopped("interrupted", manifest, config.to)) from None
         except ValueError:  # a bad --where: nothing to keep
             raise
+        except Superseded as err:  # OUT is the newer export's: nothing more to commit
+            raise JobError(str(err)) from None
         except (JobError, DestinationError) as err:
             raise JobError(_stopped(str(err), manifest, config.to)) from None
         except Exception as err:  # the engine's own failure, or a bug: keep what was committed

@@ -30,7 +30,8 @@ from visionbatch.plan import (JobError, JobInterrupted, Prepared, input_spec, jo
 from visionbatch.results import (MODEL_TRACEBACK, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN,
                                  conform, job_columns)
 from visionbatch.shards import AnyShard, Shard, describe_shard
-from visionbatch.sinks import SUMMARY, Destination, DestinationError, Lease, Manifest, ShardWriter, write_shard
+from visionbatch.sinks import (SUMMARY, Destination, DestinationError, Lease, Manifest, ShardWriter, Superseded,
+                               write_shard)
 from visionbatch.sources import check_source
 from visionbatch.storage import SourceError, Storage, describe
 from visionbatch.summary import Summary
@@ -104,6 +105,7 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
                 if interrupted.is_set():
                     raise KeyboardInterrupt
                 lease.confirm()
+                destination = lease.fenced()
                 manifest = Manifest.open(destination, job_identity(config, output, prepared.plan),
                                          overwrite=output.overwrite, resume=output.resume)
                 prepared = dataclasses.replace(prepared, plan=dataclasses.replace(
@@ -112,7 +114,7 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
                 raise JobInterrupted("interrupted during start-up; nothing was written") from None
             except DestinationError as err:
                 raise JobError(str(err)) from None
-            summary = _Job(prepared, engine, manifest, output, started, progress).run()
+            summary = _Job(prepared, engine, manifest, lease, output, started, progress).run()
             try:
                 destination.write_bytes(SUMMARY, json.dumps(summary.to_dict(), indent=1).encode())
             except DestinationError as err:  # the results are committed: DEST is whole without it
@@ -127,10 +129,10 @@ def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summ
 class _Job:
     """The driver's side of a run: commit shards as the writer finishes them."""
 
-    def __init__(self, prepared: Prepared, engine: Engine, manifest: Manifest, output: OutputConfig, started: float,
-                 progress):
-        self.prepared, self.engine, self.manifest, self.output, self.started = (prepared, engine, manifest, output,
-                                                                                 started)
+    def __init__(self, prepared: Prepared, engine: Engine, manifest: Manifest, lease: Lease, output: OutputConfig,
+                 started: float, progress):
+        self.prepared, self.engine, self.manifest, self.lease, self.output, self.started = (
+            prepared, engine, manifest, lease, output, started)
         plan, config = prepared.plan, prepared.config
         self.summary = Summary(model=config.model, device=plan.device, dtype=plan.dtype, dest=output.dest,
                                labels=config.labels, batch_size=plan.batch_size, replicas=plan.replicas)
@@ -139,7 +141,7 @@ class _Job:
         self.summary.already_done = self.summary.images_found
         self.progress, self.bar = progress, None
         self.writer = ShardWriter(output.dest, prepared.storage, output.format, config.labels != "none",
-                                  plan.model.schema, job_columns(config.keep_columns))
+                                  plan.model.schema, job_columns(config.keep_columns), manifest.destination.fence)
         self.planner = engine.planner
         self.planner.start({shard: record["digest"] for shard, record in manifest.shards.items()})
         self.status: dict = {}
@@ -178,6 +180,8 @@ class _Job:
             self._write_manifest(complete=True)
         except KeyboardInterrupt:
             raise JobInterrupted(self._stopped("interrupted")) from None
+        except Superseded as err:  # DEST is the newer job's: nothing more to commit
+            raise JobError(str(err)) from None
         except DestinationError as err:  # a full disk, a read-only mount, a bucket gone
             raise JobError(self._stopped(str(err))) from None
         except JobError:
@@ -254,6 +258,7 @@ class _Job:
         """Count and commit what the engine's writer reports; the shards committed."""
         committed = set()
         for rows_in, record in events:
+            self.lease.check()
             self._rows_arrived(rows_in)
             if record is not None:
                 self._commit(record)
@@ -280,7 +285,7 @@ class _Job:
         on every image so far: then the job stops with the model's own error (or its part
         could not be written: then the job stops keeping what was committed)."""
         if "write_error" in record:
-            raise DestinationError(record["write_error"])
+            raise (Superseded if record["superseded"] else DestinationError)(record["write_error"])
         self.summary.add_shard(record["rows"], record["counts"])
         self.manifest.add(record)
         model_error = record["counts"]["model_error"]

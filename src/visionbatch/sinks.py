@@ -3,11 +3,13 @@ committed so that readers never see half-written output.
 
 Layout of DEST::
 
-    part-<shard>.<ext>   one shard's result rows (parquet, csv or jsonl)
-    _manifest.json       the job (its options), and every committed shard: its part
-                         file, row count, digest of its paths and its counts
-    _SUCCESS             written last, when every shard is committed
-    _lease.json          while a job runs: which job holds DEST (one at a time)
+    part-<shard>.g<generation>.<ext>
+                         one shard's result rows (parquet, csv or jsonl), written by the
+                         job whose lease had that generation
+    _manifest.json       the job (its options), its lease generation, and every committed
+                         shard: its part file, row count, digest of its paths and its counts
+    _SUCCESS             written last, when every shard is committed (with the generation)
+    _lease.json          which job holds DEST (one at a time), or held it last (released)
     _summary.json        the job's summary
     _metrics.json        its metrics (evaluate)
     _derived/            tables derived from the results: label_issues.parquet, rows
@@ -23,10 +25,18 @@ tables sit one folder down, where a glob over DEST's top level does not reach th
 
 Workers write part files (:class:`ShardWriter`): under a hidden temporary name, then
 renamed (locally) or uploaded whole (an object store shows an object only once its
-upload completes). A part's name comes from its shard, so a retried or repeated shard
-rewrites the same file: exactly once by construction. The driver commits: it records
-finished shards in the manifest (:class:`Manifest`) at least every ``flush_seconds``
-and at the end; readers and ``--resume`` trust only the shards it lists.
+upload completes). A part's name comes from its shard and the job's lease generation, so
+a retried or repeated shard rewrites the same file: exactly once by construction. The
+driver commits: it records finished shards in the manifest (:class:`Manifest`) at least
+every ``flush_seconds`` and at the end; readers and ``--resume`` trust only the shards
+it lists.
+
+Fencing: a job's writes carry its lease's generation (:class:`Fence`), a number that
+grows with every job that takes DEST. Before a file of a job appears in DEST (and before
+it deletes any), the job reads the lease and stops (:class:`Superseded`) where a newer
+generation holds it; a stale job's late part, written between that check and the
+rename, has its own generation in its name, so it never replaces a part a newer job
+committed, and it is listed by no manifest.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -82,8 +93,14 @@ class DestinationError(Exception):
     """DEST cannot be used as asked (holds results, unreachable, nothing to read)."""
 
 
-def part_name(shard: str, fmt: str) -> str:
-    return f"part-{shard}{EXTENSIONS[fmt]}"
+class Superseded(DestinationError):
+    """A newer job took DEST over from this one (its lease went stale): it writes nothing more."""
+
+
+def part_name(shard: str, fmt: str, generation: int | None = None) -> str:
+    """A shard's part file; a fenced job's carries its lease generation."""
+    tagged = f"{shard}.g{generation}" if generation is not None else shard
+    return f"part-{tagged}{EXTENSIONS[fmt]}"
 
 
 def part_glob(fmt: str) -> str:
@@ -177,14 +194,26 @@ def _format_of(name: str) -> str:
 
 
 class Destination:
-    """A results folder (local or object storage) and the files in it."""
+    """A results folder (local or object storage) and the files in it; with a ``fence``,
+    as the job holding that fence writes it: each write and delete checks the lease first."""
 
-    def __init__(self, uri: str, storage: Storage | str | None = None):
+    def __init__(self, uri: str, storage: Storage | str | None = None, fence: "Fence | None" = None):
         storage = storage if isinstance(storage, Storage) else Storage(storage)
         self.uri = uri.rstrip("/")
         self.storage = storage
         self.fs, self.root = storage.resolve(self.uri)
         self.remote = is_remote(uri)
+        self.fence = fence
+
+    @property
+    def generation(self) -> int | None:
+        """The lease generation this job's writes carry (None: unfenced)."""
+        return self.fence and self.fence.generation
+
+    def check_fence(self) -> None:
+        """Superseded where a newer job holds the lease of this fence."""
+        if self.fence is not None:
+            self.fence.check(self.fs)
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -257,7 +286,8 @@ class Destination:
 
     def _write(self, name: str, fill) -> None:
         """``fill(stream)`` writes the file's contents."""
-        if self.remote:  # an object is visible only once its upload completes
+        if self.remote:  # an object is visible only once its upload completes: fenced before it starts
+            self.check_fence()
             with self.fs.open_output_stream(self._path(name)) as out:
                 fill(out)
             return
@@ -267,6 +297,7 @@ class Destination:
         try:
             with self.fs.open_output_stream(tmp) as out:
                 fill(out)
+            self.check_fence()  # the last moment before the file appears
             self.fs.move(tmp, self._path(name))
         except BaseException:
             with contextlib.suppress(OSError, pa.ArrowException):
@@ -284,6 +315,7 @@ class Destination:
             raise DestinationError(f"cannot write results to {self.uri}: {describe(err)}") from None
 
     def delete(self, names) -> None:
+        self.check_fence()
         for name in names:
             self.fs.delete_file(self._path(name))
 
@@ -383,6 +415,13 @@ class Destination:
         if manifest is None or SUCCESS not in self.files():
             raise DestinationError(
                 f"no completed results in {self.uri} (no {SUCCESS}); an interrupted job resumes with --resume")
+        # A manifest older than _SUCCESS is a stale job's commit landing after the newer job
+        # finished (one newer is a --resume at work on a finished DEST).
+        finished, committed = json.loads(self.read_bytes(SUCCESS)).get("generation"), manifest.get("generation")
+        if (committed or 0) < (finished or 0):
+            raise DestinationError(f"{self.uri}/{MANIFEST} was written by a stale job (lease generation {committed}) "
+                                   f"after the job of generation {finished} finished: its results cannot be "
+                                   "trusted; run the job again with --overwrite")
         return manifest
 
     def committed_parts(self) -> tuple[dict, list[dict]]:
@@ -429,7 +468,7 @@ def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str,
     of the rows' paths."""
     table = table.sort_by(ROW_COLUMN) if ROW_COLUMN in table.column_names else table
     rows = conform(table, schema, extra)
-    name = part_name(shard, fmt)
+    name = part_name(shard, fmt, destination.generation)
     destination.write_bytes(name, _encode(rows, fmt))
     digest = (table.column(SHARD_DIGEST_COLUMN)[0].as_py() if SHARD_DIGEST_COLUMN in table.column_names
               else paths_digest(rows.column("path").to_pylist()))
@@ -451,8 +490,8 @@ class ShardWriter:
     """
 
     def __init__(self, dest: str, storage: Storage, fmt: str, labelled: bool = True, schema: pa.Schema = RESULT_SCHEMA,
-                 extra: tuple[str, ...] = ()):
-        self.destination = Destination(dest, storage)
+                 extra: tuple[str, ...] = (), fence: "Fence | None" = None):
+        self.destination = Destination(dest, storage, fence)
         self.fmt, self.labelled, self.schema, self.extra = fmt, labelled, schema, extra
         self.pending: dict[str, list[pa.Table]] = {}
         self.seen: dict[str, np.ndarray] = {}
@@ -460,7 +499,8 @@ class ShardWriter:
 
     def arguments(self) -> tuple:
         """The arguments that make this writer again (in another process)."""
-        return self.destination.uri, self.destination.storage, self.fmt, self.labelled, self.schema, self.extra
+        return (self.destination.uri, self.destination.storage, self.fmt, self.labelled, self.schema, self.extra,
+                self.destination.fence)
 
     def discard(self, shards: list[str]) -> None:
         """Forget the rows gathered of these shards (their task died; they are done again)."""
@@ -495,7 +535,8 @@ class ShardWriter:
                     record = json.dumps(write_shard(self.destination, shard, whole, self.fmt, self.labelled,
                                                     self.schema, self.extra))
                 except DestinationError as err:  # the driver stops the job, keeping what it committed
-                    record = json.dumps({"shard": shard, "write_error": str(err)})
+                    record = json.dumps({"shard": shard, "write_error": str(err),
+                                         "superseded": isinstance(err, Superseded)})
             shards.append(shard)
             rows_in.append(len(rows))
             commits.append(record)
@@ -591,7 +632,8 @@ class Manifest:
                 self.destination.delete([MANIFEST])
             return
         body = {"version": MANIFEST_VERSION, "complete": complete, "job": self.job, "rows": self.rows,
-                "shards": self.shards, "metric_counts": self.metric_counts, "runtime": self.runtime}
+                "shards": self.shards, "metric_counts": self.metric_counts, "runtime": self.runtime,
+                "generation": self.destination.generation}
         started = time.monotonic()
         self.destination.write_bytes(MANIFEST, json.dumps(body, separators=(",", ":")).encode())
         self.saved_rows = self.rows
@@ -599,56 +641,120 @@ class Manifest:
         self._write_seconds = self._written_at - started
         if complete:
             self.destination.remove_strays({shard["file"] for shard in self.shards.values()})
-            self.destination.write_bytes(SUCCESS, json.dumps({"rows": self.rows, "shards": len(self.shards)}).encode())
+            self.destination.write_bytes(SUCCESS, json.dumps({"rows": self.rows, "shards": len(self.shards),
+                                                              "generation": self.destination.generation}).encode())
 
 
 LEASE = "_lease.json"
-LEASE_RENEW_S = 10.0  # a live job rewrites its lease this often ...
-LEASE_STALE_S = 60.0  # ... and one not rewritten for this long belongs to a dead job
+# One not renewed for this long belongs to a dead (or paused) job. Tests shorten it through
+# the environment, so that a takeover needs seconds, not minutes.
+LEASE_STALE_S = float(os.environ.get("VISIONBATCH_LEASE_STALE_S", "60"))
+LEASE_RENEW_S = LEASE_STALE_S / 6  # a live job rewrites its lease this often
 LEASE_SETTLE_S = 1.0  # between writing a lease and reading it back (longer than any two writes race)
 
 
+def _read_lease(fs: pafs.FileSystem, path: str) -> dict | None:
+    """The lease file at ``path``, or None where there is none. Storage errors are
+    retried (the SDK's own retries can run out on a flaky store) and then raised."""
+    for attempt in range(3):
+        try:
+            with fs.open_input_stream(path) as stream:
+                return json.loads(stream.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not JSON: written by something else
+            return None
+        except (OSError, pa.ArrowException) as err:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                    return None
+            if attempt == 2:
+                raise DestinationError(f"cannot read {path}: {describe(err)}") from None
+            time.sleep(0.5 * (attempt + 1))
+    return None
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A job's fencing token: its lease's holder id and generation, and where the lease
+    is (DEST, and the lease's path on its filesystem). Plain values: it travels to writer
+    processes."""
+
+    dest: str
+    lease: str
+    holder: str
+    generation: int
+
+    def newer_holder(self, lease: dict | None) -> dict | None:
+        """The lease of the job that took DEST from this one ({} where the lease file is
+        gone); None while this job holds it, or where only an older generation wrote over
+        it (a stale job's heartbeat: the newer generation wins, and rewrites its lease)."""
+        if lease is None:
+            return {}
+        if lease.get("id") == self.holder or lease.get("generation", 0) < self.generation:
+            return None
+        return lease
+
+    def check(self, fs: pafs.FileSystem) -> None:
+        """Read the lease; Superseded, naming the newer job, where it is no longer this job's."""
+        newer = self.newer_holder(_read_lease(fs, self.lease))
+        if newer is not None:
+            raise superseded(self.dest, newer)
+
+
+def superseded(where: str, lease: dict) -> Superseded:
+    """The error of a job whose DEST (``where``) a newer job (``lease``) took over."""
+    if not lease:
+        return Superseded(f"{where} is no longer this job's: its lease file is gone (removed by something other "
+                          "than visionbatch); this job stopped without writing more")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.get("started", 0)))
+    return Superseded(
+        f"{where} was taken over by a newer job (holder {lease.get('id')}, pid {lease.get('pid')} on "
+        f"{lease.get('host')}, lease generation {lease.get('generation')}, since {when}) while this job's lease "
+        f"was stale (not renewed for {LEASE_STALE_S:.0f} s: the process was paused or cut off); this job stopped "
+        "without writing more, and DEST holds that job's results")
+
+
 class Lease:
-    """One live job per DEST: a lease file naming its holder (id, host, pid) and renewed
-    by a heartbeat thread; a second job is refused while the lease is fresh, and a
-    lease whose holder is dead (stale, or its pid gone on this host) is taken over.
+    """One live job per DEST: a lease file naming its holder (id, host, pid) and its
+    generation, renewed by a heartbeat thread; a second job is refused while the lease
+    is fresh, and a lease whose holder is dead (stale, released, or its pid gone on this
+    host) is taken over with the next generation. A released lease stays in DEST (marked
+    released), so that generations only grow and a stale job can name its successor.
 
     pyarrow's filesystems have no exclusive create (nor S3 conditional writes), so
     taking a lease is write, settle, read back: of two jobs that start together the
     later write wins and the other sees a foreign holder and stops. The settle time
-    overlaps the job's start-up (Ray, the model's configs).
+    overlaps the job's start-up (Ray, the model's configs). The generation is the job's
+    fencing token (:class:`Fence`): its writes check it, and the heartbeat stops renewing
+    once a newer generation holds DEST (:meth:`check` then raises).
     """
 
     def __init__(self, destination: "Destination"):
         self.destination = destination
         self.holder = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                        "started": time.time()}
+        self.lost: dict | None = None  # the newer job's lease, once the heartbeat has seen one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _read(self) -> dict | None:
-        """The current lease, or None where there is none. Storage errors are retried
-        (the SDK's own retries can run out on a flaky store) and then raised."""
-        for attempt in range(3):
-            try:
-                return json.loads(self.destination.read_bytes(LEASE))
-            except FileNotFoundError:
-                return None
-            except ValueError:  # not JSON: written by something else, or cut short by a crash
-                return None
-            except (OSError, pa.ArrowException) as err:
-                if LEASE not in self.destination.files():
-                    return None
-                if attempt == 2:
-                    raise DestinationError(f"cannot read {self.destination.uri}/{LEASE}: {describe(err)}") from None
-                time.sleep(0.5 * (attempt + 1))
-        return None
+        return _read_lease(self.destination.fs, self.destination._path(LEASE))
 
-    def _write(self) -> None:
-        self.destination.write_bytes(LEASE, json.dumps({**self.holder, "heartbeat": time.time()}).encode())
+    def _write(self, **more) -> None:
+        self.destination.write_bytes(LEASE, json.dumps({**self.holder, "heartbeat": time.time(), **more}).encode())
+
+    @property
+    def fence(self) -> Fence:
+        return Fence(self.destination.uri, self.destination._path(LEASE), self.holder["id"], self.holder["generation"])
+
+    def fenced(self) -> "Destination":
+        """DEST as this job writes it: each write and delete checks the lease first."""
+        destination = self.destination
+        return type(destination)(destination.uri, destination.storage, self.fence)
 
     def _alive(self, lease: dict) -> bool:
-        if time.time() - lease.get("heartbeat", 0) > LEASE_STALE_S:
+        if lease.get("released") or time.time() - lease.get("heartbeat", 0) > LEASE_STALE_S:
             return False
         if lease.get("host") == self.holder["host"]:
             try:
@@ -666,17 +772,19 @@ class Lease:
                                 "write to another DEST")
 
     def claim(self) -> None:
-        """Write our lease unless a live job holds DEST (call :meth:`confirm` later)."""
+        """Write our lease, one generation past the last, unless a live job holds DEST
+        (call :meth:`confirm` later)."""
         current = self._read()
         if current and current["id"] != self.holder["id"] and self._alive(current):
             raise self._refuse(current)
+        self.holder["generation"] = (current or {}).get("generation", 0) + 1
         self._write()
 
     def confirm(self) -> None:
         """After the settle time: still ours? Then keep it fresh until :meth:`release`."""
         time.sleep(max(0.0, self.holder["started"] + LEASE_SETTLE_S - time.time()))
         current = self._read()
-        if current is None:  # gone meanwhile (a job that held it released it): take it again
+        if current is None:  # gone meanwhile (removed by hand): take it again
             self.claim()
             current = self._read()
         if current is None or current["id"] != self.holder["id"]:
@@ -687,7 +795,24 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(LEASE_RENEW_S):
             with contextlib.suppress(Exception):  # a missed beat is retried; 6 in a row make it stale
-                self._write()
+                if not self.renew():
+                    return
+
+    def renew(self) -> bool:
+        """Rewrite our lease (also over one an older generation wrote), unless a newer job
+        holds DEST: then never again (False; :meth:`check` raises from then on)."""
+        newer = self.fence.newer_holder(self._read())
+        if newer is not None:  # taken over while this job was paused
+            self.lost = newer
+            return False
+        self._write()
+        return True
+
+    def check(self) -> None:
+        """Superseded once the heartbeat has seen a newer job hold DEST (no I/O: for every
+        event the driver takes; the writes check the lease themselves)."""
+        if self.lost is not None:
+            raise superseded(self.destination.uri, self.lost)
 
     @classmethod
     def take(cls, destination: "Destination", overwrite: bool, resume: bool) -> "Lease":
@@ -702,10 +827,12 @@ class Lease:
         return lease
 
     def release(self) -> None:
+        """Mark our lease released (a newer one stays as it is): the next job takes DEST
+        at once, with the next generation."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         current = self._read()
         if current is not None and current["id"] == self.holder["id"]:
             with contextlib.suppress(Exception):
-                self.destination.delete([LEASE])
+                self._write(released=time.time())
