@@ -441,6 +441,14 @@ class ModelPaths:
             return None
         return self.loaded.get(self.certification.chosen, self.reference)
 
+    @property
+    def runs_openvino(self) -> bool:
+        """Whether OpenVINO runs passes now: the rows' path, or one being certified."""
+        forward = self.forward_now()
+        if forward is None:  # certifying: the reference's pass and the candidates'
+            return any(isinstance(self.loaded.get(path), OpenVINOForward) for path in self.certification.pending)
+        return isinstance(forward, OpenVINOForward)
+
     def certify(self, pixel_values, on_host: Callable) -> tuple:
         """A pass while the certificate is taken: the reference's outputs (the rows),
         compared with each loaded path's on the same input (``on_host``: outputs -> Outputs)."""
