@@ -85,3 +85,21 @@ def test_evaluate_on_a_read_only_dest_prints_the_metrics(finished, tmpfs, capfd)
     assert "top-1 accuracy" in out and "rows               8" in out
     assert f"cannot write {dest}/{METRICS_FILE}: " in err and "Read-only file system" in err
     assert not (dest / METRICS_FILE).exists()
+
+
+def test_a_dest_being_replaced_is_not_read(dest, capfd):
+    """A live lease newer than the results (an --overwrite or --resume at work) keeps
+    readers out, with the job named; once it is released, DEST reads again."""
+    from visionbatch.sinks import Destination, Lease
+
+    expected = read_results(str(dest))
+    lease = Lease.take(Destination(str(dest)), overwrite=False, resume=True)
+    lease.confirm()
+    try:
+        with pytest.raises(DestinationError, match="is being written by another job .* lease generation 2"):
+            read_results(str(dest))
+        assert main(["evaluate", str(dest)]) == 1
+        assert "is being written by another job" in capfd.readouterr().err
+    finally:
+        lease.release()
+    assert read_results(str(dest)).equals(expected)

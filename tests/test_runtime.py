@@ -6,6 +6,7 @@ empty graph is caught and the reference kept."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -232,7 +233,6 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     cached graph with the model, certifies it on its first images, is interrupted once
     its certificate is committed, and resumes on the certified path without certifying
     again. Its rows are the first job's (torch's) answers."""
-    import os
     import signal
 
     from visionbatch.model import Predictor
@@ -300,3 +300,55 @@ def test_the_paths_a_cpu_job_may_take():
         assert paths == ["openvino/f32"] and notes == ["OpenVINO has no bf16 kernels for this CPU: f32 instead"]
     assert candidate_paths("torch", "bfloat16", "cpu") == (["torch/bfloat16"], [])
     assert candidate_paths("torch", "auto", "cpu") == ([], [])
+
+
+@pytest.mark.slow
+def test_a_killed_jobs_conversion_dies_with_it(tmp_path):
+    """kill -9 of the driver mid-conversion: the conversion process exits too (a job that
+    ends in order lets it finish instead, see the test above)."""
+    import signal
+
+    model = save_random_vit(tmp_path / "model", hidden=192, layers=4, heads=3, mlp=768, seed=4, head_scale=20.0)
+    images = _tree(tmp_path / "images", 700)
+    job = subprocess.Popen(_classify(images, model, tmp_path / "out", "--runtime", "openvino"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (conversions := [pid for pid in _children(job.pid) if b"visionbatch.runtime" in _cmdline(pid)]):
+        assert job.poll() is None, "the job ended before its conversion started"
+        assert time.monotonic() < deadline, "no conversion process"
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait(60)
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in conversions):
+        assert time.monotonic() < deadline, "the conversion outlived its killed job"
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rpartition(")")[2].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return "gone"

@@ -347,6 +347,10 @@ class LocalEngine(Engine):
     def runtime_report(self) -> dict | None:
         return self._predictor.paths.report() if self._predictor is not None else None
 
+    def close(self) -> None:
+        if self._predictor is not None:
+            self._predictor.paths.close()
+
     def run(self, prepared: Prepared, writer: ShardWriter,
             shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
         plan, config = prepared.plan, prepared.config

@@ -291,11 +291,16 @@ class TowerSpec:
     description: str
 
 
+# What a job that ends in order tells its conversion process: go on, cache the graph.
+_DETACH = "detach\n"
+
+
 class Conversion:
     """A tower converted in a process of its own (``python -m visionbatch.runtime``):
     tracing holds the GIL for seconds and a converter may crash, neither of which the
-    job's process should take. One that outlives its job (a job that ended first)
-    finishes and caches the graph for the next."""
+    job's process should take. One that outlives a job ending in order (``detach``)
+    finishes and caches the graph for the next; one whose job was killed (its stdin
+    closed without the word) exits at once, as the job's other processes do."""
 
     def __init__(self, spec: TowerSpec):
         import dataclasses
@@ -308,7 +313,15 @@ class Conversion:
         self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "visionbatch.runtime", json.dumps(dataclasses.asdict(spec))],
-            stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr)
+            stdin=subprocess.PIPE, stdout=self.stdout, stderr=self.stderr, text=True)
+
+    def detach(self) -> None:
+        """Let the conversion finish after this process ends."""
+        try:
+            self.process.stdin.write(_DETACH)
+            self.process.stdin.close()
+        except (OSError, ValueError):  # it ended already, or was detached
+            pass
 
     def result(self) -> tuple[list[str], str]:
         """(rewrites, where the graph came from); RuntimeUnavailable where it did not convert."""
@@ -347,15 +360,19 @@ def _convert(spec: TowerSpec) -> dict:
     return {"rewrites": rewrites, "came": came}
 
 
-def load_openvino(spec: TowerSpec, *, precisions: list[str], streams: int, threads: int) -> list[Loaded]:
+def load_openvino(spec: TowerSpec, *, precisions: list[str], streams: int, threads: int,
+                  started: Callable[[Conversion], None]) -> list[Loaded]:
     """The OpenVINO candidates for a tower, one per precision, in their order: its graph
-    from the cache, else converted first; RuntimeUnavailable where it does not convert."""
+    from the cache, else converted first (``started`` is given the conversion);
+    RuntimeUnavailable where it does not convert."""
     import openvino
 
     path = graph_path(spec.weights, spec.description, spec.input_shape)
     rewrites, came = [], "cache"
     if not os.path.exists(path):
-        rewrites, came = Conversion(spec).result()
+        conversion = Conversion(spec)
+        started(conversion)
+        rewrites, came = conversion.result()
     model = openvino.Core().read_model(path)
     note = f"OpenVINO {openvino_version()}, {came}" + (f"; rewrote {'; '.join(rewrites)}" if rewrites else "")
     return [Loaded(f"openvino/{precision}", OpenVINOForward(model, precision, streams, threads), note)
@@ -382,6 +399,12 @@ class ModelPaths:
         self.started = False
         self.deferred = ""  # why they were never started, where an engine chose not to
         self._done = threading.Event()
+        self._conversions: list[Conversion] = []
+
+    def close(self) -> None:
+        """The job ends in order: a conversion still running finishes, for the next job."""
+        for conversion in self._conversions:
+            conversion.detach()
 
     def start(self, expected_images: Callable[[], int | None] | None = None) -> None:
         """Load the paths: at once where they are OpenVINO graphs already converted (read
@@ -415,7 +438,8 @@ class ModelPaths:
                 if runtime == "openvino":
                     for candidate in load_openvino(self.spec, precisions=[path.partition("/")[2] for path in paths],
                                                    # each on the replica's torch threads (torch's count is per process)
-                                                   streams=self._streams, threads=torch.get_num_threads()):
+                                                   streams=self._streams, threads=torch.get_num_threads(),
+                                                   started=self._conversions.append):
                         loaded[candidate.path] = candidate.forward
                         self.notes.append(f"{candidate.path}: {candidate.note}")
                 else:
@@ -491,5 +515,11 @@ if __name__ == "__main__":
     import sys
 
     logging.disable(logging.WARNING)
+
+    def exit_with_the_job() -> None:  # the job's end closes stdin: without the word it was killed
+        if sys.stdin.readline() != _DETACH:
+            os._exit(1)
+
+    threading.Thread(target=exit_with_the_job, daemon=True).start()
     arguments = json.loads(sys.argv[1])
     print(json.dumps(_convert(TowerSpec(**{**arguments, "input_shape": tuple(arguments["input_shape"])}))))

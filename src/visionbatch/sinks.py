@@ -418,6 +418,15 @@ class Destination:
         # A manifest older than _SUCCESS is a stale job's commit landing after the newer job
         # finished (one newer is a --resume at work on a finished DEST).
         finished, committed = json.loads(self.read_bytes(SUCCESS)).get("generation"), manifest.get("generation")
+        # A live lease newer than the results: a job (an --overwrite, a --resume) is
+        # replacing them; a reader started now could meet its deletes and partial parts.
+        writer = _read_lease(self.fs, self._path(LEASE))
+        if writer and not writer.get("released") and time.time() - writer.get("heartbeat", 0) <= LEASE_STALE_S \
+                and writer.get("generation", 0) > (committed or 0):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(writer.get("started", 0)))
+            raise DestinationError(f"{self.uri} is being written by another job (pid {writer.get('pid')} on "
+                                   f"{writer.get('host')}, lease generation {writer.get('generation')}, since {when}): "
+                                   "run this command again once that job has finished")
         if (committed or 0) < (finished or 0):
             raise DestinationError(f"{self.uri}/{MANIFEST} was written by a stale job (lease generation {committed}) "
                                    f"after the job of generation {finished} finished: its results cannot be "
