@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+from visionbatch.storage import describe
+
 log = logging.getLogger("visionbatch")
 
 REFERENCE = "torch/float32"
@@ -214,8 +216,8 @@ def converted_tower(make_tower: Callable, probe, *, weights: str, description: s
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         got = [np.asarray(value) for value in compiled(probe.numpy()).values()]
     except Exception as err:
-        raise RuntimeUnavailable(f"OpenVINO cannot convert this model: {type(err).__name__}: "
-                                 f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}") from None
+        raise RuntimeUnavailable(
+            f"OpenVINO cannot convert this model: {type(err).__name__}: {describe(err)}") from None
     if len(got) != len(expected) or not all(_close(g, e, CONVERSION_TOLERANCE) for g, e in zip(got, expected)):
         differences = [float(np.abs(g - e).max()) if g.shape == e.shape and g.size else float("inf")
                        for g, e in zip(got, expected)]
@@ -447,7 +449,7 @@ class ModelPaths:
                         dtype = getattr(torch, path.partition("/")[2])
                         loaded[path] = TorchForward(self._fresh_tower(dtype), dtype)
             except Exception as err:  # RuntimeUnavailable, or a model this runtime cannot run: the reference stays
-                why = str(err) if isinstance(err, RuntimeUnavailable) else f"{type(err).__name__}: {_first_line(err)}"
+                why = str(err) if isinstance(err, RuntimeUnavailable) else f"{type(err).__name__}: {describe(err)}"
                 self.notes.append(f"{runtime}: not used: {why}")
                 log.warning("%s is not used: %s", runtime, why)
                 for path in paths:
@@ -487,7 +489,7 @@ class ModelPaths:
                     outputs = self.loaded[path](pixel_values)
                 except Exception as err:  # a path that fails on the job's images fails its certificate
                     self.certification.fail(path, f"it failed on the job's images: {type(err).__name__}: "
-                                                  f"{_first_line(err)}")
+                                                  f"{describe(err)}")
                     continue
                 seconds[path] = time.perf_counter() - started
                 tried[path] = on_host(outputs)
@@ -503,11 +505,6 @@ class ModelPaths:
         taken = self.certification is not None and self.started
         return {"path": path, "notes": self.notes + ([self.deferred] if self.deferred else []),
                 "certificate": self.certification.figures() if taken else None}
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 if __name__ == "__main__":
