@@ -13,7 +13,7 @@ from PIL import Image
 import visionbatch
 from visionbatch.cli import main
 from visionbatch.evaluate import evaluate_dest
-from visionbatch.job import JobError
+from visionbatch.errors import JobError
 from visionbatch.report import write_report
 from visionbatch.results import EMBEDDING, result_schema
 from visionbatch.sinks import MANIFEST, read_results

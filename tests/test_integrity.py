@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 import visionbatch
-from visionbatch.job import JobError
+from visionbatch.errors import JobError
 from visionbatch.sinks import SUMMARY, read_results
 
 from conftest import WNIDS, save_random_vit, write_image

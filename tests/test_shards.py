@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 import visionbatch
-from visionbatch.job import JobError
+from visionbatch.errors import JobError
 from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
 from visionbatch import sinks

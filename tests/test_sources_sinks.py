@@ -8,7 +8,8 @@ import pytest
 
 from visionbatch.sinks import Destination, read_results, RESULT_SCHEMA
 from visionbatch.sources import ListingCounts, iter_list_file, iter_source
-from visionbatch.storage import SourceError, Storage, canonical_uri
+from visionbatch.errors import SourceError
+from visionbatch.storage import Storage, canonical_uri
 
 from conftest import write_finished_dest
 

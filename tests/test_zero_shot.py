@@ -7,7 +7,7 @@ import pytest
 import visionbatch
 from visionbatch.cli import main
 from visionbatch.imagenet import imagenet_classes
-from visionbatch.job import JobError
+from visionbatch.errors import JobError
 from visionbatch.sinks import read_results
 
 

@@ -63,12 +63,6 @@ class Engine:
         shard the writer finished or None). A shard whose task died is left unfinished."""
         raise NotImplementedError
 
-    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
-        """Decode and predict ``rows`` (one file each) one file per task, retried; yields
-        the result rows of the files that finished (a file that kills every attempt's
-        worker yields nothing)."""
-        raise NotImplementedError
-
     def map_tasks(self, fn: Callable, items: list, max_retries: int, address: str | None = None,
                   poll_s: float = 1.0) -> Iterator:
         """``fn(item)`` for each item, a task each (a picklable module-level function and

@@ -19,12 +19,12 @@ import os
 import warnings
 from typing import Iterator
 
-import pyarrow as pa
 
 from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig, config_from_kwargs
 from visionbatch.engine import Engine, commit_events
 from visionbatch.model import Predictor
-from visionbatch.plan import (JobError, ModelPlan, Prepared, Resources, block_images, image_bytes,
+from visionbatch.errors import JobError
+from visionbatch.plan import (ModelPlan, Prepared, Resources, block_images, image_bytes,
                               model_arguments, predictor_arguments)
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
 from visionbatch.sinks import ShardWriter
@@ -126,25 +126,6 @@ class RayEngine(Engine):
             log.warning("the shard planner died; a new one takes over from what is committed")
             self.planner.restart()
             yield from self.run(prepared, writer)
-
-    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
-        import ray.data
-
-        from visionbatch.decode import decode_batch
-
-        config, plan = prepared.config, prepared.plan
-        ds = ray.data.from_arrow([rows.slice(i, 1) for i in range(rows.num_rows)])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-            ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
-                                         fn_kwargs={"spec": plan.model.spec, "max_pixels": config.max_pixels,
-                                                    "max_bytes": config.max_bytes, "storage": prepared.storage,
-                                                    "read_timeout": config.read_timeout,
-                                                    "draft_side": plan.draft_side},
-                                         num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
-                           pyarrow_blocks=False)
-        with _failures_become_rows():
-            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def map_tasks(self, fn, items: list, max_retries: int, address: str | None = None,
                   poll_s: float = 1.0) -> Iterator:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, label_list
+from visionbatch.errors import JobError, SourceError
 from visionbatch.labels import LabelResolver, build_resolver
 from visionbatch.model import (ModelLoadError, ModelSource, check_model_kind, embedding_width, load_config,
                                load_processor, model_revision, resolve_model_source)
@@ -27,20 +28,12 @@ from visionbatch.results import result_schema
 from visionbatch.samples import Reading
 from visionbatch.shards import InputSpec
 from visionbatch.sinks import EMBEDDINGS_KEY
-from visionbatch.storage import SourceError, Storage, canonical_uri
+from visionbatch.storage import Storage, canonical_uri
 
 log = logging.getLogger("visionbatch")
 
 # Pixels moved between the decode and model stages in one block (see block_images).
 _BLOCK_BYTES = 32 << 20
-
-
-class JobError(Exception):
-    """The job cannot run; the message is the one line the user sees."""
-
-
-class JobInterrupted(JobError):
-    """Ctrl-C or SIGTERM stopped the job; the message says what was kept."""
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from visionbatch.errors import SourceError
+
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 URL_SCHEMES = ("http", "https")  # the only schemes downloaded; a list entry with another is refused
 MAX_REDIRECTS = 5
 _DOWNLOAD_CHUNK = 1 << 16
-
-
-class SourceError(Exception):
-    """A source cannot be listed or read (missing, unreachable, malformed)."""
 
 
 def is_remote(uri: str) -> bool:
