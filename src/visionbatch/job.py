@@ -24,7 +24,7 @@ import pyarrow as pa
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.engine import Engine, make_engine
 from visionbatch.labels import folder_of
-from visionbatch.model import resolve_model_source
+from visionbatch.model_loading import resolve_model_source
 from visionbatch.plan import (JobError, JobInterrupted, Prepared, input_spec, job_identity, model_metadata,
                               resolve_plan)
 from visionbatch.results import (MODEL_TRACEBACK, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN,
