@@ -183,7 +183,7 @@ def test_packed_linear_layers_give_the_plain_models_outputs_or_are_undone():
     import torch
     import torch.nn.utils.prune
 
-    from visionbatch.model import linear_packing_supported, pack_linear_layers
+    from visionbatch.cpu_tuning import linear_packing_supported, pack_linear_layers
 
     if not linear_packing_supported():
         pytest.skip("linear layers are packed on x86-64 with oneDNN only")
@@ -233,7 +233,7 @@ def test_a_cpu_replica_runs_packed_layers_with_the_plain_models_predictions(tiny
     import numpy as np
     import torch
 
-    from visionbatch.model import linear_packing_supported
+    from visionbatch.cpu_tuning import linear_packing_supported
 
     if not linear_packing_supported():
         pytest.skip("linear layers are packed on x86-64 with oneDNN only")

@@ -1,7 +1,7 @@
 """visionbatch: batch image classification at any scale on Ray Data and Hugging Face models."""
 
 from visionbatch.config import ClassifyConfig, OutputConfig
-from visionbatch.model import Predictor
+from visionbatch.predictor import Predictor
 from visionbatch.engine_ray import classify
 from visionbatch.job import run
 from visionbatch.sinks import read_results

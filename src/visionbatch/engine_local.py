@@ -44,9 +44,9 @@ from visionbatch.certificate import images_needed
 from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig
 from visionbatch.decode import limit_memory
 from visionbatch.engine import Engine, commit_events, gpu_count
-from visionbatch.model import Predictor
 from visionbatch.errors import JobError
 from visionbatch.plan import ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
+from visionbatch.predictor import Predictor
 from visionbatch.results import SHARD_COLUMN
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
 from visionbatch.sinks import ShardWriter

@@ -5,7 +5,7 @@ It wires the plain stages into one Ray Data dataset::
 
     ShardPlanner actor (lists, hands out shards)
       -> decode tasks (take shards, yield uint8 pixel blocks)   visionbatch.decode
-      -> Predictor actor pool (top-k)                            visionbatch.model
+      -> Predictor actor pool (top-k)                            visionbatch.predictor
       -> ShardWriter actor (one part file per whole shard)       visionbatch.sinks
       -> the driver (visionbatch.job): commits, progress, summary
 """
@@ -22,10 +22,10 @@ from typing import Iterator
 
 from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig, config_from_kwargs
 from visionbatch.engine import Engine, commit_events
-from visionbatch.model import Predictor
 from visionbatch.errors import JobError
 from visionbatch.plan import (ModelPlan, Prepared, Resources, block_images, image_bytes,
                               model_arguments, predictor_arguments)
+from visionbatch.predictor import Predictor
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
 from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage, is_remote

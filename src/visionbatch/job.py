@@ -22,7 +22,7 @@ from visionbatch.decode import crash_block
 from visionbatch.driver import Driver, Run, progress_bar
 from visionbatch.engine import Engine, commit_events, make_engine
 from visionbatch.errors import DestinationError, JobError, SourceError, Superseded
-from visionbatch.model import resolve_model_source
+from visionbatch.model_loading import resolve_model_source
 from visionbatch.plan import Prepared, input_spec, job_identity, model_metadata, resolve_plan
 from visionbatch.results import MODEL_TRACEBACK, job_columns
 from visionbatch.shards import AnyShard, Shard, one_file_pieces

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, label_list
-from visionbatch.errors import JobError, SourceError
+from visionbatch.errors import JobError, ModelLoadError, SourceError
 from visionbatch.labels import LabelResolver, build_resolver
-from visionbatch.model import (ModelLoadError, ModelSource, check_model_kind, embedding_width, load_config,
-                               load_processor, model_revision, resolve_model_source)
+from visionbatch.model_loading import (ModelSource, check_model_kind, embedding_width, load_config,
+                                       load_processor, model_revision, resolve_model_source)
 from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
                                    draft_side, pixel_layout)
 from visionbatch.results import result_schema
