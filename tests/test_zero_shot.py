@@ -6,9 +6,9 @@ import pytest
 
 import visionbatch
 from visionbatch.cli import main
+from visionbatch.destination import read_results
 from visionbatch.imagenet import imagenet_classes
 from visionbatch.job import JobError
-from visionbatch.sinks import read_results
 
 
 def _sample_labels(sample_dir, count: int) -> list[str]:

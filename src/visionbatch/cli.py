@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args, log_path: str) -> int:
     """Run the command; its exit status, with any error told in one line."""
+    from visionbatch.destination import DestinationError
     from visionbatch.job import JobError, JobInterrupted
     from visionbatch.model import ModelLoadError
-    from visionbatch.sinks import DestinationError
     from visionbatch.storage import SourceError
 
     try:

@@ -47,8 +47,8 @@ from visionbatch.model import Predictor
 from visionbatch.plan import JobError, ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
 from visionbatch.results import SHARD_COLUMN
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 

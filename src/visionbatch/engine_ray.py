@@ -27,8 +27,8 @@ from visionbatch.model import Predictor
 from visionbatch.plan import (JobError, ModelPlan, Prepared, Resources, block_images, image_bytes,
                               model_arguments, predictor_arguments)
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage, is_remote
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 

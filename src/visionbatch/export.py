@@ -51,12 +51,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
+from visionbatch.destination import LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, Superseded, job_schema
 from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, predicted_labels, read_reviews, task
+from visionbatch.lease import Fence
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
-from visionbatch.sinks import (LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, Fence, Superseded,
-                               job_schema)
 from visionbatch.sources import IMAGE_EXTENSIONS
 from visionbatch.storage import Storage, canonical_uri, describe, within
 
@@ -571,8 +571,9 @@ def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     the stream for the progress bar (None: no bar)."""
     from visionbatch.engine import make_engine
     from visionbatch.job import JobError, JobInterrupted, sigterm_as_interrupt
+    from visionbatch.lease import Lease
+    from visionbatch.manifest import Manifest
     from visionbatch.plan import recorded_classes
-    from visionbatch.sinks import Lease, Manifest
 
     started = time.monotonic()
     storage = Storage(config.s3_endpoint)

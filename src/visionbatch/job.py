@@ -22,19 +22,21 @@ import traceback
 import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
+from visionbatch.destination import SUMMARY, Destination, DestinationError, Superseded
 from visionbatch.engine import Engine, make_engine
 from visionbatch.labels import folder_of
+from visionbatch.lease import Lease
+from visionbatch.manifest import Manifest
 from visionbatch.model import resolve_model_source
 from visionbatch.plan import (JobError, JobInterrupted, Prepared, input_spec, job_identity, model_metadata,
                               resolve_plan)
 from visionbatch.results import (MODEL_TRACEBACK, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN,
                                  conform, job_columns)
 from visionbatch.shards import AnyShard, Shard, describe_shard
-from visionbatch.sinks import (SUMMARY, Destination, DestinationError, Lease, Manifest, ShardWriter, Superseded,
-                               write_shard)
 from visionbatch.sources import check_source
 from visionbatch.storage import SourceError, Storage, describe
 from visionbatch.summary import Summary
+from visionbatch.writer import ShardWriter, write_shard
 
 __all__ = ["JobError", "JobInterrupted", "prepare", "run", "run_job", "sigterm_as_interrupt"]
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, label_list
+from visionbatch.destination import EMBEDDINGS_KEY
 from visionbatch.labels import LabelResolver, build_resolver
 from visionbatch.model import (ModelLoadError, ModelSource, check_model_kind, embedding_width, load_config,
                                load_processor, model_revision, resolve_model_source)
@@ -26,7 +27,6 @@ from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedPro
 from visionbatch.results import result_schema
 from visionbatch.samples import Reading
 from visionbatch.shards import InputSpec
-from visionbatch.sinks import EMBEDDINGS_KEY
 from visionbatch.storage import SourceError, Storage, canonical_uri
 
 log = logging.getLogger("visionbatch")
