@@ -328,7 +328,8 @@ def write_finished_dest(destination, table, fmt: str = "parquet", shard_size: in
     """Result rows written as a finished DEST, the way a job writes them: one part file
     per shard (through the writer stage's own function), then the manifest. Returns
     the manifest's job record."""
-    from visionbatch.sinks import Manifest, write_shard
+    from visionbatch.manifest import Manifest
+    from visionbatch.writer import write_shard
 
     manifest = Manifest(destination, {"test": True, "format": fmt})
     size = shard_size or max(table.num_rows, 1)

@@ -13,8 +13,8 @@ import pytest
 
 import visionbatch
 from visionbatch.cli import main
-from visionbatch.sinks import METRICS_FILE
-from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, read_results
+from visionbatch.destination import METRICS_FILE, SUMMARY, read_results
+from visionbatch.results import RESULT_SCHEMA
 
 from conftest import ROOT
 

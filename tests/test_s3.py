@@ -8,7 +8,7 @@ import boto3
 import pytest
 
 from visionbatch.cli import main
-from visionbatch.sinks import read_results
+from visionbatch.destination import read_results
 
 
 @pytest.fixture

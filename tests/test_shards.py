@@ -11,14 +11,15 @@ import pyarrow as pa
 import pytest
 
 import visionbatch
-from visionbatch.errors import JobError
+from visionbatch.destination import Destination, part_name, read_results
+from visionbatch.errors import DestinationError, JobError, Superseded
+from visionbatch.lease import Lease
+from visionbatch.manifest import Manifest
 from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
-from visionbatch import sinks
-from visionbatch.sinks import (Destination, DestinationError, Lease, Manifest, ShardWriter, Superseded, part_name,
-                              read_results, write_shard)
 from visionbatch.sources import ListingCounts
 from visionbatch.storage import Storage
+from visionbatch.writer import ShardWriter, write_shard
 
 
 def _spec(root, shard_size=5, limit=None, from_list=False) -> InputSpec:
@@ -227,7 +228,7 @@ def test_a_stale_job_is_fenced_off_and_its_late_commit_refused(tmp_path, monkeyp
     stale = Manifest(a.fenced(), {"job": "a"})
     stale.add(write_shard(stale.destination, "000-0000000", rows, "parquet"))
     stale.write()
-    monkeypatch.setattr(sinks, "LEASE_STALE_S", 0.0)  # A's lease, renewed or not, counts as stale
+    monkeypatch.setattr("visionbatch.destination.LEASE_STALE_S", 0.0)  # A's lease, renewed or not, counts as stale
     b = Lease.take(Destination(str(tmp_path)), overwrite=True, resume=False)
     b.confirm()
     assert not a.renew() and a.lost["id"] == b.holder["id"] == json.loads((tmp_path / "_lease.json").read_text())["id"]

@@ -6,9 +6,10 @@ import pytest
 
 import visionbatch
 from visionbatch.cli import main
+from visionbatch.destination import read_results
 from visionbatch.imagenet import imagenet_classes
+from visionbatch.destination import read_results
 from visionbatch.errors import JobError
-from visionbatch.sinks import read_results
 
 
 def _sample_labels(sample_dir, count: int) -> list[str]:

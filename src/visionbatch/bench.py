@@ -262,7 +262,7 @@ def _timed(cmd: list[str]) -> tuple[float, str, dict]:
 
 
 def run_visionbatch(images: Path, model: str, out: Path, batch_size: int | None, extra: list[str]) -> dict:
-    from visionbatch.sinks import SUMMARY
+    from visionbatch.destination import SUMMARY
 
     cmd = [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output", str(out),
            "--overwrite", "--quiet", *(["--batch-size", str(batch_size)] if batch_size else []), *extra]

@@ -29,7 +29,9 @@ from typing import Callable, Generic, Protocol, TypeVar
 
 from visionbatch.errors import (DestinationError, JobError, JobInterrupted, SourceError, Superseded,
                                 UsageError)
-from visionbatch.sinks import Destination, Lease, Manifest
+from visionbatch.destination import Destination
+from visionbatch.lease import Lease
+from visionbatch.manifest import Manifest
 from visionbatch.storage import describe
 
 log = logging.getLogger("visionbatch")

@@ -22,8 +22,8 @@ import pyarrow as pa
 from visionbatch.config import ClassifyConfig, ExportConfig
 from visionbatch.plan import ModelPlan, Prepared, Resources
 from visionbatch.shards import AnyShard, InputSpec
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 

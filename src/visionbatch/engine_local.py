@@ -49,8 +49,8 @@ from visionbatch.plan import ModelPlan, Prepared, Resources, model_arguments, pr
 from visionbatch.predictor import Predictor
 from visionbatch.results import SHARD_COLUMN
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 

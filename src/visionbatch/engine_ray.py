@@ -6,7 +6,7 @@ It wires the plain stages into one Ray Data dataset::
     ShardPlanner actor (lists, hands out shards)
       -> decode tasks (take shards, yield uint8 pixel blocks)   visionbatch.decode
       -> Predictor actor pool (top-k)                            visionbatch.predictor
-      -> ShardWriter actor (one part file per whole shard)       visionbatch.sinks
+      -> ShardWriter actor (one part file per whole shard)       visionbatch.writer
       -> the driver (visionbatch.job): commits, progress, summary
 """
 
@@ -27,8 +27,8 @@ from visionbatch.plan import (ModelPlan, Prepared, Resources, block_images, imag
                               model_arguments, predictor_arguments)
 from visionbatch.predictor import Predictor
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage, is_remote
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 

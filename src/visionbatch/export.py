@@ -49,15 +49,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
+from visionbatch.destination import LABEL_ISSUES, LEASE, MANIFEST, Destination, job_schema
 from visionbatch.driver import Driver, Run, progress_bar
 from visionbatch.engine import make_engine
-from visionbatch.errors import UsageError
+from visionbatch.errors import DestinationError, UsageError
 from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, predicted_labels, read_reviews, task
+from visionbatch.lease import Fence
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, paths_digest
-from visionbatch.sinks import (LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, Fence,
-                               job_schema)
 from visionbatch.sources import IMAGE_EXTENSIONS
 from visionbatch.storage import Storage, canonical_uri, describe, within
 

@@ -19,17 +19,19 @@ import time
 
 from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
 from visionbatch.decode import crash_block
+from visionbatch.destination import SUMMARY, Destination
 from visionbatch.driver import Driver, Run, progress_bar
 from visionbatch.engine import Engine, commit_events, make_engine
 from visionbatch.errors import DestinationError, JobError, SourceError, Superseded
+from visionbatch.manifest import Manifest
 from visionbatch.model_loading import resolve_model_source
 from visionbatch.plan import Prepared, input_spec, job_identity, model_metadata, resolve_plan
 from visionbatch.results import MODEL_TRACEBACK, job_columns
 from visionbatch.shards import AnyShard, Shard, one_file_pieces
-from visionbatch.sinks import SUMMARY, Destination, Manifest, ShardWriter
 from visionbatch.sources import check_source
 from visionbatch.storage import Storage
 from visionbatch.summary import Summary
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 
@@ -282,12 +284,13 @@ class ClassifyJob:
         committed = self._take(self.engine.run(self.prepared, self.writer, pieces))
         why = (f"worker_crash: processing this {{}} failed {self.config.max_retries + 1} times "
                "(its worker process died or its task failed)")
-        reading, labels = self.prepared.decode_options(1)["reading"], self.prepared.labels
+        options = self.prepared.decode_options(1)
+        reading, labels = options["reading"], options["labels"]
         for shard in lost:
             if shard.id in committed:
                 continue
             if isinstance(shard, Shard):  # the rows of the files that no try finished
-                crashed = crash_block(shard, self.writer.unseen(shard.id), why.format("file"), reading, labels)
+                crashed = crash_block(shard, self.writer.unseen(shard.id, len(shard.paths)), why.format("file"), reading, labels)
             else:  # whatever a try left of it goes: one row names its file
                 self.writer.discard([shard.id])
                 crashed = crash_block(shard, [0], why.format("shard"), reading, labels)

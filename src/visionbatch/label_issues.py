@@ -32,8 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from visionbatch.destination import LABEL_ISSUES, LABEL_ISSUES_BEFORE, Destination
+from visionbatch.errors import DestinationError
+from visionbatch.manifest import MANIFEST_VERSION
 from visionbatch.results import TRUE_LABEL_SCORE
-from visionbatch.sinks import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST_VERSION, Destination, DestinationError
 from visionbatch.storage import Storage
 
 # A class's threshold is a Bayesian average: (sum of its scores + PRIOR_ROWS * shared) /

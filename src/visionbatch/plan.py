@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, label_list
+from visionbatch.destination import EMBEDDINGS_KEY
 from visionbatch.errors import JobError, ModelLoadError, SourceError
 from visionbatch.labels import LabelResolver, build_resolver
 from visionbatch.model_loading import (ModelSource, check_model_kind, embedding_width, load_config,
@@ -27,7 +28,6 @@ from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedPro
 from visionbatch.results import result_schema
 from visionbatch.samples import Reading
 from visionbatch.shards import InputSpec
-from visionbatch.sinks import EMBEDDINGS_KEY
 from visionbatch.storage import Storage, canonical_uri
 
 log = logging.getLogger("visionbatch")

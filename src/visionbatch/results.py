@@ -42,7 +42,7 @@ def result_schema(embedding_width: int | None = None) -> pa.Schema:
 
 
 # Columns of class names: few distinct values over many rows. Readers that ask for some
-# columns only get these dictionary-encoded (sinks.Destination.read_part): each name once.
+# columns only get these dictionary-encoded (destination.Destination.read_part): each name once.
 LABEL_COLUMNS = ("label", "top_k_labels", "true_label")
 
 # The model stage's own columns, a subset of RESULT_SCHEMA.

@@ -1,6 +1,6 @@
 """Storage: one small value that turns URIs into (pyarrow filesystem, path) pairs.
 
-Everything that reads or writes (sources, decode, sinks, report) goes through a
+Everything that reads or writes (sources, decode, destination, report) goes through a
 :class:`Storage`. Local disk, ``s3://`` (``s3://anonymous@bucket/...`` for public
 buckets, an optional S3-compatible endpoint) and ``gs://`` use pyarrow's filesystems,
 what Ray Data itself uses. A Storage holds no secrets: it is shipped to every worker,
