@@ -278,7 +278,7 @@ def test_model_lanes_run_passes_at_once_and_give_results_in_order():
     next block waits for the result."""
     import threading
 
-    from visionbatch.engine_local import _Lanes
+    from visionbatch.engines.local import _Lanes
 
     both_started = threading.Barrier(2, timeout=60)
     may_end = {"first": threading.Event(), "second": threading.Event()}
@@ -320,7 +320,7 @@ def test_closing_the_lanes_stops_a_pass_in_flight_at_its_next_module():
 
     import torch
 
-    from visionbatch.engine_local import _Lanes, _PassStopped
+    from visionbatch.engines.local import _Lanes, _PassStopped
 
     layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     started = threading.Event()

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
 from visionbatch.destination import LABEL_ISSUES, LEASE, MANIFEST, Destination, job_schema
 from visionbatch.driver import Driver, Run, progress_bar
-from visionbatch.engine import make_engine
+from visionbatch.engines import make_engine
 from visionbatch.errors import DestinationError, UsageError
 from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, predicted_labels, read_reviews, task
 from visionbatch.lease import Fence

@@ -17,11 +17,12 @@ import logging
 import sys
 import time
 
-from visionbatch.config import ClassifyConfig, OutputConfig, config_from_kwargs
+from visionbatch.config import ClassifyConfig, OutputConfig
 from visionbatch.decode import crash_block
 from visionbatch.destination import SUMMARY, Destination
 from visionbatch.driver import Driver, Run, progress_bar
-from visionbatch.engine import Engine, commit_events, make_engine
+from visionbatch.engines import make_engine
+from visionbatch.engines.base import Engine, commit_events
 from visionbatch.errors import DestinationError, JobError, SourceError, Superseded
 from visionbatch.manifest import Manifest
 from visionbatch.model_loading import resolve_model_source
@@ -66,17 +67,6 @@ def prepare(config: ClassifyConfig, engine: Engine | None = None) -> tuple[Prepa
             model, labels = metadata.result()
     plan = resolve_plan(config, model, resources, engine.probe_batch_size)
     return Prepared(config, plan, storage, labels), engine
-
-
-def run(sources, output: str, *, format: str = "parquet", overwrite: bool = False, resume: bool = False,
-        flush_seconds: float = 30.0, model: str | None = None, progress: bool = True, **options) -> Summary:
-    """Classify and write one row per image file to ``output``; returns the :class:`Summary`."""
-    if model is not None:
-        options["model"] = model
-    config = config_from_kwargs(sources, **options)
-    output_config = OutputConfig(dest=output, format=format, overwrite=overwrite, resume=resume,
-                                 flush_seconds=flush_seconds)
-    return run_job(config, output_config, progress=sys.stderr if progress else None)
 
 
 def run_job(config: ClassifyConfig, output: OutputConfig, progress=None) -> Summary:

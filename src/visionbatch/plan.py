@@ -308,7 +308,7 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     """Everything that changes a job's results: a DEST belongs to one of these, and
     ``--resume`` with another is refused. The engine is not part of it: a DEST written
     by one engine resumes with the other."""
-    from visionbatch import __version__
+    from visionbatch.version import __version__
 
     model = plan.model
     return {"visionbatch": __version__, "model": model.source.ref, "model_revision": model_revision(model.source),

@@ -20,8 +20,8 @@ import warnings
 from typing import Iterator
 
 
-from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig, config_from_kwargs
-from visionbatch.engine import Engine, commit_events
+from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig
+from visionbatch.engines.base import Engine, commit_events
 from visionbatch.errors import JobError
 from visionbatch.plan import (ModelPlan, Prepared, Resources, block_images, image_bytes,
                               model_arguments, predictor_arguments)
@@ -94,7 +94,7 @@ class RayEngine(Engine):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             if shards is None:
                 # One writer gathers every shard's blocks; its work (encoding small rows) is light.
-                ds = _job_dataset(prepared, self.planner.actor).map_batches(
+                ds = job_dataset(prepared, self.planner.actor).map_batches(
                     ShardWriter, batch_size=None, batch_format="pyarrow",
                     fn_constructor_args=writer.arguments(), compute=ray.data.ActorPoolStrategy(size=1),
                     num_cpus=0, max_restarts=config.max_retries, max_task_retries=ACTOR_TASK_RETRIES)
@@ -387,7 +387,7 @@ def root_cause(err: Exception) -> str:
     return message if kind == "ModelLoadError" else f"{kind}: {message}"
 
 
-def _job_dataset(prepared: Prepared, planner):
+def job_dataset(prepared: Prepared, planner):
     """The lazy pipeline of a job: long-lived decode tasks take shards from the planner
     actor -> predictor actors."""
     import ray.data
@@ -411,17 +411,3 @@ def _job_dataset(prepared: Prepared, planner):
             # one file per task); a retry would take new shards, never that one.
             max_retries=0)
         return _predict(decoded, prepared, plan.batch_size)
-
-
-def classify(sources, model: str | None = None, **options):
-    """Classify every image under ``sources``; returns a lazy ``ray.data.Dataset`` of result rows.
-
-    (A lazy dataset cannot redo the shards of tasks that died: :func:`visionbatch.run` can.)
-    """
-    from visionbatch.job import prepare
-
-    if model is not None:
-        options["model"] = model
-    prepared, engine = prepare(config_from_kwargs(sources, **options).replace(engine="ray"))
-    engine.planner.start()
-    return _job_dataset(prepared, engine.planner.actor).select_columns(prepared.plan.model.schema.names)

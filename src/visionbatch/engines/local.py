@@ -43,7 +43,7 @@ import pyarrow as pa
 from visionbatch.certificate import images_needed
 from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig
 from visionbatch.decode import limit_memory
-from visionbatch.engine import Engine, commit_events, gpu_count
+from visionbatch.engines.base import Engine, commit_events, gpu_count
 from visionbatch.errors import JobError
 from visionbatch.plan import ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
 from visionbatch.predictor import Predictor
