@@ -191,9 +191,26 @@ def test_resume_knows_a_list_file_by_any_spelling_and_where_its_paths_are_from(i
     resumed = visionbatch.run(["list.txt"], str(dest), model=tiny_vit, from_list=True, resume=True, progress=False)
     assert resumed.already_done == first.images_found > 0
     monkeypatch.chdir(image_tree)
-    with pytest.raises(JobError, match=f"list_cwd: '{tmp_path}' there, '{image_tree}' now"):
+    with pytest.raises(JobError, match=f"input.cwd: '{tmp_path}' there, '{image_tree}' now"):
         visionbatch.run([str(tmp_path / "list.txt")], str(dest), model=tiny_vit, from_list=True, resume=True,
                         progress=False)
+
+
+def test_a_dest_of_an_older_manifest_version_is_refused_on_resume_and_still_read(image_tree, tiny_vit, tmp_path):
+    """A DEST written before the job's record held its input whole (manifest version 3)
+    is never resumed into, mixed with this version's record: --resume says what to do;
+    its finished results stay readable."""
+    dest = tmp_path / "out"
+    first = visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, progress=False)
+    manifest = json.loads((dest / "_manifest.json").read_text())
+    listed = manifest["job"].pop("input")
+    manifest["job"].update(sources=listed["sources"], from_list=False, list_cwd=None, follow_symlinks=False,
+                           shard_size=listed["shard_size"], limit=None, image_column=None, url_column=None,
+                           label_column=None)
+    (dest / "_manifest.json").write_text(json.dumps({**manifest, "version": 3}))
+    with pytest.raises(JobError, match=r"older visionbatch \(manifest version 3; this one writes 4\).*--overwrite"):
+        visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, resume=True, progress=False)
+    assert read_results(str(dest)).num_rows == first.images_found > 0
 
 
 @pytest.mark.parametrize("fmt,damage", [("parquet", "truncated"), ("csv", "cut at a row boundary"),

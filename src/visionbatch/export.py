@@ -57,7 +57,7 @@ from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, pr
 from visionbatch.lease import Fence
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
-from visionbatch.shards import AnyShard, paths_digest
+from visionbatch.shards import AnyShard, InputSpec, iter_shards, paths_digest
 from visionbatch.sources import IMAGE_EXTENSIONS
 from visionbatch.storage import Storage, canonical_uri, describe, within
 
@@ -298,17 +298,16 @@ def _container_parts(selection: pq.ParquetFile, table_job: bool) -> list[list[st
     return per_shard
 
 
-def _containers(job: dict, committed: dict[str, dict], needed: set[str], storage: Storage) -> dict[str, AnyShard]:
+def _containers(listed: InputSpec, committed: dict[str, dict], needed: set[str],
+                storage: Storage) -> dict[str, AnyShard]:
     """The classify job's tar and table shards named in ``needed``, listed again as it
-    listed them (their digests must still be DEST's: else the input changed)."""
+    listed them (``listed``; their digests must still be DEST's: else the input changed)."""
     if not needed:
         return {}
-    from visionbatch.plan import recorded_input_spec
-    from visionbatch.shards import iter_shards
     from visionbatch.sources import ListingCounts
 
     found: dict[str, AnyShard] = {}
-    for shard in iter_shards(recorded_input_spec(job), storage, ListingCounts()):
+    for shard in iter_shards(listed, storage, ListingCounts()):
         if shard.id in needed:
             if shard.digest != committed[shard.id]["digest"]:
                 break
@@ -316,7 +315,7 @@ def _containers(job: dict, committed: dict[str, dict], needed: set[str], storage
             if len(found) == len(needed):
                 return found
     missing = sorted(needed - set(found))
-    raise DestinationError(f"the input of {job['sources'][0]} changed since DEST was written (shard {missing[0]}"
+    raise DestinationError(f"the input of {listed.sources[0]} changed since DEST was written (shard {missing[0]}"
                            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): its images cannot "
                            "be found as they were classified")
 
@@ -593,9 +592,10 @@ class ExportJob:
                                  "export to a folder outside DEST")
         self.reviews = read_reviews(config.reviewed, storage) if config.reviewed else None
         self.dest_manifest = self.destination.finished_manifest()
-        # The model's classes (from its config), for what the labeling config and the reviews are checked against.
-        from visionbatch.plan import recorded_classes  # the model's configs: only where needed
+        from visionbatch.plan import recorded_classes, recorded_input_spec  # the model's configs: only where needed
 
+        self.listed = recorded_input_spec(self.dest_manifest["job"])  # what the classify job listed
+        # The model's classes (from its config), for what the labeling config and the reviews are checked against.
         self.classes = (recorded_classes(self.dest_manifest["job"])
                         if config.format == "labelstudio" or self.reviews else None)
         if self.reviews is not None:
@@ -625,11 +625,11 @@ class ExportJob:
         with out.open_file(SELECTION) as file:
             selection = pq.ParquetFile(file)
             selected = selection.metadata.num_rows
-            parts = _container_parts(selection, bool(self.dest_manifest["job"].get("image_column")))
+            parts = _container_parts(selection, bool(self.listed.image_column))
         job = self.dest_manifest["job"]
-        containers = _containers(job, self.dest_manifest["shards"], {part for shard in parts for part in shard},
+        containers = _containers(self.listed, self.dest_manifest["shards"], {part for shard in parts for part in shard},
                                  self.storage)
-        reading = Reading(self.storage, image_column=job.get("image_column"), read_timeout=DEFAULT_READ_TIMEOUT_S)
+        reading = Reading(self.storage, image_column=self.listed.image_column, read_timeout=DEFAULT_READ_TIMEOUT_S)
         tasks = [ExportTask(out.uri, self.storage, config.format, shard, {part: containers[part] for part in mine},
                             reading, config.image_url_prefix, model_name(job.get("model") or ""), out.fence)
                  for shard, mine in enumerate(parts) if f"{shard:06d}" not in manifest.shards]

@@ -20,8 +20,9 @@ from visionbatch.errors import DestinationError
 from visionbatch.results import MODEL_TRACEBACK
 
 # 3: rows carry true_label_score; --resume across versions is refused, so no DEST mixes
-# part files with and without it.
-MANIFEST_VERSION = 3
+# part files with and without it. 4: the job's record holds its input (InputSpec) whole.
+MANIFEST_VERSION = 4
+ROWS_WITH_TRUE_LABEL_SCORE = 3  # the first version whose rows carry it (label-issues reads it)
 log = logging.getLogger("visionbatch")
 
 
@@ -54,16 +55,19 @@ class Manifest:
             raise DestinationError(f"{destination.uri} already holds results: pass --overwrite to replace them "
                                    "or --resume to continue")
         earlier = destination.manifest() or {"job": job, "shards": {}}
-        if earlier.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
-            raise DestinationError(f"{destination.uri} was written by another version of visionbatch; "
-                                   "write to a new DEST or pass --overwrite")
-        if "runtime" in job and "runtime" not in earlier["job"]:  # a job from before --runtime: torch ran it
-            earlier["job"]["runtime"] = "torch"
-        differing = sorted(key for key in set(job) | set(earlier["job"]) if job.get(key) != earlier["job"].get(key))
+        version = earlier.get("version", MANIFEST_VERSION)
+        if version != MANIFEST_VERSION:
+            raise DestinationError(
+                f"{destination.uri} was written by {'an older' if version < MANIFEST_VERSION else 'a newer'} "
+                f"visionbatch (manifest version {version}; this one writes {MANIFEST_VERSION}), which --resume "
+                "cannot continue: finish it with the visionbatch that started it, or start again with "
+                "--overwrite or into a new DEST (its finished results stay readable)")
+        there, now = _fields(earlier["job"]), _fields(json.loads(json.dumps(job)))  # as DEST will read it back
+        differing = sorted(key for key in set(there) | set(now) if there.get(key) != now.get(key))
         if differing:
             raise DestinationError(
                 f"--resume with other options than the job in {destination.uri}: "
-                + "; ".join(f"{key}: {earlier['job'].get(key)!r} there, {job.get(key)!r} now" for key in differing))
+                + "; ".join(f"{key}: {there.get(key)!r} there, {now.get(key)!r} now" for key in differing))
         shards = dict(earlier["shards"])
         metric_counts = earlier.get("metric_counts")
         damaged = destination.damaged_parts(shards, job_schema(job))
@@ -124,3 +128,10 @@ class Manifest:
             self.destination.remove_strays({shard["file"] for shard in self.shards.values()})
             self.destination.write_bytes(SUCCESS, json.dumps({"rows": self.rows, "shards": len(self.shards),
                                                               "generation": self.destination.generation}).encode())
+
+
+def _fields(job: dict) -> dict:
+    """A job's record with its input's fields as their own (``input.cwd``): a message names
+    the one that differs."""
+    return {**{key: value for key, value in job.items() if key != "input"},
+            **{f"input.{key}": value for key, value in job.get("input", {}).items()}}
