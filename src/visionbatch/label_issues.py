@@ -1,8 +1,9 @@
 """Label issues: which given labels look wrong, found in bounded memory.
 
 A row is flagged when the model's top-1 differs from its given label, or when the row
-sits in a duplicate group (``visionbatch duplicates``) whose members' given labels
-disagree and its own label is the odd one out. Flagged rows are ranked by how
+sits in a duplicate group (``visionbatch duplicates``) whose members give another label
+more often than the row's own (or as often, and the model's top-1 is not the row's label
+either): a duplicate conflict. Flagged rows are ranked by how
 surprising the given label's probability (``true_label_score``, from the model's full
 output, so known also where the label is outside the top-k) is for its class:
 
@@ -223,9 +224,10 @@ def _conflicts_query(spill: str, duplicates: str) -> str:
                        FROM labelled m
                        JOIN votes own ON own."group" = m."group" AND own.label = m.given_label
                        JOIN votes v ON v."group" = m."group" AND v.label <> m.given_label),
+             spill AS (SELECT *, row_number() OVER () AS row_id FROM read_parquet({_quoted(spill)})),
              rows AS (SELECT s.*, views.label AS vote, views.members, views.own_members
-                      FROM read_parquet({_quoted(spill)}) s LEFT JOIN views USING (path)
-                      QUALIFY row_number() OVER (PARTITION BY s.path ORDER BY views.members DESC NULLS LAST,
+                      FROM spill s LEFT JOIN views USING (path)
+                      QUALIFY row_number() OVER (PARTITION BY s.row_id ORDER BY views.members DESC NULLS LAST,
                                                  views.label = s.suggested_label DESC, views.label) = 1)
         SELECT path, given_label, suggested_label, self_confidence, typicality, disagrees, vote,
                coalesce(members > own_members OR (members = own_members AND disagrees), false) AS conflict
