@@ -77,9 +77,10 @@ ISSUES_SCHEMA = pa.schema([
     pa.field("reason", pa.string()),  # MODEL_DISAGREES or DUPLICATE_CONFLICT (the group outvotes the label)
     pa.field("rank", pa.int64()),  # 1 = most likely wrong
 ])
-# Pass 2's rows: ISSUES_SCHEMA's first four, the rank's key and whether the model disagrees.
-SPILL_SCHEMA = pa.schema([*ISSUES_SCHEMA][:4] + [pa.field("typicality", pa.float64()),
-                                                 pa.field("disagrees", pa.bool_())])
+# Pass 2's rows: ISSUES_SCHEMA's first four, the rank's key, whether the model disagrees and
+# a number of the row's own (a path may be listed twice).
+SPILL_SCHEMA = pa.schema([*ISSUES_SCHEMA][:4] + [pa.field("typicality", pa.float64()), pa.field("disagrees", pa.bool_()),
+                                                 pa.field("row_id", pa.int64())])
 _SCORE_COLUMNS = ("true_label", TRUE_LABEL_SCORE)
 _ROW_COLUMNS = ("path", *_SCORE_COLUMNS, "top_k_labels", "top_k_scores")
 
@@ -139,11 +140,13 @@ class Thresholds:
         return own - (self.log_sums[given] - own + self.prior_rows * self.shared_log) / (others + self.prior_rows)
 
 
-def flag_rows(part: pa.Table, thresholds: Thresholds, every_row: bool = False) -> pa.Table:
-    """The labelled rows of ``part`` whose top-1 is not the given label (``every_row``: all
-    its labelled rows, for the duplicate groups' votes), with SPILL_SCHEMA's columns."""
-    rows = part.filter(pc.and_(pc.is_valid(part.column(TRUE_LABEL_SCORE)),
-                               pc.greater(pc.list_value_length(part.column("top_k_labels")), 0)))
+def flag_rows(part: pa.Table, thresholds: Thresholds, also: np.ndarray | None = None) -> pa.Table:
+    """The labelled rows of ``part`` whose top-1 is not the given label, and those ``also``
+    marks (a mask over ``part``'s rows: members of duplicate groups whose labels disagree),
+    with SPILL_SCHEMA's columns but ``row_id``."""
+    scored = pc.fill_null(pc.and_(pc.is_valid(part.column(TRUE_LABEL_SCORE)),
+                                  pc.greater(pc.list_value_length(part.column("top_k_labels")), 0)), False)
+    rows = part.filter(scored)
     top_labels = rows.column("top_k_labels").combine_chunks()
     lengths = pc.list_value_length(top_labels).to_numpy(zero_copy_only=False)
     given = thresholds.index_of(rows.column("true_label").combine_chunks())
@@ -162,7 +165,7 @@ def flag_rows(part: pa.Table, thresholds: Thresholds, every_row: bool = False) -
     suggestion = top.copy()
     with_hit, first = np.unique(owner[hits], return_index=True)
     suggestion[with_hit] = hits[first]
-    kept = np.arange(rows.num_rows) if every_row else np.flatnonzero(disagrees)
+    kept = np.flatnonzero(disagrees if also is None else disagrees | also[scored.to_numpy(zero_copy_only=False)])
     return pa.table({
         "path": rows.column("path").take(kept),
         "given_label": rows.column("true_label").take(kept).cast(pa.string()),
@@ -170,7 +173,7 @@ def flag_rows(part: pa.Table, thresholds: Thresholds, every_row: bool = False) -
         "self_confidence": pa.array(self_confidence[kept], pa.float32()),
         "typicality": thresholds.typicality(given[kept], self_confidence[kept]),
         "disagrees": disagrees[kept],
-    }, schema=SPILL_SCHEMA)
+    }, schema=SPILL_SCHEMA.remove(SPILL_SCHEMA.get_field_index("row_id")))
 
 
 @dataclass
@@ -211,50 +214,72 @@ def _quoted(path: str) -> str:
     return "'" + path.replace("'", "''") + "'"
 
 
-def _conflicts_query(spill: str, duplicates: str) -> str:
-    """The spill's rows with, for those in a duplicate group whose given labels disagree,
-    the label the group's other members give most (ties: the model's suggestion, then by
-    name) and whether it outvotes the row's own: more members give it, or as many and the
-    model disagrees with the given label too."""
-    return f"""
-        WITH labelled AS (SELECT path, "group", given_label FROM read_parquet({_quoted(duplicates)})
-                          WHERE given_label IS NOT NULL),
-             votes AS (SELECT "group", given_label AS label, count(*) AS members FROM labelled GROUP BY ALL),
-             views AS (SELECT m.path, v.label, v.members, own.members AS own_members
-                       FROM labelled m
-                       JOIN votes own ON own."group" = m."group" AND own.label = m.given_label
-                       JOIN votes v ON v."group" = m."group" AND v.label <> m.given_label),
-             spill AS (SELECT *, row_number() OVER () AS row_id FROM read_parquet({_quoted(spill)})),
-             rows AS (SELECT s.*, views.label AS vote, views.members, views.own_members
-                      FROM spill s LEFT JOIN views USING (path)
-                      QUALIFY row_number() OVER (PARTITION BY s.row_id ORDER BY views.members DESC NULLS LAST,
-                                                 views.label = s.suggested_label DESC, views.label) = 1)
-        SELECT path, given_label, suggested_label, self_confidence, typicality, disagrees, vote,
-               coalesce(members > own_members OR (members = own_members AND disagrees), false) AS conflict
-        FROM rows"""
-
-
-def _rank(spill: str, duplicates: str | None, out: str, work: str) -> pa.Table:
-    """Order the flagged rows (module docstring) and number them, with DuckDB: joins and an
-    external sort within SORT_MEMORY. Returns the flagged rows per given label, and per reason."""
+def _connect(work: str):
     import duckdb
 
-    rows = (_conflicts_query(spill, duplicates) if duplicates else
-            f"SELECT *, NULL AS vote, false AS conflict FROM read_parquet({_quoted(spill)})")
-    with duckdb.connect() as db:
-        db.execute(f"SET memory_limit = '{SORT_MEMORY}'")
-        db.execute(f"SET temp_directory = {_quoted(work)}")
-        db.execute("SET preserve_insertion_order = false")
-        db.execute(f"""
-            COPY (SELECT path, given_label,
-                         CASE WHEN conflict THEN vote ELSE suggested_label END AS suggested_label,
-                         self_confidence,
-                         CASE WHEN conflict THEN '{DUPLICATE_CONFLICT}' ELSE '{MODEL_DISAGREES}' END AS reason,
-                         row_number() OVER (ORDER BY typicality - {CONFLICT_WEIGHT} * conflict::INT, path) AS rank
-                  FROM ({rows}) WHERE disagrees OR conflict ORDER BY rank)
-            TO {_quoted(out)} (FORMAT parquet, COMPRESSION zstd)""")
-        return db.sql(f"SELECT given_label, reason, count(*) AS flagged FROM read_parquet({_quoted(out)}) "
-                      "GROUP BY ALL").to_arrow_table()
+    db = duckdb.connect()
+    db.execute(f"SET memory_limit = '{SORT_MEMORY}'")
+    db.execute(f"SET temp_directory = {_quoted(work)}")
+    db.execute("SET preserve_insertion_order = false")
+    return db
+
+
+class DuplicateConflicts:
+    """The members of DEST's duplicate groups whose given labels disagree (``table``: a
+    local copy of its duplicates table), each with the other labels of its group. Pass 2
+    picks them out of each part by a hash of the path (8 bytes per such member held), so
+    the spill holds them and the flagged rows, not every row."""
+
+    def __init__(self, db, table: str):
+        self.db = db
+        self.members = f"""
+            WITH labelled AS (SELECT path, "group", given_label FROM read_parquet({_quoted(table)})
+                              WHERE given_label IS NOT NULL),
+                 votes AS (SELECT "group", given_label AS label, count(*) AS members FROM labelled GROUP BY ALL)
+            SELECT m.path, v.label, v.members, own.members AS own_members
+            FROM labelled m
+            JOIN votes own ON own."group" = m."group" AND own.label = m.given_label
+            JOIN votes v ON v."group" = m."group" AND v.label <> m.given_label"""
+        self.hashes = np.sort(db.sql(f"SELECT DISTINCT hash(path) AS h FROM ({self.members})").fetchnumpy()["h"])
+
+    def may_hold(self, paths: pa.ChunkedArray) -> np.ndarray:
+        """Which of ``paths`` may be members (a hash collision lets in a row the join drops)."""
+        if not len(self.hashes):
+            return np.zeros(len(paths), bool)
+        self.db.register("part_paths", pa.table({"path": paths, "i": np.arange(len(paths))}))
+        hashes = self.db.sql("SELECT hash(path) AS h FROM part_paths ORDER BY i").fetchnumpy()["h"]
+        self.db.unregister("part_paths")
+        found = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        return self.hashes[found] == hashes
+
+    def rows(self, spill: str) -> str:
+        """The spill's rows with, for a member, the label its group's other members give
+        most (ties: the model's suggestion, then by name) and whether it outvotes the row's
+        own: more members give it, or as many and the model disagrees with the given label too."""
+        return f"""
+            WITH votes AS (SELECT s.row_id, m.label AS vote,
+                                  m.members > m.own_members OR (m.members = m.own_members AND s.disagrees) AS conflict
+                           FROM read_parquet({_quoted(spill)}) s JOIN ({self.members}) m USING (path)
+                           QUALIFY row_number() OVER (PARTITION BY s.row_id ORDER BY m.members DESC,
+                                                      m.label = s.suggested_label DESC, m.label) = 1)
+            SELECT s.*, vote, coalesce(conflict, false) AS conflict
+            FROM read_parquet({_quoted(spill)}) s LEFT JOIN votes USING (row_id)"""
+
+
+def _rank(db, rows: str, out: str) -> pa.Table:
+    """Order the flagged ones of ``rows`` (a query: the spill's columns, ``vote`` and
+    ``conflict``) and number them (module docstring) into ``out``: DuckDB's external sort
+    within SORT_MEMORY. Returns the flagged rows per given label and reason."""
+    db.execute(f"""
+        COPY (SELECT path, given_label,
+                     CASE WHEN conflict THEN vote ELSE suggested_label END AS suggested_label,
+                     self_confidence,
+                     CASE WHEN conflict THEN '{DUPLICATE_CONFLICT}' ELSE '{MODEL_DISAGREES}' END AS reason,
+                     row_number() OVER (ORDER BY typicality - {CONFLICT_WEIGHT} * conflict::INT, path) AS rank
+              FROM ({rows}) WHERE disagrees OR conflict ORDER BY rank)
+        TO {_quoted(out)} (FORMAT parquet, COMPRESSION zstd)""")
+    return db.sql(f"SELECT given_label, reason, count(*) AS flagged FROM read_parquet({_quoted(out)}) "
+                  "GROUP BY ALL").to_arrow_table()
 
 
 def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
@@ -266,20 +291,24 @@ def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
         raise DestinationError(f"{destination.uri} was written by an older visionbatch, whose rows lack "
                                f"{TRUE_LABEL_SCORE}: classify again (into a new DEST, or with --overwrite)")
     thresholds = Thresholds.from_parts(destination.committed_rows(_SCORE_COLUMNS))
-    rows = 0
-    with tempfile.TemporaryDirectory(prefix="visionbatch-label-issues-") as work:
+    rows = spilled = 0
+    with tempfile.TemporaryDirectory(prefix="visionbatch-label-issues-") as work, _connect(work) as db:
         spill, out = os.path.join(work, "flagged.parquet"), os.path.join(work, "ranked.parquet")
-        duplicates = None
+        conflicts = None
         if destination.exists(DUPLICATES):
-            duplicates = os.path.join(work, "duplicates.parquet")
-            destination.copy_file(DUPLICATES, duplicates)
+            destination.copy_file(DUPLICATES, os.path.join(work, "duplicates.parquet"))
+            conflicts = DuplicateConflicts(db, os.path.join(work, "duplicates.parquet"))
         with pq.ParquetWriter(spill, SPILL_SCHEMA) as writer:
             for part in destination.committed_rows(_ROW_COLUMNS):
                 rows += part.num_rows
-                candidates = flag_rows(part, thresholds, every_row=duplicates is not None)
+                members = conflicts.may_hold(part.column("path")) if conflicts else None
+                candidates = flag_rows(part, thresholds, members)
                 if candidates.num_rows:
-                    writer.write_table(candidates)
-        counts = _rank(spill, duplicates, out, work)
+                    row_ids = np.arange(spilled, spilled + candidates.num_rows)
+                    writer.write_table(candidates.append_column("row_id", pa.array(row_ids)))
+                    spilled += candidates.num_rows
+        counts = _rank(db, conflicts.rows(spill) if conflicts else
+                       f"SELECT *, NULL AS vote, false AS conflict FROM read_parquet({_quoted(spill)})", out)
         destination.write_file(LABEL_ISSUES, out)
     if destination.exists(LABEL_ISSUES_BEFORE):  # an older label-issues' table, at DEST's top: globs met it
         destination.delete([LABEL_ISSUES_BEFORE])
@@ -287,6 +316,6 @@ def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
     flagged = np.zeros(len(thresholds.labels), dtype=np.int64)
     np.add.at(flagged, thresholds.index_of(counts.column("given_label").combine_chunks()),
               counts.column("flagged").to_numpy())
-    conflicts = pc.sum(counts.filter(pc.equal(counts.column("reason"), DUPLICATE_CONFLICT)).column("flagged"))
+    outvoted = pc.sum(counts.filter(pc.equal(counts.column("reason"), DUPLICATE_CONFLICT)).column("flagged"))
     return LabelIssues(destination.uri, rows, thresholds.labels.to_pylist(), thresholds.rows.tolist(),
-                       flagged.tolist(), (conflicts.as_py() or 0) if duplicates else None)
+                       flagged.tolist(), (outvoted.as_py() or 0) if conflicts else None)
