@@ -30,13 +30,15 @@ model's confident mistakes on correctly labelled images first.
 
 pass 1  per class, the row count and the sums of ``true_label_score`` and of its log
         over its labelled rows (two columns read per part) -> thresholds, expectations
-pass 2  per part, the flagged rows (every labelled row's few columns, where
-        ``DEST/_derived/duplicates.parquet`` exists), streamed to a spill file on local disk
-rank    DuckDB joins the spill with the duplicate groups' label votes, orders it within a
-        memory limit, spilling to disk, and writes ``DEST/_derived/label_issues.parquet``
+pass 2  per part, the rows the model disagrees with and the members of duplicate groups
+        whose labels disagree (where ``DEST/_derived/duplicates.parquet`` exists; picked
+        out by a hash of the path), streamed to a spill file on local disk
+rank    DuckDB joins the members with their groups' label votes, orders the flagged rows
+        within a memory limit, spilling to disk, and writes
+        ``DEST/_derived/label_issues.parquet``
 
-Memory holds one part's columns and a few numbers per class; the joins and the sort are
-DuckDB's.
+Memory holds one part's columns, a few numbers per class and 8 bytes per member of a
+group whose labels disagree; the joins and the sort are DuckDB's.
 """
 
 from __future__ import annotations
@@ -249,8 +251,11 @@ class DuplicateConflicts:
         self.db.register("part_paths", pa.table({"path": paths, "i": np.arange(len(paths))}))
         hashes = self.db.sql("SELECT hash(path) AS h FROM part_paths ORDER BY i").fetchnumpy()["h"]
         self.db.unregister("part_paths")
-        found = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        return self.hashes[found] == hashes
+        order = np.argsort(hashes)  # sorted needles: searchsorted walks the table once, cache-friendly
+        found = np.minimum(np.searchsorted(self.hashes, hashes[order]), len(self.hashes) - 1)
+        members = np.empty(len(hashes), bool)
+        members[order] = self.hashes[found] == hashes[order]
+        return members
 
     def rows(self, spill: str) -> str:
         """The spill's rows with, for a member, the label its group's other members give
