@@ -234,7 +234,8 @@ class DuplicateConflicts:
 
     def __init__(self, db, table: str):
         self.db = db
-        self.members = f"""
+        # Each member, each other label of its group, and how many members give it and its own.
+        self.other_labels = f"""
             WITH labelled AS (SELECT path, "group", given_label FROM read_parquet({_quoted(table)})
                               WHERE given_label IS NOT NULL),
                  votes AS (SELECT "group", given_label AS label, count(*) AS members FROM labelled GROUP BY ALL)
@@ -242,7 +243,7 @@ class DuplicateConflicts:
             FROM labelled m
             JOIN votes own ON own."group" = m."group" AND own.label = m.given_label
             JOIN votes v ON v."group" = m."group" AND v.label <> m.given_label"""
-        self.hashes = np.sort(db.sql(f"SELECT DISTINCT hash(path) AS h FROM ({self.members})").fetchnumpy()["h"])
+        self.hashes = np.sort(db.sql(f"SELECT DISTINCT hash(path) AS h FROM ({self.other_labels})").fetchnumpy()["h"])
 
     def may_hold(self, paths: pa.ChunkedArray) -> np.ndarray:
         """Which of ``paths`` may be members (a hash collision lets in a row the join drops)."""
@@ -264,7 +265,7 @@ class DuplicateConflicts:
         return f"""
             WITH votes AS (SELECT s.row_id, m.label AS vote,
                                   m.members > m.own_members OR (m.members = m.own_members AND s.disagrees) AS conflict
-                           FROM read_parquet({_quoted(spill)}) s JOIN ({self.members}) m USING (path)
+                           FROM read_parquet({_quoted(spill)}) s JOIN ({self.other_labels}) m USING (path)
                            QUALIFY row_number() OVER (PARTITION BY s.row_id ORDER BY m.members DESC,
                                                       m.label = s.suggested_label DESC, m.label) = 1)
             SELECT s.*, vote, coalesce(conflict, false) AS conflict
