@@ -1,13 +1,18 @@
 """Scale benchmark of ``visionbatch label-issues`` (issue 20): peak memory and rows/s.
 
     python benchmarks/label_issues_scale.py [--rows 10000000] [--classes 1000] [--shard-rows 100000]
-                                            [--noise 0.05] [--work DIR] [--json FILE]
+                                            [--noise 0.05] [--duplicates 0] [--work DIR] [--json FILE]
 
 Writes a finished DEST of synthetic result rows the way a job writes them (one part file
 per shard through the writer stage's own ``write_shard``, then the manifest) into a temporary
 folder, deleted afterwards, or into ``--work`` (kept; reused when it holds a DEST of that
 size); then runs ``visionbatch label-issues DEST`` as a subprocess and reports its wall time, rows/s and peak RSS (the child's ru_maxrss:
 the whole process, Python, pyarrow and DuckDB included).
+
+With ``--duplicates N``, DEST also gets ``_derived/duplicates.parquet`` (as ``visionbatch
+duplicates`` writes it) pairing its first N rows in DEST's order: their given labels are
+uniform over the classes, so almost every pair disagrees, a worst case for the join
+(label-issues then spills every labelled row).
 
 The rows: a given label (uniform over the classes), the model right with probability
 0.9 at a top-1 score drawn from U(0.5, 0.99), and ``--noise`` of the given labels
@@ -80,7 +85,7 @@ def write_dest(dest: Path, rows: int, classes: int, shard_rows: int, noise: floa
     id2label = imagenet_id2label()
     names = pa.array([id2label.get(i, f"class {i}") for i in range(classes)], pa.string())
     destination = Destination(str(dest))
-    manifest = Manifest(destination, {"benchmark": "label-issues", "rows": rows, "classes": classes})
+    manifest = Manifest(destination, {"benchmark": "label-issues", "rows": rows, "classes": classes, "format": "parquet"})
     rng = np.random.default_rng(0)
     for seq, start in enumerate(range(0, rows, shard_rows)):
         part = synthetic_rows(rng, start, min(shard_rows, rows - start), names, noise)
@@ -90,15 +95,39 @@ def write_dest(dest: Path, rows: int, classes: int, shard_rows: int, noise: floa
     manifest.write(complete=True)
 
 
+def write_duplicates(dest: Path, rows: int) -> None:
+    """DEST's duplicates table: its first ``rows`` rows, in pairs (module docstring)."""
+    import pyarrow.parquet as pq
+
+    from visionbatch.destination import DUPLICATES, Destination
+
+    parts, taken = [], 0
+    for part in Destination(str(dest)).committed_rows(("path", "true_label")):
+        parts.append(part.slice(0, rows - taken))
+        taken += parts[-1].num_rows
+        if taken == rows:
+            break
+    members = pa.concat_tables(parts)
+    group = np.arange(members.num_rows) // 2
+    (dest / DUPLICATES).parent.mkdir(exist_ok=True)
+    pq.write_table(pa.table({
+        "path": members.column("path"), "group": group, "keep": group * 2 == np.arange(members.num_rows),
+        "similarity": pa.array(np.full(members.num_rows, 0.97), pa.float32()), "kind": ["near"] * members.num_rows,
+        "given_label": members.column("true_label").cast(pa.string())}), dest / DUPLICATES)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--shard-rows", type=int, default=100_000)
     parser.add_argument("--noise", type=float, default=0.05)
+    parser.add_argument("--duplicates", type=int, default=0, help="rows in DEST's duplicates table (pairs)")
     parser.add_argument("--work", type=Path, help="where DEST goes (kept, and reused if it holds as many rows)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    from visionbatch.destination import DUPLICATES
+
     work = args.work or Path(tempfile.mkdtemp(prefix="label-issues-bench-"))
     dest = work / f"dest-{args.rows}x{args.classes}"
     manifest = dest / "_manifest.json"
@@ -107,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         write_dest(dest, args.rows, args.classes, args.shard_rows, args.noise)
         print(f"DEST written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    (dest / DUPLICATES).unlink(missing_ok=True)  # a reused DEST's, from a run with --duplicates
+    if args.duplicates:
+        write_duplicates(dest, args.duplicates)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "visionbatch.cli", "label-issues", str(dest)],
                           capture_output=True, text=True)
@@ -115,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if done.returncode:
         return done.returncode
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
-    figures = {"rows": args.rows, "classes": args.classes, "parts": -(-args.rows // args.shard_rows),
+    figures = {"rows": args.rows, "classes": args.classes, "duplicates": args.duplicates, "parts": -(-args.rows // args.shard_rows),
                "seconds": round(seconds, 1), "rows_per_s": round(args.rows / seconds),
                "peak_rss_mb": round(peak_mb), "dest_mb": round(sum(f.stat().st_size for f in dest.iterdir()) / 2**20)}
     for name, value in figures.items():

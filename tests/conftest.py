@@ -328,11 +328,15 @@ def write_finished_dest(destination, table, fmt: str = "parquet", shard_size: in
     """Result rows written as a finished DEST, the way a job writes them: one part file
     per shard (through the writer stage's own function), then the manifest. Returns
     the manifest's job record."""
+    import dataclasses
+
     from visionbatch.manifest import Manifest
+    from visionbatch.shards import InputSpec
     from visionbatch.writer import write_shard
 
-    manifest = Manifest(destination, {"test": True, "format": fmt})
     size = shard_size or max(table.num_rows, 1)
+    listed = InputSpec(sources=(), from_list=False, shard_size=size, limit=None, cwd="")
+    manifest = Manifest(destination, {"test": True, "format": fmt, "input": dataclasses.asdict(listed)})
     for seq, start in enumerate(range(0, max(table.num_rows, 1), size)):
         manifest.add(write_shard(destination, f"000-{seq:07d}", table.slice(start, size), fmt))
     manifest.write(complete=True)

@@ -1,8 +1,10 @@
-"""label-issues: planted label errors are found and ranked first, thresholds survive long
-tails, the command writes its file; true_label_score is the model's probability of the
+"""label-issues: planted label errors are found and ranked first, on a long tail as in
+dense classes, duplicate groups whose labels disagree flag and raise rows, thresholds
+survive long tails, the command writes its file; true_label_score is the model's probability of the
 true label (checked against transformers through a real job)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +14,8 @@ import pytest
 
 from conftest import write_finished_dest, write_image
 from visionbatch.cli import main
-from visionbatch.destination import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST, Destination, read_results
-from visionbatch.label_issues import ISSUES_SCHEMA, Thresholds, flag_rows
+from visionbatch.destination import DUPLICATES, LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST, Destination, read_results
+from visionbatch.label_issues import DUPLICATE_CONFLICT, ISSUES_SCHEMA, MODEL_DISAGREES, Thresholds
 from visionbatch.report import write_report
 from visionbatch.results import RESULT_SCHEMA, TRUE_LABEL_SCORE
 
@@ -77,8 +79,7 @@ def test_planted_errors_are_flagged_and_ranked_first(fmt, tmp_path, capfd):
     found = issues.to_pylist()
     assert {row["path"]: row["suggested_label"] for row in found} == planted
     assert [row["rank"] for row in found] == list(range(1, len(found) + 1))
-    confidences = [row["self_confidence"] for row in found]
-    assert confidences == sorted(confidences)
+    assert {row["reason"] for row in found} == {MODEL_DISAGREES}
     out = capfd.readouterr().out
     assert f"label issues      {len(planted)} of {len(rows) - 2} labelled rows" in out
     assert "cat" in out.split("flagged")[1]  # the per-class counts: cat was given twice wrongly
@@ -134,8 +135,8 @@ def test_label_issues_where_an_older_version_wrote_them(tmp_path):
     assert (tmp_path / "dest" / LABEL_ISSUES).exists() and not (tmp_path / "dest" / LABEL_ISSUES_BEFORE).exists()
 
 
-def test_a_singleton_class_leans_on_the_shared_threshold(tmp_path):
-    rows, planted = planted_rows()
+def test_a_singleton_class_leans_on_the_shared_means(tmp_path):
+    rows, _ = planted_rows()
     part = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
     thresholds = Thresholds.from_parts([part.slice(0, 20), part.slice(20)])  # part sums add up
     by_label = dict(zip(thresholds.labels.to_pylist(), thresholds.thresholds))
@@ -145,10 +146,84 @@ def test_a_singleton_class_leans_on_the_shared_threshold(tmp_path):
     assert by_label[SINGLETON] == pytest.approx((0.99 + 5 * shared) / 6)
     cats = [row[TRUE_LABEL_SCORE] for row in labelled if row["true_label"] == "cat"]
     assert by_label["cat"] == pytest.approx((sum(cats) + 5 * shared) / (len(cats) + 5))
-    # Without the prior, the yak's lone row (0.99) sets a bar the mislabelled yak (0.9) misses.
-    alone = Thresholds.from_parts([part], prior_rows=0)
-    missed = set(planted) - set(flag_rows(part, alone).column("path").to_pylist())
-    assert [planted[path] for path in missed] == [SINGLETON]
+    # The expected log score leaves the row out: the yak's lone row expects the shared mean.
+    shared_log = np.mean(np.log([row[TRUE_LABEL_SCORE] for row in labelled]))
+    yak, cat = thresholds.index_of(pa.array([SINGLETON, "cat"]))
+    assert thresholds.typicality(np.array([yak]), np.array([0.99]))[0] == pytest.approx(np.log(0.99) - shared_log)
+    others = np.log(cats[1:])
+    expected = (others.sum() + 5 * shared_log) / (len(others) + 5)
+    assert thresholds.typicality(np.array([cat]), np.array([cats[0]]))[0] == pytest.approx(np.log(cats[0]) - expected)
+
+
+def _ranked(tmp_path, rows: list[dict]) -> list[dict]:
+    dest = write_dest(tmp_path / "dest", rows)
+    assert main(["label-issues", dest]) == 0
+    return pq.read_table(f"{dest}/{LABEL_ISSUES}").to_pylist()
+
+
+def test_a_long_tail_flags_every_disagreement_ranked_by_the_given_labels_probability(tmp_path):
+    """One image per class: the model is right but unsure (0.4) on some moved labels, below
+    the shared threshold that confident learning would ask of it; they are still flagged,
+    and ranked before a confident mistake of the model on a right label (given 0.2)."""
+    classes = [f"class{i:02d}" for i in range(20)]
+    rows = []
+    for i, c in enumerate(classes):
+        rest = classes[(i + 1) % 20]
+        rows.append(_row(f"{c}.jpg", {c: 0.9, rest: 0.05}, c))
+    rows[0] = _row("mistake.jpg", {classes[1]: 0.75, classes[0]: 0.2}, classes[0])
+    moved = {"moved-0.jpg": (classes[5], classes[9], 0.4, 1e-4), "moved-1.jpg": (classes[6], classes[3], 0.95, 1e-3),
+             "moved-2.jpg": (classes[7], classes[2], 0.35, 0.01)}
+    for path, (real, given, top, score) in moved.items():
+        rows[classes.index(real)] = _row(path, {real: top, classes[0]: 0.3, given: score}, given)
+    found = _ranked(tmp_path, rows)
+    assert [row["path"] for row in found] == ["moved-0.jpg", "moved-1.jpg", "moved-2.jpg", "mistake.jpg"]
+    assert [row["suggested_label"] for row in found] == [classes[5], classes[6], classes[7], classes[1]]
+
+
+def test_a_class_the_model_finds_hard_does_not_crowd_the_top(tmp_path):
+    """Tens of rows per class: every owl the model takes for a fox (owl at 0.05), rightly
+    labelled; a cat moved to dog gets dog at 0.08, a dog's usual 0.9 being far above. The
+    moved row ranks first, though its given label's probability is higher."""
+    rows = [_row(f"owl/{i}.jpg", {"fox": 0.6, "owl": 0.05 + 0.001 * i}, "owl") for i in range(20)]
+    rows += [_row(f"{c}/{i}.jpg", {c: 0.9, "owl": 0.02}, c) for c in ("cat", "dog", "fox") for i in range(20)]
+    rows.append(_row("dog/moved.jpg", {"cat": 0.85, "dog": 0.08}, "dog"))
+    found = _ranked(tmp_path, rows)
+    assert found[0]["path"] == "dog/moved.jpg" and found[0]["suggested_label"] == "cat"
+    assert len(found) == 21  # the owls are flagged too, after it
+
+
+def _write_duplicates(dest: str, groups: list[list[tuple[str, str | None]]]) -> None:
+    """DEST/_derived/duplicates.parquet as ``visionbatch duplicates`` writes it: a group's
+    first member is the one kept."""
+    members = [(path, number, i == 0, given) for number, group in enumerate(groups)
+               for i, (path, given) in enumerate(group)]
+    table = pa.table({"path": [m[0] for m in members], "group": pa.array([m[1] for m in members], pa.int64()),
+                      "keep": [m[2] for m in members], "similarity": pa.array([0.97] * len(members), pa.float32()),
+                      "kind": ["near"] * len(members), "given_label": pa.array([m[3] for m in members], pa.string())})
+    (Path(dest) / DUPLICATES).parent.mkdir(exist_ok=True)
+    pq.write_table(table, Path(dest) / DUPLICATES)
+
+
+def test_duplicate_groups_whose_labels_disagree_flag_and_raise_rows(tmp_path, capfd):
+    rows, planted = planted_rows()
+    rows += [_row("copies/dog-1.jpg", {"dog": 0.9}, "dog"), _row("copies/dog-2.jpg", {"dog": 0.9}, "dog"),
+             # Outvoted by its group, though the model agrees with its label: flagged.
+             _row("copies/dog-3.jpg", {"owl": 0.7, "dog": 0.2}, "owl"),
+             # A pair whose labels disagree: the member whose label the model doubts too is flagged
+             # (its 0.3 would rank after the planted rows on the model alone), not the other.
+             _row("pair/a.jpg", {"fox": 0.6, "cat": 0.3}, "cat"), _row("pair/b.jpg", {"fox": 0.6, "cat": 0.3}, "fox")]
+    dest = write_dest(tmp_path / "dest", rows)
+    _write_duplicates(dest, [[("copies/dog-1.jpg", "dog"), ("copies/dog-2.jpg", "dog"), ("copies/dog-3.jpg", "owl"),
+                              ("gone.jpg", "cat"), ("unlabelled.jpg", None)],
+                             [("pair/a.jpg", "cat"), ("pair/b.jpg", "fox")],
+                             [("cat/0.jpg", "cat"), ("cat/1.jpg", "cat")]])  # labels agree: no evidence
+    assert main(["label-issues", dest]) == 0
+    found = pq.read_table(f"{dest}/{LABEL_ISSUES}").to_pylist()
+    assert [(row["path"], row["suggested_label"], row["reason"]) for row in found[:2]] == [
+        ("pair/a.jpg", "fox", DUPLICATE_CONFLICT), ("copies/dog-3.jpg", "dog", DUPLICATE_CONFLICT)]
+    assert {row["path"]: row["suggested_label"] for row in found[2:]} == planted
+    assert {row["reason"] for row in found[2:]} == {MODEL_DISAGREES}
+    assert "duplicate groups  2 flagged rows outvoted by their group's labels" in capfd.readouterr().out
 
 
 def test_refuses_a_dest_without_scores_or_labels(tmp_path, capfd):

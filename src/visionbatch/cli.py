@@ -54,8 +54,9 @@ def _report_parser(sub) -> None:
 
 def _label_issues_parser(sub) -> None:
     p = sub.add_parser("label-issues", help="find rows whose given label looks wrong",
-                       description="Flag the rows of DEST whose given (true) label looks wrong (confident "
-                       "learning), ranked most likely wrong first, into DEST/_derived/label_issues.parquet.")
+                       description="Flag the rows of DEST whose given (true) label looks wrong (the model's "
+                       "top-1 differs, or a duplicate group in DEST/_derived/duplicates.parquet outvotes it), "
+                       "ranked most likely wrong first, into DEST/_derived/label_issues.parquet.")
     _dest_arguments(p)
 
 

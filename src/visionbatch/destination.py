@@ -60,7 +60,7 @@ SUMMARY = "_summary.json"
 METRICS_FILE = "_metrics.json"  # evaluate's metrics
 DERIVED = "_derived"
 LABEL_ISSUES = f"{DERIVED}/label_issues.parquet"
-DUPLICATES = "_derived/duplicates.parquet"
+DUPLICATES = f"{DERIVED}/duplicates.parquet"  # visionbatch duplicates' groups; label-issues reads them
 DERIVED_TABLES = {"label_issues": LABEL_ISSUES, "duplicates": DUPLICATES}  # a Hugging Face config each, where present
 # A dataset card's YAML on its own (datasets >= 2.17 and the Hub read it as README.md's):
 # a README.md in DEST would be read as a part by pandas.read_parquet(DEST) and pyarrow's

@@ -22,7 +22,7 @@ shards  :func:`export_shard` (a task on the engine) reads its row group and each
         image struct carries).
         It writes its output under names made from the shard's number, so a repeated
         shard rewrites the same files: exactly once by construction.
-commit  the driver lists finished shards in OUT/_manifest.json (:class:`sinks.Manifest`,
+commit  the driver lists finished shards in OUT/_manifest.json (:class:`manifest.Manifest`,
         with the export's options: ``--resume`` with others is refused), then _SUCCESS.
 
 The driver holds one part file while selecting, then per shard a record: its memory

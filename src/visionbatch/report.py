@@ -258,7 +258,7 @@ def _label_issues_section(issues: list[dict], total: int, name: str, s3_endpoint
     """The first rows of DEST's label issues table (``name``): the labels most likely wrong."""
     gallery = _gallery(issues, _thumbnails((row["path"] for row in issues), s3_endpoint), _label_issue_caption)
     return (f"<section><h2>Suspected label errors ({total})</h2><p class=\"muted\">From "
-            f"<code>visionbatch label-issues</code>: the given label is least likely first; "
+            f"<code>visionbatch label-issues</code>: most likely wrong first; "
             f"all of them in DEST/{name}.</p>{gallery}</section>")
 
 
