@@ -60,6 +60,7 @@ SUMMARY = "_summary.json"
 METRICS_FILE = "_metrics.json"  # evaluate's metrics
 DERIVED = "_derived"
 LABEL_ISSUES = f"{DERIVED}/label_issues.parquet"
+READ_TRIES = 4  # reads of DEST's own small files on object storage (Destination.read_bytes)
 DUPLICATES = f"{DERIVED}/duplicates.parquet"  # visionbatch duplicates' groups; label-issues reads them
 DERIVED_TABLES = {"label_issues": LABEL_ISSUES, "duplicates": DUPLICATES}  # a Hugging Face config each, where present
 # A dataset card's YAML on its own (datasets >= 2.17 and the Hub read it as README.md's):
@@ -265,8 +266,22 @@ class Destination:
         return self.fs.open_input_file(self._path(name))
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self._path(name)) as stream:
-            return stream.read()
+        """A small file of DEST, whole. On object storage a read is tried up to
+        READ_TRIES times: the AWS SDK retries a 503 before the body starts, but one met
+        while it streams a body ends the read ("INTERNAL_FAILURE ... Failed to flush
+        response stream"), and a manifest or lease read is what a whole command hangs on."""
+        attempt = 1
+        while True:
+            try:
+                with self.fs.open_input_stream(self._path(name)) as stream:
+                    return stream.read()
+            except FileNotFoundError:
+                raise
+            except OSError:
+                if not self.remote or attempt == READ_TRIES:
+                    raise
+            time.sleep(0.1 * 2 ** attempt)
+            attempt += 1
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a file so that it appears whole or not at all; a failure (a full disk, a

@@ -46,6 +46,7 @@ class Manifest:
         an interrupted run of the same job."""
         if overwrite and resume:
             raise DestinationError("--overwrite and --resume contradict each other: choose one")
+        job = json.loads(json.dumps(job))  # as DEST will read it back (a tuple as a list)
         if not destination.has_results():
             return cls(destination, job)
         if overwrite:
@@ -62,7 +63,7 @@ class Manifest:
                 f"visionbatch (manifest version {version}; this one writes {MANIFEST_VERSION}), which --resume "
                 "cannot continue: finish it with the visionbatch that started it, or start again with "
                 "--overwrite or into a new DEST (its finished results stay readable)")
-        there, now = _fields(earlier["job"]), _fields(json.loads(json.dumps(job)))  # as DEST will read it back
+        there, now = _fields(earlier["job"]), _fields(job)
         differing = sorted(key for key in set(there) | set(now) if there.get(key) != now.get(key))
         if differing:
             raise DestinationError(
