@@ -383,9 +383,12 @@ def test_more_stop_signals_exit_130(how, images, slow_vit, tmp_path, start):
         os.kill(first.pid, signal.SIGHUP)
     else:
         os.killpg(first.pid, signal.SIGINT)
-        time.sleep(0.3)  # the second press comes while the first one's stop runs (or after it ended)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGINT)
+        # The event that the first press's stop is under way: the job now ignores the stop
+        # signals (/proc's SigIgn). The second press comes then, while the job still runs.
+        _wait_until(lambda: first.proc.poll() is not None or signal.SIGINT in ignored_signals(first.pid), 60,
+                    "the job ignoring SIGINT once its stop began", every=0.005)
+        assert first.proc.poll() is None, f"the job ended before the second press could come:\n{first.stderr}"
+        os.killpg(first.pid, signal.SIGINT)
     assert first.wait(300) == 130, first.stderr
     lines = [line for line in first.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in first.stderr, first.stderr
@@ -692,12 +695,14 @@ def _source_and_dest(where: str, images: Path, files: list[Path], s3_server: str
 LEASE_STALE_S = 3.0  # the fencing test's lease staleness (VISIONBATCH_LEASE_STALE_S): seconds, not a minute
 
 
-def _wait_until(condition, timeout: float, what: str) -> None:
+def _wait_until(condition, timeout: float, what: str, every: float = 0.05) -> None:
+    """Poll ``condition`` (an event seen from outside a process: a file, a mask in /proc)
+    until it holds; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not after {timeout} s")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def _labels_by_file(table) -> dict[str, str]:
@@ -888,9 +893,9 @@ def test_sigterm_during_start_up(images, tiny_vit, tmp_path, start):
     one line, the interrupt exit status, nothing left behind."""
     dest = tmp_path / "out"
     run = start(_classify_args(images, tiny_vit, dest), tmp_path / "run")
-    while not (dest / "_lease.json").exists():
-        assert run.proc.poll() is None, run.stderr
-        time.sleep(0.01)
+    _wait_until(lambda: (dest / "_lease.json").exists() or run.proc.poll() is not None, 120, "the job's lease",
+                every=0.005)
+    assert run.proc.poll() is None, f"the job ended before it could be stopped during start-up:\n{run.stderr}"
     os.kill(run.pid, signal.SIGTERM)
     code = run.wait(300)
     line = _one_error_line(run)

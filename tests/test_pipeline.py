@@ -1,4 +1,5 @@
-"""End to end through real Ray: parity with transformers, bad files, the CLI and its exit codes."""
+"""End to end through the real command (the default engine; Ray where a test says so): parity with
+transformers, bad files, the CLI and its exit codes, the model replica's CPU paths."""
 
 from __future__ import annotations
 
