@@ -17,8 +17,6 @@ from visionbatch.cli import main
 from visionbatch.sinks import METRICS_FILE
 from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, read_results
 
-from conftest import ROOT
-
 
 def _reference(model_dir: str, files: list[str]) -> list[dict]:
     from transformers import pipeline
