@@ -149,8 +149,19 @@ def test_kill_9_then_resume_writes_every_row_once(engine, slow_vit, tmp_path, st
 # --------------------------------------------------------------------------- a decoder that kills its worker
 
 
+# Where an engine does not keep a part of the contract yet: the case runs and must fail
+# (strict), so the day it passes says to remove the line.
+WORKER_CRASH_GAPS = {
+    "ray": "a decode task is not retried: a worker that dies fails Ray Data's stream, and the job stops with "
+           "'a Ray node or worker was lost with work in hand (WorkerCrashedError)' (resumable, but every --resume "
+           "meets the same file) instead of redoing the shard one file per task (issue 33: one data path)",
+}
+
+
 @pytest.mark.slow
-def test_a_decoder_that_kills_its_worker_gives_a_worker_crash_row(engine, images, tiny_vit, tmp_path, start):
+def test_a_decoder_that_kills_its_worker_gives_a_worker_crash_row(engine, images, tiny_vit, tmp_path, start, request):
+    if engine.name in WORKER_CRASH_GAPS:
+        request.applymarker(pytest.mark.xfail(reason=WORKER_CRASH_GAPS[engine.name], strict=True))
     root = tmp_path / "images"
     for source in sorted(images.rglob("*.jpg"))[:40]:
         (root / source.parent.name).mkdir(parents=True, exist_ok=True)
@@ -177,6 +188,12 @@ def test_a_decoder_that_kills_its_worker_gives_a_worker_crash_row(engine, images
 # --------------------------------------------------------------------------- SIGTERM, Ctrl-C
 
 
+STOP_LEAVES_PROCESSES = {
+    "ray": "a stop (SIGTERM, Ctrl-C) on a Ray cluster (--address) starts a second, local Ray in the job's own "
+           "process (Ray's auto-init: a Ray call after the engine's ray.shutdown()), whose agents outlive the job",
+}
+
+
 @pytest.mark.slow
 def test_sigterm_and_ctrl_c_exit_130_keep_what_was_committed_and_resume(engine, images, slow_vit, tmp_path, start):
     """SIGTERM to the command's pid (``kill PID``, a container stop) after a commit, then
@@ -188,6 +205,7 @@ def test_sigterm_and_ctrl_c_exit_130_keep_what_was_committed_and_resume(engine, 
     expected = expected_paths(images)
     args = _classify(images, slow_vit, dest)
     kept: list[list[str]] = []
+    left_behind: set[str] = set()  # processes of a stopped run's session alive 15 s after it exited
     for attempt, (resume, stop) in enumerate([([], "sigterm"), (["--resume"], "ctrl-c")]):
         run = engine.run(start, [*args, *resume], tmp_path / f"run{attempt}", code=None)
         run.wait_for_commit(dest, more_than=len(committed_parts(dest)))
@@ -201,7 +219,7 @@ def test_sigterm_and_ctrl_c_exit_130_keep_what_was_committed_and_resume(engine, 
             os.killpg(run.pid, signal.SIGINT)
         assert run.wait(300) == 130, f"{stop}: exit {run.proc.returncode}\n{run.stderr}"
         _one_stop_line(run)
-        assert not wait_session_gone(run), f"{stop}: the stopped run left processes behind"
+        left_behind.update({f"{stop}: {command}" for _, command in wait_session_gone(run).values()})
         assert not (dest / "_SUCCESS").exists()
         kept.append(rows_on_disk(dest))
         assert len(kept[-1]) == len(set(kept[-1])) and set(kept[-1]) < expected
@@ -216,6 +234,10 @@ def test_sigterm_and_ctrl_c_exit_130_keep_what_was_committed_and_resume(engine, 
     assert summary["already_done"] == len(kept[-1])
     _every_part_once(dest, len(expected))
     no_tmp_files(dest)
+    if engine.name in STOP_LEAVES_PROCESSES:  # the one known gap, checked last: it must still be there
+        assert left_behind, f"{engine.name} no longer leaves processes behind: remove it from STOP_LEAVES_PROCESSES"
+        pytest.xfail(f"{STOP_LEAVES_PROCESSES[engine.name]}: {sorted(left_behind)}")
+    assert not left_behind, f"the stopped runs left processes behind: {sorted(left_behind)}"
 
 
 # --------------------------------------------------------------------------- the lease
