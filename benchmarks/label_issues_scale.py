@@ -72,8 +72,10 @@ def synthetic_rows(rng, start: int, n: int, names: pa.Array, noise: float) -> pa
 
 
 def write_dest(dest: Path, rows: int, classes: int, shard_rows: int, noise: float) -> None:
+    from visionbatch.destination import Destination
     from visionbatch.imagenet import imagenet_id2label
-    from visionbatch.sinks import Destination, Manifest, write_shard
+    from visionbatch.manifest import Manifest
+    from visionbatch.writer import write_shard
 
     id2label = imagenet_id2label()
     names = pa.array([id2label.get(i, f"class {i}") for i in range(classes)], pa.string())

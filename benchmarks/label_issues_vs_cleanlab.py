@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
     from cleanlab.filter import find_label_issues
 
+    from visionbatch.destination import LABEL_ISSUES
     from visionbatch.imagenet import imagenet_wnids
-    from visionbatch.sinks import LABEL_ISSUES
 
     work = args.work or Path(tempfile.mkdtemp(prefix="label-issues-vs-cleanlab-"))
     tree, dest, model = work / "tree", work / "dest", work / "efficientnet-lite0"

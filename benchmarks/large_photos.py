@@ -21,8 +21,9 @@ from PIL import Image, ImageOps
 from visionbatch.bench import SAMPLE_DIR
 from visionbatch.decode import decode_file
 from visionbatch.labels import build_resolver, folder_of
-from visionbatch.model import Predictor, load_processor, resolve_model_source
+from visionbatch.model_loading import load_processor, resolve_model_source
 from visionbatch.plan import _affine
+from visionbatch.predictor import Predictor
 from visionbatch.preprocess import choose_preprocessing, draft_side
 
 

@@ -27,7 +27,8 @@ def main() -> int:
     os.environ.setdefault("VISIONBATCH_CACHE", tempfile.mkdtemp(prefix="visionbatch-cache-"))
     from test_families import FAMILIES, REFUSED, save_family
 
-    from visionbatch.model import ModelSource, Predictor, load_processor
+    from visionbatch.model_loading import ModelSource, load_processor
+    from visionbatch.predictor import Predictor
     from visionbatch.plan import _affine
     from visionbatch.preprocess import UnsupportedProcessor, choose_preprocessing, pixel_layout
 

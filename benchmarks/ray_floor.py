@@ -27,16 +27,16 @@ from pathlib import Path
 
 STEPS = {
     "import ray": "import ray",
-    "ray.init (local)": "from visionbatch.engine_ray import init_ray; init_ray(None)",
+    "ray.init (local)": "from visionbatch.engines.ray import init_ray; init_ray(None)",
     "Ray Data, one no-op actor, first batch": """
-from visionbatch.engine_ray import init_ray; init_ray(None)
+from visionbatch.engines.ray import init_ray; init_ray(None)
 import ray
 class Noop:
     def __call__(self, batch): return batch
 next(iter(ray.data.range(16).map_batches(Noop, compute=ray.data.ActorPoolStrategy(size=1)).iter_batches()))
 """,
     "Ray Data, model actor, first batch of 16": """
-from visionbatch.engine_ray import init_ray; init_ray(None)
+from visionbatch.engines.ray import init_ray; init_ray(None)
 import ray
 class Model:
     def __init__(self):

@@ -9,7 +9,7 @@ OUT=${2:-out/sample-200}
 REPORT=${3:-$OUT-report.html}  # beside DEST: DEST holds only what Parquet readers can read
 MODEL=${MODEL:-}
 if [ -z "$MODEL" ]; then
-  if .venv/bin/python -c "import sys; from visionbatch.model import hub_reachable; sys.exit(not hub_reachable())"; then
+  if .venv/bin/python -c "import sys; from visionbatch.model_loading import hub_reachable; sys.exit(not hub_reachable())"; then
     MODEL=google/vit-base-patch16-224
   else
     MODEL=.cache/efficientnet-lite0

@@ -83,7 +83,7 @@ def sample_results(sample_dir, tiny_vit, tmp_path_factory) -> dict[str, dict]:
     """The sample images classified as loose files by ``tiny_vit`` (the default engine),
     row by path: what every other kind of input, on every engine, must give."""
     from visionbatch.cli import main
-    from visionbatch.sinks import read_results
+    from visionbatch.destination import read_results
 
     dest = tmp_path_factory.mktemp("sample-results") / "out"
     assert main(["classify", str(sample_dir), "--model", tiny_vit, "--output", str(dest), "-q"]) == 0
@@ -353,7 +353,8 @@ def write_finished_dest(destination, table, fmt: str = "parquet", shard_size: in
     """Result rows written as a finished DEST, the way a job writes them: one part file
     per shard (through the writer stage's own function), then the manifest. Returns
     the manifest's job record."""
-    from visionbatch.sinks import Manifest, write_shard
+    from visionbatch.manifest import Manifest
+    from visionbatch.writer import write_shard
 
     manifest = Manifest(destination, {"test": True, "format": fmt})
     size = shard_size or max(table.num_rows, 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from visionbatch.sinks import Destination, read_results
+from visionbatch.destination import Destination, read_results
 
 EXE = Path(sys.executable).with_name("visionbatch")
 # Each run starts with the default stop signals that a job started from a terminal

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import visionbatch
-from visionbatch.sinks import SUMMARY, read_results
+from visionbatch.destination import SUMMARY, read_results
 
 from conftest import WNIDS, free_port, write_image
 

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import WNIDS, write_image
 from visionbatch.cli import main
-from visionbatch.sinks import MANIFEST, METRICS_FILE, DestinationError, read_results
+from visionbatch.destination import MANIFEST, METRICS_FILE, read_results
+from visionbatch.errors import DestinationError
 
 REDO = "rerun the classify command with --resume to redo it"
 
@@ -89,7 +90,8 @@ def test_evaluate_on_a_read_only_dest_prints_the_metrics(finished, tmpfs, capfd)
 def test_a_dest_being_replaced_is_not_read(dest, capfd):
     """A live lease newer than the results (an --overwrite or --resume at work) keeps
     readers out, with the job named; once it is released, DEST reads again."""
-    from visionbatch.sinks import Destination, Lease
+    from visionbatch.destination import Destination
+    from visionbatch.lease import Lease
 
     expected = read_results(str(dest))
     lease = Lease.take(Destination(str(dest)), overwrite=False, resume=True)

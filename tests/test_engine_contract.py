@@ -32,7 +32,7 @@ import boto3
 import pytest
 
 from visionbatch.cli import main
-from visionbatch.sinks import SUMMARY, Destination, read_results
+from visionbatch.destination import SUMMARY, Destination, read_results
 
 from conftest import WNIDS, write_image
 from runs import (Run, check_exactly_once, committed_parts, expected_paths, ignored_signals, no_tmp_files,

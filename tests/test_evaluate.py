@@ -12,7 +12,8 @@ import pytest
 from visionbatch.counts import merge_counts, metric_counts
 from visionbatch.evaluate import compute_metrics, evaluate_dest, format_metrics, metrics_from_counts
 from conftest import write_finished_dest
-from visionbatch.sinks import METRICS_FILE, RESULT_SCHEMA, Destination
+from visionbatch.destination import METRICS_FILE, Destination
+from visionbatch.results import RESULT_SCHEMA
 
 
 def make_table(rows: list[dict]) -> pa.Table:

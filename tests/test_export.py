@@ -23,8 +23,8 @@ from PIL import Image
 from conftest import SAMPLE_DIR, WNIDS
 from runs import kill_session, session_processes
 from visionbatch.cli import main
+from visionbatch.destination import LABEL_ISSUES, MANIFEST, read_results
 from visionbatch.export import LABELING_CONFIG, SELECTION, TASKS, safe_name
-from visionbatch.sinks import LABEL_ISSUES, MANIFEST, read_results
 from visionbatch.storage import within
 
 N_IMAGES = 24
@@ -467,8 +467,8 @@ def test_a_vanished_image_is_left_out_and_counted(images, tmp_path, capfd):
     """From a CSV DEST (any result format reads): a row whose file is gone since it was
     classified is not exported, and the summary says so."""
     from conftest import write_finished_dest
+    from visionbatch.destination import Destination
     from visionbatch.results import RESULT_SCHEMA
-    from visionbatch.sinks import Destination
 
     files = sorted(images.rglob("*.jpg"))[:5]
     gone = tmp_path / "gone.jpg"

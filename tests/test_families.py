@@ -26,7 +26,8 @@ from PIL import Image
 import transformers as tf
 
 from visionbatch.decode import decode_batch
-from visionbatch.model import ModelSource, Predictor, load_processor
+from visionbatch.model_loading import ModelSource, load_processor
+from visionbatch.predictor import Predictor
 from visionbatch.preprocess import ProcessorPath, UnsupportedProcessor, choose_preprocessing, pixel_layout
 
 pytestmark = pytest.mark.slow

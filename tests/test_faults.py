@@ -29,8 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from visionbatch.sinks import METRICS_FILE
-from visionbatch.sinks import SUMMARY, Destination, read_results
+from visionbatch.destination import METRICS_FILE, SUMMARY, Destination, read_results
 
 from conftest import WNIDS, write_image
 from runs import (Run, check_exactly_once, expected_paths, source_and_dest, committed_parts, ignored_signals, kill_session,
@@ -474,7 +473,7 @@ def test_a_paused_job_taken_over_writes_nothing(where, images, slow_vit, tiny_vi
     def lease() -> dict:
         """The lease as this reader sees it; {} where it is not JSON (seen once against the
         test's S3 server during B's takeover: two JSON objects back to back), read as
-        visionbatch's _read_lease reads it, as no lease, and looked at again."""
+        visionbatch's destination.read_lease reads it, as no lease, and looked at again."""
         with contextlib.suppress(json.JSONDecodeError, OSError):  # OSError: S3 on a key being replaced
             return json.loads(destination.read_bytes("_lease.json"))
         return {}

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from visionbatch.cli import main
+from visionbatch.destination import read_results
 from visionbatch.imagenet import imagenet_wnids
 from visionbatch.samples import Reading, tar_samples
 from visionbatch.shards import TarShard
-from visionbatch.sinks import read_results
 from visionbatch.storage import Storage
 
 

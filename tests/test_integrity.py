@@ -11,8 +11,8 @@ import shutil
 import pytest
 
 import visionbatch
-from visionbatch.job import JobError
-from visionbatch.sinks import SUMMARY, read_results
+from visionbatch.destination import SUMMARY, read_results
+from visionbatch.errors import JobError
 
 from conftest import WNIDS, save_random_vit, write_image
 

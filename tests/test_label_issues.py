@@ -12,10 +12,10 @@ import pytest
 
 from conftest import write_finished_dest, write_image
 from visionbatch.cli import main
+from visionbatch.destination import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST, Destination, read_results
 from visionbatch.label_issues import ISSUES_SCHEMA, Thresholds, flag_rows
 from visionbatch.report import write_report
 from visionbatch.results import RESULT_SCHEMA, TRUE_LABEL_SCORE
-from visionbatch.sinks import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST, Destination, read_results
 
 CLASSES = ["cat", "dog", "fox", "owl"]
 PER_CLASS = 12

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from visionbatch.cli import main
+from visionbatch.destination import SUMMARY, read_results
 from visionbatch.imagenet import imagenet_classes, imagenet_wnids
 from visionbatch.samples import Reading, shard_samples
 from visionbatch.shards import TableShard
-from visionbatch.sinks import SUMMARY, read_results
 from visionbatch.storage import Storage
 
 from test_inputs import _same_predictions

@@ -14,8 +14,8 @@ import pytest
 
 import visionbatch
 from visionbatch.cli import main
-from visionbatch.sinks import METRICS_FILE
-from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, read_results
+from visionbatch.destination import METRICS_FILE, SUMMARY, read_results
+from visionbatch.results import RESULT_SCHEMA
 
 
 def _reference(model_dir: str, files: list[str]) -> list[dict]:
@@ -182,7 +182,7 @@ def test_packed_linear_layers_give_the_plain_models_outputs_or_are_undone():
     import torch
     import torch.nn.utils.prune
 
-    from visionbatch.model import linear_packing_supported, pack_linear_layers
+    from visionbatch.cpu_tuning import linear_packing_supported, pack_linear_layers
 
     if not linear_packing_supported():
         pytest.skip("linear layers are packed on x86-64 with oneDNN only")
@@ -232,7 +232,7 @@ def test_a_cpu_replica_runs_packed_layers_with_the_plain_models_predictions(tiny
     import numpy as np
     import torch
 
-    from visionbatch.model import linear_packing_supported
+    from visionbatch.cpu_tuning import linear_packing_supported
 
     if not linear_packing_supported():
         pytest.skip("linear layers are packed on x86-64 with oneDNN only")
@@ -277,7 +277,7 @@ def test_model_lanes_run_passes_at_once_and_give_results_in_order():
     next block waits for the result."""
     import threading
 
-    from visionbatch.engine_local import _Lanes
+    from visionbatch.engines.local import _Lanes
 
     both_started = threading.Barrier(2, timeout=60)
     may_end = {"first": threading.Event(), "second": threading.Event()}
@@ -319,7 +319,7 @@ def test_closing_the_lanes_stops_a_pass_in_flight_at_its_next_module():
 
     import torch
 
-    from visionbatch.engine_local import _Lanes, _PassStopped
+    from visionbatch.engines.local import _Lanes, _PassStopped
 
     layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     started = threading.Event()

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from visionbatch.cli import main
+from visionbatch.destination import LABEL_ISSUES, part_glob, read_results
 from visionbatch.results import RESULT_SCHEMA
-from visionbatch.sinks import LABEL_ISSUES, part_glob, read_results
 
 from conftest import WNIDS
 

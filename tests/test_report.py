@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 
 from visionbatch.report import write_report
 from conftest import INSTALL_CHROMIUM, installed_chromium, write_finished_dest
-from visionbatch.sinks import RESULT_SCHEMA, SUMMARY, Destination
+from visionbatch.destination import SUMMARY, Destination
+from visionbatch.results import RESULT_SCHEMA
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

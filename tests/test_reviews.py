@@ -12,9 +12,9 @@ import pytest
 
 from test_export import _export, _median, images, job  # noqa: F401 (images, job: the fixtures of a finished DEST)
 from visionbatch.cli import main
+from visionbatch.destination import METRICS_FILE
 from visionbatch.evaluate import REVIEWED
 from visionbatch.export import METADATA, TASKS, safe_name
-from visionbatch.sinks import METRICS_FILE
 
 NOT_A_CLASS = "not one of the model's classes"
 

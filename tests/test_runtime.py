@@ -120,7 +120,7 @@ def test_efficientnets_pooler_is_rewritten_converted_and_cached(tmp_path):
     import torch
 
     from test_families import save_family
-    from visionbatch.model import ModelSource, image_tower, load_model
+    from visionbatch.model_loading import ModelSource, image_tower, load_model
     from visionbatch.runtime import converted_tower
 
     folder = save_family("efficientnet", tmp_path / "efficientnet")
@@ -149,7 +149,7 @@ def _random_pixels(count: int, seed: int) -> np.ndarray:
 
 
 def _predictor(model: str, runtime: str):
-    from visionbatch.model import Predictor
+    from visionbatch.predictor import Predictor
 
     return Predictor(model, scale=(1 / 127.5,) * 3, offset=(-1.0,) * 3, runtime=runtime, batch_size=16,
                      pixel_layout=((224, 224, 3), "|u1"), defer_candidates=True)
@@ -162,7 +162,7 @@ def test_a_wrong_graph_in_the_cache_fails_the_certificate_and_the_reference_answ
     on the job's images, and every answer is the reference's."""
     import torch
 
-    from visionbatch.model import ModelSource, image_tower, load_model
+    from visionbatch.model_loading import ModelSource, image_tower, load_model
     from visionbatch.runtime import converted_tower
 
     # A model of its own: the cache it poisons is no other test's.
@@ -235,7 +235,7 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     again. Its rows are the first job's (torch's) answers."""
     import signal
 
-    from visionbatch.model import Predictor
+    from visionbatch.predictor import Predictor
     from visionbatch.runtime import graph_path
 
     model = save_random_vit(tmp_path / "model", hidden=192, layers=4, heads=3, mlp=768, seed=3, head_scale=20.0)

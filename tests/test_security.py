@@ -24,7 +24,7 @@ from PIL import Image
 
 import visionbatch
 from visionbatch.cli import main
-from visionbatch.sinks import read_results
+from visionbatch.destination import read_results
 
 from conftest import WNIDS, write_huge_png, write_image
 

@@ -11,14 +11,15 @@ import pyarrow as pa
 import pytest
 
 import visionbatch
-from visionbatch.job import JobError
+from visionbatch.destination import Destination, part_name, read_results
+from visionbatch.errors import DestinationError, JobError, Superseded
+from visionbatch.lease import Lease
+from visionbatch.manifest import Manifest
 from visionbatch.results import ROW_COLUMN, SHARD_COLUMN, SHARD_ROWS_COLUMN, conform
 from visionbatch.shards import InputSpec, ShardPlanner, iter_shards
-from visionbatch import sinks
-from visionbatch.sinks import (Destination, DestinationError, Lease, Manifest, ShardWriter, Superseded, part_name,
-                              read_results, write_shard)
 from visionbatch.sources import ListingCounts
 from visionbatch.storage import Storage
+from visionbatch.writer import ShardWriter, write_shard
 
 
 def _spec(root, shard_size=5, limit=None, from_list=False) -> InputSpec:
@@ -190,9 +191,26 @@ def test_resume_knows_a_list_file_by_any_spelling_and_where_its_paths_are_from(i
     resumed = visionbatch.run(["list.txt"], str(dest), model=tiny_vit, from_list=True, resume=True, progress=False)
     assert resumed.already_done == first.images_found > 0
     monkeypatch.chdir(image_tree)
-    with pytest.raises(JobError, match=f"list_cwd: '{tmp_path}' there, '{image_tree}' now"):
+    with pytest.raises(JobError, match=f"input.cwd: '{tmp_path}' there, '{image_tree}' now"):
         visionbatch.run([str(tmp_path / "list.txt")], str(dest), model=tiny_vit, from_list=True, resume=True,
                         progress=False)
+
+
+def test_a_dest_of_an_older_manifest_version_is_refused_on_resume_and_still_read(image_tree, tiny_vit, tmp_path):
+    """A DEST written before the job's record held its input whole (manifest version 3)
+    is never resumed into, mixed with this version's record: --resume says what to do;
+    its finished results stay readable."""
+    dest = tmp_path / "out"
+    first = visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, progress=False)
+    manifest = json.loads((dest / "_manifest.json").read_text())
+    listed = manifest["job"].pop("input")
+    manifest["job"].update(sources=listed["sources"], from_list=False, list_cwd=None, follow_symlinks=False,
+                           shard_size=listed["shard_size"], limit=None, image_column=None, url_column=None,
+                           label_column=None)
+    (dest / "_manifest.json").write_text(json.dumps({**manifest, "version": 3}))
+    with pytest.raises(JobError, match=r"older visionbatch \(manifest version 3; this one writes 4\).*--overwrite"):
+        visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, resume=True, progress=False)
+    assert read_results(str(dest)).num_rows == first.images_found > 0
 
 
 @pytest.mark.parametrize("fmt,damage", [("parquet", "truncated"), ("csv", "cut at a row boundary"),
@@ -227,7 +245,7 @@ def test_a_stale_job_is_fenced_off_and_its_late_commit_refused(tmp_path, monkeyp
     stale = Manifest(a.fenced(), {"job": "a"})
     stale.add(write_shard(stale.destination, "000-0000000", rows, "parquet"))
     stale.write()
-    monkeypatch.setattr(sinks, "LEASE_STALE_S", 0.0)  # A's lease, renewed or not, counts as stale
+    monkeypatch.setattr("visionbatch.destination.LEASE_STALE_S", 0.0)  # A's lease, renewed or not, counts as stale
     b = Lease.take(Destination(str(tmp_path)), overwrite=True, resume=False)
     b.confirm()
     assert not a.renew() and a.lost["id"] == b.holder["id"] == json.loads((tmp_path / "_lease.json").read_text())["id"]

@@ -6,9 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visionbatch.sinks import Destination, read_results, RESULT_SCHEMA
+from visionbatch.destination import Destination, read_results
+from visionbatch.results import RESULT_SCHEMA
 from visionbatch.sources import ListingCounts, iter_list_file, iter_source
-from visionbatch.storage import SourceError, Storage, canonical_uri
+from visionbatch.errors import SourceError
+from visionbatch.storage import Storage, canonical_uri
 
 from conftest import write_finished_dest
 

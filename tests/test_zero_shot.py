@@ -6,9 +6,10 @@ import pytest
 
 import visionbatch
 from visionbatch.cli import main
+from visionbatch.destination import read_results
 from visionbatch.imagenet import imagenet_classes
-from visionbatch.job import JobError
-from visionbatch.sinks import read_results
+from visionbatch.destination import read_results
+from visionbatch.errors import JobError
 
 
 def _sample_labels(sample_dir, count: int) -> list[str]:
@@ -81,8 +82,10 @@ def test_siglip_scores_are_sigmoids_as_the_pipeline_gives(sample_dir, tmp_path):
     from transformers import CLIPTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel, pipeline
 
     from conftest import write_byte_level_tokenizer
+    from visionbatch.cpu_tuning import linear_packing_supported
     from visionbatch.decode import decode_batch
-    from visionbatch.model import ModelSource, Predictor, linear_packing_supported, load_processor
+    from visionbatch.model_loading import ModelSource, load_processor
+    from visionbatch.predictor import Predictor
     from visionbatch.preprocess import choose_preprocessing
 
     folder = tmp_path / "siglip"
@@ -128,7 +131,8 @@ def test_a_clip_checkpoint_is_not_taken_as_a_classifier(tiny_clip):
     with a random head: refused, with the option to use instead."""
     import torch
 
-    from visionbatch.model import ModelLoadError, ModelSource, load_model
+    from visionbatch.errors import ModelLoadError
+    from visionbatch.model_loading import ModelSource, load_model
 
     with pytest.raises(ModelLoadError, match=r"classifier\.bias, classifier\.weight.*--candidate-labels"):
         load_model(ModelSource(tiny_clip, local_files_only=True), dtype=torch.float32)

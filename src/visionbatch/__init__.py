@@ -1,11 +1,10 @@
 """visionbatch: batch image classification at any scale on Ray Data and Hugging Face models."""
 
+from visionbatch.api import classify, iter_results, read_results, run
 from visionbatch.config import ClassifyConfig, OutputConfig
-from visionbatch.model import Predictor
-from visionbatch.engine_ray import classify
-from visionbatch.job import run
-from visionbatch.sinks import read_results
+from visionbatch.predictor import Predictor
 from visionbatch.summary import Summary
+from visionbatch.version import __version__
 
-__all__ = ["ClassifyConfig", "OutputConfig", "Predictor", "Summary", "classify", "run", "read_results"]
-__version__ = "0.1.0"
+__all__ = ["ClassifyConfig", "OutputConfig", "Predictor", "Summary", "__version__", "classify", "iter_results",
+           "read_results", "run"]

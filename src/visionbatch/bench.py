@@ -87,7 +87,7 @@ def model_ceiling(model: str, batch_size: int, threads: int, lanes: int, device:
     runtime and precision (e.g. openvino/f32)."""
     import numpy as np
 
-    from visionbatch.model import Predictor
+    from visionbatch.predictor import Predictor
 
     from visionbatch.runtime import REFERENCE
 
@@ -121,7 +121,7 @@ def decode_ceiling(images: Path, model: str, decode_cpus: int, exact_decode: boo
     """Images/s of read + decode + preprocess alone: every file once, in this process on
     one core (the code the decode tasks run), times the CPUs a job gives to decoding."""
     from visionbatch.decode import decode_file
-    from visionbatch.model import load_processor, resolve_model_source
+    from visionbatch.model_loading import load_processor, resolve_model_source
     from visionbatch.preprocess import choose_preprocessing, draft_side
     spec, _ = choose_preprocessing(load_processor(resolve_model_source(model)))
     side = None if exact_decode else draft_side(spec)
@@ -262,7 +262,7 @@ def _timed(cmd: list[str]) -> tuple[float, str, dict]:
 
 
 def run_visionbatch(images: Path, model: str, out: Path, batch_size: int | None, extra: list[str]) -> dict:
-    from visionbatch.sinks import SUMMARY
+    from visionbatch.destination import SUMMARY
 
     cmd = [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output", str(out),
            "--overwrite", "--quiet", *(["--batch-size", str(batch_size)] if batch_size else []), *extra]
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             images = make_images(work / "images", SAMPLE_DIR, args.copies)
         n = sum(1 for p in images.rglob("*") if p.is_file())
         model = args.model or str(make_vit(work / "model", args.vit))
-        from visionbatch.model import resolve_device
+        from visionbatch.model_loading import resolve_device
         from visionbatch.plan import cpu_replica, threads_reach_decode_cores
 
         cpus = os.cpu_count() or 1

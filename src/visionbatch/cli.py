@@ -13,8 +13,9 @@ import traceback
 from typing import NamedTuple, TextIO
 
 from visionbatch.config import ClassifyConfig, ExportConfig, OutputConfig, add_options, options_of
+from visionbatch.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobInterrupted, UsageError,
+                                VisionbatchError)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _classify_parser(sub) -> None:
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
-    from visionbatch.job import sigterm_as_interrupt
+    from visionbatch.driver import sigterm_as_interrupt
 
     try:
         log_path = _log_path()
@@ -187,19 +188,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args, log_path: str) -> int:
-    """Run the command; its exit status, with any error told in one line."""
-    from visionbatch.job import JobError, JobInterrupted
-    from visionbatch.model import ModelLoadError
-    from visionbatch.sinks import DestinationError
-    from visionbatch.storage import SourceError
-
+    """Run the command; its exit status, with any error told in one line (by its kind:
+    :mod:`visionbatch.errors`)."""
     try:
         return COMMANDS[args.command](args)
-    except (JobInterrupted, ValueError) as err:
+    except (UsageError, JobInterrupted) as err:  # the user's own doing: no log to read
         print(f"visionbatch: error: {err}", file=args.terminal.err)
-        return EXIT_INTERRUPTED if isinstance(err, JobInterrupted) else EXIT_USAGE
-    except (JobError, ModelLoadError, DestinationError, SourceError) as err:
-        return _failed(str(err), log_path, args.terminal)
+        return err.exit_status
+    except VisionbatchError as err:
+        return _failed(str(err), log_path, args.terminal, err.exit_status)
     except KeyboardInterrupt:
         print("visionbatch: interrupted", file=args.terminal.err)
         return EXIT_INTERRUPTED
@@ -207,7 +204,7 @@ def _run_command(args, log_path: str) -> int:
         return _failed(f"{type(err).__name__}: {err}", log_path, args.terminal)
 
 
-def _failed(message: str, log_path: str, terminal: "Terminal") -> int:
+def _failed(message: str, log_path: str, terminal: "Terminal", status: int = EXIT_FAILED) -> int:
     """The traceback to the log (which stands in for stderr here), and one line to the
     terminal that names the log."""
     traceback.print_exc()
@@ -216,7 +213,7 @@ def _failed(message: str, log_path: str, terminal: "Terminal") -> int:
     else:
         message = f"{message} (log: {log_path})"
     print(f"visionbatch: error: {message}", file=terminal.err)
-    return EXIT_FAILED
+    return status
 
 
 def _log_path() -> str:

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+from visionbatch.errors import UsageError
 from visionbatch.results import check_keep_columns
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
@@ -133,39 +134,39 @@ class ClassifyConfig:
         else:
             object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
         if not self.sources:
-            raise ValueError("at least one source is required")
+            raise UsageError("at least one source is required")
         if isinstance(self.keep_columns, str):
             object.__setattr__(self, "keep_columns", tuple(c.strip() for c in self.keep_columns.split(",") if c.strip()))
         check_keep_columns(self.keep_columns, self.embeddings)
         if self.label_column and self.labels == "dirs":
             object.__setattr__(self, "labels", "column")
         if self.labels == "column" and not self.label_column:
-            raise ValueError("--labels column needs --label-column NAME")
+            raise UsageError("--labels column needs --label-column NAME")
         if self.address and self.engine == "local":
-            raise ValueError("--address joins a Ray cluster: it needs --engine ray (or auto)")
+            raise UsageError("--address joins a Ray cluster: it needs --engine ray (or auto)")
         if self.url_column:
             object.__setattr__(self, "from_list", True)
         if self.image_column and self.from_list:
-            raise ValueError("--image-column reads Parquet SOURCEs, --from-list/--url-column list files: choose one")
+            raise UsageError("--image-column reads Parquet SOURCEs, --from-list/--url-column list files: choose one")
         if self.label_column and self.from_list:
-            raise ValueError("--label-column reads WebDataset members or --image-column tables, not list files")
+            raise UsageError("--label-column reads WebDataset members or --image-column tables, not list files")
         if self.download_timeout <= 0 or self.download_retries < 0:
-            raise ValueError("--download-timeout must be positive and --download-retries at least 0")
+            raise UsageError("--download-timeout must be positive and --download-retries at least 0")
         for name in ("top_k", "batch_size", "replicas", "limit", "max_pixels", "max_bytes", "shard_size", "read_timeout",
                      "stall_timeout"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.candidate_labels is not None:
             labels = self.candidate_labels
             object.__setattr__(self, "candidate_labels", label_list(labels.split(",") if isinstance(labels, str)
                                                                     else labels, "--candidate-labels"))
             if self.candidate_labels_file:
-                raise ValueError("--candidate-labels and --candidate-labels-file contradict each other: choose one")
+                raise UsageError("--candidate-labels and --candidate-labels-file contradict each other: choose one")
         if "{}" not in self.hypothesis_template:
-            raise ValueError("--hypothesis-template must hold {} where the label goes")
+            raise UsageError("--hypothesis-template must hold {} where the label goes")
         if self.normalize_embeddings and not self.embeddings:
-            raise ValueError("--normalize-embeddings needs --embeddings")
+            raise UsageError("--normalize-embeddings needs --embeddings")
 
     @property
     def zero_shot(self) -> bool:
@@ -187,7 +188,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
-            raise ValueError("--overwrite and --resume contradict each other: choose one")
+            raise UsageError("--overwrite and --resume contradict each other: choose one")
 
 
 ExportFormat = Literal["webdataset", "imagefolder", "labelstudio", "fiftyone"]
@@ -237,23 +238,23 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
-            raise ValueError("--overwrite and --resume contradict each other: choose one")
+            raise UsageError("--overwrite and --resume contradict each other: choose one")
         if self.address and self.engine == "local":
-            raise ValueError("--address joins a Ray cluster: it needs --engine ray (or auto)")
+            raise UsageError("--address joins a Ray cluster: it needs --engine ray (or auto)")
         for name in ("per_class", "shard_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def label_list(items: Sequence[str], where: str) -> tuple[str, ...]:
     """Zero-shot labels: stripped, blanks dropped, at least one, none twice."""
     labels = tuple(label.strip() for label in items if label.strip())
     if not labels:
-        raise ValueError(f"{where}: no labels given")
+        raise UsageError(f"{where}: no labels given")
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        raise ValueError(f"{where}: labels given more than once: {', '.join(repeated)}")
+        raise UsageError(f"{where}: labels given more than once: {', '.join(repeated)}")
     return labels
 
 

@@ -23,8 +23,8 @@ from visionbatch.config import DEFAULT_READ_TIMEOUT_S, MAX_MADE_PIXELS
 from visionbatch.labels import LabelResolver, folder_of
 from visionbatch.preprocess import Drafted, Preprocessing, made_pixels, pixel_layout, prepare_image
 from visionbatch.results import KEY_COLUMN, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN
-from visionbatch.samples import Reading, read_ahead, shard_samples
-from visionbatch.shards import TarShard
+from visionbatch.samples import Reading, Sample, read_ahead, shard_samples
+from visionbatch.shards import Shard, TarShard, describe_shard
 from visionbatch.storage import Storage, describe
 
 # Formats Pillow may try. Everything else (EPS/PDF via Ghostscript, exotic plugins)
@@ -212,12 +212,23 @@ def decode_shards(next_shard: Callable[[], object], *, spec: Preprocessing, max_
         yield from _decode_shard(shard, spec, max_pixels, reading, labels, batch_size, draft_side)
 
 
-def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, batch_size: int,
-                  draft_side: int | None) -> Iterator[pa.Table]:
-    samples, kept = shard_samples(shard, reading)
+def crash_block(shard, rows: list[int], error: str, reading: Reading, labels: LabelResolver | None) -> pa.Table:
+    """Rows of ``shard`` that no task finished, as a block of error rows that the writer
+    takes as it takes decoded ones (a tar's or a table's shard, whose rows are not
+    known without reading it: one row naming its file)."""
+    if isinstance(shard, Shard):
+        true_label = _true_labels(reading, labels)
+        made = [(row, shard.paths[row], true_label(Sample(shard.paths[row], error)), None, None, -1, -1, error)
+                for row in rows]
+        return _BlockMaker(shard, shard.columns)(made, 0.0, size=len(shard.paths))
+    return _BlockMaker(shard, None)([(0, describe_shard(shard), None, None, None, -1, -1, error)], 0.0, size=1)
+
+
+def _true_labels(reading: Reading, labels: LabelResolver | None) -> Callable[[Sample], str | None]:
+    """A sample's true label: its label column's value, or its folder's label."""
     by_folder: dict[str, str | None] = {}
 
-    def true_label(sample) -> str | None:
+    def true_label(sample: Sample) -> str | None:
         if labels is None:
             return None
         if reading.label_column:
@@ -227,12 +238,20 @@ def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, batch_size:
             by_folder[folder] = labels(folder)
         return by_folder[folder]
 
+    return true_label
+
+
+def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, batch_size: int,
+                  draft_side: int | None) -> Iterator[pa.Table]:
+    samples, kept = shard_samples(shard, reading)
+    true_label = _true_labels(reading, labels)
     block = _BlockMaker(shard, kept)
     held = None  # a full block of a shard of unknown size, until the next row or the end
     rows: list = []
     images, index = 0, 0
     started = time.perf_counter()
-    for index, sample in enumerate(samples):
+    first = shard.only_row or 0 if isinstance(shard, Shard) else 0  # a piece's one row is its row in the shard
+    for index, sample in enumerate(samples, start=first):
         if held is not None:
             yield block(*held, size=-1)
             held = None

@@ -66,8 +66,9 @@ import numpy as np
 import pyarrow as pa
 
 from visionbatch.counts import CALIBRATION_BINS, CALIBRATION_EDGES, metric_counts
+from visionbatch.destination import METRICS_FILE, Destination
+from visionbatch.errors import DestinationError
 from visionbatch.labelstudio import Reviews, read_reviews
-from visionbatch.sinks import METRICS_FILE, Destination, DestinationError
 
 SCHEMA_VERSION = 1
 REVIEWED = "reviewed"  # the figures against reviewed labels, where asked

@@ -31,7 +31,6 @@ grows with the number of shards, never with the number of rows.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -41,7 +40,6 @@ import re
 import tarfile
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -51,12 +49,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
+from visionbatch.destination import LABEL_ISSUES, LEASE, MANIFEST, Destination, job_schema
+from visionbatch.driver import Driver, Run, progress_bar
+from visionbatch.engines import make_engine
+from visionbatch.errors import DestinationError, UsageError
 from visionbatch.labelstudio import REVIEWED_LABEL, Reviews, labeling_config, predicted_labels, read_reviews, task
+from visionbatch.lease import Fence
 from visionbatch.results import EMBEDDING, KEY_COLUMN
 from visionbatch.samples import Reading, read_ahead, shard_samples
-from visionbatch.shards import AnyShard, paths_digest
-from visionbatch.sinks import (LABEL_ISSUES, LEASE, MANIFEST, Destination, DestinationError, Fence, Superseded,
-                               job_schema)
+from visionbatch.shards import AnyShard, InputSpec, iter_shards, paths_digest
 from visionbatch.sources import IMAGE_EXTENSIONS
 from visionbatch.storage import Storage, canonical_uri, describe, within
 
@@ -156,7 +157,7 @@ _UNLOCATED = re.compile(r'"query_location(_length)?": *\d+')
 def selection_query(where: str | None) -> str:
     """The query that picks a part's rows (table ``results``): ``--where`` as the one
     predicate of one SELECT, checked on DuckDB's own parse tree (the exact text that runs)
-    to hold only row-level expressions and scalar functions; else a ValueError saying why."""
+    to hold only row-level expressions and scalar functions; else a UsageError saying why."""
     if not where:
         return "SELECT * FROM results"
     query = f"SELECT * FROM results WHERE {where}"
@@ -172,14 +173,14 @@ def selection_query(where: str | None) -> str:
     refused = f"--where {where!r} is refused: "
     one_row = "a predicate tests one row's columns, with operators and scalar functions"
     if tree["error"]:
-        raise ValueError(refused + f"it is not one SQL predicate ({tree['error_message']}); {one_row}")
+        raise UsageError(refused + f"it is not one SQL predicate ({tree['error_message']}); {one_row}")
     if len(tree["statements"]) != 1:
-        raise ValueError(refused + f"it is several statements; {one_row}")
+        raise UsageError(refused + f"it is several statements; {one_row}")
     node = tree["statements"][0]["node"]
     predicate = node.get("where_clause")
     if _UNLOCATED.sub("", json.dumps({**node, "where_clause": None})) != _UNLOCATED.sub(
             "", json.dumps(bare["statements"][0]["node"])):
-        raise ValueError(refused + f"a clause follows the predicate; {one_row}")
+        raise UsageError(refused + f"a clause follows the predicate; {one_row}")
 
     def check(item) -> None:
         if isinstance(item, list):
@@ -188,9 +189,9 @@ def selection_query(where: str | None) -> str:
         elif isinstance(item, dict):
             kind = item.get("class")
             if kind is not None and kind not in _PREDICATE_NODES:
-                raise ValueError(refused + f"it holds a {kind.lower()}; {one_row}")
+                raise UsageError(refused + f"it holds a {kind.lower()}; {one_row}")
             if kind == "FUNCTION" and item["function_name"] not in scalar:
-                raise ValueError(refused + f"{item['function_name']}() is not a scalar function; {one_row}")
+                raise UsageError(refused + f"{item['function_name']}() is not a scalar function; {one_row}")
             for value in item.values():
                 check(value)
 
@@ -219,7 +220,7 @@ def select(destination: Destination, config: ExportConfig, query: str, reviews: 
     """The chosen rows of DEST, in its order, as a local Parquet file in row groups of
     ``config.shard_size`` rows; returns its path. ``query``: :func:`selection_query`'s,
     run over each part's rows but error rows in a connection that can touch no file; one
-    that DuckDB cannot run is a ValueError that names DuckDB's error and the columns there are."""
+    that DuckDB cannot run is a UsageError that names DuckDB's error and the columns there are."""
     issues = None
     if config.label_issues:
         name = destination.label_issues_file()
@@ -237,7 +238,7 @@ def select(destination: Destination, config: ExportConfig, query: str, reviews: 
                 try:
                     matching = db.sql(query).to_arrow_table()
                 except Exception as err:  # duckdb.Error: a binder or conversion error
-                    raise ValueError(f"--where {config.where!r}: {describe(err)}; the columns are: "
+                    raise UsageError(f"--where {config.where!r}: {describe(err)}; the columns are: "
                                      f"{', '.join(name for name in part.column_names if name not in (PART, ROW))}"
                                      ) from None
                 finally:
@@ -297,17 +298,16 @@ def _container_parts(selection: pq.ParquetFile, table_job: bool) -> list[list[st
     return per_shard
 
 
-def _containers(job: dict, committed: dict[str, dict], needed: set[str], storage: Storage) -> dict[str, AnyShard]:
+def _containers(listed: InputSpec, committed: dict[str, dict], needed: set[str],
+                storage: Storage) -> dict[str, AnyShard]:
     """The classify job's tar and table shards named in ``needed``, listed again as it
-    listed them (their digests must still be DEST's: else the input changed)."""
+    listed them (``listed``; their digests must still be DEST's: else the input changed)."""
     if not needed:
         return {}
-    from visionbatch.plan import recorded_input_spec
-    from visionbatch.shards import iter_shards
     from visionbatch.sources import ListingCounts
 
     found: dict[str, AnyShard] = {}
-    for shard in iter_shards(recorded_input_spec(job), storage, ListingCounts()):
+    for shard in iter_shards(listed, storage, ListingCounts()):
         if shard.id in needed:
             if shard.digest != committed[shard.id]["digest"]:
                 break
@@ -315,7 +315,7 @@ def _containers(job: dict, committed: dict[str, dict], needed: set[str], storage
             if len(found) == len(needed):
                 return found
     missing = sorted(needed - set(found))
-    raise DestinationError(f"the input of {job['sources'][0]} changed since DEST was written (shard {missing[0]}"
+    raise DestinationError(f"the input of {listed.sources[0]} changed since DEST was written (shard {missing[0]}"
                            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): its images cannot "
                            "be found as they were classified")
 
@@ -569,108 +569,96 @@ def export_identity(config: ExportConfig, dest_manifest: dict, reviews: Reviews 
 def run_export(config: ExportConfig, progress=None) -> ExportSummary:
     """Export the chosen rows' images from DEST to OUT (module docstring); ``progress``:
     the stream for the progress bar (None: no bar)."""
-    from visionbatch.engine import make_engine
-    from visionbatch.job import JobError, JobInterrupted, sigterm_as_interrupt
-    from visionbatch.plan import recorded_classes
-    from visionbatch.sinks import Lease, Manifest
-
-    started = time.monotonic()
     storage = Storage(config.s3_endpoint)
-    destination, out = Destination(config.dest, storage), ExportOutput(config.to, storage)
-    query = selection_query(config.where)  # a --where that is not one predicate is refused before OUT is touched
-    for inner, outer in ((config.to, config.dest), (config.dest, config.to)):
-        if within(inner, outer):  # DEST would no longer read as a dataset, or OUT would mix its files with DEST's
-            raise ValueError(f"--to {config.to} and DEST {config.dest} overlap ({inner} is inside {outer}): "
-                             "export to a folder outside DEST")
-    reviews = read_reviews(config.reviewed, storage) if config.reviewed else None
-    with sigterm_as_interrupt():
-        dest_manifest = destination.finished_manifest()
+    export = ExportJob(config, storage, progress)
+    return Driver(export, export.out, overwrite=config.overwrite, resume=config.resume,
+                  flush_seconds=config.flush_seconds)()
+
+
+class ExportJob:
+    """The export command's part of a committed run (:class:`visionbatch.driver.Command`).
+    What can be refused without touching OUT is refused here, before the driver claims it."""
+
+    name = "export"
+
+    def __init__(self, config: ExportConfig, storage: Storage, progress):
+        self.config, self.storage, self.progress = config, storage, progress
+        self.started = time.monotonic()
+        self.destination, self.out = Destination(config.dest, storage), ExportOutput(config.to, storage)
+        self.query = selection_query(config.where)  # a --where that is not one predicate is refused before OUT is touched
+        for inner, outer in ((config.to, config.dest), (config.dest, config.to)):
+            if within(inner, outer):  # DEST would no longer read as a dataset, or OUT would mix its files with DEST's
+                raise UsageError(f"--to {config.to} and DEST {config.dest} overlap ({inner} is inside {outer}): "
+                                 "export to a folder outside DEST")
+        self.reviews = read_reviews(config.reviewed, storage) if config.reviewed else None
+        self.dest_manifest = self.destination.finished_manifest()
+        from visionbatch.plan import recorded_classes, recorded_input_spec  # the model's configs: only where needed
+
+        self.listed = recorded_input_spec(self.dest_manifest["job"])  # what the classify job listed
         # The model's classes (from its config), for what the labeling config and the reviews are checked against.
-        classes = recorded_classes(dest_manifest["job"]) if config.format == "labelstudio" or reviews else None
-        if reviews is not None:
-            _warn_unknown(reviews, classes)
-        out.check_own()
-        lease = Lease.take(out, config.overwrite, config.resume)
-        engine, bar, manifest = None, None, None
+        self.classes = (recorded_classes(self.dest_manifest["job"])
+                        if config.format == "labelstudio" or self.reviews else None)
+        if self.reviews is not None:
+            _warn_unknown(self.reviews, self.classes)
+        self.out.check_own()
+        self.engine = None
+
+    def prepare(self) -> None:
+        pass  # the engine starts once there are shards to export (a resumed export may have none)
+
+    def identity(self) -> dict:
+        return export_identity(self.config, self.dest_manifest, self.reviews)
+
+    def failure(self, err: BaseException) -> str | None:
+        return self.engine.failure(err) if self.engine is not None else None
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    def work(self, run: Run) -> ExportSummary:
+        config, manifest, out = self.config, run.manifest, run.destination
+        if not manifest.shards or SELECTION not in out.files():  # nothing done yet: choose the rows (again)
+            manifest.shards.clear()
+            with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
+                out.write_file(SELECTION, select(self.destination, config, self.query, self.reviews, work))
+        with out.open_file(SELECTION) as file:
+            selection = pq.ParquetFile(file)
+            selected = selection.metadata.num_rows
+            parts = _container_parts(selection, bool(self.listed.image_column))
+        job = self.dest_manifest["job"]
+        containers = _containers(self.listed, self.dest_manifest["shards"], {part for shard in parts for part in shard},
+                                 self.storage)
+        reading = Reading(self.storage, image_column=self.listed.image_column, read_timeout=DEFAULT_READ_TIMEOUT_S)
+        tasks = [ExportTask(out.uri, self.storage, config.format, shard, {part: containers[part] for part in mine},
+                            reading, config.image_url_prefix, model_name(job.get("model") or ""), out.fence)
+                 for shard, mine in enumerate(parts) if f"{shard:06d}" not in manifest.shards]
+        done = sum(record["rows"] + record["counts"]["missing"] for record in manifest.shards.values())
+        bar = progress_bar(self.progress, "export", initial=done, total=selected)
         try:
-            lease.confirm()
-            out = lease.fenced()
-            manifest = Manifest.open(out, export_identity(config, dest_manifest, reviews), overwrite=config.overwrite,
-                                     resume=config.resume)
-            if not manifest.shards or SELECTION not in out.files():  # nothing done yet: choose the rows (again)
-                manifest.shards.clear()
-                with tempfile.TemporaryDirectory(prefix="visionbatch-export-") as work:
-                    out.write_file(SELECTION, select(destination, config, query, reviews, work))
-            with out.open_file(SELECTION) as file:
-                selection = pq.ParquetFile(file)
-                selected = selection.metadata.num_rows
-                parts = _container_parts(selection, bool(dest_manifest["job"].get("image_column")))
-            containers = _containers(dest_manifest["job"], dest_manifest["shards"],
-                                     {part for shard in parts for part in shard}, storage)
-            reading = Reading(storage, image_column=dest_manifest["job"].get("image_column"),
-                              read_timeout=DEFAULT_READ_TIMEOUT_S)
-            tasks = [ExportTask(out.uri, storage, config.format, shard, {part: containers[part] for part in mine},
-                                reading, config.image_url_prefix, model_name(dest_manifest["job"].get("model") or ""),
-                                out.fence)
-                     for shard, mine in enumerate(parts) if f"{shard:06d}" not in manifest.shards]
-            from tqdm import tqdm
-
-            done = sum(record["rows"] + record["counts"]["missing"] for record in manifest.shards.values())
-            bar = tqdm(total=selected, initial=done, unit="img", disable=progress is None, dynamic_ncols=True,
-                       file=progress, desc="export", smoothing=0.1)
             if tasks:
-                engine = make_engine(config, model=False)
-                for record in engine.map_tasks(export_shard, tasks, config.max_retries, config.address):
-                    lease.check()
+                self.engine = make_engine(config, model=False)
+                for record in self.engine.map_tasks(export_shard, tasks, config.max_retries, config.address):
                     if record is not None:
-                        manifest.add(record)
+                        run.commit(record)
                         bar.update(record["rows"] + record["counts"]["missing"])
-                    if manifest.due(config.flush_seconds):
-                        manifest.write()
-            if config.format in _MERGED:
-                _merge(out, config.format, len(parts))
-            if config.format == "fiftyone":
-                _merge_fiftyone(out, len(parts))
-            _name_files(out, len(parts))
-            if config.format == "labelstudio":
-                _write_labeling_config(out, len(parts), classes)
-            manifest.write(complete=True)
-        except KeyboardInterrupt:
-            raise JobInterrupted(_stopped("interrupted", manifest, config.to)) from None
-        except ValueError:  # a bad --where: nothing to keep
-            raise
-        except Superseded as err:  # OUT is the newer export's: nothing more to commit
-            raise JobError(str(err)) from None
-        except (JobError, DestinationError) as err:
-            raise JobError(_stopped(str(err), manifest, config.to)) from None
-        except Exception as err:  # the engine's own failure, or a bug: keep what was committed
-            why = engine.failure(err) if engine is not None else None
-            if why is None:
-                traceback.print_exc()  # to the log file (the command sends library output there)
-                why = f"the export failed: {describe(err)} (the traceback is in the log)"
-            raise JobError(_stopped(why, manifest, config.to)) from None
+                    run.tick()
         finally:
-            if bar is not None:
-                bar.close()
-            lease.release()
-            if engine is not None:
-                engine.close()
-    records = manifest.shards.values()
-    return ExportSummary(config.to, config.format, selected, sum(record["rows"] for record in records),
-                         sum(record["counts"]["missing"] for record in records),
-                         next((record["missing_example"] for record in records if record["missing_example"]), None),
-                         time.monotonic() - started)
-
-
-def _stopped(why: str, manifest, out: str) -> str:
-    """Commit what finished; the message says what was kept and how to go on."""
-    if manifest is None:  # stopped before the export began
-        return why
-    with contextlib.suppress(Exception):
-        manifest.write()
-    if not manifest.saved_rows:
-        return f"{why}; no exported rows had been committed yet"
-    return f"{why}; {manifest.saved_rows} exported rows are saved in {out}: rerun the same command with --resume"
+            bar.close()
+        if config.format in _MERGED:
+            _merge(out, config.format, len(parts))
+        if config.format == "fiftyone":
+            _merge_fiftyone(out, len(parts))
+        _name_files(out, len(parts))
+        if config.format == "labelstudio":
+            _write_labeling_config(out, len(parts), self.classes)
+        run.write(complete=True)
+        records = manifest.shards.values()
+        return ExportSummary(config.to, config.format, selected, sum(record["rows"] for record in records),
+                             sum(record["counts"]["missing"] for record in records),
+                             next((record["missing_example"] for record in records if record["missing_example"]),
+                                  None),
+                             time.monotonic() - self.started)
 
 
 # Formats whose shards each write a piece of one file: (the pieces' folder, the file, a JSON array?)

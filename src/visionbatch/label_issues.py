@@ -32,8 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from visionbatch.destination import LABEL_ISSUES, LABEL_ISSUES_BEFORE, Destination
+from visionbatch.errors import DestinationError
+from visionbatch.manifest import ROWS_WITH_TRUE_LABEL_SCORE
 from visionbatch.results import TRUE_LABEL_SCORE
-from visionbatch.sinks import LABEL_ISSUES, LABEL_ISSUES_BEFORE, MANIFEST_VERSION, Destination, DestinationError
 from visionbatch.storage import Storage
 
 # A class's threshold is a Bayesian average: (sum of its scores + PRIOR_ROWS * shared) /
@@ -172,7 +174,7 @@ def find_label_issues(dest: str, s3_endpoint: str | None = None) -> LabelIssues:
     and write them, ranked, to ``DEST/_derived/label_issues.parquet``."""
     destination = Destination(dest, Storage(s3_endpoint))
     manifest = destination.finished_manifest()
-    if manifest.get("version") != MANIFEST_VERSION:
+    if manifest.get("version", 0) < ROWS_WITH_TRUE_LABEL_SCORE:
         raise DestinationError(f"{destination.uri} was written by an older visionbatch, whose rows lack "
                                f"{TRUE_LABEL_SCORE}: classify again (into a new DEST, or with --overwrite)")
     thresholds = Thresholds.from_parts(destination.committed_rows(_SCORE_COLUMNS))

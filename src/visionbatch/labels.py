@@ -14,6 +14,7 @@ import csv
 import io
 from dataclasses import dataclass
 
+from visionbatch.errors import UsageError
 from visionbatch.imagenet import imagenet_classes, imagenet_wnids
 
 
@@ -85,6 +86,6 @@ def build_resolver(id2label: dict[int, str], label_map_text: str | None = None) 
             folder, label = row[0].strip(), row[1].strip()
             resolved = _find(index, label)
             if resolved is None:
-                raise ValueError(f"--label-map: label {label!r} (folder {folder!r}) is not one of the model's labels")
+                raise UsageError(f"--label-map: label {label!r} (folder {folder!r}) is not one of the model's labels")
             by_folder[folder] = resolved
     return LabelResolver(by_folder, tuple(labels))

@@ -22,7 +22,8 @@ from xml.sax.saxutils import quoteattr
 
 import pyarrow as pa
 
-from visionbatch.storage import SourceError, Storage, describe
+from visionbatch.errors import SourceError, UsageError
+from visionbatch.storage import Storage, describe
 
 IMAGE_NAME, CHOICES_NAME = "image", "label"  # the config's <Image> and <Choices>, which every result names
 REVIEWED_LABEL = "reviewed_label"  # the column the reviewed labels join result rows as
@@ -88,20 +89,20 @@ def _answer(annotation: dict) -> str | None:
 
 def read_reviews(source: str, storage: Storage) -> Reviews:
     """The reviewed labels of a Label Studio JSON export (a file or URI) of tasks that a
-    visionbatch export made; a file that cannot be read or is not one is a ValueError saying why."""
+    visionbatch export made; a file that cannot be read or is not one is a UsageError saying why."""
     try:
         tasks = json.loads(storage.read(source))
     except (OSError, SourceError, ValueError) as err:
-        raise ValueError(f"cannot read the reviews in {source} ({describe(err)}): give Label Studio's JSON "
+        raise UsageError(f"cannot read the reviews in {source} ({describe(err)}): give Label Studio's JSON "
                          "export of the project") from None
     if not isinstance(tasks, list):
-        raise ValueError(f"{source} is not a Label Studio JSON export (a list of tasks)")
+        raise UsageError(f"{source} is not a Label Studio JSON export (a list of tasks)")
     latest: dict[str, tuple[str, int, int, str]] = {}  # path -> (when, task's and annotation's position, label)
     skipped = unanswered = 0
     for position, item in enumerate(tasks):
         path = (item.get("data") or {}).get("path") if isinstance(item, dict) else None
         if not isinstance(path, str):
-            raise ValueError(f"{source}: task {position} has no data.path: not a task that visionbatch export wrote")
+            raise UsageError(f"{source}: task {position} has no data.path: not a task that visionbatch export wrote")
         annotations = item.get("annotations") or []
         answered = [(annotation.get("updated_at") or annotation.get("created_at") or "", position, index, label)
                     for index, annotation in enumerate(annotations) if not annotation.get("was_cancelled")

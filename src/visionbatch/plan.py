@@ -9,6 +9,7 @@ model replica is given. Plain values only: engines ship them to their workers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -18,29 +19,22 @@ import numpy as np
 import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig, OutputConfig, label_list
+from visionbatch.destination import EMBEDDINGS_KEY
+from visionbatch.errors import JobError, ModelLoadError, SourceError
 from visionbatch.labels import LabelResolver, build_resolver
-from visionbatch.model import (ModelLoadError, ModelSource, check_model_kind, embedding_width, load_config,
-                               load_processor, model_revision, resolve_model_source)
+from visionbatch.model_loading import (ModelSource, check_model_kind, embedding_width, load_config,
+                                       load_processor, model_revision, resolve_model_source)
 from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
                                    draft_side, pixel_layout)
 from visionbatch.results import result_schema
 from visionbatch.samples import Reading
 from visionbatch.shards import InputSpec
-from visionbatch.sinks import EMBEDDINGS_KEY
-from visionbatch.storage import SourceError, Storage, canonical_uri
+from visionbatch.storage import Storage, canonical_uri
 
 log = logging.getLogger("visionbatch")
 
 # Pixels moved between the decode and model stages in one block (see block_images).
 _BLOCK_BYTES = 32 << 20
-
-
-class JobError(Exception):
-    """The job cannot run; the message is the one line the user sees."""
-
-
-class JobInterrupted(JobError):
-    """Ctrl-C or SIGTERM stopped the job; the message says what was kept."""
 
 
 @dataclass(frozen=True)
@@ -216,10 +210,11 @@ def image_bytes(plan: Plan) -> int:
 
 
 def input_spec(config: ClassifyConfig) -> InputSpec:
-    """What the planner lists."""
+    """What the planner lists (and the job's identity records, whole)."""
     # Canonical: the planner may list in a Ray worker, whose working directory may be another.
-    return InputSpec(sources=tuple(canonical_uri(uri) for uri in config.sources), from_list=config.from_list, shard_size=config.shard_size,
-                     limit=config.limit, cwd=os.getcwd(), image_column=config.image_column,
+    return InputSpec(sources=tuple(canonical_uri(uri) for uri in config.sources), from_list=config.from_list,
+                     shard_size=config.shard_size, limit=config.limit,
+                     cwd=os.getcwd() if config.from_list else "", image_column=config.image_column,
                      url_column=config.url_column or "path",
                      columns=tuple(dict.fromkeys([*([config.label_column] if config.image_column and
                                                     config.label_column else []), *config.keep_columns])),
@@ -288,13 +283,15 @@ def model_metadata(config: ClassifyConfig, source: ModelSource,
 
 
 def recorded_input_spec(job: dict) -> InputSpec:
-    """What the job a DEST records (``job_identity``) listed: its input, from the fields
-    of that record that decide the listing."""
-    return input_spec(ClassifyConfig(
-        sources=tuple(job["sources"]), from_list=job["from_list"], url_column=job["url_column"],
-        image_column=job["image_column"], keep_columns=tuple(job["keep_columns"]),
-        follow_symlinks=job["follow_symlinks"], shard_size=job["shard_size"], limit=job["limit"],
-        labels=job["labels"], label_column=job["label_column"]))
+    """What the job a DEST records (``job_identity``) listed, read back whole."""
+    if "input" not in job:  # a DEST of manifest version 3, before the record held its InputSpec
+        return input_spec(ClassifyConfig(
+            sources=tuple(job["sources"]), from_list=job["from_list"], url_column=job["url_column"],
+            image_column=job["image_column"], keep_columns=tuple(job["keep_columns"]),
+            follow_symlinks=job["follow_symlinks"], shard_size=job["shard_size"], limit=job["limit"],
+            labels=job["labels"], label_column=job["label_column"]))
+    recorded = job["input"]
+    return InputSpec(**{**recorded, "sources": tuple(recorded["sources"]), "columns": tuple(recorded["columns"])})
 
 
 def recorded_classes(job: dict) -> list[str] | None:
@@ -315,19 +312,16 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
     """Everything that changes a job's results: a DEST belongs to one of these, and
     ``--resume`` with another is refused. The engine is not part of it: a DEST written
     by one engine resumes with the other."""
-    from visionbatch import __version__
+    from visionbatch.version import __version__
 
     model = plan.model
     return {"visionbatch": __version__, "model": model.source.ref, "model_revision": model_revision(model.source),
             "top_k": config.top_k, "format": output.format, "dtype": plan.dtype, "runtime": config.runtime,
-            "labels": config.labels,
-            "label_map": config.label_map, "sources": [canonical_uri(uri) for uri in config.sources],
-            "from_list": config.from_list, "list_cwd": os.getcwd() if config.from_list else None,
-            "follow_symlinks": config.follow_symlinks, "shard_size": config.shard_size, "limit": config.limit,
+            "labels": config.labels, "label_map": config.label_map,
+            "input": dataclasses.asdict(input_spec(config)),  # what was listed, read back by recorded_input_spec
             "max_pixels": config.max_pixels, "max_bytes": config.max_bytes, "exact_decode": config.exact_decode,
             EMBEDDINGS_KEY: model.embedding_width and {"width": model.embedding_width,
                                                        "normalized": config.normalize_embeddings},
             "zero_shot": model.candidate_labels and {"labels": list(model.candidate_labels),
                                                      "template": config.hypothesis_template},
-            "image_column": config.image_column, "url_column": config.url_column,
-            "keep_columns": list(config.keep_columns), "label_column": config.label_column}
+            "keep_columns": list(config.keep_columns)}

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from visionbatch.destination import SUMMARY, Destination
 from visionbatch.evaluate import compute_metrics, worst_classes_first
-from visionbatch.sinks import SUMMARY, Destination
 from visionbatch.storage import Storage, is_remote
 from visionbatch.summary import runtime_line
 

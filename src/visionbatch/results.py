@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from visionbatch.errors import UsageError
+
 TRUE_LABEL_SCORE = "true_label_score"
 
 RESULT_SCHEMA = pa.schema(
@@ -40,7 +42,7 @@ def result_schema(embedding_width: int | None = None) -> pa.Schema:
 
 
 # Columns of class names: few distinct values over many rows. Readers that ask for some
-# columns only get these dictionary-encoded (sinks.Destination.read_part): each name once.
+# columns only get these dictionary-encoded (destination.Destination.read_part): each name once.
 LABEL_COLUMNS = ("label", "top_k_labels", "true_label")
 
 # The model stage's own columns, a subset of RESULT_SCHEMA.
@@ -112,5 +114,5 @@ def check_keep_columns(keep_columns: tuple[str, ...], embeddings: bool = False) 
              SHARD_DIGEST_COLUMN, *STAGE_COLUMNS, MODEL_TRACEBACK}
     clash = [name for name in keep_columns if name in taken]
     if clash:
-        raise ValueError(f"--keep-columns: {', '.join(clash)} would collide with result column(s) of the same name; "
+        raise UsageError(f"--keep-columns: {', '.join(clash)} would collide with result column(s) of the same name; "
                          "rename the input column(s) or leave them out")

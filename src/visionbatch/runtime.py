@@ -1,7 +1,7 @@
 """Runtimes: the model's image tower as one graph, run by torch (the reference) or by
 OpenVINO (converted once, cached on disk).
 
-'The model's image tower (visionbatch.model.image_tower) is what every runtime computes:
+'The model's image tower (visionbatch.model_loading.image_tower) is what every runtime computes:
 float32 NCHW pixel values in, the model's logits (and the vector its classification head
 receives) out, or a zero-shot model's image embeddings. OpenVINO converts that module's graph
 (``openvino.convert_model``, TorchScript tracing) and runs it with kernels made for the
@@ -346,7 +346,7 @@ def _convert(spec: TowerSpec) -> dict:
     """In the conversion process: the tower built from the weights, converted and cached."""
     import torch
 
-    from visionbatch.model import ModelSource, image_tower, load_model
+    from visionbatch.model_loading import ModelSource, image_tower, load_model
 
     def make_tower():
         model = load_model(ModelSource(spec.model, spec.local_files_only), dtype=torch.float32,

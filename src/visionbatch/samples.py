@@ -112,11 +112,12 @@ def read_ahead(paths, storage: Storage, max_bytes: int | None, timeout: float = 
 
 
 def shard_samples(shard: AnyShard, reading: Reading) -> tuple[Iterator[Sample], pa.Table | None]:
-    """The shard's samples in order, and the input columns its rows keep (a row per sample;
-    None when none are kept)."""
+    """The shard's samples in order (a piece's one sample), and the input columns its
+    rows keep (a row per file of the whole shard; None when none are kept)."""
     if isinstance(shard, Shard):
+        paths = shard.paths if shard.only_row is None else shard.paths[shard.only_row:shard.only_row + 1]
         samples = (Sample(path, data) for path, data in
-                   zip(shard.paths, read_ahead(shard.paths, reading.storage, reading.max_bytes, reading.read_timeout)))
+                   zip(paths, read_ahead(paths, reading.storage, reading.max_bytes, reading.read_timeout)))
         return samples, shard.columns
     if isinstance(shard, TarShard):
         return tar_samples(shard, reading), None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Union
 
@@ -28,15 +29,23 @@ from visionbatch.storage import Storage, describe
 
 @dataclass(frozen=True)
 class Shard:
-    """Image files (or URLs) in order; ``columns``: the list's kept columns, a row per path."""
+    """Image files (or URLs) in order; ``columns``: the list's kept columns, a row per path.
+    ``only_row``: a piece of the shard, for a task that reads that one file (a redo);
+    its rows still say the whole shard's id and size, so the writer gathers the pieces."""
 
     id: str
     paths: tuple[str, ...]
     columns: pa.Table | None = None
+    only_row: int | None = None
 
     @property
     def rows(self) -> int | None:
         return len(self.paths)
+
+    @property
+    def task(self) -> str:
+        """What one task works on: the shard, or one piece of it."""
+        return self.id if self.only_row is None else f"{self.id}@{self.only_row}"
 
     @property
     def digest(self) -> str:
@@ -53,6 +62,10 @@ class TarShard:
     mtime_ns: int
 
     rows = None
+
+    @property
+    def task(self) -> str:
+        return self.id
 
     @property
     def digest(self) -> str:  # a changed tar is a changed shard
@@ -78,11 +91,23 @@ class TableShard:
         return self.count
 
     @property
+    def task(self) -> str:
+        return self.id
+
+    @property
     def digest(self) -> str:
         return paths_digest([f"{self.uri} {self.size} {self.mtime_ns} {self.row_group} {self.start} {self.count}"])
 
 
 AnyShard = Union[Shard, TarShard, TableShard]
+
+
+def one_file_pieces(shard: AnyShard) -> list[AnyShard]:
+    """A shard as tasks of one file each (a tar or a table, which cannot be cut into
+    files: itself)."""
+    if not isinstance(shard, Shard):
+        return [shard]
+    return [dataclasses.replace(shard, only_row=row) for row in range(len(shard.paths))]
 
 
 def shard_id(source_index: int, seq: int) -> str:

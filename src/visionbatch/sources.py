@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from visionbatch.storage import SourceError, Storage, describe, file_kind, uri_prefix
+from visionbatch.errors import SourceError
+from visionbatch.storage import Storage, describe, file_kind, uri_prefix
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _GLOB_CHARS = "*?["

@@ -1,6 +1,6 @@
 """Storage: one small value that turns URIs into (pyarrow filesystem, path) pairs.
 
-Everything that reads or writes (sources, decode, sinks, report) goes through a
+Everything that reads or writes (sources, decode, destination, report) goes through a
 :class:`Storage`. Local disk, ``s3://`` (``s3://anonymous@bucket/...`` for public
 buckets, an optional S3-compatible endpoint) and ``gs://`` use pyarrow's filesystems,
 what Ray Data itself uses. A Storage holds no secrets: it is shipped to every worker,
@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from visionbatch.errors import SourceError
+
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 URL_SCHEMES = ("http", "https")  # the only schemes downloaded; a list entry with another is refused
 MAX_REDIRECTS = 5
 _DOWNLOAD_CHUNK = 1 << 16
-
-
-class SourceError(Exception):
-    """A source cannot be listed or read (missing, unreachable, malformed)."""
 
 
 def is_remote(uri: str) -> bool:

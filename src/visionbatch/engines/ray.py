@@ -5,8 +5,8 @@ It wires the plain stages into one Ray Data dataset::
 
     ShardPlanner actor (lists, hands out shards)
       -> decode tasks (take shards, yield uint8 pixel blocks)   visionbatch.decode
-      -> Predictor actor pool (top-k)                            visionbatch.model
-      -> ShardWriter actor (one part file per whole shard)       visionbatch.sinks
+      -> Predictor actor pool (top-k)                            visionbatch.predictor
+      -> ShardWriter actor (one part file per whole shard)       visionbatch.writer
       -> the driver (visionbatch.job): commits, progress, summary
 """
 
@@ -19,16 +19,16 @@ import os
 import warnings
 from typing import Iterator
 
-import pyarrow as pa
 
-from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig, config_from_kwargs
-from visionbatch.engine import Engine, commit_events
-from visionbatch.model import Predictor
-from visionbatch.plan import (JobError, ModelPlan, Prepared, Resources, block_images, image_bytes,
+from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig
+from visionbatch.engines.base import Engine, commit_events
+from visionbatch.errors import JobError
+from visionbatch.plan import (ModelPlan, Prepared, Resources, block_images, image_bytes,
                               model_arguments, predictor_arguments)
+from visionbatch.predictor import Predictor
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage, is_remote
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 
@@ -94,7 +94,7 @@ class RayEngine(Engine):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             if shards is None:
                 # One writer gathers every shard's blocks; its work (encoding small rows) is light.
-                ds = _job_dataset(prepared, self.planner.actor).map_batches(
+                ds = job_dataset(prepared, self.planner.actor).map_batches(
                     ShardWriter, batch_size=None, batch_format="pyarrow",
                     fn_constructor_args=writer.arguments(), compute=ray.data.ActorPoolStrategy(size=1),
                     num_cpus=0, max_restarts=config.max_retries, max_task_retries=ACTOR_TASK_RETRIES)
@@ -126,25 +126,6 @@ class RayEngine(Engine):
             log.warning("the shard planner died; a new one takes over from what is committed")
             self.planner.restart()
             yield from self.run(prepared, writer)
-
-    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
-        import ray.data
-
-        from visionbatch.decode import decode_batch
-
-        config, plan = prepared.config, prepared.plan
-        ds = ray.data.from_arrow([rows.slice(i, 1) for i in range(rows.num_rows)])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-            ds = _predict(ds.map_batches(decode_batch, batch_size=None, batch_format="numpy",
-                                         fn_kwargs={"spec": plan.model.spec, "max_pixels": config.max_pixels,
-                                                    "max_bytes": config.max_bytes, "storage": prepared.storage,
-                                                    "read_timeout": config.read_timeout,
-                                                    "draft_side": plan.draft_side},
-                                         num_cpus=1, max_retries=config.max_retries), prepared, batch_size=1,
-                           pyarrow_blocks=False)
-        with _failures_become_rows():
-            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def map_tasks(self, fn, items: list, max_retries: int, address: str | None = None,
                   poll_s: float = 1.0) -> Iterator:
@@ -406,7 +387,7 @@ def root_cause(err: Exception) -> str:
     return message if kind == "ModelLoadError" else f"{kind}: {message}"
 
 
-def _job_dataset(prepared: Prepared, planner):
+def job_dataset(prepared: Prepared, planner):
     """The lazy pipeline of a job: long-lived decode tasks take shards from the planner
     actor -> predictor actors."""
     import ray.data
@@ -430,17 +411,3 @@ def _job_dataset(prepared: Prepared, planner):
             # one file per task); a retry would take new shards, never that one.
             max_retries=0)
         return _predict(decoded, prepared, plan.batch_size)
-
-
-def classify(sources, model: str | None = None, **options):
-    """Classify every image under ``sources``; returns a lazy ``ray.data.Dataset`` of result rows.
-
-    (A lazy dataset cannot redo the shards of tasks that died: :func:`visionbatch.run` can.)
-    """
-    from visionbatch.job import prepare
-
-    if model is not None:
-        options["model"] = model
-    prepared, engine = prepare(config_from_kwargs(sources, **options).replace(engine="ray"))
-    engine.planner.start()
-    return _job_dataset(prepared, engine.planner.actor).select_columns(prepared.plan.model.schema.names)

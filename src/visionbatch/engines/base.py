@@ -1,14 +1,12 @@
-"""The engine seam: what an execution engine does for the job driver, and which one runs.
+"""The engine contract: what an execution engine does for a committed run (a leaf of the
+engines package: the engines import it, it imports none of them).
 
-An engine only moves shards through decode -> model -> write and reports what the
-writer committed. Everything that makes a job correct (the plan, shard ids, the
-manifest and its commits, resume, the lease, the summary, signals, exit codes) lives
-above it, in :mod:`visionbatch.job`. Two engines:
-
-- ``local`` (:mod:`visionbatch.engine_local`): no Ray; decode worker processes, the
-  model and the writer in the driver's process. The default on one machine.
-- ``ray`` (:mod:`visionbatch.engine_ray`): Ray Data, for ``--address``, more than one
-  GPU, or on request.
+An engine only moves work: a classify job's shards through decode -> model -> write,
+reporting the writer's commit records (:meth:`Engine.run`), and other commands' tasks
+(:meth:`Engine.map_tasks`, the same thing for work that is not a model's). Everything
+that makes a run correct (the plan, shard ids, the manifest and its commits, resume,
+the lease, the summary, signals, exit codes) lives above it: :mod:`visionbatch.driver`
+and the commands (:mod:`visionbatch.job`, :mod:`visionbatch.export`).
 """
 
 from __future__ import annotations
@@ -19,11 +17,11 @@ from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 
-from visionbatch.config import ClassifyConfig, ExportConfig
+from visionbatch.config import ClassifyConfig
 from visionbatch.plan import ModelPlan, Prepared, Resources
 from visionbatch.shards import AnyShard, InputSpec
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 
@@ -63,12 +61,6 @@ class Engine:
         shard the writer finished or None). A shard whose task died is left unfinished."""
         raise NotImplementedError
 
-    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
-        """Decode and predict ``rows`` (one file each) one file per task, retried; yields
-        the result rows of the files that finished (a file that kills every attempt's
-        worker yields nothing)."""
-        raise NotImplementedError
-
     def map_tasks(self, fn: Callable, items: list, max_retries: int, address: str | None = None,
                   poll_s: float = 1.0) -> Iterator:
         """``fn(item)`` for each item, a task each (a picklable module-level function and
@@ -101,18 +93,3 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def make_engine(config: ClassifyConfig | ExportConfig, model: bool = True) -> Engine:
-    """``--engine``: auto takes Ray for a cluster (``--address``) or, for a job with a
-    ``model``, more than one GPU; else the local engine."""
-    name = config.engine
-    if name == "auto":
-        name = "ray" if config.address or (model and gpu_count() > 1) else "local"
-    if name == "ray":
-        from visionbatch.engine_ray import RayEngine
-
-        return RayEngine()
-    from visionbatch.engine_local import LocalEngine
-
-    return LocalEngine()

@@ -1,4 +1,4 @@
-"""Model: load a Hugging Face image classifier (or zero-shot model) safely, and run it on batches.
+"""The model stage: run a Hugging Face image classifier (or zero-shot model) on batches.
 
 :class:`Predictor` is the model stage. It is a plain callable over numpy batches
 (usable in anyone's ``map_batches``): it loads the model once, takes uint8 pixels at
@@ -15,17 +15,8 @@ labels' text embeddings are computed once, at load; the embedding is the image's
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import platform
-import socket
-import threading
 import time
 import traceback
-import urllib.parse
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -33,429 +24,16 @@ import pyarrow.compute as pc
 
 from visionbatch.certificate import Outputs
 from visionbatch.config import DEFAULT_HYPOTHESIS_TEMPLATE
+from visionbatch.cpu_tuning import keep_freed_memory, pack_linear_layers
+from visionbatch.errors import ModelLoadError
+from visionbatch.model_loading import (ModelSource, features_of, first_line, image_tower, load_model,
+                                       load_tokenizer, model_revision, resolve_device, resolve_dtype,
+                                       resolve_model_source)
 from visionbatch.results import EMBEDDING, MODEL_TRACEBACK, PREDICTION_FIELDS, RESULT_SCHEMA, TRUE_LABEL_SCORE
 from visionbatch.runtime import REDUCED_DTYPES, REFERENCE, ModelPaths, TowerSpec, candidate_paths
 
-
-class ModelLoadError(Exception):
-    """The model (or its preprocessor) cannot be loaded; the message says why."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from, decided once in the driver and reused by every worker."""
-
-    ref: str
-    local_files_only: bool
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    parsed = urllib.parse.urlparse(constants.ENDPOINT)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def resolve_model_source(ref: str) -> ModelSource:
-    """Decide, within seconds, whether ``ref`` can be loaded, and how.
-
-    transformers retries an unreachable hub for about half a minute before failing;
-    a quick connection probe (and a look in the local cache) lets us fail fast with
-    a message that says what to do instead.
-    """
-    expanded = os.path.expanduser(ref)
-    if os.path.isdir(expanded):
-        return ModelSource(os.path.abspath(expanded), local_files_only=True)
-    if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"model folder not found: {ref}")
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    cached = isinstance(try_to_load_from_cache(ref, "config.json"), str)
-    if constants.HF_HUB_OFFLINE:
-        if not cached:
-            raise ModelLoadError(f"HF_HUB_OFFLINE is set and model {ref!r} is not in the local cache "
-                                 f"({constants.HF_HUB_CACHE}); pass a local folder with --model PATH")
-        return ModelSource(ref, local_files_only=True)
-    if hub_reachable():
-        return ModelSource(ref, local_files_only=False)
-    if cached:
-        return ModelSource(ref, local_files_only=True)
-    raise ModelLoadError(
-        f"cannot load model {ref!r}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable and the "
-        "model is not in the local cache. Pass a local folder holding a save_pretrained model "
-        "(--model PATH; `visionbatch models make-efficientnet-lite0 DIR` writes one offline), or "
-        "pre-download it where the hub is reachable and set HF_HUB_OFFLINE=1."
-    )
-
-
-_SAMPLE_BYTES = 1 << 20
-
-
-def model_revision(source: ModelSource) -> str | None:
-    """Which weights ``source`` names, for a job's identity: a hub model's commit (from
-    the cache's snapshot folder), or for a local folder a hash of its files' names,
-    sizes and first and last MiB (new weights change all of these; gigabytes are not read)."""
-    if not os.path.isdir(source.ref):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source.ref, "config.json")
-        return os.path.basename(os.path.dirname(cached)) if isinstance(cached, str) else None
-    digest = hashlib.blake2b(digest_size=8)
-    for entry in sorted(os.scandir(source.ref), key=lambda entry: entry.name):
-        if entry.name.startswith(".") or not entry.is_file():
-            continue
-        size = entry.stat().st_size
-        digest.update(f"{entry.name}\0{size}\0".encode())
-        with open(entry.path, "rb") as file:
-            head = file.read(_SAMPLE_BYTES)
-            if size > 2 * _SAMPLE_BYTES:
-                file.seek(-_SAMPLE_BYTES, os.SEEK_END)
-            digest.update(head + file.read())  # the rest, or the last MiB
-    return digest.hexdigest()
-
-
-def load_processor(source: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(
-            source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
-        )
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the image processor of {source.ref}: {_first_line(err)}"
-                             f"{_remote_code_hint(err)}") from None
-
-
-def load_config(source: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(
-            source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
-        )
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the config of {source.ref}: {_first_line(err)}"
-                             f"{_remote_code_hint(err)}") from None
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def _auto_model_class(zero_shot: bool):
-    from transformers import AutoModelForImageClassification, AutoModelForZeroShotImageClassification
-
-    return AutoModelForZeroShotImageClassification if zero_shot else AutoModelForImageClassification
-
-
-def load_model(source: ModelSource, *, dtype, allow_pickle: bool = False, trust_remote_code: bool = False,
-               zero_shot: bool = False):
-    """AutoModelForImageClassification (``zero_shot``: AutoModelForZeroShotImageClassification)
-    with safetensors only (unless allowed) and SDPA where supported."""
-    auto_class = _auto_model_class(zero_shot)
-    kwargs = dict(
-        local_files_only=source.local_files_only,
-        trust_remote_code=trust_remote_code,
-        # Pickled .bin weights can run code on load: refuse them unless asked.
-        use_safetensors=None if allow_pickle else True,
-        dtype=dtype,
-        output_loading_info=True,  # which weights the checkpoint lacked: check_weights_complete
-    )
-    try:
-        try:
-            model, loading = auto_class.from_pretrained(source.ref, attn_implementation="sdpa", **kwargs)
-        except (ValueError, ImportError) as err:
-            if "sdpa" not in str(err).lower() and "attn" not in str(err).lower():
-                raise
-            model, loading = auto_class.from_pretrained(source.ref, **kwargs)
-    except Exception as err:
-        hint = ""
-        if not allow_pickle and ("safetensors" in str(err).lower() or "model.safetensors" in str(err)):
-            hint = " (only safetensors weights are loaded; pass --allow-pickle to load .bin weights you trust)"
-        raise ModelLoadError(f"cannot load model {source.ref}: {_first_line(err)}{hint}") from None
-    check_weights_complete(source.ref, model.config, sorted(loading["missing_keys"]), zero_shot)
-    return model.eval()
-
-
-def check_weights_complete(ref: str, config, missing: list[str], zero_shot: bool) -> None:
-    """Refuse a model some of whose weights are not in its checkpoint: transformers would
-    start them at random (a CLIP or backbone checkpoint loaded as a classifier gets a
-    random head) and every label would be noise."""
-    if not missing:
-        return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    hint = ""
-    if not zero_shot and config.model_type in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        hint = "; it is a zero-shot model: give the labels to choose from with --candidate-labels"
-    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-    raise ModelLoadError(f"model {ref} lacks weights its {'zero-shot ' if zero_shot else ''}classifier needs "
-                         f"({shown}): they would be random, and so would its labels{hint}")
-
-
-def check_model_kind(config, zero_shot: bool) -> None:
-    """Zero-shot labels need a zero-shot model: say so before any worker loads it."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    if zero_shot and config.model_type not in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES \
-            and not getattr(config, "auto_map", None):
-        raise ModelLoadError(f"--candidate-labels needs a zero-shot image classification model (CLIP, SigLIP, ...); "
-                             f"this one is a {config.model_type}")
-
-
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.ref, local_files_only=source.local_files_only,
-                                             trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {source.ref} (zero-shot labels need one): "
-                             f"{_first_line(err)}") from None
-
-
-def classification_head(model):
-    """The module that turns an image's vector into class logits (``classifier``,
-    ``head`` or ``fc``, as transformers names them); refused where there is no single one."""
-    import torch
-
-    for name in ("classifier", "head", "fc"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            if isinstance(head, torch.nn.Identity):
-                raise ModelLoadError(f"--embeddings: {type(model).__name__} has no classification head "
-                                     "(num_labels=0)")
-            return head
-    raise ModelLoadError(f"--embeddings: {type(model).__name__} has no single classification head (no module named "
-                         "classifier, head or fc); models whose logits come from several heads, such as DeiT's "
-                         "distilled ...WithTeacher, are not supported")
-
-
-class HeadInput:
-    """Records what a classifier's head receives in a forward pass (a forward pre-hook):
-    the image's vector, flattened to (N, width). Per thread: passes may run in several
-    at once (the local engine's lanes), and a hook runs in its pass's thread."""
-
-    def __init__(self, model):
-        self._recorded = threading.local()
-        classification_head(model).register_forward_pre_hook(self._record)
-
-    def _record(self, module, args) -> None:
-        self._recorded.value = args[0].flatten(1)
-
-    def take(self):
-        value, self._recorded.value = getattr(self._recorded, "value", None), None
-        return value
-
-
-def _features(output):
-    """get_image_features / get_text_features: a tensor (transformers 4), or an output
-    whose pooler_output is the projected vector (transformers 5)."""
-    return output if hasattr(output, "shape") else output.pooler_output
-
-
-def image_tower(model, *, zero_shot: bool, embeddings: bool):
-    """The torch module every runtime computes: pixel_values -> (logits,) or (logits,
-    head input) for a classifier, (image embeddings,) for a zero-shot model."""
-    import torch
-
-    class ImageTower(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.head_input = HeadInput(model) if embeddings and not zero_shot else None
-
-        def forward(self, pixel_values):
-            if zero_shot:
-                return (_features(self.model.get_image_features(pixel_values=pixel_values)),)
-            logits = self.model(pixel_values=pixel_values).logits
-            return (logits, self.head_input.take()) if self.head_input else (logits,)
-
-    return ImageTower().eval()
-
-
-def embedding_width(config, image_size: tuple[int, int], *, zero_shot: bool, trust_remote_code: bool = False) -> int:
-    """The width of the model's embedding, from its config alone: the model built on the
-    meta device (no weights, no memory) runs one forward pass of shapes only."""
-    import torch
-
-    with torch.device("meta"):
-        model = _auto_model_class(zero_shot).from_config(config, trust_remote_code=trust_remote_code)
-    pixels = torch.empty(1, 3, *image_size, device="meta")
-    with torch.inference_mode():
-        if zero_shot:
-            return _features(model.get_image_features(pixel_values=pixels)).shape[1]
-        head_input = HeadInput(model)
-        model(pixel_values=pixels)
-        return head_input.take().shape[1]
-
-
-def _remote_code_hint(err: Exception) -> str:
-    """transformers names its own argument on a second line that _first_line drops."""
-    if "trust_remote_code" in str(err) or "contains custom code" in str(err):
-        return " (pass --trust-remote-code to run the model's own code; only for models you trust)"
-    return ""
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:400]
-
-
-# The largest allocation glibc's malloc serves from (and keeps in) its heap; see
-# keep_freed_memory.
-_HEAP_ALLOCATION_MAX = 1 << 30
-# The size of a heap of a thread's arena (glibc's HEAP_MAX_SIZE on 64-bit), kept as the
-# top pad; see keep_freed_memory.
-_THREAD_HEAP_SIZE = 64 << 20
 # How often a CPU Predictor hands its heap's free pages back (see keep_freed_memory).
 _TRIM_EVERY_S = 10.0
-
-
-def keep_freed_memory() -> Callable[[int], int] | None:
-    """Have glibc's malloc keep freed memory for the next allocation instead of handing
-    it back to the kernel. A CPU forward pass allocates and frees tens of MB of
-    activations; by default glibc serves the larger ones with a fresh mmap each time and
-    trims its heap after frees, so every pass pays page faults for memory it just had:
-    ViT-Ti on 2 cores in a job's process, 3.1M minor faults per 1,000 images and 27.7 ms
-    an image against 0.3M and 21.9 ms with these settings (benchmarks/RESULTS.md). The
-    same settings as the MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ variables, which
-    take effect only at a process's start.
-
-    A thread other than the main one (the local engine's lanes) allocates from an arena
-    of 64 MB heaps, and glibc unmaps a heap as soon as it is all free, whatever the trim
-    threshold, unless the top pad covers it: without the pad, a lane re-faulted ~80 MB a
-    pass (ViT-Ti, 2 lanes: 100-300K minor faults per 10 s, 30K with it).
-
-    Kept that way, the heap grew without bound while a local job's first shards were in
-    flight (ViT-Ti, 3,200 images: the driver ~50 MB/s to 2.2-2.4 GB, nearly all of it
-    free chunks in the heap), so the caller hands the free pages back now and then with
-    the ``malloc_trim`` this returns (peak under 1 GB, no slower: 76.5 s against 82.8 s).
-    None where the C library is not glibc, or it refused the settings."""
-    import ctypes
-
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    # The process's own symbols, libc's among them: find_library("c") would run ldconfig
-    # in a subprocess, a fork of a process that holds torch.
-    libc = ctypes.CDLL(None)
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # malloc.h
-    libc.mallopt(M_TOP_PAD, _THREAD_HEAP_SIZE)  # fewer faults where it takes; nothing else depends on it
-    kept = (libc.mallopt(M_MMAP_THRESHOLD, _HEAP_ALLOCATION_MAX)
-            and libc.mallopt(M_TRIM_THRESHOLD, 2 * _HEAP_ALLOCATION_MAX))
-    return libc.malloc_trim if kept else None
-
-
-# How far a packed model's outputs may sit from the plain model's (see
-# pack_linear_layers), relative to the outputs' largest magnitude. The two GEMMs differ
-# in summation order only: ViT-Ti and ViT-B/16 differ by ~1e-6 of it; a layer run on
-# the wrong weights or input moves outputs by orders of magnitude more.
-PACKED_TOLERANCE = 1e-4
-_X86_64 = ("x86_64", "amd64")  # platform.machine() on Linux and macOS, on Windows
-
-
-def _packed_linear(weight, bias, input):  # nn.Linear.forward's parameter name, for keyword calls
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
-
-
-def linear_packing_supported() -> bool:
-    """torch has oneDNN, on x86-64: where its kernels were measured faster (on ARM torch
-    builds oneDNN on other libraries, unmeasured here)."""
-    import torch
-
-    return torch.backends.mkldnn.is_available() and platform.machine().lower() in _X86_64
-
-
-def pack_linear_layers(model, run: Callable[[], tuple]) -> int:
-    """Run the model's float32 ``nn.Linear`` layers on oneDNN's GEMM with weights packed
-    once into its blocked layout, where torch's default CPU path (MKL) repacks them in
-    every call. Measured on this project's 2-core AMD host, one thread a pass: ViT-Ti
-    +10-30% images/s, ViT-B/16 on two lanes 3.0 -> 5.1-5.4 (benchmarks/RESULTS.md).
-
-    By hand because torch's own route to these kernels is torch.compile with freezing
-    (tens of seconds to compile a model on a small CPU) and Intel's extension is an
-    x86-only package pinned to torch versions; the ops are the ones torch's inductor calls.
-
-    ``run()`` runs the model on a probe batch and returns its outputs (tensors or None).
-    It runs once before packing, to see which layers a pass uses (only those are packed:
-    not a zero-shot model's text tower), and once after; the packed model is kept only
-    where it gave the same outputs (PACKED_TOLERANCE). A packed layer's weight is an
-    empty tensor of its dtype and device: a model reading ``layer.weight.dtype`` still
-    works, and one computing with the weight outside the layer fails the check. Left
-    alone: layers whose weight is not a plain parameter (weight_norm, pruning) or whose
-    forward is already replaced. Returns the layers packed: 0 where torch lacks the ops,
-    or the check failed and the model was left as it was.
-
-    Memory: the packed weights are a copy in the process's own memory; transformers maps
-    the checkpoint's file, and its pages for the replaced weights stay in the page cache
-    (reclaimable) until the kernel needs them. A packed model cannot be pickled."""
-    import torch
-
-    candidates = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
-                  and isinstance(m._parameters.get("weight"), torch.nn.Parameter)
-                  and m.weight.dtype == torch.float32]
-    if not candidates or not linear_packing_supported():
-        return 0
-    weights = [m._parameters["weight"] for m in candidates]
-    ran: set = set()
-    seen = [m.register_forward_hook(lambda module, args, output: ran.add(module)) for m in candidates]
-    with torch.inference_mode():
-        try:
-            try:
-                expected = run()
-            finally:
-                for handle in seen:
-                    handle.remove()
-            layers = [m for m in candidates if m in ran]
-            for layer in layers:
-                packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
-                layer.forward = functools.partial(_packed_linear, packed, layer.bias)
-                layer._parameters["weight"] = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
-            same = bool(layers) and all(_close(a, b) for a, b in zip(run(), expected, strict=True))
-        except Exception:
-            # The model fails on any input (the job reports that), torch lacks the ops, or
-            # this model's code cannot run without a layer's weight.
-            same = False
-        if not same:
-            for layer, weight in zip(candidates, weights):
-                layer._parameters["weight"] = weight
-                layer.__dict__.pop("forward", None)
-            return 0
-    return len(layers)
-
-
-def _close(packed, plain) -> bool:
-    if packed is None or plain is None:
-        return packed is plain
-    if packed.shape != plain.shape:
-        return False
-    if plain.numel() == 0:
-        return True
-    return float((packed - plain).abs().max()) <= PACKED_TOLERANCE * max(1.0, float(plain.abs().max()))
 
 
 class Predictor:
@@ -637,13 +215,13 @@ class Predictor:
             scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 1 / model.temperature
             self.logit_scale = scale.float()
             self.logit_bias = model.logit_bias.float() if hasattr(model, "logit_bias") else 0.0
-            text_embeds = _features(model.get_text_features(**text)).float()
+            text_embeds = features_of(model.get_text_features(**text)).float()
             self.text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
             size = model.config.vision_config.image_size
             probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
             probe = probe.to(self.device, self.dtype)
             expected = model(pixel_values=probe, **text).logits_per_image.float()
-            got = self._zero_shot_logits(_features(model.get_image_features(pixel_values=probe)))
+            got = self._zero_shot_logits(features_of(model.get_image_features(pixel_values=probe)))
         tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
         if not torch.allclose(got, expected, rtol=tolerance, atol=tolerance * (1 + expected.abs().max().item())):
             raise ModelLoadError(f"zero-shot scoring of {type(model).__name__} does not reproduce its "
@@ -690,8 +268,8 @@ class Predictor:
         if x.dtype == torch.uint8:
             # uint8 NHWC -> float32, the affine in place, then NCHW: one new float
             # tensor where `permute().float() * scale + offset` made three (each a
-            # fresh mmap and its page faults on CPU). Micro ViT on 1 CPU thread:
-            # ~300 -> ~420 images/s, the same logits.
+            # fresh mmap and its page faults on CPU; figures: benchmarks/RESULTS.md,
+            # "CPU tuning (cpu_tuning.py): the measurements").
             x = x.float().mul_(self.scale).add_(self.offset).permute(0, 3, 1, 2).contiguous()
         return x.to(self.dtype)
 
@@ -789,7 +367,7 @@ class Predictor:
                     raise  # not the images' fault: let the task be retried
                 # The model itself failed on these images: errors are rows, and the
                 # driver stops a job whose model fails on everything.
-                message = f"model_error: {type(err).__name__}: {_first_line(err)}"
+                message = f"model_error: {type(err).__name__}: {first_line(err)}"
                 errors = pc.if_else(pa.array(ok), message, table.column("error"))
                 table = table.set_column(table.schema.get_field_index("error"), "error", errors)
                 table = table.append_column(MODEL_TRACEBACK, pa.array([traceback.format_exc()] * n, pa.string()))

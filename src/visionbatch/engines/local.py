@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
+import itertools
 import logging
 import multiprocessing
 import os
@@ -42,13 +43,14 @@ import pyarrow as pa
 from visionbatch.certificate import images_needed
 from visionbatch.config import DECODE_MEMORY_LIMIT, ClassifyConfig
 from visionbatch.decode import limit_memory
-from visionbatch.engine import Engine, commit_events, gpu_count
-from visionbatch.model import Predictor
-from visionbatch.plan import JobError, ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
+from visionbatch.engines.base import Engine, commit_events, gpu_count
+from visionbatch.errors import JobError
+from visionbatch.plan import ModelPlan, Prepared, Resources, model_arguments, predictor_arguments
+from visionbatch.predictor import Predictor
 from visionbatch.results import SHARD_COLUMN
 from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
-from visionbatch.sinks import ShardWriter
 from visionbatch.storage import Storage
+from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
 
@@ -76,9 +78,11 @@ class _ShardStarted:
 
 @dataclass(frozen=True)
 class _ShardDone:
-    """A decode task's last item in the queue: every block of the shard is before it."""
+    """A decode task's last item in the queue: every block of the shard (or of the piece
+    of it: ``task``) is before it."""
 
     shard: str
+    task: str
 
 
 def _die_with(driver: int) -> None:
@@ -114,7 +118,7 @@ def _decode_task(shard: AnyShard, options: dict) -> None:
     _blocks.put(_ShardStarted(shard.id))
     for block in decode_shards(lambda: next(given, None), **options):
         _blocks.put(block)
-    _blocks.put(_ShardDone(shard.id))
+    _blocks.put(_ShardDone(shard.id, shard.task))
 
 
 def _cpus() -> int:
@@ -354,41 +358,28 @@ class LocalEngine(Engine):
     def run(self, prepared: Prepared, writer: ShardWriter,
             shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
         plan, config = prepared.plan, prepared.config
+        # A forward pass per block: here a block costs a pickle through a pipe, not a
+        # scheduler's round (Ray's larger blocks, plan.block_images), and the first
+        # result comes after one batch is decoded, not a shard.
+        options = prepared.decode_options(plan.batch_size)
         if shards is None:  # the job: shards from the planner, a dead task's shard left unfinished
-            # A forward pass per block: here a block costs a pickle through a pipe, not a
-            # scheduler's round (Ray's larger blocks, plan.block_images), and the first
-            # result comes after one batch is decoded, not a shard.
-            options = prepared.decode_options(plan.batch_size)
-            workers, attempts = _decoders(prepared), 1
+            workers = _decoders(prepared)
             # Shards in flight: until the model takes its first block, the plan's share
             # of workers (the model loads meanwhile: more workers starting would slow
             # it), then every worker and a shard queued ahead.
-            in_flight_limit, limit_after_start = plan.decode_concurrency, workers + 1
-            feed = _Feed(self.planner.next, workers + 1)
-        else:  # a redo of whole shards: one worker, so that a death is the shard's own; retried
-            options = prepared.decode_options(plan.batch_size)
-            workers, attempts = 1, config.max_retries + 1
-            in_flight_limit = limit_after_start = 1
+            tasks = _RetryingPool(_decode_task, _Feed(self.planner.next, workers + 1), workers, attempts=1,
+                                  limit=plan.decode_concurrency, arguments=(options,),
+                                  stall_timeout=config.stall_timeout)
+            limit_after_start = workers + 1
+        else:  # a redo: one worker, so that a death is the task's own; retried
             given = iter(shards)
-            feed = _Feed(lambda: next(given, None), 1)
-        tries: dict[str, int] = {}
-        in_flight: dict[str, tuple[AnyShard, concurrent.futures.Future]] = {}
-        pool, broken, lanes = _Pool(workers, config.stall_timeout), False, None
+            tasks = _RetryingPool(_decode_task, _Feed(lambda: next(given, None), 1), 1,
+                                  attempts=config.max_retries + 1, limit=1, arguments=(options,),
+                                  stall_timeout=config.stall_timeout)
+            limit_after_start = 1
+        lanes = None
         try:
-            def submit() -> bool:
-                """Keep the workers busy; False once the pool is found broken."""
-                while len(in_flight) < in_flight_limit and (shard := feed.take()) is not None:
-                    try:
-                        future = pool.submit(_decode_task, shard, options)
-                        pool.stall.submitted(shard.id)
-                    except BrokenProcessPool:  # a worker died since the last look: not this shard's try
-                        feed.again(shard)
-                        return False
-                    tries[shard.id] = tries.get(shard.id, 0) + 1
-                    in_flight[shard.id] = (shard, future)
-                return True
-
-            broken = not submit()
+            tasks.fill()
             model = self._model(prepared)  # loads while the first shards decode
             certify_pending = bool(model.paths.wanted) and not (model.paths.started or model.paths.deferred)
             cores = _CoreSplit(plan, _split_cores(prepared))
@@ -399,9 +390,10 @@ class LocalEngine(Engine):
                 for predicted in lanes.results(wait):
                     yield from commit_events(writer(predicted))
 
-            while not feed.ended or in_flight:
-                broken = broken or not submit()
+            while not tasks.ended:
+                tasks.fill()
                 yield from write("lane")
+                pool = tasks.pool
                 try:
                     with cores.waiting(), pool.stall.waiting():
                         item = pool.blocks.get(timeout=_POLL_S)
@@ -410,35 +402,25 @@ class LocalEngine(Engine):
                 except (EOFError, OSError):  # a block cut by a worker's death (see _Pool)
                     if not pool.gone(_WORKERS_EXIT_S):  # not the queue's end: an error of the driver's own
                         raise
-                    item, broken = None, True
+                    item, tasks.broken = None, True
                 if item is None:
-                    if not broken and not any(future.done() and future.exception()
-                                              for _, future in in_flight.values()):
-                        continue
-                    # A worker died (or a task failed, which decoding never does by design):
-                    # the pool and its queue go, with every shard in flight.
-                    log.warning("a decode worker failed with %d shard(s) in hand", len(in_flight))
-                    yield from write("all")  # before their shards are discarded
-                    for shard, _ in in_flight.values():
-                        if tries[shard.id] < attempts:
-                            feed.again(shard)
-                    writer.discard(list(in_flight))
-                    in_flight.clear()
-                    pool.close()
-                    pool, broken = _Pool(workers, config.stall_timeout), False
+                    if tasks.failed():
+                        # A shard out of tries is left unfinished (the driver redoes it); one tried
+                        # again sends its rows again, which the writer keeps once.
+                        yield from write("all")
+                        tasks.replace()
                     continue
                 if isinstance(item, _ShardStarted):
                     pool.stall.heard(item.shard)
                     continue
                 if isinstance(item, _ShardDone):
-                    in_flight.pop(item.shard, None)
+                    tasks.finished(item.task)
                     pool.stall.done(item.shard)
                     continue
                 pool.stall.heard(item.column(SHARD_COLUMN)[0].as_py())
-                in_flight_limit = limit_after_start
+                tasks.limit = limit_after_start
                 # OpenVINO runs a stream per lane: kept at every lane while it runs passes, where
-                # torch's lanes follow the split (EfficientNet-Lite0, 3,200 JPEGs: OpenVINO 57.7 s
-                # fixed against 66.5 s split, torch 95.9 s split against 106.6 s fixed; RESULTS.md).
+                # torch's lanes follow the split (EfficientNet-Lite0, 3,200 JPEGs: see benchmarks/RESULTS.md).
                 lanes.width = cores.high if model.paths.runs_openvino else cores.adjust(pool.blocks.full(),
                                                                                         pool.pids())
                 lanes.start(item)
@@ -449,81 +431,112 @@ class LocalEngine(Engine):
         finally:
             if lanes is not None:
                 lanes.close()
-            feed.stop()
-            pool.close()
-
-    def predict_files(self, prepared: Prepared, rows: pa.Table) -> Iterator[pa.Table]:
-        from visionbatch.decode import decode_batch
-
-        config, plan = prepared.config, prepared.plan
-        options = {"spec": plan.model.spec, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
-                   "storage": prepared.storage, "read_timeout": config.read_timeout, "draft_side": plan.draft_side}
-        model = self._model(prepared)
-        pool = _Pool(1)  # one file at a time: a worker's death is that file's
-        try:
-            for i in range(rows.num_rows):
-                batch = {name: column.to_numpy(zero_copy_only=False) for name, column in
-                         zip(rows.column_names, rows.slice(i, 1).columns)}
-                for _ in range(config.max_retries + 1):
-                    try:
-                        decoded = pool.executor.submit(decode_batch, batch, **options).result()
-                        break
-                    except BrokenProcessPool:
-                        pool.close()
-                        pool = _Pool(1)
-                else:
-                    continue
-                yield model(decoded)
-        finally:
-            pool.close()
+            tasks.close()
 
     def map_tasks(self, fn: Callable, items: list, max_retries: int, address: str | None = None,
                   poll_s: float = 1.0) -> Iterator:
-        """The standard library's process pool, a worker per core, a few tasks queued
-        ahead; a worker that dies breaks the pool: the tasks in flight go again, in a new one."""
+        """A worker per core, a few tasks queued ahead, on the same retrying pool as
+        the job's decode tasks."""
         workers = max(1, min(_cpus(), len(items)))
-        todo = list(range(len(items)))[::-1]  # a stack of item indices, the first on top
-        tries = [0] * len(items)
-        in_flight: dict[concurrent.futures.Future, int] = {}
-        pool = _Pool(workers)
+        given = iter(items)
+        tasks = _RetryingPool(fn, _Feed(lambda: next(given, None), 2 * workers), workers, attempts=max_retries + 1,
+                              limit=2 * workers)
         try:
-            while todo or in_flight:
-                broken = False
-                while todo and len(in_flight) < 2 * workers:
-                    try:
-                        future = pool.executor.submit(fn, items[todo[-1]])
-                    except BrokenProcessPool:  # a worker died since the last look
-                        broken = True
-                        break
-                    tries[todo[-1]] += 1
-                    in_flight[future] = todo.pop()
-                done, _ = concurrent.futures.wait(in_flight, timeout=poll_s,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    index = in_flight.pop(future)
-                    error = future.exception()
-                    if error is None:
-                        yield future.result()
-                        continue
-                    if isinstance(error, BrokenProcessPool):
-                        broken = True
-                    elif tries[index] > max_retries:
-                        raise error
-                    else:
-                        log.warning("a task failed (%s); trying it again", error)
-                    todo.append(index)
-                if broken:
-                    log.warning("a worker process died; the tasks in flight go again")
-                    todo.extend(in_flight.values())
-                    in_flight.clear()
-                    if any(tries[index] > max_retries for index in todo):
-                        raise JobError(f"a worker process died {max_retries + 1} times with the same task in hand")
-                    pool.close()
-                    pool = _Pool(workers)
+            while not tasks.ended:
+                tasks.fill()
+                done = tasks.wait(poll_s)
+                for key, result in done:
+                    tasks.finished(key)
+                    yield result
+                if tasks.failed():
+                    given_up = tasks.replace()
+                    if given_up:
+                        raise JobError(f"a task failed {max_retries + 1} times (its worker process died or it "
+                                       f"raised: {given_up[0][1]})")
                 elif not done:
                     yield None
         finally:
-            pool.close()
+            tasks.close()
+
+
+class _RetryingPool:
+    """The local engine's one retrying pool: ``fn(item, *arguments)`` for the items
+    ``feed`` gives, on worker processes (_Pool), at most ``limit`` in flight, each tried
+    up to ``attempts`` times.
+
+    A worker that dies breaks the whole pool (the standard library's pools cannot tell
+    whose task killed it): :meth:`replace` starts a new one, and every task that was in
+    flight goes again, unless it is out of tries: then it is given up. An item is keyed
+    by its ``task`` attribute where it has one (a shard or a piece of one), else by its
+    position in the feed."""
+
+    def __init__(self, fn: Callable, feed: "_Feed", workers: int, attempts: int, limit: int, arguments: tuple = (),
+                 stall_timeout: float | None = None):
+        self.fn, self.feed, self.workers, self.attempts, self.limit = fn, feed, workers, attempts, limit
+        self.arguments, self.stall_timeout = arguments, stall_timeout
+        self.pool = _Pool(workers, stall_timeout)
+        self.broken = False  # a worker died since the last replace
+        self._in_flight: dict[str, tuple[object, concurrent.futures.Future]] = {}
+        self._tries: dict[str, int] = {}
+        self._keys = itertools.count()
+
+    @property
+    def ended(self) -> bool:
+        """Every item taken from the feed and finished (or given up)."""
+        return self.feed.ended and not self._in_flight
+
+    def _key(self, item) -> str:
+        return getattr(item, "task", None) or f"{next(self._keys)}"
+
+    def fill(self) -> None:
+        """Keep the workers busy (not once the pool is found broken)."""
+        while not self.broken and len(self._in_flight) < self.limit and (item := self.feed.take()) is not None:
+            key = self._key(item)
+            try:
+                future = self.pool.submit(self.fn, item, *self.arguments)
+            except BrokenProcessPool:  # a worker died since the last look: not this item's try
+                self.feed.again(item)
+                self.broken = True
+                return
+            if self.pool.stall is not None:
+                self.pool.stall.submitted(getattr(item, "id", key))
+            self._tries[key] = self._tries.get(key, 0) + 1
+            self._in_flight[key] = (item, future)
+
+    def wait(self, timeout: float) -> list[tuple[str, object]]:
+        """The (key, result) of tasks that finished within ``timeout`` s (a failed one
+        stays in flight: see :meth:`failed`)."""
+        futures = {future: key for key, (_, future) in self._in_flight.items()}
+        done, _ = concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        return [(futures[future], future.result()) for future in done if future.exception() is None]
+
+    def finished(self, key: str) -> None:
+        self._in_flight.pop(key, None)
+
+    def failed(self) -> bool:
+        """Whether a worker died or a task raised (decode tasks never do, by design)."""
+        return self.broken or any(future.done() and future.exception() for _, future in self._in_flight.values())
+
+    def replace(self) -> list[tuple[object, BaseException]]:
+        """A new pool; the tasks in flight go again, but those out of tries: the given
+        up (item, error)."""
+        log.warning("a worker process died (or its task failed) with %d task(s) in hand: they go again in new "
+                    "workers, but those out of tries", len(self._in_flight))
+        given_up = []
+        for key, (item, future) in self._in_flight.items():
+            if self._tries[key] < self.attempts:
+                self.feed.again(item)
+            else:
+                error = future.exception() if future.done() else None
+                given_up.append((item, error or BrokenProcessPool("its worker process died")))
+        self._in_flight.clear()
+        self.pool.close()
+        self.pool, self.broken = _Pool(self.workers, self.stall_timeout), False
+        return given_up
+
+    def close(self) -> None:
+        self.feed.stop()
+        self.pool.close()
 
 
 class _CoreSplit:
