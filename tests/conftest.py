@@ -73,6 +73,23 @@ def sample_dir() -> Path:
     return SAMPLE_DIR
 
 
+@pytest.fixture(scope="session")
+def sample_files(sample_dir) -> list[Path]:
+    return sorted(sample_dir.rglob("*.JPEG"))
+
+
+@pytest.fixture(scope="session")
+def sample_results(sample_dir, tiny_vit, tmp_path_factory) -> dict[str, dict]:
+    """The sample images classified as loose files by ``tiny_vit`` (the default engine),
+    row by path: what every other kind of input, on every engine, must give."""
+    from visionbatch.cli import main
+    from visionbatch.destination import read_results
+
+    dest = tmp_path_factory.mktemp("sample-results") / "out"
+    assert main(["classify", str(sample_dir), "--model", tiny_vit, "--output", str(dest), "-q"]) == 0
+    return {row["path"]: row for row in read_results(str(dest)).to_pylist()}
+
+
 def _imagenet_labels() -> dict[int, str]:
     from visionbatch.imagenet import imagenet_id2label
 
@@ -131,6 +148,14 @@ def tiny_convnext(tmp_path_factory) -> str:
     model.save_pretrained(folder)
     ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def slow_vit(tmp_path_factory) -> str:
+    """A random 6-layer ViT (hidden 384, ~45 MB): some 40 ms an image on one core, so a
+    120-image run spends seconds between its first commit and its end, long enough to
+    be interrupted or have its model actor killed there."""
+    return save_random_vit(tmp_path_factory.mktemp("slow-vit"), hidden=384, layers=6, heads=6, mlp=1536, seed=2)
 
 
 @pytest.fixture(scope="session")
@@ -341,3 +366,45 @@ def write_finished_dest(destination, table, fmt: str = "parquet", shard_size: in
         manifest.add(write_shard(destination, f"000-{seq:07d}", table.slice(start, size), fmt))
     manifest.write(complete=True)
     return manifest.job
+
+
+@pytest.fixture
+def start():
+    """Start ``visionbatch`` runs (``runs.Run``: a process in a session of its own);
+    whatever a test leaves running is killed."""
+    from runs import Run, kill_session, session_processes
+
+    started: list[Run] = []
+
+    def _start(args: list, folder: Path, env: dict | None = None) -> Run:
+        run = Run([str(a) for a in args], folder, env)
+        started.append(run)
+        return run
+
+    yield _start
+    for run in started:
+        if run.proc.poll() is None or session_processes(run.pid):
+            kill_session(run)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs file systems (a real full or read-only disk); skipped where
+    mounting is not permitted. Unmounted at the end."""
+    mounted: list[Path] = []
+
+    def _mount(name: str, size: str, read_only: bool = False) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        return folder
+
+    yield _mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

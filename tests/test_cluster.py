@@ -67,7 +67,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 class Cluster:
-    """A head node (2 CPUs) and a second node (1 CPU, custom resource ``node2``)."""
+    """A head node (2 CPUs) and a second node (1 CPU, custom resource ``node2``), or the
+    head alone (``start(second_node=False)``: test_engine_contract's Ray)."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -96,13 +97,15 @@ class Cluster:
         self.nodes[name] = proc
         return proc
 
-    def start(self) -> "Cluster":
+    def start(self, second_node: bool = True) -> "Cluster":
         head = self._start("head", "--head", f"--port={self.port}", "--num-cpus=2", "--include-dashboard=false",
                            f"--temp-dir={self.temp_dir}")
         self._wait_for_port(head)
-        self._start("node2", f"--address={self.address}", "--num-cpus=1", '--resources={"node2": 1}')
-        alive = self.alive_nodes(expect=2, within=60)
-        assert alive == 2, f"the cluster has {alive} alive node(s), expected 2:\n{self.logs()}"
+        if second_node:
+            self._start("node2", f"--address={self.address}", "--num-cpus=1", '--resources={"node2": 1}')
+        expected = 2 if second_node else 1
+        alive = self.alive_nodes(expect=expected, within=60)
+        assert alive == expected, f"the cluster has {alive} alive node(s), expected {expected}:\n{self.logs()}"
         return self
 
     def _wait_for_port(self, head: subprocess.Popen, within: float = 60) -> None:

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import WNIDS, write_image
-from test_faults import tmpfs  # noqa: F401 (the fixture that mounts a real read-only disk)
 from visionbatch.cli import main
 from visionbatch.destination import MANIFEST, METRICS_FILE, read_results
 from visionbatch.errors import DestinationError
@@ -75,7 +74,7 @@ def test_a_missing_manifest_is_named(finished, dest, tiny_vit, tmp_path, capfd):
     _resume(finished, dest, tiny_vit)
 
 
-def test_evaluate_on_a_read_only_dest_prints_the_metrics(finished, tmpfs, capfd):  # noqa: F811 (the fixture)
+def test_evaluate_on_a_read_only_dest_prints_the_metrics(finished, tmpfs, capfd):
     disk = tmpfs("disk", "4m")
     dest = disk / "dest"
     shutil.copytree(finished[1], dest)

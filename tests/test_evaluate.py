@@ -4,7 +4,6 @@ import copy
 import functools
 import json
 import random
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -229,15 +228,3 @@ def test_counts_survive_json(random_rows):
 
 def test_counts_of_no_rows():
     assert metrics_from_counts(merge_counts(None, {})) == compute_metrics(RESULT_SCHEMA.empty_table())
-
-
-def test_metric_counts_cost_per_1000_rows():
-    shard = random_table(1000, 1000, seed=5)  # ImageNet-like: many classes, so many confusion cells
-    metric_counts(shard)  # warm-up
-    runs = []
-    for _ in range(20):
-        start = time.perf_counter()
-        metric_counts(shard)
-        runs.append(time.perf_counter() - start)
-    best, median = min(runs) * 1e3, sorted(runs)[10] * 1e3
-    print(f"\nmetric_counts: {best:.2f} ms per 1000 rows (best of 20, median {median:.2f} ms)")

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DIR, WNIDS
-from test_faults import kill_session, session_processes, start  # noqa: F401 (start: the fixture that starts and cleans up runs)
+from runs import kill_session, session_processes
 from visionbatch.cli import main
 from visionbatch.destination import LABEL_ISSUES, MANIFEST, read_results
 from visionbatch.export import LABELING_CONFIG, SELECTION, TASKS, safe_name
@@ -460,16 +460,6 @@ def test_to_object_storage(job, s3_server, tmp_path):
         endpoint_override=s3_server.removeprefix("http://"), scheme="http", region="us-east-1"))
     found = _by_path(_tar_samples(local))
     assert set(found) == set(expected)
-    assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
-
-
-@pytest.mark.slow
-def test_through_ray(job, tmp_path):
-    dest, table = job
-    threshold = _median(table)
-    _export(dest, tmp_path / "out", "--where", f"score < {threshold}", "--shard-size", "4", "--engine", "ray")
-    found = _by_path(_tar_samples(tmp_path / "out"))
-    assert set(found) == set(_expected(table, threshold))
     assert all(image == Path(path).read_bytes() for path, (image, _) in found.items())
 
 

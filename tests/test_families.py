@@ -261,9 +261,6 @@ REFUSED = {"imagegpt"}
 # choose_preprocessing that disagrees with the pipeline): xfail(strict) with the reason.
 KNOWN_WRONG: dict[str, str] = {}
 
-SUMMARY: dict[str, str] = {}
-
-
 def _params():
     for name in FAMILIES:
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN_WRONG[name])] if name in KNOWN_WRONG else []
@@ -386,7 +383,6 @@ def test_family_matches_pipeline_or_is_refused(family, images, tmp_path):
     except UnsupportedProcessor as err:
         message = str(err)
         assert message and "\n" not in message, f"{family}: refusal is not one line: {message!r}"
-        SUMMARY[family] = f"refused ({message[:120]})"
         print(f"\n{family:16s} refused    {message}")
         assert family in REFUSED, f"{family} refused unexpectedly: {message}"
         return
@@ -394,7 +390,6 @@ def test_family_matches_pipeline_or_is_refused(family, images, tmp_path):
     assert reason and "\n" not in reason
     path = "processor" if isinstance(preprocessing, ProcessorPath) else "fast"
     largest, spread, packed = _compare_with_pipeline(family, path, folder, preprocessing, images)
-    SUMMARY[family] = f"{path} (max |score diff| {largest:.1e}, {packed} packed layers)"
     print(f"\n{family:16s} {path:10s} max|score diff| {largest:.1e}  reference score spread {spread:.2f}  "
           f"packed layers {packed}  {time.perf_counter() - started:.1f}s  ({reason[:100]})")
 
@@ -445,12 +440,6 @@ def _compare_with_pipeline(family: str, path: str, folder: str, preprocessing, i
     assert spread > 0.05 and len({label for label, _ in expected}) > 1, \
         f"{family}: reference top-1 barely varies ({spread:.3g}); the comparison proves little"
     return largest, spread, predictor.packed_layers
-
-
-def test_summary_line():
-    """Printed last (with -s): family -> path -> largest score difference."""
-    if SUMMARY:
-        print("\nfamilies: " + "; ".join(f"{k}: {v}" for k, v in SUMMARY.items()))
 
 
 def test_model_error_in_every_row_is_reported_not_raised(tmp_path):

@@ -1,4 +1,5 @@
-"""End to end through real Ray: parity with transformers, bad files, the CLI and its exit codes."""
+"""End to end through the real command (the default engine; Ray where a test says so): parity with
+transformers, bad files, the CLI and its exit codes, the model replica's CPU paths."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import visionbatch
 from visionbatch.cli import main
 from visionbatch.destination import METRICS_FILE, SUMMARY, read_results
 from visionbatch.results import RESULT_SCHEMA
-
-from conftest import ROOT
 
 
 def _reference(model_dir: str, files: list[str]) -> list[dict]:

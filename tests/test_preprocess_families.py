@@ -6,7 +6,6 @@ path (the processor itself) serves it, or neither path can and that is said up f
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -316,18 +315,3 @@ def test_synthetic_images_are_deterministic_rgb():
     assert [name for name, _ in first] == [name for name, _ in second]
     for (_, a), (_, b) in zip(first, second):
         assert a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
-
-
-@pytest.mark.parametrize("family", ["vit", "convnext-224", "segformer", "donut-swin"])
-def test_check_cost_is_printed(family):
-    """The check's cost, measured (not asserted: timings belong to the machine); the
-    best of three, after a first call that pays one-off imports."""
-    processor = FAMILIES[family]()
-    resolve_checked_spec(processor)
-    seconds = []
-    for _ in range(3):
-        started = time.perf_counter()
-        spec, _ = resolve_checked_spec(processor)
-        seconds.append(time.perf_counter() - started)
-    print(f"resolve_checked_spec({family}): {min(seconds) * 1000:.0f} ms")
-    assert spec is not None

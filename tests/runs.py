@@ -1,0 +1,181 @@
+"""Running ``visionbatch`` as a job would be run, and checking what it leaves: the helpers
+of the tests that start, signal and kill real jobs (test_faults, test_engine_contract,
+test_inputs, test_export). The ``start`` fixture (conftest) starts runs and cleans up.
+
+A run is a ``visionbatch`` process in a session of its own (``start_new_session``), so a
+test can signal or kill a whole run, and find every process of that run (its decode
+workers, a local Ray's processes) by its session id, without touching any other
+process on the machine (never ``ray stop``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from visionbatch.destination import Destination, read_results
+
+EXE = Path(sys.executable).with_name("visionbatch")
+# Each run starts with the default stop signals that a job started from a terminal
+# has, whatever started the suite: a shell starts a background job (`make test > log &`)
+# with SIGINT ignored, `nohup` ignores SIGHUP, an ignored signal stays ignored across
+# fork and exec (and visionbatch keeps it ignored, as nohup means), and Popen's
+# restore_signals restores SIGPIPE and SIGXFSZ only.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_WITH_DEFAULT_STOP_SIGNALS = ("import os, signal, sys\n"
+                              f"for signum in {tuple(int(s) for s in STOP_SIGNALS)}:\n"
+                              "    signal.signal(signum, signal.SIG_DFL)\n"
+                              "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+class Run:
+    """One ``visionbatch`` process in its own session; stdout/stderr go to files."""
+
+    def __init__(self, args: list[str], folder: Path, env: dict | None = None):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = folder / "stdout", folder / "stderr"
+        self.started = time.monotonic()
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_STOP_SIGNALS, str(EXE), *args], stdout=out,
+                                         stderr=err, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                                         start_new_session=True)
+        self.pid = self.proc.pid  # also its process group and session id (execv keeps the pid)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_session(self)
+            pytest.fail(f"visionbatch did not exit within {timeout} s; stderr:\n{self.stderr}")
+
+    def wait_for_commit(self, dest: Path | str, timeout: float = 180, more_than: int = 0,
+                        endpoint: str | None = None) -> float:
+        """Poll until DEST's manifest lists more than ``more_than`` committed shards; returns
+        the seconds since start."""
+        deadline = time.monotonic() + timeout
+        while len(committed_parts(dest, endpoint)) <= more_than:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {self.proc.returncode}) before committing a part file:\n{self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no part file in {dest} after {timeout} s")
+            time.sleep(0.02)
+        return time.monotonic() - self.started
+
+
+def ignored_signals(pid: int) -> set[int]:
+    """The stop signals process ``pid`` ignores (its SigIgn mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return {signum for signum in STOP_SIGNALS if mask & 1 << (signum - 1)}
+
+
+def session_processes(sid: int) -> dict[int, tuple[int, str]]:
+    """Live processes of session ``sid``: pid -> (process group, command line)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        state, _ppid, pgrp, session = stat.rpartition(")")[2].split()[:4]
+        if int(session) == sid and state not in ("Z", "X"):
+            found[int(entry)] = (int(pgrp), cmdline.replace(b"\0", b" ").decode(errors="replace").strip())
+    return found
+
+
+def kill_session(run: Run, grace: float = 0.0) -> tuple[dict[int, str], dict[int, str]]:
+    """SIGKILL the run's process group, then, by pid, those of its processes that left
+    the group (Ray's workers make groups of their own) and are still alive after
+    ``grace`` seconds. Returns (the processes that had left the group, those of them
+    that had to be killed)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.pid, signal.SIGKILL)
+    run.proc.wait()
+    escaped = {pid: cmd for pid, (pgrp, cmd) in session_processes(run.pid).items() if pgrp != run.pid}
+    deadline = time.monotonic() + grace
+    while session_processes(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lingering = {pid: cmd for pid, (_, cmd) in session_processes(run.pid).items()}
+    deadline = time.monotonic() + 15
+    while (left := session_processes(run.pid)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return escaped, lingering
+
+
+def wait_session_gone(run: Run, timeout: float = 15) -> dict[int, tuple[int, str]]:
+    """After a run exits, the processes of its session still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := session_processes(run.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def committed_parts(dest: Path | str, endpoint: str | None = None) -> list[str]:
+    """The part files DEST's manifest lists (it is replaced whole, never seen half-written)."""
+    manifest = Destination(str(dest), endpoint).manifest()
+    return sorted(s["file"] for s in manifest["shards"].values()) if manifest else []
+
+
+def rows_on_disk(dest: Path, names: list[str] | None = None) -> list[str]:
+    """Paths of the rows in the given part files (default: every committed part file)."""
+    names = committed_parts(dest) if names is None else names
+    return Destination(str(dest)).read_parts(names).column("path").to_pylist() if names else []
+
+
+def check_exactly_once(dest, expected: set[str], s3_endpoint: str | None = None):
+    """The manifest's rows are the expected files, each exactly once; returns the table."""
+    table = read_results(str(dest), s3_endpoint=s3_endpoint)
+    paths = table.column("path").to_pylist()
+    duplicates = len(paths) - len(set(paths))
+    assert duplicates == 0, f"{duplicates} duplicate rows"
+    assert set(paths) == expected, (f"missing {sorted(expected - set(paths))[:5]}, "
+                                    f"unexpected {sorted(set(paths) - expected)[:5]}")
+    return table
+
+
+def no_tmp_files(dest: Path) -> None:
+    leftovers = [p.name for p in dest.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers, f"temporary files left in DEST: {leftovers}"
+
+
+def expected_paths(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*.jpg")}
+
+
+def source_and_dest(where: str, images: Path, files: list[Path], s3_server: str, tmp_path: Path):
+    """SOURCE and DEST on local disk (SOURCE: every image) or in a new bucket of the S3
+    server (SOURCE: ``files``); returns them with the endpoint, the paths the rows should
+    have and the options the S3 server needs."""
+    if where == "local":
+        return images, tmp_path / "out", None, expected_paths(images), []
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    bucket = f"vb-lease-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    client.create_bucket(Bucket=bucket)
+    for path in files:
+        client.upload_file(str(path), bucket, f"val/{path.relative_to(images).as_posix()}")
+    expected = {f"s3://{bucket}/val/{p.relative_to(images).as_posix()}" for p in files}
+    return f"s3://{bucket}/val/", f"s3://{bucket}/results", s3_server, expected, ["--s3-endpoint", s3_server]
