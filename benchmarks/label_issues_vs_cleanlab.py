@@ -299,11 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", metavar="REVISION", help="also run label-issues as it was at this git revision")
     args = parser.parse_args(argv)
     import cleanlab
-    import pyarrow.parquet as pq
-    from cleanlab.filter import find_label_issues
-
-    from visionbatch.destination import LABEL_ISSUES
-    from visionbatch.imagenet import imagenet_wnids
 
     work = args.work or Path(tempfile.mkdtemp(prefix="label-issues-vs-cleanlab-"))
     files, probabilities = cached_probabilities(work, args.images)

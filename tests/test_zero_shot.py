@@ -8,7 +8,6 @@ import visionbatch
 from visionbatch.cli import main
 from visionbatch.destination import read_results
 from visionbatch.imagenet import imagenet_classes
-from visionbatch.destination import read_results
 from visionbatch.errors import JobError
 
 
