@@ -356,12 +356,13 @@ def write_finished_dest(destination, table, fmt: str = "parquet", shard_size: in
     import dataclasses
 
     from visionbatch.manifest import Manifest
+    from visionbatch.results import SHA256
     from visionbatch.shards import InputSpec
     from visionbatch.writer import write_shard
 
     size = shard_size or max(table.num_rows, 1)
     listed = InputSpec(sources=(), from_list=False, shard_size=size, limit=None, cwd="")
-    manifest = Manifest(destination, {"test": True, "format": fmt, "input": dataclasses.asdict(listed)})
+    manifest = Manifest(destination, {"test": True, "format": fmt, "input": dataclasses.asdict(listed), SHA256: True})
     for seq, start in enumerate(range(0, max(table.num_rows, 1), size)):
         manifest.add(write_shard(destination, f"000-{seq:07d}", table.slice(start, size), fmt))
     manifest.write(complete=True)

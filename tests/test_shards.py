@@ -196,6 +196,24 @@ def test_resume_knows_a_list_file_by_any_spelling_and_where_its_paths_are_from(i
                         progress=False)
 
 
+def test_rows_carry_their_files_sha256(image_tree, tiny_vit, tmp_path):
+    """The same bytes under two paths have one digest (exact duplicates need no
+    embeddings); an empty file has the digest of no bytes, and its error row."""
+    import hashlib
+
+    first = sorted(image_tree.rglob("*.jpg"))[0]
+    shutil.copy(first, first.parent / "copy-of-first.jpg")
+    (first.parent / "empty.jpg").write_bytes(b"")
+    dest = tmp_path / "out"
+    visionbatch.run([str(image_tree)], str(dest), model=tiny_vit, progress=False)
+    rows = {row["path"]: row for row in read_results(str(dest)).to_pylist()}
+    assert rows[str(first)]["sha256"] == rows[str(first.parent / "copy-of-first.jpg")]["sha256"] == \
+        hashlib.sha256(first.read_bytes()).hexdigest()
+    assert rows[str(first.parent / "empty.jpg")]["sha256"] == hashlib.sha256(b"").hexdigest()
+    assert rows[str(first.parent / "empty.jpg")]["error"].startswith("empty_file")
+    assert len({row["sha256"] for row in rows.values()}) == len(rows) - 1  # but the copy, each its own
+
+
 def test_a_dest_of_an_older_manifest_version_is_refused_on_resume_and_still_read(image_tree, tiny_vit, tmp_path):
     """A DEST written before the job's record held its input whole (manifest version 3)
     is never resumed into, mixed with this version's record: --resume says what to do;

@@ -70,7 +70,7 @@ def test_results_round_trip(fmt, tmp_path):
         "path": ["a.jpg", "b.jpg"], "label": ["cat", None], "label_id": [3, None], "score": [0.5, None],
         "top_k_labels": [["cat", "dog"], None], "top_k_scores": [[0.5, 0.25], None], "true_label": ["cat", None],
         "correct": [True, None], "true_label_score": [0.5, None], "error": [None, "empty_file: file has 0 bytes"],
-        "width": [10, None], "height": [5, None],
+        "width": [10, None], "height": [5, None], "sha256": ["ab" * 32, None],
     })
     destination = Destination(str(tmp_path / "dest"))
     assert not destination.has_results()

@@ -9,6 +9,7 @@ never raises past this module: every failure becomes a :class:`DecodeError` whos
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import resource
@@ -22,7 +23,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, MAX_MADE_PIXELS
 from visionbatch.labels import LabelResolver, folder_of
 from visionbatch.preprocess import Drafted, Preprocessing, made_pixels, pixel_layout, prepare_image
-from visionbatch.results import KEY_COLUMN, ROW_COLUMN, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN
+from visionbatch.results import KEY_COLUMN, ROW_COLUMN, SHA256, SHARD_COLUMN, SHARD_DIGEST_COLUMN, SHARD_ROWS_COLUMN
 from visionbatch.samples import Reading, Sample, read_ahead, shard_samples
 from visionbatch.shards import Shard, TarShard, describe_shard
 from visionbatch.storage import Storage, describe
@@ -218,10 +219,11 @@ def crash_block(shard, rows: list[int], error: str, reading: Reading, labels: La
     known without reading it: one row naming its file)."""
     if isinstance(shard, Shard):
         true_label = _true_labels(reading, labels)
-        made = [(row, shard.paths[row], true_label(Sample(shard.paths[row], error)), None, None, -1, -1, error)
+        made = [(row, shard.paths[row], true_label(Sample(shard.paths[row], error)), None, None, None, -1, -1, error)
                 for row in rows]
         return _BlockMaker(shard, shard.columns)(made, 0.0, size=len(shard.paths))
-    return _BlockMaker(shard, None)([(0, describe_shard(shard), None, None, None, -1, -1, error)], 0.0, size=1)
+    return _BlockMaker(shard, None)([(0, describe_shard(shard), None, None, None, None, -1, -1, error)], 0.0,
+                                    size=1)
 
 
 def _true_labels(reading: Reading, labels: LabelResolver | None) -> Callable[[Sample], str | None]:
@@ -255,9 +257,9 @@ def _decode_shard(shard, spec, max_pixels, reading: Reading, labels, batch_size:
         if held is not None:
             yield block(*held, size=-1)
             held = None
-        rows.append((index, sample.path, true_label(sample), sample.key,
+        rows.append((index, sample.path, true_label(sample), sample.key, _sha256(sample.data),
                      *decode_file(sample.path, sample.data, spec, max_pixels, draft_side)))
-        images += rows[-1][4] is not None
+        images += rows[-1][5] is not None
         if images == batch_size:
             made = (rows, (time.perf_counter() - started) / len(rows))
             if shard.rows is None:
@@ -281,7 +283,7 @@ class _BlockMaker:
         """Rows of one shard as a table; the decoded images go in one binary column whose
         data buffer is the images back to back (a failed row holds no bytes), so a block
         has one schema whatever failed, and the model stage reads the images without a copy."""
-        index, paths, truths, keys, images, widths, heights, errors = zip(*rows)
+        index, paths, truths, keys, digests, images, widths, heights, errors = zip(*rows)
         n = len(rows)
         sizes = np.array([0 if image is None else image.nbytes for image in images], dtype=np.int64)
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -299,6 +301,7 @@ class _BlockMaker:
             "width": _size_column(widths),
             "height": _size_column(heights),
             "error": pa.array([error or None for error in errors], pa.string()),
+            SHA256: pa.array(digests, pa.string()),
             "pixels": pixels,
             "decode_seconds": pa.array(np.full(n, seconds_per_row)),
         }
@@ -308,6 +311,11 @@ class _BlockMaker:
             taken = self.kept.take(pa.array(index, pa.int64()))
             columns.update(zip(taken.column_names, taken.columns))
         return pa.table(columns)
+
+
+def _sha256(data: bytes | str) -> str | None:
+    """A file's bytes' digest (None for a read error: ``data`` is its text)."""
+    return hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else None
 
 
 def _size_column(values) -> pa.Array:

@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from visionbatch.errors import DestinationError
-from visionbatch.results import EMBEDDING, LABEL_COLUMNS, RESULT_SCHEMA, conform, result_schema
+from visionbatch.results import EMBEDDING, LABEL_COLUMNS, RESULT_SCHEMA, SHA256, conform, result_schema
 from visionbatch.storage import Storage, describe, is_remote
 
 EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
@@ -165,7 +165,9 @@ def _decode(data: bytes, fmt: str, schema: pa.Schema, columns: tuple[str, ...] |
 def job_schema(job: dict) -> pa.Schema:
     """The result schema of the job a manifest records (plan.job_identity)."""
     embeddings = job.get(EMBEDDINGS_KEY)
-    return result_schema(embeddings and embeddings["width"])
+    schema = result_schema(embeddings and embeddings["width"])
+    # A job recorded before rows carried their file's digest: its parts have no such column.
+    return schema if job.get(SHA256) else schema.remove(schema.get_field_index(SHA256))
 
 
 def _format_of(name: str) -> str:

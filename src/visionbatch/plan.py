@@ -26,7 +26,7 @@ from visionbatch.model_loading import (ModelSource, check_model_kind, embedding_
                                        load_processor, model_revision, resolve_model_source)
 from visionbatch.preprocess import (Preprocessing, ProcessorPath, UnsupportedProcessor, choose_preprocessing,
                                    draft_side, pixel_layout)
-from visionbatch.results import result_schema
+from visionbatch.results import SHA256, result_schema
 from visionbatch.samples import Reading
 from visionbatch.shards import InputSpec
 from visionbatch.storage import Storage, canonical_uri
@@ -324,4 +324,4 @@ def job_identity(config: ClassifyConfig, output: OutputConfig, plan: Plan) -> di
                                                        "normalized": config.normalize_embeddings},
             "zero_shot": model.candidate_labels and {"labels": list(model.candidate_labels),
                                                      "template": config.hypothesis_template},
-            "keep_columns": list(config.keep_columns)}
+            "keep_columns": list(config.keep_columns), SHA256: True}

@@ -27,8 +27,12 @@ RESULT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        # The file's bytes' SHA-256 (hex; null where they could not be read): the same
+        # image under two paths (visionbatch duplicates' exact groups).
+        pa.field("sha256", pa.string()),
     ]
 )
+SHA256 = "sha256"  # the column, and the job record's key that says its rows carry it (destination.job_schema)
 
 EMBEDDING = "embedding"
 
