@@ -11,6 +11,7 @@ of shards, never with the number of images.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -147,7 +148,8 @@ class ClassifyJob:
             log.warning(self.status["index_labels"])
         self.bar = progress_bar(self.progress, "classify", initial=self.summary.already_done)
         try:
-            self._take(self.engine.run(prepared, self.writer))
+            with contextlib.closing(self.engine.run(prepared, self.writer)) as events:  # see _take
+                self._take(events)
             self._poll_status(wait=True)
             self._check_listing()
             # The planner may hear of commits late: the manifest is the truth.
@@ -214,7 +216,9 @@ class ClassifyJob:
         self.status = status
 
     def _take(self, events) -> set[str]:
-        """Count and commit what the engine's writer reports; the shards committed."""
+        """Count and commit what the engine's writer reports; the shards committed. The
+        caller closes ``events`` however this ends: an engine's stream stops then, before
+        the engine does (a stop signal may come while the stream waits on its own)."""
         committed = set()
         for rows_in, record in events:
             self._rows_arrived(rows_in)
@@ -271,7 +275,8 @@ class ClassifyJob:
         ``worker_crash`` rows (a tar's or table's shard: one naming its file)."""
         self.writer.discard([shard.id for shard in lost])
         pieces = [piece for shard in lost for piece in one_file_pieces(shard)]
-        committed = self._take(self.engine.run(self.prepared, self.writer, pieces))
+        with contextlib.closing(self.engine.run(self.prepared, self.writer, pieces)) as events:
+            committed = self._take(events)
         why = (f"worker_crash: processing this {{}} failed {self.config.max_retries + 1} times "
                "(its worker process died or its task failed)")
         options = self.prepared.decode_options(1)

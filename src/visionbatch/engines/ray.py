@@ -108,18 +108,23 @@ class RayEngine(Engine):
         with _failures_become_rows():
             # No prefetch: it holds each block back until the next one has come, which
             # delays the first result (and every commit) by a block's worth of model time.
-            for records in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                finished = False
-                for rows_in, record in commit_events(records if shards is None else writer(records)):
-                    if record is not None and "digest" in record:
-                        self.planner.committed[record["shard"]] = record["digest"]
-                        finished = shards is None and self.planner.all_committed()
-                    yield rows_in, record
-                if finished:
-                    # Every shard is committed: the job is done, whatever the stream still
-                    # waits for (after a lost node, Ray Data's last decode slots can wait
-                    # forever for CPUs that its restarted actors hold).
-                    break
+            # Closed on the way out, whatever ends the stream: Ray Data's executor then
+            # stops while Ray is up. Left to the garbage collector after a stop, it could run
+            # after the engine's ray.shutdown() and start a second, local Ray in this process.
+            with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow",
+                                                         prefetch_batches=0))) as batches:
+                for records in batches:
+                    finished = False
+                    for rows_in, record in commit_events(records if shards is None else writer(records)):
+                        if record is not None and "digest" in record:
+                            self.planner.committed[record["shard"]] = record["digest"]
+                            finished = shards is None and self.planner.all_committed()
+                        yield rows_in, record
+                    if finished:
+                        # Every shard is committed: the job is done, whatever the stream still
+                        # waits for (after a lost node, Ray Data's last decode slots can wait
+                        # forever for CPUs that its restarted actors hold).
+                        break
         if shards is None and self.planner.dead:
             # The planner died (its decode tasks with it, at their next shard): a new one
             # lists again, skips what is committed, and the job goes on with the rest.
