@@ -177,23 +177,37 @@ def _format_of(name: str) -> str:
     raise DestinationError(f"unknown result file type: {name}")
 
 
+# On object storage a lease found missing is looked for once more, this much later: an
+# overwrite that is not atomic (seen with moto's server under load) would otherwise show a
+# job a lease being rewritten as one that is gone.
+LEASE_REREAD_S = 0.5
+
+
 def read_lease(fs: pafs.FileSystem, path: str) -> dict | None:
-    """The lease file at ``path``, or None where there is none. Storage errors are
-    retried (the SDK's own retries can run out on a flaky store) and then raised."""
-    for attempt in range(3):
+    """The lease file at ``path``, or None where there is none (see LEASE_REREAD_S).
+    Storage errors are retried (the SDK's own retries can run out on a flaky store) and
+    then raised."""
+    missing_seen = isinstance(fs, pafs.LocalFileSystem)  # a local rename replaces a file at once
+    for attempt in range(4):
         try:
             with fs.open_input_stream(path) as stream:
                 return json.loads(stream.read())
         except FileNotFoundError:
-            return None
+            missing = True
         except ValueError:  # not JSON: written by something else
             return None
         except (OSError, pa.ArrowException) as err:
+            missing = False
             with contextlib.suppress(OSError, pa.ArrowException):
-                if fs.get_file_info(path).type == pafs.FileType.NotFound:
-                    return None
-            if attempt == 2:
+                missing = fs.get_file_info(path).type == pafs.FileType.NotFound
+            if not missing and attempt >= 2:
                 raise DestinationError(f"cannot read {path}: {describe(err)}") from None
+        if missing:
+            if missing_seen:
+                return None
+            missing_seen = True
+            time.sleep(LEASE_REREAD_S)
+        else:
             time.sleep(0.5 * (attempt + 1))
     return None
 
