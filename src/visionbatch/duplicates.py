@@ -1,0 +1,476 @@
+"""Duplicates (issue 34): which images are in a collection twice, at any size, as stages
+over files that a driver runs as tasks (each a bounded unit of work, redone by rewriting
+the same file).
+
+plan      the SOURCE (a DEST classified with ``--embeddings``, or any Parquet table of
+          paths and embeddings) as *units*: runs of its parts / row groups, ``unit_rows``
+          rows at most, with each row's global ordinal (parts in listing order, rows in
+          order). The plan is a small JSON-able dict; the driver holds it and nothing per row.
+sample    per unit: a few of its unit-length vectors, for training (bounded in all)
+train     faiss k-means on the sample: ``nlist`` centroids (the IVF coarse quantizer)
+assign    per unit: each row's nearest centroid (its *home* cell) and every other cell
+          whose border is near enough that a duplicate of the row could live there (a
+          *visit*), spilled sorted by cell to ``cells/unit-U.parquet`` with the vector as
+          float16; the row's path, digest, image area and given label to
+          ``rows/unit-U.parquet``; rows per cell to ``cells/unit-U.counts.npy``
+cells     per task (consecutive cells packed up to ``cell_rows`` rows, or a pair of
+          blocks of one oversized cell): exact cosine (faiss ``IndexFlatIP`` range search)
+          among the task's rows, pairs >= threshold to ``pairs/task-T.parquet``
+group     (``duplicate_groups``) pairs and equal digests joined into groups without
+          chaining, the output table and its summary
+
+The border guarantee (why no pair is lost between cells): for centroids c_A, c_B and
+f(x) = |x - c_B|^2 - |x - c_A|^2, linear in x, two vectors a and b with cosine >= t are at
+most delta = sqrt(2 - 2t) apart, so f(a) - f(b) = 2 (a - b).(c_A - c_B) <= 2 delta |c_A - c_B|.
+A row visits cell B when f <= delta |c_A - c_B| (A its home): then of a pair homed in A
+and B, a visits B or b visits A, and the pair is compared in one of the two cells. Only
+the ``VISIT_CANDIDATES`` nearest centroids are tested, so a row with more cells that
+close misses some (counted as ``visits_cut``); recall is measured, not assumed.
+
+Work dir layout (all files named by their unit or task: a redo overwrites)::
+
+    centroids.npy                       (nlist, d) float32
+    rows/unit-000000.parquet            ordinal, path, digest, area, given_label (every row)
+    cells/unit-000000.parquet           cell, ordinal, home, vector (sorted by cell, ordinal)
+    cells/unit-000000.counts.npy        rows (homes and visits) per cell, int64[nlist]
+    pairs/task-000000.parquet           a < b (ordinals), similarity
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from visionbatch.sinks import Destination, DestinationError, job_schema
+from visionbatch.storage import Storage
+
+# Cosine at or above which two images are near-duplicates. Measured on real
+# EfficientNet-Lite0 embeddings (benchmarks/duplicates_quality.py, RESULTS.md): edited
+# copies (JPEG q=15, resized, cropped 80%, mirrored, recoloured, rotated 5 degrees) of the
+# ImageNet sample score 0.83 and more against their original, while the most similar pair
+# of different photographs scores 0.78; the default sits between the two.
+DEFAULT_THRESHOLD = 0.80
+# How many nearest centroids assign tests for visits. At nlist = sqrt(N) and the default
+# threshold rows have a handful of cells within the margin; the cut is counted and reported.
+VISIT_CANDIDATES = 16
+# k-means sample: faiss warns under 39 points per centroid; 40 per centroid keeps the
+# sample (and the driver's memory) at 40 * sqrt(N) * d floats: 0.8 GB at 100M x 512.
+TRAIN_POINTS_PER_CELL = 40
+KMEANS_ITERATIONS = 10
+_SAMPLE_SEED = 34
+
+
+class DuplicatesError(Exception):
+    """The source cannot give what was asked (no embeddings for near-duplicates, no columns)."""
+
+
+@dataclass(frozen=True)
+class DuplicatesConfig:
+    source: str
+    threshold: float = DEFAULT_THRESHOLD
+    near: bool | None = None  # None: near-duplicates where the source has embeddings; True: required
+    embedding_column: str = "embedding"
+    path_column: str = "path"
+    digest_column: str = "digest"
+    label_column: str = "true_label"  # the given label, carried to the output (label-issues)
+    unit_rows: int = 100_000  # rows per assign unit: one unit's vectors (float32) are unit_rows * d * 4 bytes
+    cell_rows: int = 20_000  # rows one cell task compares at once: memory 2 * cell_rows * d * 4 bytes
+    cells: int | None = None  # nlist; None: choose_cells(rows)
+    s3_endpoint: str | None = None
+
+
+def choose_cells(rows: int) -> int:
+    """nlist = sqrt(N). Assign costs N * nlist * d (each row against every centroid), the
+    cells N * (r N / nlist) * d (r: homes plus visits per row, 2-4 here): their sum is
+    least near nlist = sqrt(r N); sqrt(N) leans to fewer, larger cells, which keeps the
+    visits down (a smaller cell has more border) and the k-means sample within 1 GB at 100M."""
+    return max(1, round(math.sqrt(rows)))
+
+
+# -- plan: the source as units ------------------------------------------------------------
+
+
+def _is_dest(destination: Destination) -> bool:
+    try:
+        return destination.manifest() is not None
+    except DestinationError:
+        return True  # a damaged manifest is a DEST's: reading its parts says what is wrong
+
+
+def plan_source(config: DuplicatesConfig) -> dict:
+    """The source's units and what its rows carry: ``{"source", "kind": "dest"|"table",
+    "job" (a DEST's job record), "units": [{"unit", "first", "rows", "pieces": [{"file",
+    "rows", "row_groups"}]}], "rows", "columns": {role: column or None}, "dim"}``."""
+    storage = Storage(config.s3_endpoint)
+    destination = Destination(config.source, storage)
+    if _is_dest(destination):
+        manifest, shards = destination.committed_parts()
+        schema, job = job_schema(manifest["job"]), manifest["job"]
+        pieces = [{"file": shard["file"], "rows": shard["rows"], "row_groups": None} for shard in shards]
+    else:
+        files = _parquet_files(destination)
+        if not files:
+            raise DuplicatesError(f"no Parquet files in {config.source}")
+        schema, job, pieces = None, None, []
+        for name in files:
+            with destination.fs.open_input_file(f"{destination.root}/{name}" if name else destination.root) as file:
+                metadata = pq.ParquetFile(file).metadata
+            schema = schema or metadata.schema.to_arrow_schema()
+            pieces += [{"file": name, "rows": metadata.row_group(i).num_rows, "row_groups": [i]}
+                       for i in range(metadata.num_row_groups)]
+    columns = {"path": config.path_column, "embedding": config.embedding_column, "digest": config.digest_column,
+               "label": config.label_column, "width": "width", "height": "height"}
+    columns = {role: name if name in schema.names else None for role, name in columns.items()}
+    if columns["path"] is None:
+        raise DuplicatesError(f"{config.source} has no column {config.path_column!r} (--path-column)")
+    dim = None
+    if columns["embedding"] is not None:
+        kind = schema.field(columns["embedding"]).type
+        if not (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind) or pa.types.is_large_list(kind)):
+            raise DuplicatesError(f"column {columns['embedding']!r} is {kind}, not a list of floats")
+        dim = kind.list_size if pa.types.is_fixed_size_list(kind) else None
+    units, first = [], 0
+    for piece in pieces:  # consecutive pieces of one file (row groups), or parts, up to unit_rows
+        last = units[-1] if units else None
+        if last and last["rows"] + piece["rows"] <= config.unit_rows and \
+                (job is not None or last["pieces"][-1]["file"] == piece["file"]):
+            if job is None:
+                last["pieces"][-1]["row_groups"] += piece["row_groups"]
+                last["pieces"][-1]["rows"] += piece["rows"]
+            else:
+                last["pieces"].append(piece)
+            last["rows"] += piece["rows"]
+        else:
+            units.append({"unit": len(units), "first": first, "rows": piece["rows"], "pieces": [dict(piece)]})
+        first += piece["rows"]
+    return {"source": destination.uri, "s3_endpoint": config.s3_endpoint, "kind": "dest" if job else "table",
+            "job": job, "units": units, "rows": first, "columns": columns, "dim": dim}
+
+
+def _parquet_files(destination: Destination) -> list[str]:
+    """A table's Parquet files relative to its folder, in listing order (sorted), leaving
+    out hidden and underscore names as Spark and Arrow do ("" where it is one file)."""
+    import pyarrow.fs as pafs
+
+    info = destination.fs.get_file_info(destination.root)
+    if info.type == pafs.FileType.File:
+        return [""]
+    if info.type == pafs.FileType.NotFound:
+        raise DuplicatesError(f"{destination.uri} does not exist")
+    found = destination.fs.get_file_info(pafs.FileSelector(destination.root, recursive=True))
+    names = [f.path[len(destination.root) + 1:] for f in found if f.type == pafs.FileType.File]
+    return sorted(n for n in names if n.endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in n.split("/")))
+
+
+def read_unit(plan: dict, unit: dict, roles: Iterable[str]) -> pa.Table:
+    """A unit's rows, the columns of ``roles`` present in the source (named by role)."""
+    wanted = {role: plan["columns"][role] for role in roles if plan["columns"][role]}
+    destination = Destination(plan["source"], Storage(plan["s3_endpoint"]))
+    tables = []
+    for piece in unit["pieces"]:
+        if plan["kind"] == "dest":
+            table = destination.read_part(piece["file"], piece["rows"], job_schema(plan["job"]),
+                                          tuple(wanted.values()))
+        else:
+            path = f"{destination.root}/{piece['file']}" if piece["file"] else destination.root
+            with destination.fs.open_input_file(path) as file:
+                table = pq.ParquetFile(file).read_row_groups(piece["row_groups"], columns=list(wanted.values()))
+        tables.append(table.select(list(wanted.values())).rename_columns(list(wanted)))
+    return pa.concat_tables(tables)
+
+
+def unit_vectors(embeddings: pa.ChunkedArray | pa.Array, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, vectors): which rows have an embedding, and theirs at unit length (float32,
+    one row per valid row). A null or all-zero embedding is not valid."""
+    embeddings = embeddings.combine_chunks() if isinstance(embeddings, pa.ChunkedArray) else embeddings
+    valid = ~np.asarray(embeddings.is_null().to_numpy(zero_copy_only=False))
+    present = embeddings.filter(pa.array(valid))
+    flat = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    width = dim or (len(flat) // max(len(present), 1))
+    vectors = flat.reshape(len(present), width)
+    norms = np.linalg.norm(vectors, axis=1)
+    nonzero = norms > 0
+    valid[np.flatnonzero(valid)[~nonzero]] = False
+    return valid, np.ascontiguousarray(vectors[nonzero] / norms[nonzero, None])
+
+
+# -- sample and train -----------------------------------------------------------------------
+
+
+def sample_stage(plan: dict, unit: dict, points: int) -> np.ndarray:
+    """About ``points`` * (unit rows / all rows) of the unit's vectors, chosen by a seed of
+    the unit's own (a redo picks the same)."""
+    _, vectors = unit_vectors(read_unit(plan, unit, ["embedding"]).column("embedding"), plan["dim"])
+    share = min(len(vectors), math.ceil(points * unit["rows"] / max(plan["rows"], 1)))
+    chosen = np.random.default_rng([_SAMPLE_SEED, unit["unit"]]).choice(len(vectors), share, replace=False)
+    return vectors[np.sort(chosen)]
+
+
+def train_stage(sample: np.ndarray, cells: int, work: str) -> np.ndarray:
+    """k-means on the sample: the centroids (also written to ``work/centroids.npy``)."""
+    import faiss
+
+    cells = min(cells, len(sample))
+    kmeans = faiss.Kmeans(sample.shape[1], cells, niter=KMEANS_ITERATIONS, seed=_SAMPLE_SEED,
+                          max_points_per_centroid=TRAIN_POINTS_PER_CELL * 2, verbose=False)
+    kmeans.train(sample)
+    _save_npy(os.path.join(work, "centroids.npy"), kmeans.centroids)
+    return kmeans.centroids
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    """Written whole or not at all (a killed task leaves no half file for a reader)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as file:
+        np.save(file, array)
+    os.replace(path + ".tmp", path)
+
+
+def _write_parquet(path: str, table: pa.Table, **options) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path + ".tmp", **options)
+    os.replace(path + ".tmp", path)
+
+
+# -- assign -------------------------------------------------------------------------------
+
+
+def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> str:
+    return os.path.join(work, folder, f"unit-{unit:06d}{suffix}")
+
+
+def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool) -> dict:
+    """Spill one unit: its rows' facts to ``rows/``, and (``near``) each vector to its home
+    cell and the cells it visits, to ``cells/``. Returns ``{"unit", "vectors", "visits",
+    "visits_cut"}``."""
+    table = read_unit(plan, unit, ["path", "digest", "label", "width", "height", "embedding"])
+    ordinals = np.arange(unit["first"], unit["first"] + unit["rows"], dtype=np.int64)
+    area = (pc.multiply(table.column("width").cast(pa.int64()), table.column("height").cast(pa.int64()))
+            if "width" in table.column_names and "height" in table.column_names else pa.nulls(len(table), pa.int64()))
+    rows = pa.table({
+        "ordinal": ordinals,
+        "path": table.column("path").cast(pa.string()),
+        "digest": table.column("digest").cast(pa.string()) if "digest" in table.column_names
+        else pa.nulls(len(table), pa.string()),
+        "area": area,
+        "given_label": table.column("label").cast(pa.string()) if "label" in table.column_names
+        else pa.nulls(len(table), pa.string()),
+    })
+    _write_parquet(unit_file(work, "rows", unit["unit"]), rows)
+    result = {"unit": unit["unit"], "vectors": 0, "visits": 0, "visits_cut": 0}
+    if not near:
+        return result
+    valid, vectors = unit_vectors(table.column("embedding"), plan["dim"])
+    del table, rows
+    centroids = np.load(os.path.join(work, "centroids.npy"))
+    nearest, visits = _candidate_cells(vectors, centroids, threshold)
+    members, rank = np.nonzero(visits)  # a row (its index among the vectors) per spilled copy
+    cells, home = nearest[members, rank].astype(np.int32), rank == 0
+    order = np.lexsort((members, cells))  # by cell, then ordinal (members index rows in order)
+    cells, members, home = cells[order], members[order], home[order]
+    dim = vectors.shape[1]
+    spilled = pa.table({
+        "cell": pa.array(cells, pa.int32()),
+        "ordinal": pa.array(ordinals[valid][members]),
+        "home": pa.array(home),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[members].astype(np.float16).ravel()), dim),
+    })
+    # Small row groups: a cell task reads its cells' row groups alone (their statistics).
+    _write_parquet(unit_file(work, "cells", unit["unit"]), spilled, row_group_size=8192, compression="none")
+    _save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
+              np.bincount(cells, minlength=len(centroids)).astype(np.int64))
+    # A row that visits even its farthest tested candidate may have more cells that close.
+    cut = int(visits[:, -1].sum()) if len(centroids) > VISIT_CANDIDATES else 0
+    return {**result, "vectors": len(vectors), "visits": int(len(cells) - len(vectors)), "visits_cut": cut}
+
+
+def _margin(threshold: float) -> float:
+    """delta: the largest distance between unit vectors with cosine >= threshold; float16
+    rounding of the spilled vectors is within the slack added."""
+    return math.sqrt(max(0.0, 2.0 - 2.0 * threshold)) + 1e-3
+
+
+def _candidate_cells(vectors: np.ndarray, centroids: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest, visits): each row's VISIT_CANDIDATES nearest centroids (home first) and
+    which of them it visits (the rule in the module's docstring; home always)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    k = min(VISIT_CANDIDATES, len(centroids))
+    distances, nearest = index.search(vectors, k)
+    delta = _margin(threshold)
+    visits = np.zeros(nearest.shape, dtype=bool)
+    visits[:, 0] = True
+    for start in range(0, len(vectors), 2048):  # the centroid gather, a bounded block at a time
+        block = slice(start, start + 2048)
+        between = np.linalg.norm(centroids[nearest[block, 1:]] - centroids[nearest[block, :1]], axis=2)
+        visits[block, 1:] = distances[block, 1:] - distances[block, :1] <= delta * between
+    return nearest, visits
+
+
+# -- cells --------------------------------------------------------------------------------
+
+
+def cell_counts(work: str, units: list[dict]) -> np.ndarray:
+    """Rows (homes and visits) per cell over all units, from their counts files."""
+    return sum(np.load(unit_file(work, "cells", unit["unit"], ".counts.npy")) for unit in units)
+
+
+def plan_cell_tasks(counts: np.ndarray, cell_rows: int) -> list[dict]:
+    """Cell tasks: consecutive cells packed up to ``cell_rows`` rows, and for a cell over
+    that, one task per pair of its ``cell_rows`` blocks (i <= j): ``{"task", "cells": [lo,
+    hi], "blocks": [i, j] or None}``. Deterministic in the counts."""
+    tasks, lo, packed = [], 0, 0
+    for cell, rows in enumerate(counts.tolist()):
+        if rows > cell_rows:
+            if packed:
+                tasks.append({"cells": [lo, cell], "blocks": None})
+            blocks = math.ceil(rows / cell_rows)
+            tasks += [{"cells": [cell, cell + 1], "blocks": [i, j]} for i in range(blocks) for j in range(i, blocks)]
+            lo, packed = cell + 1, 0
+        elif packed + rows > cell_rows:
+            tasks.append({"cells": [lo, cell], "blocks": None})
+            lo, packed = cell, rows
+        else:
+            packed += rows
+    if packed:
+        tasks.append({"cells": [lo, len(counts)], "blocks": None})
+    return [{"task": i, **task} for i, task in enumerate(tasks)]
+
+
+def _task_rows(work: str, units: list[dict], task: dict, cell_rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows of the task's cells, unit by unit (so in ordinal order within a cell); for
+    a block task only the rows of its two blocks, streamed (the cell may be any size)."""
+    import pyarrow.dataset as ds
+
+    lo, hi = task["cells"]
+    files = [unit_file(work, "cells", unit["unit"]) for unit in units]
+    scanner = ds.dataset(files, format="parquet").scanner(
+        filter=(ds.field("cell") >= lo) & (ds.field("cell") < hi), use_threads=False)
+    if task["blocks"] is None:
+        yield from scanner.to_batches()
+        return
+    wanted = sorted({block * cell_rows for block in task["blocks"]})
+    position = 0
+    for batch in scanner.to_batches():
+        for start in wanted:  # the parts of this batch inside either block
+            begin, end = max(start, position), min(start + cell_rows, position + len(batch))
+            if begin < end:
+                yield batch.slice(begin - position, end - begin)
+        position += len(batch)
+
+
+def cell_stage(work: str, units: list[dict], task: dict, threshold: float, cell_rows: int) -> int:
+    """Exact cosine among one task's rows: pairs of ordinals (a < b) with similarity >=
+    ``threshold`` where at least one of the two is at home in the cell (a pair of two
+    visitors is compared in a home cell of one of them), to ``pairs/task-T.parquet``.
+    Returns how many pairs (a pair compared in two cells is in both files)."""
+    batches = list(_task_rows(work, units, task, cell_rows))
+    found = []
+    if batches and task["blocks"] is None:
+        # unit by unit, each sorted by cell: sorted again, so that each cell's rows are together
+        table = pa.Table.from_batches(batches).sort_by([("cell", "ascending"), ("ordinal", "ascending")])
+        cells = table.column("cell").to_numpy()
+        bounds = np.flatnonzero(np.diff(cells)) + 1
+        for start, end in zip([0, *bounds.tolist()], [*bounds.tolist(), len(cells)]):
+            found.append(_pairs(table.slice(start, end - start), None, threshold))
+    elif batches:
+        table, (i, j) = pa.Table.from_batches(batches), task["blocks"]
+        # _task_rows yields block i's rows before block j's where i < j; i == j: one block
+        first = table.slice(0, min(cell_rows, len(table)))
+        found.append(_pairs(first, table.slice(len(first)) if i != j else None, threshold))
+    pairs = pa.concat_tables(found) if found else _PAIRS_SCHEMA.empty_table()
+    _write_parquet(os.path.join(work, "pairs", f"task-{task['task']:06d}.parquet"), pairs)
+    return len(pairs)
+
+
+_PAIRS_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("similarity", pa.float32())])
+
+
+def _vectors(rows: pa.Table) -> np.ndarray:
+    dim = rows.schema.field("vector").type.list_size
+    flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.astype(np.float32).reshape(len(rows), dim))
+
+
+def _pairs(queries: pa.Table, others: pa.Table | None, threshold: float) -> pa.Table:
+    """Pairs >= threshold between ``queries`` and ``others`` (None: among ``queries``,
+    each pair once), where one of the two is at home."""
+    import faiss
+
+    if len(queries) == 0 or (others is not None and len(others) == 0):
+        return _PAIRS_SCHEMA.empty_table()
+    base = queries if others is None else others
+    index = faiss.IndexFlatIP(base.schema.field("vector").type.list_size)
+    index.add(_vectors(base))
+    limits, similarity, matched = index.range_search(_vectors(queries), threshold)
+    query = np.repeat(np.arange(len(queries)), np.diff(limits).astype(np.int64))
+    keep = (query < matched) if others is None else np.ones(len(query), dtype=bool)
+    keep &= queries.column("home").to_numpy(zero_copy_only=False)[query] | \
+        base.column("home").to_numpy(zero_copy_only=False)[matched]
+    a = queries.column("ordinal").to_numpy()[query[keep]]
+    b = base.column("ordinal").to_numpy()[matched[keep]]
+    return pa.table({"a": np.minimum(a, b), "b": np.maximum(a, b),
+                     "similarity": np.minimum(similarity[keep], 1.0).astype(np.float32)}, schema=_PAIRS_SCHEMA)
+
+
+# -- the stages in order ------------------------------------------------------------------
+
+
+def find_duplicates(config: DuplicatesConfig, work: str, output: str,
+                    map_tasks: Callable = map) -> dict:
+    """All stages on one machine, in order: ``map_tasks(function, *iterables)`` runs the
+    per-unit and per-task stages (the builtin map, or a process pool's). Writes the
+    output table (``duplicate_groups.OUTPUT_SCHEMA``) to the local file ``output`` and
+    returns the summary (``duplicate_groups.group_stage``) with the stages' counts."""
+    from functools import partial
+
+    from visionbatch.duplicate_groups import group_stage
+
+    plan = plan_source(config)
+    near = _wants_near(config, plan)
+    if not near and plan["columns"]["digest"] is None:
+        raise DuplicatesError(f"{config.source} has neither embeddings ({config.embedding_column!r}) nor "
+                              f"content digests ({config.digest_column!r}): nothing to compare")
+    os.makedirs(work, exist_ok=True)
+    stats = {"rows": plan["rows"], "units": len(plan["units"])}
+    if near:
+        cells = config.cells or choose_cells(plan["rows"])
+        points = TRAIN_POINTS_PER_CELL * cells
+        sample = np.concatenate(list(map_tasks(partial(sample_stage, plan, points=points), plan["units"])))
+        plan = {**plan, "dim": sample.shape[1]}
+        centroids = train_stage(sample, cells, work)
+        del sample
+        stats["cells"] = len(centroids)
+    assigned = list(map_tasks(partial(assign_stage, plan, work=work, threshold=config.threshold, near=near),
+                              plan["units"]))
+    stats.update({key: sum(a[key] for a in assigned) for key in ("vectors", "visits", "visits_cut")})
+    if near:
+        tasks = plan_cell_tasks(cell_counts(work, plan["units"]), config.cell_rows)
+        stats["cell_tasks"] = len(tasks)
+        stats["pairs_found"] = sum(map_tasks(partial(cell_stage, work, plan["units"], threshold=config.threshold,
+                                                     cell_rows=config.cell_rows), tasks))
+    table, summary = group_stage(work, config.threshold, near)
+    _write_parquet(output, table)
+    return {**summary, "stats": stats}
+
+
+def _wants_near(config: DuplicatesConfig, plan: dict) -> bool:
+    if plan["columns"]["embedding"] is None:
+        if config.near:
+            what = ("classify it again with --embeddings" if plan["kind"] == "dest"
+                    else f"name its embedding column with --embedding-column (no column {config.embedding_column!r})")
+            raise DuplicatesError(f"{config.source} has no embeddings, which near-duplicates need: {what}; "
+                                  "exact duplicates (equal content digests) need none")
+        return False
+    return config.near is not False
+
