@@ -81,7 +81,7 @@ class DuplicatesConfig:
     digest_column: str = "digest"
     label_column: str = "true_label"  # the given label, carried to the output (label-issues)
     unit_rows: int = 100_000  # rows per assign unit: one unit's vectors (float32) are unit_rows * d * 4 bytes
-    cell_rows: int = 20_000  # rows one cell task compares at once: memory 2 * cell_rows * d * 4 bytes
+    cell_rows: int = 100_000  # rows one cell task holds: about cell_rows * d * 6 bytes (float16 read, float32 searched)
     cells: int | None = None  # nlist; None: choose_cells(rows)
     s3_endpoint: str | None = None
 
@@ -214,16 +214,23 @@ def sample_stage(plan: dict, unit: dict, points: int) -> np.ndarray:
     return vectors[np.sort(chosen)]
 
 
-def train_stage(sample: np.ndarray, cells: int, work: str) -> np.ndarray:
-    """k-means on the sample: the centroids (also written to ``work/centroids.npy``)."""
+def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, rows: int, cell_rows: int) -> dict:
+    """k-means on the sample: the centroids, to ``work/centroids.npy``; and the buckets,
+    to ``work/buckets.npy``: consecutive cells whose rows (homes and visits, estimated
+    from the sample) add up to at most ``cell_rows``, the unit a cell task reads.
+    Returns ``{"cells", "buckets"}``."""
     import faiss
 
     cells = min(cells, len(sample))
     kmeans = faiss.Kmeans(sample.shape[1], cells, niter=KMEANS_ITERATIONS, seed=_SAMPLE_SEED,
                           max_points_per_centroid=TRAIN_POINTS_PER_CELL * 2, verbose=False)
     kmeans.train(sample)
+    nearest, visits = _candidate_cells(sample, kmeans.centroids, threshold)
+    estimate = np.bincount(nearest[visits], minlength=cells) * (rows / len(sample))
+    bounds = np.array([task["cells"][0] for task in _pack(estimate, cell_rows, 0, cells)] + [cells], np.int64)
     _save_npy(os.path.join(work, "centroids.npy"), kmeans.centroids)
-    return kmeans.centroids
+    _save_npy(os.path.join(work, "buckets.npy"), np.unique(bounds))
+    return {"cells": cells, "buckets": len(np.unique(bounds)) - 1}
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -283,8 +290,16 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
         "home": pa.array(home),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[members].astype(np.float16).ravel()), dim),
     })
-    # Small row groups: a cell task reads its cells' row groups alone (their statistics).
-    _write_parquet(unit_file(work, "cells", unit["unit"]), spilled, row_group_size=8192, compression="none")
+    # One row group per bucket that has rows here: a cell task reads its bucket's alone.
+    bounds = np.load(os.path.join(work, "buckets.npy"))
+    starts = np.searchsorted(cells, bounds)
+    path = unit_file(work, "cells", unit["unit"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with pq.ParquetWriter(path + ".tmp", spilled.schema, compression="none") as writer:
+        for begin, end in zip(starts[:-1], starts[1:]):
+            if end > begin:
+                writer.write_table(spilled.slice(begin, end - begin), row_group_size=end - begin)
+    os.replace(path + ".tmp", path)
     _save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
               np.bincount(cells, minlength=len(centroids)).astype(np.int64))
     # A row that visits even its farthest tested candidate may have more cells that close.
@@ -325,48 +340,64 @@ def cell_counts(work: str, units: list[dict]) -> np.ndarray:
     return sum(np.load(unit_file(work, "cells", unit["unit"], ".counts.npy")) for unit in units)
 
 
-def plan_cell_tasks(counts: np.ndarray, cell_rows: int) -> list[dict]:
-    """Cell tasks: consecutive cells packed up to ``cell_rows`` rows, and for a cell over
-    that, one task per pair of its ``cell_rows`` blocks (i <= j): ``{"task", "cells": [lo,
+def plan_cell_tasks(counts: np.ndarray, bounds: np.ndarray, cell_rows: int) -> list[dict]:
+    """Cell tasks from the rows each cell got: per bucket, its cells packed up to
+    ``cell_rows`` rows (one task where the estimate held), and for a cell over that one
+    task per pair of its ``cell_rows`` blocks (i <= j): ``{"task", "bucket", "cells": [lo,
     hi], "blocks": [i, j] or None}``. Deterministic in the counts."""
-    tasks, lo, packed = [], 0, 0
-    for cell, rows in enumerate(counts.tolist()):
-        if rows > cell_rows:
-            if packed:
-                tasks.append({"cells": [lo, cell], "blocks": None})
-            blocks = math.ceil(rows / cell_rows)
-            tasks += [{"cells": [cell, cell + 1], "blocks": [i, j]} for i in range(blocks) for j in range(i, blocks)]
-            lo, packed = cell + 1, 0
-        elif packed + rows > cell_rows:
-            tasks.append({"cells": [lo, cell], "blocks": None})
-            lo, packed = cell, rows
-        else:
-            packed += rows
-    if packed:
-        tasks.append({"cells": [lo, len(counts)], "blocks": None})
+    tasks = [{"bucket": bucket, **task} for bucket, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+             for task in _pack(counts, cell_rows, lo, hi)]
     return [{"task": i, **task} for i, task in enumerate(tasks)]
 
 
-def _task_rows(work: str, units: list[dict], task: dict, cell_rows: int) -> Iterator[pa.RecordBatch]:
-    """The rows of the task's cells, unit by unit (so in ordinal order within a cell); for
-    a block task only the rows of its two blocks, streamed (the cell may be any size)."""
-    import pyarrow.dataset as ds
+def _pack(counts: np.ndarray, cell_rows: int, lo: int, hi: int) -> list[dict]:
+    """Cells lo..hi-1 as runs of consecutive cells of at most ``cell_rows`` rows, and the
+    block pairs of each cell over that."""
+    tasks, start, packed = [], lo, 0
+    for cell in range(lo, hi):
+        rows = float(counts[cell])
+        if rows > cell_rows:
+            if packed:
+                tasks.append({"cells": [start, cell], "blocks": None})
+            blocks = math.ceil(rows / cell_rows)
+            tasks += [{"cells": [cell, cell + 1], "blocks": [i, j]} for i in range(blocks) for j in range(i, blocks)]
+            start, packed = cell + 1, 0
+        elif packed + rows > cell_rows:
+            tasks.append({"cells": [start, cell], "blocks": None})
+            start, packed = cell, rows
+        else:
+            packed += rows
+    if packed:
+        tasks.append({"cells": [start, hi], "blocks": None})
+    return tasks
 
+
+def _task_rows(work: str, units: list[dict], task: dict, cell_rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows of the task's cells, unit by unit (so in ordinal order within a cell), read
+    from the bucket's row group of each unit; for a block task only the rows of its two
+    blocks, streamed (the cell may be any size)."""
+    bounds = np.load(os.path.join(work, "buckets.npy"))
     lo, hi = task["cells"]
-    files = [unit_file(work, "cells", unit["unit"]) for unit in units]
-    scanner = ds.dataset(files, format="parquet").scanner(
-        filter=(ds.field("cell") >= lo) & (ds.field("cell") < hi), use_threads=False)
-    if task["blocks"] is None:
-        yield from scanner.to_batches()
-        return
-    wanted = sorted({block * cell_rows for block in task["blocks"]})
+    whole = (lo, hi) == (bounds[task["bucket"]], bounds[task["bucket"] + 1])
+    wanted = sorted({block * cell_rows for block in task["blocks"] or ()})
     position = 0
-    for batch in scanner.to_batches():
-        for start in wanted:  # the parts of this batch inside either block
-            begin, end = max(start, position), min(start + cell_rows, position + len(batch))
-            if begin < end:
-                yield batch.slice(begin - position, end - begin)
-        position += len(batch)
+    for unit in units:
+        in_buckets = np.add.reduceat(np.load(unit_file(work, "cells", unit["unit"], ".counts.npy")), bounds[:-1])
+        if not in_buckets[task["bucket"]]:
+            continue
+        row_group = int(np.count_nonzero(in_buckets[:task["bucket"]]))  # row groups: the unit's non-empty buckets
+        for batch in pq.ParquetFile(unit_file(work, "cells", unit["unit"])).iter_batches(row_groups=[row_group]):
+            if not whole:
+                cell = batch.column("cell")
+                batch = batch.filter(pc.and_(pc.greater_equal(cell, lo), pc.less(cell, hi)))
+            if task["blocks"] is None:
+                yield batch
+                continue
+            for start in wanted:  # the parts of this batch inside either block
+                begin, end = max(start, position), min(start + cell_rows, position + len(batch))
+                if begin < end:
+                    yield batch.slice(begin - position, end - begin)
+            position += len(batch)
 
 
 def cell_stage(work: str, units: list[dict], task: dict, threshold: float, cell_rows: int) -> int:
@@ -448,14 +479,14 @@ def find_duplicates(config: DuplicatesConfig, work: str, output: str,
         points = TRAIN_POINTS_PER_CELL * cells
         sample = np.concatenate(list(map_tasks(partial(sample_stage, plan, points=points), plan["units"])))
         plan = {**plan, "dim": sample.shape[1]}
-        centroids = train_stage(sample, cells, work)
+        stats.update(train_stage(sample, cells, work, config.threshold, plan["rows"], config.cell_rows))
         del sample
-        stats["cells"] = len(centroids)
     assigned = list(map_tasks(partial(assign_stage, plan, work=work, threshold=config.threshold, near=near),
                               plan["units"]))
     stats.update({key: sum(a[key] for a in assigned) for key in ("vectors", "visits", "visits_cut")})
     if near:
-        tasks = plan_cell_tasks(cell_counts(work, plan["units"]), config.cell_rows)
+        tasks = plan_cell_tasks(cell_counts(work, plan["units"]), np.load(os.path.join(work, "buckets.npy")),
+                                config.cell_rows)
         stats["cell_tasks"] = len(tasks)
         stats["pairs_found"] = sum(map_tasks(partial(cell_stage, work, plan["units"], threshold=config.threshold,
                                                      cell_rows=config.cell_rows), tasks))
