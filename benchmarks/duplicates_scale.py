@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import multiprocessing
 import resource
 import shutil
 import sys
@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(stages, ignore_errors=True)
 
     timings: dict[str, float] = {}
-    with ProcessPoolExecutor(args.workers, initializer=_one_thread) as pool:
+    # spawn: a forked child of a process whose OpenMP (faiss) threads ran can hang
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
         def timed_map(function, *iterables):  # the stage's name and its wall time
             name = getattr(function, "func", function).__name__
             began = time.perf_counter()

@@ -7,29 +7,34 @@ plan      the SOURCE (a DEST classified with ``--embeddings``, or any Parquet ta
           rows at most, with each row's global ordinal (parts in listing order, rows in
           order). The plan is a small JSON-able dict; the driver holds it and nothing per row.
 sample    per unit: a few of its unit-length vectors, for training (bounded in all)
-train     faiss k-means on the sample: ``nlist`` centroids (the IVF coarse quantizer)
+train     faiss k-means on the sample: ``nlist`` centroids, and an HNSW graph over them
+          (the IVF coarse quantizer); buckets of cells from the sample's counts
 assign    per unit: each row's nearest centroid (its *home* cell) and every other cell
           whose border is near enough that a duplicate of the row could live there (a
-          *visit*), spilled sorted by cell to ``cells/unit-U.parquet`` with the vector as
-          float16; the row's path, digest, image area and given label to
-          ``rows/unit-U.parquet``; rows per cell to ``cells/unit-U.counts.npy``
-cells     per task (consecutive cells packed up to ``cell_rows`` rows, or a pair of
-          blocks of one oversized cell): exact cosine (faiss ``IndexFlatIP`` range search)
-          among the task's rows, pairs >= threshold to ``pairs/task-T.parquet``
+          *visit*), spilled sorted by cell to ``cells/unit-U.parquet`` (a row group per
+          bucket) with the vector as float16; the row's path, digest, image area and
+          given label to ``rows/unit-U.parquet``; rows per cell to ``cells/unit-U.counts.npy``
+cells     per task (a bucket: consecutive cells packed up to ``cell_rows`` rows, a row
+          group in each unit's spill; or a pair of blocks of one oversized cell): exact
+          cosine (faiss ``IndexFlatIP`` range search) among the task's rows, pairs >= threshold to ``pairs/task-T.parquet``
 group     (``duplicate_groups``) pairs and equal digests joined into groups without
           chaining, the output table and its summary
 
-The border guarantee (why no pair is lost between cells): for centroids c_A, c_B and
+The border rule (why pairs are not lost between cells): for centroids c_A, c_B and
 f(x) = |x - c_B|^2 - |x - c_A|^2, linear in x, two vectors a and b with cosine >= t are at
 most delta = sqrt(2 - 2t) apart, so f(a) - f(b) = 2 (a - b).(c_A - c_B) <= 2 delta |c_A - c_B|.
-A row visits cell B when f <= delta |c_A - c_B| (A its home): then of a pair homed in A
-and B, a visits B or b visits A, and the pair is compared in one of the two cells. Only
-the ``VISIT_CANDIDATES`` nearest centroids are tested, so a row with more cells that
-close misses some (counted as ``visits_cut``); recall is measured, not assumed.
+A row at home in A is spilled to cell B too when f <= delta |c_A - c_B|: then of a pair at
+home in A and B, a is in B or b is in A, and the pair is compared in one of the two cells
+(whichever cell the HNSW quantizer calls home). In 512-d the rule passes many cells at
+t = 0.75, so a row goes to its home and at most MAX_CELLS_PER_ROW - 1 more that pass it,
+nearest first, out of the VISIT_CANDIDATES nearest; the rows cut short are counted
+(``visits_cut``) and recall is measured (benchmarks/duplicates_scale.py), not assumed.
 
 Work dir layout (all files named by their unit or task: a redo overwrites)::
 
     centroids.npy                       (nlist, d) float32
+    quantizer.faiss                     an HNSW graph over the centroids
+    buckets.npy                         cell bounds of the buckets (a cell task reads one)
     rows/unit-000000.parquet            ordinal, path, digest, area, given_label (every row)
     cells/unit-000000.parquet           cell, ordinal, home, vector (sorted by cell, ordinal)
     cells/unit-000000.counts.npy        rows (homes and visits) per cell, int64[nlist]
@@ -52,18 +57,27 @@ from visionbatch.sinks import Destination, DestinationError, job_schema
 from visionbatch.storage import Storage
 
 # Cosine at or above which two images are near-duplicates. Measured on real
-# EfficientNet-Lite0 embeddings (benchmarks/duplicates_quality.py, RESULTS.md): edited
-# copies (JPEG q=15, resized, cropped 80%, mirrored, recoloured, rotated 5 degrees) of the
-# ImageNet sample score 0.83 and more against their original, while the most similar pair
-# of different photographs scores 0.78; the default sits between the two.
-DEFAULT_THRESHOLD = 0.80
-# How many nearest centroids assign tests for visits. At nlist = sqrt(N) and the default
-# threshold rows have a handful of cells within the margin; the cut is counted and reported.
-VISIT_CANDIDATES = 16
-# k-means sample: faiss warns under 39 points per centroid; 40 per centroid keeps the
-# sample (and the driver's memory) at 40 * sqrt(N) * d floats: 0.8 GB at 100M x 512.
-TRAIN_POINTS_PER_CELL = 40
+# EfficientNet-Lite0 embeddings of the ImageNet sample and edited copies of it
+# (benchmarks/duplicates_quality.py, RESULTS.md): copies score 0.66 (JPEG at quality 15)
+# to 1.0, 95% of them over 0.81; the most similar two different photographs 0.575. At 0.75
+# every pair >= t was a true one and 97% of true pairs were >= t; 0.80 keeps 96%, 0.70 98%.
+# 0.75 leaves 0.17 of cosine above the closest distinct photographs for denser collections.
+DEFAULT_THRESHOLD = 0.75
+# Rows per cell that nlist aims at: the cells cost r * (N / nlist) * d per row (r: cells a
+# row is spilled to), the same per row at any N; see choose_cells.
+CELL_TARGET_ROWS = 2500
+# How many nearest centroids assign tests for visits, and how many cells a row is spilled
+# to at most (home first, then the nearest that pass the margin rule): in 512-d the rule
+# passes most of 16 tested cells at t = 0.8, while the second nearest alone finds 99.6%
+# and two more 100% of the planted pairs of benchmarks/duplicates_scale.py (cosine >= 0.85).
+VISIT_CANDIDATES = 8
+MAX_CELLS_PER_ROW = 3
+# k-means sample: 16 points per centroid (k-means only partitions here: a lopsided cell
+# costs time, never recall), at most 500,000 points: 1 GB of float32 at d = 512.
+TRAIN_POINTS_PER_CELL = 16
+MAX_TRAIN_POINTS = 500_000
 KMEANS_ITERATIONS = 10
+HNSW_NEIGHBOURS, HNSW_SEARCH = 32, 64
 _SAMPLE_SEED = 34
 
 
@@ -83,15 +97,17 @@ class DuplicatesConfig:
     unit_rows: int = 100_000  # rows per assign unit: one unit's vectors (float32) are unit_rows * d * 4 bytes
     cell_rows: int = 100_000  # rows one cell task holds: about cell_rows * d * 6 bytes (float16 read, float32 searched)
     cells: int | None = None  # nlist; None: choose_cells(rows)
+    cells_per_row: int = MAX_CELLS_PER_ROW  # a row's home and visits, at most (VISIT_CANDIDATES: the rule alone)
     s3_endpoint: str | None = None
 
 
 def choose_cells(rows: int) -> int:
-    """nlist = sqrt(N). Assign costs N * nlist * d (each row against every centroid), the
-    cells N * (r N / nlist) * d (r: homes plus visits per row, 2-4 here): their sum is
-    least near nlist = sqrt(r N); sqrt(N) leans to fewer, larger cells, which keeps the
-    visits down (a smaller cell has more border) and the k-means sample within 1 GB at 100M."""
-    return max(1, round(math.sqrt(rows)))
+    """nlist = N / CELL_TARGET_ROWS (at most MAX_TRAIN_POINTS / TRAIN_POINTS_PER_CELL).
+    With an HNSW graph over the centroids, assigning a row costs about log(nlist) distance
+    computations, so more cells cost little there; the cells cost r * (N / nlist) * d per
+    row, constant at any N this way (with sqrt(N) cells it would grow as sqrt(N)). Much
+    smaller cells have more border: more rows pass the margin rule for more cells."""
+    return max(1, min(math.ceil(rows / CELL_TARGET_ROWS), MAX_TRAIN_POINTS // TRAIN_POINTS_PER_CELL))
 
 
 # -- plan: the source as units ------------------------------------------------------------
@@ -214,23 +230,55 @@ def sample_stage(plan: dict, unit: dict, points: int) -> np.ndarray:
     return vectors[np.sort(chosen)]
 
 
-def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, rows: int, cell_rows: int) -> dict:
-    """k-means on the sample: the centroids, to ``work/centroids.npy``; and the buckets,
-    to ``work/buckets.npy``: consecutive cells whose rows (homes and visits, estimated
-    from the sample) add up to at most ``cell_rows``, the unit a cell task reads.
+def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, rows: int, cell_rows: int,
+                cells_per_row: int = MAX_CELLS_PER_ROW) -> dict:
+    """k-means on the sample: the centroids, to ``work/centroids.npy``, and an HNSW graph
+    over them (the coarse quantizer), to ``work/quantizer.faiss``; and the buckets, to
+    ``work/buckets.npy``: consecutive cells whose rows (homes and visits, estimated from
+    the sample) add up to at most ``cell_rows``, what one cell task reads.
     Returns ``{"cells", "buckets"}``."""
     import faiss
 
-    cells = min(cells, len(sample))
-    kmeans = faiss.Kmeans(sample.shape[1], cells, niter=KMEANS_ITERATIONS, seed=_SAMPLE_SEED,
-                          max_points_per_centroid=TRAIN_POINTS_PER_CELL * 2, verbose=False)
-    kmeans.train(sample)
-    nearest, visits = _candidate_cells(sample, kmeans.centroids, threshold)
+    centroids = _balanced_centroids(sample, min(cells, len(sample)), rows)
+    cells = len(centroids)
+    quantizer = faiss.IndexHNSWFlat(sample.shape[1], HNSW_NEIGHBOURS)
+    quantizer.add(centroids)
+    nearest, visits, _ = _candidate_cells(sample, centroids, quantizer, threshold, cells_per_row)
     estimate = np.bincount(nearest[visits], minlength=cells) * (rows / len(sample))
-    bounds = np.array([task["cells"][0] for task in _pack(estimate, cell_rows, 0, cells)] + [cells], np.int64)
-    _save_npy(os.path.join(work, "centroids.npy"), kmeans.centroids)
-    _save_npy(os.path.join(work, "buckets.npy"), np.unique(bounds))
-    return {"cells": cells, "buckets": len(np.unique(bounds)) - 1}
+    bounds = np.unique([task["cells"][0] for task in _pack(estimate, cell_rows, 0, cells)] + [0, cells])
+    _save_npy(os.path.join(work, "centroids.npy"), centroids)
+    faiss.write_index(quantizer, os.path.join(work, "quantizer.faiss.tmp"))
+    os.replace(os.path.join(work, "quantizer.faiss.tmp"), os.path.join(work, "quantizer.faiss"))
+    _save_npy(os.path.join(work, "buckets.npy"), bounds)
+    return {"cells": cells, "buckets": len(bounds) - 1}
+
+
+def _kmeans(points: np.ndarray, cells: int) -> np.ndarray:
+    import faiss
+
+    kmeans = faiss.Kmeans(points.shape[1], cells, niter=KMEANS_ITERATIONS, seed=_SAMPLE_SEED,
+                          min_points_per_centroid=1, max_points_per_centroid=TRAIN_POINTS_PER_CELL, verbose=False)
+    kmeans.train(points)
+    return kmeans.centroids
+
+
+def _balanced_centroids(sample: np.ndarray, cells: int, rows: int) -> np.ndarray:
+    """k-means centroids, where a cell would hold more than twice CELL_TARGET_ROWS (by the
+    sample) replaced by a k-means of its own sample points: in high dimensions k-means
+    leaves a few hub cells with much of the data, and a cell costs its rows squared."""
+    import faiss
+
+    centroids = _kmeans(sample, cells)
+    limit = 2 * CELL_TARGET_ROWS * len(sample) / rows  # in sample points
+    for _ in range(3):
+        home = faiss.knn(sample, centroids, 1)[1][:, 0]
+        counts = np.bincount(home, minlength=len(centroids))
+        oversized = np.flatnonzero(counts > max(limit, 2))
+        if not len(oversized):
+            break
+        split = [_kmeans(sample[home == cell], math.ceil(counts[cell] / limit * 2)) for cell in oversized]
+        centroids = np.concatenate([np.delete(centroids, oversized, axis=0), *split]).astype(np.float32)
+    return centroids
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -254,7 +302,8 @@ def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> st
     return os.path.join(work, folder, f"unit-{unit:06d}{suffix}")
 
 
-def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool) -> dict:
+def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool,
+                 cells_per_row: int = MAX_CELLS_PER_ROW) -> dict:
     """Spill one unit: its rows' facts to ``rows/``, and (``near``) each vector to its home
     cell and the cells it visits, to ``cells/``. Returns ``{"unit", "vectors", "visits",
     "visits_cut"}``."""
@@ -277,8 +326,11 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
         return result
     valid, vectors = unit_vectors(table.column("embedding"), plan["dim"])
     del table, rows
+    import faiss
+
     centroids = np.load(os.path.join(work, "centroids.npy"))
-    nearest, visits = _candidate_cells(vectors, centroids, threshold)
+    quantizer = faiss.read_index(os.path.join(work, "quantizer.faiss"))
+    nearest, visits, cut = _candidate_cells(vectors, centroids, quantizer, threshold, cells_per_row)
     members, rank = np.nonzero(visits)  # a row (its index among the vectors) per spilled copy
     cells, home = nearest[members, rank].astype(np.int32), rank == 0
     order = np.lexsort((members, cells))  # by cell, then ordinal (members index rows in order)
@@ -302,8 +354,6 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
     os.replace(path + ".tmp", path)
     _save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
               np.bincount(cells, minlength=len(centroids)).astype(np.int64))
-    # A row that visits even its farthest tested candidate may have more cells that close.
-    cut = int(visits[:, -1].sum()) if len(centroids) > VISIT_CANDIDATES else 0
     return {**result, "vectors": len(vectors), "visits": int(len(cells) - len(vectors)), "visits_cut": cut}
 
 
@@ -313,15 +363,14 @@ def _margin(threshold: float) -> float:
     return math.sqrt(max(0.0, 2.0 - 2.0 * threshold)) + 1e-3
 
 
-def _candidate_cells(vectors: np.ndarray, centroids: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(nearest, visits): each row's VISIT_CANDIDATES nearest centroids (home first) and
-    which of them it visits (the rule in the module's docstring; home always)."""
-    import faiss
-
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(centroids)
-    k = min(VISIT_CANDIDATES, len(centroids))
-    distances, nearest = index.search(vectors, k)
+def _candidate_cells(vectors: np.ndarray, centroids: np.ndarray, quantizer, threshold: float, cells_per_row: int
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(nearest, visits, cut): each row's VISIT_CANDIDATES nearest centroids (home first,
+    from the HNSW quantizer), which of them it is spilled to (the margin rule in the
+    module's docstring, at most ``cells_per_row``, home always), and how many rows the
+    rule would have spilled to more cells than that."""
+    quantizer.hnsw.efSearch = HNSW_SEARCH
+    distances, nearest = quantizer.search(vectors, min(VISIT_CANDIDATES, len(centroids)))
     delta = _margin(threshold)
     visits = np.zeros(nearest.shape, dtype=bool)
     visits[:, 0] = True
@@ -329,7 +378,10 @@ def _candidate_cells(vectors: np.ndarray, centroids: np.ndarray, threshold: floa
         block = slice(start, start + 2048)
         between = np.linalg.norm(centroids[nearest[block, 1:]] - centroids[nearest[block, :1]], axis=2)
         visits[block, 1:] = distances[block, 1:] - distances[block, :1] <= delta * between
-    return nearest, visits
+    visits &= nearest >= 0  # HNSW found fewer than asked
+    cut = int(np.count_nonzero(visits.sum(1) > cells_per_row))
+    visits &= np.cumsum(visits, axis=1) <= cells_per_row
+    return nearest, visits, cut
 
 
 # -- cells --------------------------------------------------------------------------------
@@ -479,10 +531,11 @@ def find_duplicates(config: DuplicatesConfig, work: str, output: str,
         points = TRAIN_POINTS_PER_CELL * cells
         sample = np.concatenate(list(map_tasks(partial(sample_stage, plan, points=points), plan["units"])))
         plan = {**plan, "dim": sample.shape[1]}
-        stats.update(train_stage(sample, cells, work, config.threshold, plan["rows"], config.cell_rows))
+        stats.update(train_stage(sample, cells, work, config.threshold, plan["rows"], config.cell_rows,
+                                 config.cells_per_row))
         del sample
-    assigned = list(map_tasks(partial(assign_stage, plan, work=work, threshold=config.threshold, near=near),
-                              plan["units"]))
+    assigned = list(map_tasks(partial(assign_stage, plan, work=work, threshold=config.threshold, near=near,
+                                      cells_per_row=config.cells_per_row), plan["units"]))
     stats.update({key: sum(a[key] for a in assigned) for key in ("vectors", "visits", "visits_cut")})
     if near:
         tasks = plan_cell_tasks(cell_counts(work, plan["units"]), np.load(os.path.join(work, "buckets.npy")),
