@@ -94,7 +94,7 @@ class DuplicatesConfig:
     path_column: str = "path"
     digest_column: str = "digest"
     label_column: str = "true_label"  # the given label, carried to the output (label-issues)
-    unit_rows: int = 100_000  # rows per assign unit: one unit's vectors (float32) are unit_rows * d * 4 bytes
+    unit_rows: int = 50_000  # rows per assign unit: a worker holds about unit_rows * d * 16 bytes (1 GB at d = 512)
     cell_rows: int = 100_000  # rows one cell task holds: about cell_rows * d * 6 bytes (float16 read, float32 searched)
     cells: int | None = None  # nlist; None: choose_cells(rows)
     cells_per_row: int = MAX_CELLS_PER_ROW  # a row's home and visits, at most (VISIT_CANDIDATES: the rule alone)
@@ -470,7 +470,12 @@ def cell_stage(work: str, units: list[dict], task: dict, threshold: float, cell_
         table, (i, j) = pa.Table.from_batches(batches), task["blocks"]
         # _task_rows yields block i's rows before block j's where i < j; i == j: one block
         first = table.slice(0, min(cell_rows, len(table)))
-        found.append(_pairs(first, table.slice(len(first)) if i != j else None, threshold))
+        if i == j:
+            found.append(_pairs(first, None, threshold))
+        else:
+            second = table.slice(len(first))
+            found.append(_pairs(first, second, threshold))
+            found.append(_pairs(second.filter(pc.invert(second.column("home"))), first, threshold))
     pairs = pa.concat_tables(found) if found else _PAIRS_SCHEMA.empty_table()
     _write_parquet(os.path.join(work, "pairs", f"task-{task['task']:06d}.parquet"), pairs)
     return len(pairs)
@@ -486,20 +491,26 @@ def _vectors(rows: pa.Table) -> np.ndarray:
 
 
 def _pairs(queries: pa.Table, others: pa.Table | None, threshold: float) -> pa.Table:
-    """Pairs >= threshold between ``queries`` and ``others`` (None: among ``queries``,
-    each pair once), where one of the two is at home."""
+    """Pairs >= threshold of a row of ``queries`` and a row at home in ``others`` (None:
+    in ``queries``, each pair once). A pair of two visitors is compared in a home cell of
+    one of them, so only home rows are searched: a cell costs its rows times its homes."""
     import faiss
 
-    if len(queries) == 0 or (others is not None and len(others) == 0):
-        return _PAIRS_SCHEMA.empty_table()
     base = queries if others is None else others
+    at_home = base.column("home").to_numpy(zero_copy_only=False)
+    if len(queries) == 0 or not at_home.any():
+        return _PAIRS_SCHEMA.empty_table()
+    homes = np.flatnonzero(at_home)
     index = faiss.IndexFlatIP(base.schema.field("vector").type.list_size)
-    index.add(_vectors(base))
+    index.add(_vectors(base.take(homes)))
     limits, similarity, matched = index.range_search(_vectors(queries), threshold)
     query = np.repeat(np.arange(len(queries)), np.diff(limits).astype(np.int64))
-    keep = (query < matched) if others is None else np.ones(len(query), dtype=bool)
-    keep &= queries.column("home").to_numpy(zero_copy_only=False)[query] | \
-        base.column("home").to_numpy(zero_copy_only=False)[matched]
+    matched = homes[matched]
+    if others is None:  # two homes: once (query first); a visitor and a home: always
+        keep = ~queries.column("home").to_numpy(zero_copy_only=False)[query] | (query < matched)
+        keep &= query != matched
+    else:
+        keep = np.ones(len(query), dtype=bool)
     a = queries.column("ordinal").to_numpy()[query[keep]]
     b = base.column("ordinal").to_numpy()[matched[keep]]
     return pa.table({"a": np.minimum(a, b), "b": np.maximum(a, b),
