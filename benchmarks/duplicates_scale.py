@@ -5,7 +5,7 @@ another tool wrote, with planted near-duplicate pairs among clustered distractor
     python benchmarks/duplicates_scale.py --rows 200000          # a quick look
 
 Writes the table a chunk at a time (never all of it in memory): files of 1M rows, row
-groups of 100k, columns ``image_path`` (string) and ``clip_embedding`` (list<float32>),
+groups of 50k, columns ``image_path`` (string) and ``clip_embedding`` (list<float32>),
 as clip-retrieval or img2dataset with an embedding step might. Distractors: 10,000
 clusters around 100 super-centres (so that clusters, and cells, border each other), each
 row its cluster's centre plus noise, cosines between rows of one cluster about 0.3-0.7.
@@ -37,6 +37,7 @@ import numpy as np
 
 DIM = 512
 CHUNK = 100_000
+ROW_GROUP = 50_000  # a unit (50,000 rows by default) is whole row groups
 FILE_ROWS = 1_000_000
 CLUSTERS, SUPERS = 10_000, 100
 PLANT_EVERY = 50
@@ -104,7 +105,7 @@ def write_table(folder: Path, rows: int, seed: int) -> set[frozenset[int]]:
         })
         if writer is None:
             writer = pq.ParquetWriter(folder / f"embeddings-{chunk * CHUNK // FILE_ROWS:05d}.parquet", table.schema)
-        writer.write_table(table, row_group_size=CHUNK)
+        writer.write_table(table, row_group_size=ROW_GROUP)
     writer.close()
     return truth
 

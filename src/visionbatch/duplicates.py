@@ -340,7 +340,8 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
         "cell": pa.array(cells, pa.int32()),
         "ordinal": pa.array(ordinals[valid][members]),
         "home": pa.array(home),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[members].astype(np.float16).ravel()), dim),
+        # float16 before the take: the copies (r per row) are made of the smaller array
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float16)[members].ravel()), dim),
     })
     # One row group per bucket that has rows here: a cell task reads its bucket's alone.
     bounds = np.load(os.path.join(work, "buckets.npy"))
