@@ -22,8 +22,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 # OpenVINO (the certified CPU runtime) ships wheels for x86-64 and ARM64 only.
 case "$(uname -m)" in
-  x86_64|amd64|aarch64|arm64) EXTRAS="test,lite0,openvino" ;;
-  *) EXTRAS="test,lite0" ;;
+  x86_64|amd64|aarch64|arm64) EXTRAS="test,lite0,openvino,duplicates" ;;
+  *) EXTRAS="test,lite0,duplicates" ;;
 esac
 $PIP -e ".[$EXTRAS]"
 # Byte-compile what was installed, in parallel (files already compiled are skipped).

@@ -1,0 +1,442 @@
+"""Duplicates (issue 34): which images are in a collection twice, at any size, as stages
+over files that a driver runs as tasks (each a bounded unit of work, redone by rewriting
+the same file).
+
+plan      the SOURCE (a DEST classified with ``--embeddings``, or any Parquet table of
+          paths and embeddings) as *units*: runs of its parts / row groups, ``unit_rows``
+          rows at most, with each row's global ordinal (parts in listing order, rows in
+          order). The plan is a small JSON-able dict; the driver holds it and nothing per row.
+sample    per unit: a few of its unit-length vectors, for training (bounded in all)
+train     faiss k-means on the sample: ``nlist`` centroids, and an HNSW graph over them
+          (the IVF coarse quantizer); buckets of cells from the sample's counts
+assign    per unit: each row's nearest centroid (its *home* cell) and every other cell
+          whose border is near enough that a duplicate of the row could live there (a
+          *visit*), spilled sorted by cell to ``cells/unit-U.parquet`` (a row group per
+          bucket) with the vector as float16; the row's path, digest, image area and
+          given label to ``rows/unit-U.parquet``; rows per cell to ``cells/unit-U.counts.npy``
+cells     (``duplicate_cells``) per task: a bucket (consecutive cells packed up to
+          ``cell_rows`` rows, a row group in each unit's spill), or a pair of blocks of
+          one oversized cell; exact cosine (faiss ``IndexFlatIP`` range search) of the
+          task's rows against its home rows, pairs >= threshold to ``pairs/task-T.parquet``
+group     (``duplicate_groups``) pairs and equal digests joined into groups without
+          chaining, the output table and its summary
+
+The border rule (why pairs are not lost between cells): for centroids c_A, c_B and
+f(x) = |x - c_B|^2 - |x - c_A|^2, linear in x, two vectors a and b with cosine >= t are at
+most delta = sqrt(2 - 2t) apart, so f(a) - f(b) = 2 (a - b).(c_A - c_B) <= 2 delta |c_A - c_B|.
+A row at home in A is spilled to cell B too when f <= delta |c_A - c_B|: then of a pair at
+home in A and B, a is in B or b is in A, and the pair is compared in one of the two cells
+(whichever cell the HNSW quantizer calls home). In 512-d the rule passes many cells at
+t = 0.75, so a row goes to its home and at most MAX_CELLS_PER_ROW - 1 more that pass it,
+nearest first, out of the VISIT_CANDIDATES nearest; the rows cut short are counted
+(``visits_cut``) and recall is measured (benchmarks/duplicates_scale.py), not assumed.
+
+Work dir layout (all files named by their unit or task: a redo overwrites)::
+
+    centroids.npy                       (nlist, d) float32
+    quantizer.faiss                     an HNSW graph over the centroids
+    buckets.npy                         cell bounds of the buckets (a cell task reads one)
+    rows/unit-000000.parquet            ordinal, path, digest, area, given_label (every row)
+    cells/unit-000000.parquet           cell, ordinal, home, vector (sorted by cell, ordinal)
+    cells/unit-000000.counts.npy        rows (homes and visits) per cell, int64[nlist]
+    pairs/task-000000.parquet           a < b (ordinals), similarity
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from visionbatch.destination import Destination, job_schema
+from visionbatch.errors import DestinationError, UsageError
+from visionbatch.results import SHA256
+from visionbatch.storage import Storage
+
+# Cosine at or above which two images are near-duplicates. Measured on real
+# EfficientNet-Lite0 embeddings of the ImageNet sample and edited copies of it
+# (benchmarks/duplicates_quality.py, RESULTS.md): copies score 0.66 (JPEG at quality 15)
+# to 1.0, 95% of them over 0.81; the most similar two different photographs 0.575. At 0.75
+# every pair >= t was a true one and 97% of true pairs were >= t; 0.80 keeps 96%, 0.70 98%.
+# 0.75 leaves 0.17 of cosine above the closest distinct photographs for denser collections.
+DEFAULT_THRESHOLD = 0.75
+# Rows per cell that nlist aims at: the cells cost r * (N / nlist) * d per row (r: cells a
+# row is spilled to), the same per row at any N; see choose_cells.
+CELL_TARGET_ROWS = 2500
+# How many nearest centroids assign tests for visits, and how many cells a row is spilled
+# to at most (home first, then the nearest that pass the margin rule): in 512-d the rule
+# passes most of 16 tested cells at t = 0.8, while the second nearest alone finds 99.6%
+# and two more 100% of the planted pairs of benchmarks/duplicates_scale.py (cosine >= 0.85).
+VISIT_CANDIDATES = 8
+MAX_CELLS_PER_ROW = 3
+# k-means sample: 16 points per centroid (k-means only partitions here: a lopsided cell
+# costs time, never recall), at most 500,000 points: 1 GB of float32 at d = 512.
+TRAIN_POINTS_PER_CELL = 16
+MAX_TRAIN_POINTS = 500_000
+KMEANS_ITERATIONS = 10
+HNSW_NEIGHBOURS, HNSW_SEARCH = 32, 64
+_SAMPLE_SEED = 34
+
+
+@dataclass(frozen=True)
+class DuplicatesConfig:
+    source: str
+    threshold: float = DEFAULT_THRESHOLD
+    near: bool | None = None  # None: near-duplicates where the source has embeddings; True: required
+    embedding_column: str = "embedding"
+    path_column: str = "path"
+    digest_column: str = SHA256  # classify's rows carry their file's digest
+    label_column: str = "true_label"  # the given label, carried to the output (label-issues)
+    unit_rows: int = 50_000  # rows per assign unit: a worker holds about unit_rows * d * 16 bytes (1 GB at d = 512)
+    cell_rows: int = 100_000  # rows one cell task holds: about cell_rows * d * 6 bytes (float16 read, float32 searched)
+    cells: int | None = None  # nlist; None: choose_cells(rows)
+    cells_per_row: int = MAX_CELLS_PER_ROW  # a row's home and visits, at most (VISIT_CANDIDATES: the rule alone)
+    s3_endpoint: str | None = None
+
+
+def choose_cells(rows: int) -> int:
+    """nlist = N / CELL_TARGET_ROWS (at most MAX_TRAIN_POINTS / TRAIN_POINTS_PER_CELL).
+    With an HNSW graph over the centroids, assigning a row costs about log(nlist) distance
+    computations, so more cells cost little there; the cells cost r * (N / nlist) * d per
+    row, constant at any N this way (with sqrt(N) cells it would grow as sqrt(N)). Much
+    smaller cells have more border: more rows pass the margin rule for more cells."""
+    return max(1, min(math.ceil(rows / CELL_TARGET_ROWS), MAX_TRAIN_POINTS // TRAIN_POINTS_PER_CELL))
+
+
+# -- plan: the source as units ------------------------------------------------------------
+
+
+def _is_dest(destination: Destination) -> bool:
+    try:
+        return destination.manifest() is not None
+    except DestinationError:
+        return True  # a damaged manifest is a DEST's: reading its parts says what is wrong
+
+
+def plan_source(config: DuplicatesConfig) -> dict:
+    """The source's units and what its rows carry: ``{"source", "kind": "dest"|"table",
+    "job" (a DEST's job record), "units": [{"unit", "first", "rows", "pieces": [{"file",
+    "rows", "row_groups"}]}], "rows", "columns": {role: column or None}, "dim"}``."""
+    storage = Storage(config.s3_endpoint)
+    destination = Destination(config.source, storage)
+    if _is_dest(destination):
+        manifest, shards = destination.committed_parts()
+        schema, job = job_schema(manifest["job"]), manifest["job"]
+        pieces = [{"file": shard["file"], "rows": shard["rows"], "row_groups": None} for shard in shards]
+    else:
+        files = _parquet_files(destination)
+        if not files:
+            raise UsageError(f"no Parquet files in {config.source}")
+        schema, job, pieces = None, None, []
+        for name in files:
+            with destination.fs.open_input_file(f"{destination.root}/{name}" if name else destination.root) as file:
+                metadata = pq.ParquetFile(file).metadata
+            schema = schema or metadata.schema.to_arrow_schema()
+            pieces += [{"file": name, "rows": metadata.row_group(i).num_rows, "row_groups": [i]}
+                       for i in range(metadata.num_row_groups)]
+    columns = {"path": config.path_column, "embedding": config.embedding_column, "digest": config.digest_column,
+               "label": config.label_column, "width": "width", "height": "height"}
+    columns = {role: name if name in schema.names else None for role, name in columns.items()}
+    if columns["path"] is None:
+        raise UsageError(f"{config.source} has no column {config.path_column!r} (--path-column)")
+    dim = None
+    if columns["embedding"] is not None:
+        kind = schema.field(columns["embedding"]).type
+        if not (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind) or pa.types.is_large_list(kind)):
+            raise UsageError(f"column {columns['embedding']!r} is {kind}, not a list of floats")
+        dim = kind.list_size if pa.types.is_fixed_size_list(kind) else None
+    units, first = [], 0
+    for piece in pieces:  # consecutive pieces of one file (row groups), or parts, up to unit_rows
+        last = units[-1] if units else None
+        if last and last["rows"] + piece["rows"] <= config.unit_rows and \
+                (job is not None or last["pieces"][-1]["file"] == piece["file"]):
+            if job is None:
+                last["pieces"][-1]["row_groups"] += piece["row_groups"]
+                last["pieces"][-1]["rows"] += piece["rows"]
+            else:
+                last["pieces"].append(piece)
+            last["rows"] += piece["rows"]
+        else:
+            units.append({"unit": len(units), "first": first, "rows": piece["rows"], "pieces": [dict(piece)]})
+        first += piece["rows"]
+    return {"source": destination.uri, "s3_endpoint": config.s3_endpoint, "kind": "dest" if job else "table",
+            "job": job, "units": units, "rows": first, "columns": columns, "dim": dim}
+
+
+def _parquet_files(destination: Destination) -> list[str]:
+    """A table's Parquet files relative to its folder, in listing order (sorted), leaving
+    out hidden and underscore names as Spark and Arrow do ("" where it is one file)."""
+    import pyarrow.fs as pafs
+
+    info = destination.fs.get_file_info(destination.root)
+    if info.type == pafs.FileType.File:
+        return [""]
+    if info.type == pafs.FileType.NotFound:
+        raise UsageError(f"{destination.uri} does not exist")
+    found = destination.fs.get_file_info(pafs.FileSelector(destination.root, recursive=True))
+    names = [f.path[len(destination.root) + 1:] for f in found if f.type == pafs.FileType.File]
+    return sorted(n for n in names if n.endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in n.split("/")))
+
+
+def read_unit(plan: dict, unit: dict, roles: Iterable[str]) -> pa.Table:
+    """A unit's rows, the columns of ``roles`` present in the source (named by role)."""
+    wanted = {role: plan["columns"][role] for role in roles if plan["columns"][role]}
+    destination = Destination(plan["source"], Storage(plan["s3_endpoint"]))
+    tables = []
+    for piece in unit["pieces"]:
+        if plan["kind"] == "dest":
+            table = destination.read_part(piece["file"], piece["rows"], job_schema(plan["job"]),
+                                          tuple(wanted.values()))
+        else:
+            path = f"{destination.root}/{piece['file']}" if piece["file"] else destination.root
+            with destination.fs.open_input_file(path) as file:
+                table = pq.ParquetFile(file).read_row_groups(piece["row_groups"], columns=list(wanted.values()))
+        tables.append(table.select(list(wanted.values())).rename_columns(list(wanted)))
+    return pa.concat_tables(tables)
+
+
+def unit_vectors(embeddings: pa.ChunkedArray | pa.Array, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, vectors): which rows have an embedding, and theirs at unit length (float32,
+    one row per valid row). A null or all-zero embedding is not valid."""
+    embeddings = embeddings.combine_chunks() if isinstance(embeddings, pa.ChunkedArray) else embeddings
+    valid = ~np.asarray(embeddings.is_null().to_numpy(zero_copy_only=False))
+    present = embeddings.filter(pa.array(valid))
+    flat = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    width = dim or (len(flat) // max(len(present), 1))
+    vectors = flat.reshape(len(present), width)
+    norms = np.linalg.norm(vectors, axis=1)
+    nonzero = norms > 0
+    valid[np.flatnonzero(valid)[~nonzero]] = False
+    return valid, np.ascontiguousarray(vectors[nonzero] / norms[nonzero, None])
+
+
+# -- sample and train -----------------------------------------------------------------------
+
+
+def sample_stage(plan: dict, unit: dict, points: int) -> np.ndarray:
+    """About ``points`` * (unit rows / all rows) of the unit's vectors, chosen by a seed of
+    the unit's own (a redo picks the same)."""
+    _, vectors = unit_vectors(read_unit(plan, unit, ["embedding"]).column("embedding"), plan["dim"])
+    share = min(len(vectors), math.ceil(points * unit["rows"] / max(plan["rows"], 1)))
+    chosen = np.random.default_rng([_SAMPLE_SEED, unit["unit"]]).choice(len(vectors), share, replace=False)
+    return vectors[np.sort(chosen)]
+
+
+def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, rows: int, cell_rows: int,
+                cells_per_row: int = MAX_CELLS_PER_ROW) -> dict:
+    """k-means on the sample: the centroids, to ``work/centroids.npy``, and an HNSW graph
+    over them (the coarse quantizer), to ``work/quantizer.faiss``; and the buckets, to
+    ``work/buckets.npy``: consecutive cells whose rows (homes and visits, estimated from
+    the sample) add up to at most ``cell_rows``, what one cell task reads.
+    Returns ``{"cells", "buckets"}``."""
+    import faiss
+
+    from visionbatch.duplicate_cells import pack_cells
+
+    centroids = _balanced_centroids(sample, min(cells, len(sample)), rows)
+    cells = len(centroids)
+    quantizer = faiss.IndexHNSWFlat(sample.shape[1], HNSW_NEIGHBOURS)
+    quantizer.add(centroids)
+    nearest, visits, _ = _candidate_cells(sample, centroids, quantizer, threshold, cells_per_row)
+    estimate = np.bincount(nearest[visits], minlength=cells) * (rows / len(sample))
+    bounds = np.unique([task["cells"][0] for task in pack_cells(estimate, cell_rows, 0, cells)] + [0, cells])
+    _save_npy(os.path.join(work, "centroids.npy"), centroids)
+    faiss.write_index(quantizer, os.path.join(work, "quantizer.faiss.tmp"))
+    os.replace(os.path.join(work, "quantizer.faiss.tmp"), os.path.join(work, "quantizer.faiss"))
+    _save_npy(os.path.join(work, "buckets.npy"), bounds)
+    return {"cells": cells, "buckets": len(bounds) - 1}
+
+
+def _kmeans(points: np.ndarray, cells: int) -> np.ndarray:
+    import faiss
+
+    kmeans = faiss.Kmeans(points.shape[1], cells, niter=KMEANS_ITERATIONS, seed=_SAMPLE_SEED,
+                          min_points_per_centroid=1, max_points_per_centroid=TRAIN_POINTS_PER_CELL, verbose=False)
+    kmeans.train(points)
+    return kmeans.centroids
+
+
+def _balanced_centroids(sample: np.ndarray, cells: int, rows: int) -> np.ndarray:
+    """k-means centroids, where a cell would hold more than twice CELL_TARGET_ROWS (by the
+    sample) replaced by a k-means of its own sample points: in high dimensions k-means
+    leaves a few hub cells with much of the data, and a cell costs its rows squared."""
+    import faiss
+
+    centroids = _kmeans(sample, cells)
+    limit = 2 * CELL_TARGET_ROWS * len(sample) / rows  # in sample points
+    for _ in range(3):
+        home = faiss.knn(sample, centroids, 1)[1][:, 0]
+        counts = np.bincount(home, minlength=len(centroids))
+        oversized = np.flatnonzero(counts > max(limit, 2))
+        if not len(oversized):
+            break
+        split = [_kmeans(sample[home == cell], math.ceil(counts[cell] / limit * 2)) for cell in oversized]
+        centroids = np.concatenate([np.delete(centroids, oversized, axis=0), *split]).astype(np.float32)
+    return centroids
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    """Written whole or not at all (a killed task leaves no half file for a reader)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as file:
+        np.save(file, array)
+    os.replace(path + ".tmp", path)
+
+
+def write_parquet(path: str, table: pa.Table, **options) -> None:
+    """Written whole or not at all, as _save_npy."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path + ".tmp", **options)
+    os.replace(path + ".tmp", path)
+
+
+# -- assign -------------------------------------------------------------------------------
+
+
+def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> str:
+    return os.path.join(work, folder, f"unit-{unit:06d}{suffix}")
+
+
+def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool,
+                 cells_per_row: int = MAX_CELLS_PER_ROW) -> dict:
+    """Spill one unit: its rows' facts to ``rows/``, and (``near``) each vector to its home
+    cell and the cells it visits, to ``cells/``. Returns ``{"unit", "vectors", "visits",
+    "visits_cut"}``."""
+    table = read_unit(plan, unit, ["path", "digest", "label", "width", "height", "embedding"])
+    ordinals = np.arange(unit["first"], unit["first"] + unit["rows"], dtype=np.int64)
+    area = (pc.multiply(table.column("width").cast(pa.int64()), table.column("height").cast(pa.int64()))
+            if "width" in table.column_names and "height" in table.column_names else pa.nulls(len(table), pa.int64()))
+    rows = pa.table({
+        "ordinal": ordinals,
+        "path": table.column("path").cast(pa.string()),
+        "digest": table.column("digest").cast(pa.string()) if "digest" in table.column_names
+        else pa.nulls(len(table), pa.string()),
+        "area": area,
+        "given_label": table.column("label").cast(pa.string()) if "label" in table.column_names
+        else pa.nulls(len(table), pa.string()),
+    })
+    write_parquet(unit_file(work, "rows", unit["unit"]), rows)
+    result = {"unit": unit["unit"], "vectors": 0, "visits": 0, "visits_cut": 0}
+    if not near:
+        return result
+    valid, vectors = unit_vectors(table.column("embedding"), plan["dim"])
+    del table, rows
+    import faiss
+
+    centroids = np.load(os.path.join(work, "centroids.npy"))
+    quantizer = faiss.read_index(os.path.join(work, "quantizer.faiss"))
+    nearest, visits, cut = _candidate_cells(vectors, centroids, quantizer, threshold, cells_per_row)
+    members, rank = np.nonzero(visits)  # a row (its index among the vectors) per spilled copy
+    cells, home = nearest[members, rank].astype(np.int32), rank == 0
+    order = np.lexsort((members, cells))  # by cell, then ordinal (members index rows in order)
+    cells, members, home = cells[order], members[order], home[order]
+    dim = vectors.shape[1]
+    spilled = pa.table({
+        "cell": pa.array(cells, pa.int32()),
+        "ordinal": pa.array(ordinals[valid][members]),
+        "home": pa.array(home),
+        # float16 before the take: the copies (r per row) are made of the smaller array
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float16)[members].ravel()), dim),
+    })
+    # One row group per bucket that has rows here: a cell task reads its bucket's alone.
+    bounds = np.load(os.path.join(work, "buckets.npy"))
+    starts = np.searchsorted(cells, bounds)
+    path = unit_file(work, "cells", unit["unit"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with pq.ParquetWriter(path + ".tmp", spilled.schema, compression="none") as writer:
+        for begin, end in zip(starts[:-1], starts[1:]):
+            if end > begin:
+                writer.write_table(spilled.slice(begin, end - begin), row_group_size=end - begin)
+    os.replace(path + ".tmp", path)
+    _save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
+              np.bincount(cells, minlength=len(centroids)).astype(np.int64))
+    return {**result, "vectors": len(vectors), "visits": int(len(cells) - len(vectors)), "visits_cut": cut}
+
+
+def _margin(threshold: float) -> float:
+    """delta: the largest distance between unit vectors with cosine >= threshold; float16
+    rounding of the spilled vectors is within the slack added."""
+    return math.sqrt(max(0.0, 2.0 - 2.0 * threshold)) + 1e-3
+
+
+def _candidate_cells(vectors: np.ndarray, centroids: np.ndarray, quantizer, threshold: float, cells_per_row: int
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(nearest, visits, cut): each row's VISIT_CANDIDATES nearest centroids (home first,
+    from the HNSW quantizer), which of them it is spilled to (the margin rule in the
+    module's docstring, at most ``cells_per_row``, home always), and how many rows the
+    rule would have spilled to more cells than that."""
+    quantizer.hnsw.efSearch = HNSW_SEARCH
+    distances, nearest = quantizer.search(vectors, min(VISIT_CANDIDATES, len(centroids)))
+    delta = _margin(threshold)
+    visits = np.zeros(nearest.shape, dtype=bool)
+    visits[:, 0] = True
+    for start in range(0, len(vectors), 2048):  # the centroid gather, a bounded block at a time
+        block = slice(start, start + 2048)
+        between = np.linalg.norm(centroids[nearest[block, 1:]] - centroids[nearest[block, :1]], axis=2)
+        visits[block, 1:] = distances[block, 1:] - distances[block, :1] <= delta * between
+    visits &= nearest >= 0  # HNSW found fewer than asked
+    cut = int(np.count_nonzero(visits.sum(1) > cells_per_row))
+    visits &= np.cumsum(visits, axis=1) <= cells_per_row
+    return nearest, visits, cut
+
+
+# -- the stages in order ------------------------------------------------------------------
+
+
+def find_duplicates(config: DuplicatesConfig, work: str, output: str,
+                    map_tasks: Callable = map) -> dict:
+    """All stages on one machine, in order: ``map_tasks(function, *iterables)`` runs the
+    per-unit and per-task stages (the builtin map, or a process pool's). Writes the
+    output table (``duplicate_groups.OUTPUT_SCHEMA``) to the local file ``output`` and
+    returns the summary (``duplicate_groups.group_stage``) with the stages' counts."""
+    from functools import partial
+
+    from visionbatch.duplicate_cells import cell_counts, cell_stage, plan_cell_tasks
+    from visionbatch.duplicate_groups import group_stage
+
+    plan = plan_source(config)
+    near = _wants_near(config, plan)
+    if not near and plan["columns"]["digest"] is None:
+        raise UsageError(f"{config.source} has neither embeddings ({config.embedding_column!r}) nor "
+                              f"content digests ({config.digest_column!r}): nothing to compare")
+    os.makedirs(work, exist_ok=True)
+    stats = {"rows": plan["rows"], "units": len(plan["units"])}
+    if near:
+        cells = config.cells or choose_cells(plan["rows"])
+        points = TRAIN_POINTS_PER_CELL * cells
+        sample = np.concatenate(list(map_tasks(partial(sample_stage, plan, points=points), plan["units"])))
+        plan = {**plan, "dim": sample.shape[1]}
+        stats.update(train_stage(sample, cells, work, config.threshold, plan["rows"], config.cell_rows,
+                                 config.cells_per_row))
+        del sample
+    assigned = list(map_tasks(partial(assign_stage, plan, work=work, threshold=config.threshold, near=near,
+                                      cells_per_row=config.cells_per_row), plan["units"]))
+    stats.update({key: sum(a[key] for a in assigned) for key in ("vectors", "visits", "visits_cut")})
+    if near:
+        tasks = plan_cell_tasks(cell_counts(work, plan["units"]), np.load(os.path.join(work, "buckets.npy")),
+                                config.cell_rows)
+        stats["cell_tasks"] = len(tasks)
+        stats["pairs_found"] = sum(map_tasks(partial(cell_stage, work, plan["units"], threshold=config.threshold,
+                                                     cell_rows=config.cell_rows), tasks))
+    table, summary = group_stage(work, config.threshold, near)
+    write_parquet(output, table)
+    return {**summary, "stats": stats}
+
+
+def _wants_near(config: DuplicatesConfig, plan: dict) -> bool:
+    if plan["columns"]["embedding"] is None:
+        if config.near:
+            what = ("classify it again with --embeddings" if plan["kind"] == "dest"
+                    else f"name its embedding column with --embedding-column (no column {config.embedding_column!r})")
+            raise UsageError(f"{config.source} has no embeddings, which near-duplicates need: {what}; "
+                                  "exact duplicates (equal content digests) need none")
+        return False
+    return config.near is not False
+
