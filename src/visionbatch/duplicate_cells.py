@@ -13,7 +13,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from visionbatch.duplicates import unit_file, write_parquet
+
+def write_parquet(path: str, table: pa.Table, **options) -> None:
+    """Written whole or not at all (a redone task overwrites it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(table, path + ".tmp", **options)
+    os.replace(path + ".tmp", path)
+
+
+def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> str:
+    """A unit's file in the work dir (its spill, its rows, its counts)."""
+    return os.path.join(work, folder, f"unit-{unit:06d}{suffix}")
 
 
 def cell_counts(work: str, units: list[dict]) -> np.ndarray:

@@ -55,6 +55,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from visionbatch.destination import Destination, job_schema
+from visionbatch.duplicate_cells import (cell_counts, cell_stage, pack_cells, plan_cell_tasks, unit_file,
+                                         write_parquet)
 from visionbatch.errors import DestinationError, UsageError
 from visionbatch.results import SHA256
 from visionbatch.storage import Storage
@@ -238,7 +240,6 @@ def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, row
     Returns ``{"cells", "buckets"}``."""
     import faiss
 
-    from visionbatch.duplicate_cells import pack_cells
 
     centroids = _balanced_centroids(sample, min(cells, len(sample)), rows)
     cells = len(centroids)
@@ -290,18 +291,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_parquet(path: str, table: pa.Table, **options) -> None:
-    """Written whole or not at all, as _save_npy."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(table, path + ".tmp", **options)
-    os.replace(path + ".tmp", path)
-
-
 # -- assign -------------------------------------------------------------------------------
-
-
-def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> str:
-    return os.path.join(work, folder, f"unit-{unit:06d}{suffix}")
 
 
 def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool,
@@ -398,7 +388,6 @@ def find_duplicates(config: DuplicatesConfig, work: str, output: str,
     returns the summary (``duplicate_groups.group_stage``) with the stages' counts."""
     from functools import partial
 
-    from visionbatch.duplicate_cells import cell_counts, cell_stage, plan_cell_tasks
     from visionbatch.duplicate_groups import group_stage
 
     plan = plan_source(config)
