@@ -489,7 +489,8 @@ def test_a_paused_job_taken_over_writes_nothing(where, images, slow_vit, tiny_vi
             return (destination.manifest() or {}).get("generation") == lease().get("generation") == 2
         return False
 
-    _wait_until(b_committed, 180, "B's first commit")
+    _wait_until(lambda: b_committed() or b.proc.poll() is not None, 180, "B's first commit")
+    assert b.proc.poll() is None or b_committed(), f"B ended without committing:\n{b.stderr}"
     os.killpg(a.pid, signal.SIGCONT)
     a_code, b_code = a.wait(120), b.wait(300)
     assert (a_code, b_code) == (1, 0), (a.stderr, b.stderr)

@@ -177,25 +177,24 @@ def _format_of(name: str) -> str:
     raise DestinationError(f"unknown result file type: {name}")
 
 
-# On object storage a lease found missing is looked for once more, this much later: an
-# overwrite that is not atomic (seen with moto's server under load) would otherwise show a
-# job a lease being rewritten as one that is gone.
+# On object storage a lease found missing (or not JSON) is read once more, this much
+# later: an overwrite that is not atomic (seen with moto's server under load: no such key,
+# or two JSON objects back to back) would otherwise show a job a lease being rewritten as
+# one that is gone.
 LEASE_REREAD_S = 0.5
 
 
 def read_lease(fs: pafs.FileSystem, path: str) -> dict | None:
-    """The lease file at ``path``, or None where there is none (see LEASE_REREAD_S).
-    Storage errors are retried (the SDK's own retries can run out on a flaky store) and
-    then raised."""
+    """The lease file at ``path``, or None where there is none or it is not JSON (see
+    LEASE_REREAD_S). Storage errors are retried (the SDK's own retries can run out on a
+    flaky store) and then raised."""
     missing_seen = isinstance(fs, pafs.LocalFileSystem)  # a local rename replaces a file at once
     for attempt in range(4):
         try:
             with fs.open_input_stream(path) as stream:
                 return json.loads(stream.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # ValueError: not JSON (written by something else, or cut)
             missing = True
-        except ValueError:  # not JSON: written by something else
-            return None
         except (OSError, pa.ArrowException) as err:
             missing = False
             with contextlib.suppress(OSError, pa.ArrowException):
