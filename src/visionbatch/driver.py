@@ -80,7 +80,11 @@ class Run:
         self.manifest.add(record)
 
     def tick(self) -> None:
-        """At each event: stop if a newer job holds the output; commit when due."""
+        """At each event: stop if a stop signal came (its KeyboardInterrupt may have been
+        raised where Python drops it: in a finalizer) or a newer job holds the output;
+        commit when due."""
+        if _stop_came.is_set():
+            raise KeyboardInterrupt
         self.lease.check()
         if self.manifest.due(self.flush_seconds):
             self.write()
@@ -115,6 +119,7 @@ class Driver(Generic[Result]):
 
     def __call__(self) -> Result:
         with sigterm_as_interrupt():
+            _stop_came.clear()  # a stop of an earlier run in this process is not this one's
             try:
                 lease = Lease.take(self.destination, self.overwrite, self.resume)
             except (SourceError, DestinationError) as err:
@@ -179,11 +184,15 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # signals are handled there only
 
 
+_stop_came = threading.Event()  # set by the first stop signal, for Run.tick
+
+
 def _interrupt_once(signum, frame):
     """The first stop signal raises KeyboardInterrupt in the main thread; from then on
     the stop signals are ignored: raised again while the stop cleans up (a thread's
     join, a pool's close), they would cut it short and leave threads and processes
     behind, the interpreter then waiting for them at exit."""
+    _stop_came.set()
     _ignore_further_interrupts()
     raise KeyboardInterrupt
 
