@@ -99,24 +99,22 @@ def model_revision(source: ModelSource) -> str | None:
 def load_processor(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoImageProcessor
 
-    try:
-        return AutoImageProcessor.from_pretrained(
-            source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
-        )
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the image processor of {source.ref}: {first_line(err)}"
-                             f"{_remote_code_hint(err)}") from None
+    return _from_pretrained(AutoImageProcessor, "image processor", source, trust_remote_code)
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    return _from_pretrained(AutoConfig, "config", source, trust_remote_code)
+
+
+def _from_pretrained(auto_class, what: str, source: ModelSource, trust_remote_code: bool):
+    """``auto_class.from_pretrained`` for ``source``; a failure is a ModelLoadError naming ``what``."""
     try:
-        return AutoConfig.from_pretrained(
-            source.ref, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
-        )
+        return auto_class.from_pretrained(source.ref, local_files_only=source.local_files_only,
+                                          trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise ModelLoadError(f"cannot load the config of {source.ref}: {first_line(err)}"
+        raise ModelLoadError(f"cannot load the {what} of {source.ref}: {first_line(err)}"
                              f"{_remote_code_hint(err)}") from None
 
 
