@@ -12,7 +12,7 @@ brightness 1.2), rotated 5 degrees, and a byte-for-byte copy; every third copy i
 under another class's folder. Builds the real ImageNet-trained EfficientNet-Lite0 offline
 (``visionbatch models make-efficientnet-lite0``), runs ``visionbatch classify TREE
 --output DEST --model LITE0 --embeddings`` as a user would, then the duplicates stages
-with default settings (``find_duplicates``).
+with default settings (``visionbatch duplicates``: ``run_duplicates``).
 
 Truth: an original and its copy are a pair; no other two files are. Reported for each
 method, over pairs of files: precision and recall. Ours: two files in one output group
@@ -22,7 +22,7 @@ cleanlab: ``Datalab.find_issues(features=embeddings, issue_types={"near_duplicat
 on the same embeddings, two files in one ``near_duplicate_sets``.
 
 Also printed: the cosines of true pairs and the highest cosines of other pairs, and
-precision/recall of the pair graph (cosine >= t) at several t: how DEFAULT_THRESHOLD
+precision/recall of the pair graph (cosine >= t) at several t: how DEFAULT_DUPLICATE_THRESHOLD
 was chosen.
 """
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "imagenet-sample-200")
     parser.add_argument("--edited", type=int, default=90, help="how many originals get an edited copy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threshold", type=float, help="default: duplicates.DEFAULT_THRESHOLD")
+    parser.add_argument("--threshold", type=float, help="default: config.DEFAULT_DUPLICATE_THRESHOLD")
     parser.add_argument("--work", type=Path, help="work folder (kept; the model and DEST are reused); "
                                                   "default: a temporary one")
     args = parser.parse_args(argv)
@@ -143,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     import imagehash
     import pyarrow.parquet as pq
 
-    from visionbatch.duplicates import DEFAULT_THRESHOLD, DuplicatesConfig, find_duplicates
+    from visionbatch.config import DEFAULT_DUPLICATE_THRESHOLD, DuplicatesConfig
+    from visionbatch.duplicates_job import run_duplicates
     from visionbatch.destination import read_results
 
-    threshold = args.threshold or DEFAULT_THRESHOLD
+    threshold = args.threshold or DEFAULT_DUPLICATE_THRESHOLD
     work = args.work or Path(tempfile.mkdtemp(prefix="duplicates-quality-"))
     tree, dest, model = work / "tree", work / "dest", work / "efficientnet-lite0"
     if not (dest / "_SUCCESS").exists():
@@ -161,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "truth-tree")
 
     started = time.perf_counter()
-    summary = find_duplicates(DuplicatesConfig(str(dest), threshold=threshold), str(work / "dup-work"),
-                              str(work / "duplicates.parquet"))
+    summary = run_duplicates(DuplicatesConfig(str(dest), output=str(work / "duplicates"), threshold=threshold,
+                                              overwrite=True))
     ours_s = time.perf_counter() - started
-    groups = pq.read_table(work / "duplicates.parquet").to_pylist()
+    groups = pq.read_table(work / "duplicates" / "duplicates.parquet").to_pylist()
     ours = pairs_of_groups({row["path"]: row["group"] for row in groups})
 
     rows = read_results(str(dest)).to_pylist()

@@ -12,8 +12,9 @@ row its cluster's centre plus noise, cosines between rows of one cluster about 0
 Planted pairs: every 50th row of a chunk is an edited copy (cosine 0.85-0.99 to it) of a
 row of the chunk before, so pairs cross units and files; 2% of rows, N / 50 pairs.
 
-Then the stages with default settings (``find_duplicates``), the per-unit and per-task
-stages in a process pool of ``--workers`` (one faiss/BLAS thread each), and reports:
+Then ``visionbatch duplicates`` with default settings (``run_duplicates``: the committed
+run on the local engine, its tasks a worker process per core, this process bound to
+``--workers`` cores), and reports:
 pair precision and recall against the planted pairs (pairs of one output group), wall
 time and the seconds of each stage, peak RSS of the driver and of the largest worker
 (``resource.getrusage``: RUSAGE_SELF and RUSAGE_CHILDREN, kilobytes on Linux), disk used
@@ -25,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +111,6 @@ def write_table(folder: Path, rows: int, seed: int) -> set[frozenset[int]]:
     return truth
 
 
-def _one_thread() -> None:
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000, help="a multiple of 100,000")
@@ -127,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import pyarrow.parquet as pq
 
-    import visionbatch.duplicates as duplicates
-    from visionbatch.duplicates import DuplicatesConfig, find_duplicates
+    from visionbatch.config import DEFAULT_DUPLICATE_THRESHOLD, DuplicatesConfig
+    from visionbatch.duplicates_job import run_duplicates
 
     work = args.work or Path(tempfile.mkdtemp(prefix="duplicates-scale-"))
-    table, stages, output = work / f"table-{args.rows}", work / "stages", work / "duplicates.parquet"
+    table, stages, out = work / f"table-{args.rows}", work / "stages", work / "out"
+    output = out / "duplicates.parquet"
     started = time.perf_counter()
     truth_file = table / "_truth.npy"
     if truth_file.exists():
@@ -142,22 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     written = time.perf_counter() - started
     shutil.rmtree(stages, ignore_errors=True)
 
-    timings: dict[str, float] = {}
-    # spawn: a forked child of a process whose OpenMP (faiss) threads ran can hang
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_one_thread) as pool:
-        def timed_map(function, *iterables):  # the stage's name and its wall time
-            name = getattr(function, "func", function).__name__
-            began = time.perf_counter()
-            results = list(pool.map(function, *iterables))
-            timings[name] = round(timings.get(name, 0) + time.perf_counter() - began, 1)
-            return results
-
-        began = time.perf_counter()
-        summary = find_duplicates(DuplicatesConfig(str(table), embedding_column="clip_embedding",
-                                                   path_column="image_path"), str(stages), str(output),
-                                  map_tasks=timed_map)
-        seconds = time.perf_counter() - began
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.workers])  # the engine: a worker per core
+    began = time.perf_counter()
+    summary = run_duplicates(DuplicatesConfig(str(table), output=str(out), embedding_column="clip_embedding",
+                                              path_column="image_path", work_dir=str(stages), keep_work=True,
+                                              overwrite=True))
+    seconds = time.perf_counter() - began
     disk = sum(f.stat().st_size for f in stages.rglob("*") if f.is_file())
     found_rows = pq.read_table(output, columns=["path", "group"]).to_pydict()
     ordinal = [int(p.rsplit("/", 1)[1].split(".")[0]) for p in found_rows["path"]]
@@ -174,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "rows": args.rows, "dim": DIM, "workers": cores, "planted_pairs": len(truth),
         "precision": round(hits / max(len(found), 1), 4), "recall": round(hits / len(truth), 4),
-        "seconds": round(seconds, 1), "stage_seconds": timings, "table_written_s": round(written, 1),
+        "seconds": round(seconds, 1), "stage_seconds": summary["stage_seconds"], "table_written_s": round(written, 1),
         "rows_per_s_per_core": round(rate), "cpu_seconds": round(cpu), "rows_per_cpu_second": round(args.rows / cpu),
         "peak_rss_driver_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_rss_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
-        "work_dir_gb": round(disk / 1e9, 2), "threshold": duplicates.DEFAULT_THRESHOLD,
+        "work_dir_gb": round(disk / 1e9, 2), "threshold": DEFAULT_DUPLICATE_THRESHOLD,
         "hours_100m_on_64_cores": round(100_000_000 / (rate * 64) / 3600, 2),
         "summary": summary,
     }

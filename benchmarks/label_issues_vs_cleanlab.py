@@ -37,7 +37,7 @@ dense-5%, -10% the 800 files under 20 coarse classes (ImageNet's class index // 
                ~40 files per class from ~10 different photographs, 5% or 10% moved
                (K = 40, 80)
 conflicts      the 800 files, 10 edited copies filed under another class, and
-               ``DEST/_derived/duplicates.parquet`` grouping each original with its
+               ``DEST/_derived/duplicates/duplicates.parquet`` grouping each original with its
                copies (as ``visionbatch duplicates`` writes it); run with and without it
 
 K is the number moved; reported for each: how many flagged, the precision of the first
@@ -167,7 +167,7 @@ def write_dest(dest: Path, rows: pa.Table) -> None:
 
 
 def write_duplicates(dest: Path, paths: list[str], groups: np.ndarray, given_labels: np.ndarray) -> None:
-    """DEST/_derived/duplicates.parquet as ``visionbatch duplicates`` writes it; a group's
+    """DEST/_derived/duplicates/duplicates.parquet as ``visionbatch duplicates`` writes it; a group's
     first file (the original) is kept. ``similarity``: label-issues does not read it."""
     import pyarrow.parquet as pq
 
@@ -176,7 +176,7 @@ def write_duplicates(dest: Path, paths: list[str], groups: np.ndarray, given_lab
     first = np.unique(groups, return_index=True)[1]
     keep = np.zeros(len(paths), bool)
     keep[first] = True
-    (dest / DUPLICATES).parent.mkdir(exist_ok=True)
+    (dest / DUPLICATES).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
         "path": paths, "group": pa.array(groups, pa.int64()), "keep": keep,
         "similarity": pa.array(np.full(len(paths), np.nan), pa.float32()),
@@ -223,7 +223,7 @@ def label_issues_at(revision: str, work: Path):
 def compare(work: Path, paths: list[str], probabilities: np.ndarray, names: np.ndarray, given: np.ndarray,
             moved: set[int], duplicates: np.ndarray | None = None, before=None) -> dict[str, dict]:
     """Each method's scores on one setting and seed; with ``duplicates`` (each file's group)
-    label-issues runs twice: without, then with DEST/_derived/duplicates.parquet; with
+    label-issues runs twice: without, then with DEST/_derived/duplicates/duplicates.parquet; with
     ``before`` (an older ``find_label_issues``), that one first."""
     import pyarrow.parquet as pq
     from cleanlab.filter import find_label_issues as cleanlab_issues

@@ -4,19 +4,19 @@ the same groups on a rerun, DEST with and without embeddings, another tool's tab
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_finished_dest
+from runs import kill_session
 
 pytest.importorskip("faiss")
 
-from visionbatch.duplicates import VISIT_CANDIDATES, DuplicatesConfig, find_duplicates  # noqa: E402
+from visionbatch.config import DuplicatesConfig  # noqa: E402
+from visionbatch.duplicates import VISIT_CANDIDATES  # noqa: E402
+from visionbatch.duplicates_job import run_duplicates  # noqa: E402
 from visionbatch.errors import UsageError  # noqa: E402
 from visionbatch.results import RESULT_SCHEMA, result_schema  # noqa: E402
 from visionbatch.destination import EMBEDDINGS_KEY, Destination  # noqa: E402
@@ -83,9 +83,10 @@ def pairs_of(groups: list[set[int]]) -> set[frozenset[int]]:
 def run(tmp_path, source: str, name: str = "run", **options) -> tuple[dict, str]:
     options.setdefault("embedding_column", "clip_embedding")
     options.setdefault("path_column", "image_path")
-    output = str(tmp_path / f"{name}.parquet")
-    summary = find_duplicates(DuplicatesConfig(source, **options), str(tmp_path / f"{name}-work"), output)
-    return summary, output
+    out = tmp_path / f"{name}-out"
+    summary = run_duplicates(DuplicatesConfig(source, output=str(out), work_dir=str(tmp_path / f"{name}-work"),
+                                              **options))
+    return summary, str(out / "duplicates.parquet")
 
 
 def test_planted_pairs_across_cells_and_files_are_found(tmp_path):
@@ -114,7 +115,8 @@ def test_pairs_whose_rows_are_at_home_in_different_cells_are_found(tmp_path):
     source = write_table(tmp_path / "table", vectors)
     capped, output = run(tmp_path, source, name="capped", cells=60)
     assert len(pairs_of(groups_of(output)) & truth) >= 0.9 * len(truth)
-    summary, output = run(tmp_path, source, cells=60, cells_per_row=VISIT_CANDIDATES)
+    assert not (tmp_path / "capped-work").exists()  # removed once done
+    summary, output = run(tmp_path, source, cells=60, cells_per_row=VISIT_CANDIDATES, keep_work=True)
     assert summary["stats"]["visits"] > capped["stats"]["visits"]
     spilled = pa.concat_tables(pq.read_table(file, columns=["cell", "ordinal", "home"])
                                for file in sorted((tmp_path / "run-work" / "cells").glob("*.parquet")))
@@ -196,24 +198,41 @@ def test_exact_duplicates_by_digest_merge_with_near_groups(tmp_path):
     assert summary["exact_groups"] == summary["groups"] == 2
 
 
-def test_groups_are_the_same_when_rerun_in_a_process_pool(tmp_path):
-    vectors, _ = planted(2000, 30, seed=5)
-    source = write_table(tmp_path / "table", vectors)
-    _, first = run(tmp_path, source, name="first", cells=8, unit_rows=500)
-    output = str(tmp_path / "pooled.parquet")
-    # spawn: a forked child of a process whose OpenMP (faiss) threads ran can hang
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        find_duplicates(DuplicatesConfig(source, embedding_column="clip_embedding", path_column="image_path",
-                                         cells=8, unit_rows=500), str(tmp_path / "pooled-work"), output,
-                        map_tasks=pool.map)
-    assert pq.read_table(output).equals(pq.read_table(first))
+def test_killed_then_resumed_on_the_other_engine_the_same_groups(tmp_path, start):
+    """kill -9 mid-run (past training, the stages' tasks on the local engine's worker
+    processes), then --resume on Ray: the tasks not committed run, those committed are
+    kept, and the groups are those of a run never stopped."""
+    vectors, truth = planted(6000, 60, seed=5)
+    source = write_table(tmp_path / "table", vectors, files=4)
+    options = ["--embedding-column", "clip_embedding", "--path-column", "image_path", "--unit-rows", "250",
+               "--cell-rows", "500", "-q"]
+    out = tmp_path / "out"
+    first = start(["duplicates", source, "--output", out, *options], tmp_path / "first")
+    first.wait_for_commit(out, more_than=len(vectors) // 250 + 1)  # every sample, training, an assign or more
+    kill_session(first)
+    committed = Destination(str(out)).manifest()["shards"]
+    assert "train" in committed and not (out / "_SUCCESS").exists()
+    resumed = start(["duplicates", source, "--output", out, "--resume", "--engine", "ray", *options],
+                    tmp_path / "resumed")
+    assert resumed.wait(300) == 0, resumed.stderr
+    _, whole = run(tmp_path, source, name="whole", unit_rows=250, cell_rows=500)
+    assert pq.read_table(out / "duplicates.parquet").equals(pq.read_table(whole))
+    assert pairs_of(groups_of(whole)) == truth
+    done = Destination(str(out)).manifest()["shards"]
+    assert {key: done[key] for key in committed} == committed  # kept, not done again
+    assert not (out / "_work").exists()
 
 
 def write_dest(folder, rows: list[dict], width: int | None) -> str:
     """A finished DEST (two parts), with embeddings where ``width``."""
     destination = Destination(str(folder))
     schema = result_schema(width) if width else RESULT_SCHEMA
-    manifest = Manifest(destination, {"test": True, "format": "parquet",
+    import dataclasses
+
+    from visionbatch.shards import InputSpec
+
+    listed = InputSpec(sources=(), from_list=False, shard_size=60, limit=None, cwd="")  # export re-reads rows by path
+    manifest = Manifest(destination, {"test": True, "format": "parquet", "input": dataclasses.asdict(listed),
                                       EMBEDDINGS_KEY: width and {"width": width, "normalized": False}})
     table = pa.Table.from_pylist(rows, schema=schema)
     for seq, start in enumerate(range(0, len(rows), 60)):
@@ -245,7 +264,7 @@ def test_a_dest_without_embeddings_refuses_near_duplicates(tmp_path):
     destination = Destination(str(tmp_path / "dest"))
     write_finished_dest(destination, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
     with pytest.raises(UsageError, match="--embeddings"):
-        run(tmp_path, destination.uri, near=True, embedding_column="embedding", path_column="path")
+        run(tmp_path, destination.uri, find="all", embedding_column="embedding", path_column="path")
     summary, output = run(tmp_path, destination.uri, "exact", embedding_column="embedding", path_column="path")
     groups = pq.read_table(output).to_pylist()
     assert sorted((row["path"], row["keep"], row["kind"]) for row in groups) == [
@@ -256,3 +275,67 @@ def test_a_dest_without_embeddings_refuses_near_duplicates(tmp_path):
     pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"]}), table / "part-0.parquet")
     with pytest.raises(UsageError, match="nothing to compare"):
         run(tmp_path, str(table), "plain", embedding_column="embedding", path_column="path")
+
+
+def test_the_command_writes_a_dests_groups_where_label_issues_export_and_the_report_find_them(tmp_path):
+    """visionbatch duplicates DEST: OUT is DEST/_derived/duplicates; DEST's result rows read
+    as before (a glob over its top), the groups as DEST's "duplicates" config for Hugging
+    Face datasets; export --dedup keeps each group's kept member alone; the report shows
+    the largest groups; an OUT holding other files is refused, and left as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import duckdb
+
+    from conftest import write_image
+    from visionbatch.report import write_report
+
+    vectors, truth = planted(100, 5, seed=7)
+    images = [write_image(tmp_path / "img" / f"{i:05d}.png", size=(8, 8), seed=i) for i in range(len(vectors))]
+    rows = [{"path": str(image), "label": "x", "score": 0.5, "true_label": "c", "width": 8, "height": 8,
+             "embedding": vectors[i].tolist()} for i, image in enumerate(images)]
+    dest = write_dest(tmp_path / "dest", rows, DIM)
+    exe = Path(sys.executable).with_name("visionbatch")
+
+    def visionbatch(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    done = visionbatch("duplicates", dest)
+    assert done.returncode == 0, done.stderr
+    assert "10 images in 5 groups" in done.stdout and "drops 5 images" in done.stdout
+    out = tmp_path / "dest" / "_derived" / "duplicates"
+    groups = pq.read_table(out / "duplicates.parquet")
+    assert {frozenset(int(Path(p).stem) for p in pair) for pair in pairs_of(
+        [set(members) for members in _by_group(groups).values()])} == truth
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_lease.json", "_manifest.json", "_summary.json",
+                                                     "duplicates.parquet"]
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/dest/*.parquet'").fetchall() == [(100,)]
+    datasets = pytest.importorskip("datasets")
+    assert datasets.load_dataset(dest, "duplicates", split="train").num_rows == 10
+
+    exported = visionbatch("export", dest, "--to", tmp_path / "deduplicated", "--dedup", "--format", "imagefolder")
+    assert exported.returncode == 0, exported.stderr
+    kept = {Path(p).name for p in (tmp_path / "deduplicated").rglob("*.png")}
+    dropped = {Path(row["path"]).name for row in groups.to_pylist() if not row["keep"]}
+    assert len(kept) == 95 and not kept & dropped
+
+    html = write_report(dest, str(tmp_path / "report.html"))
+    page = Path(html).read_text()
+    assert "Largest duplicate groups (of 5)" in page and page.count("<h3>2 images</h3>") == 5
+
+    again = visionbatch("duplicates", dest)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    refused = visionbatch("duplicates", dest, "--output", stranger, "--overwrite")
+    assert refused.returncode == 1 and "holds files that no duplicates wrote (notes.txt)" in refused.stderr
+    assert (stranger / "notes.txt").exists()
+
+
+def _by_group(table: pa.Table) -> dict[int, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for row in table.to_pylist():
+        groups.setdefault(row["group"], []).append(row["path"])
+    return groups

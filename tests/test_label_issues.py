@@ -193,14 +193,14 @@ def test_a_class_the_model_finds_hard_does_not_crowd_the_top(tmp_path):
 
 
 def _write_duplicates(dest: str, groups: list[list[tuple[str, str | None]]]) -> None:
-    """DEST/_derived/duplicates.parquet as ``visionbatch duplicates`` writes it: a group's
+    """DEST/_derived/duplicates/duplicates.parquet as ``visionbatch duplicates`` writes it: a group's
     first member is the one kept."""
     members = [(path, number, i == 0, given) for number, group in enumerate(groups)
                for i, (path, given) in enumerate(group)]
     table = pa.table({"path": [m[0] for m in members], "group": pa.array([m[1] for m in members], pa.int64()),
                       "keep": [m[2] for m in members], "similarity": pa.array([0.97] * len(members), pa.float32()),
                       "kind": ["near"] * len(members), "given_label": pa.array([m[3] for m in members], pa.string())})
-    (Path(dest) / DUPLICATES).parent.mkdir(exist_ok=True)
+    (Path(dest) / DUPLICATES).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, Path(dest) / DUPLICATES)
 
 

@@ -12,7 +12,7 @@ import time
 import traceback
 from typing import NamedTuple, TextIO
 
-from visionbatch.config import ClassifyConfig, ExportConfig, OutputConfig, add_options, options_of
+from visionbatch.config import ClassifyConfig, DuplicatesConfig, ExportConfig, OutputConfig, add_options, options_of
 from visionbatch.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobInterrupted, UsageError,
                                 VisionbatchError)
 
@@ -55,7 +55,7 @@ def _report_parser(sub) -> None:
 def _label_issues_parser(sub) -> None:
     p = sub.add_parser("label-issues", help="find rows whose given label looks wrong",
                        description="Flag the rows of DEST whose given (true) label looks wrong (the model's "
-                       "top-1 differs, or a duplicate group in DEST/_derived/duplicates.parquet outvotes it), "
+                       "top-1 differs, or a duplicate group in DEST/_derived/duplicates/duplicates.parquet outvotes it), "
                        "ranked most likely wrong first, into DEST/_derived/label_issues.parquet.")
     _dest_arguments(p)
 
@@ -64,10 +64,22 @@ def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write the images of chosen rows of DEST as a data set (WebDataset, "
                        "ImageFolder, Label Studio)",
                        description="Write the original images of the rows of DEST that --where, --per-class and "
-                       "--label-issues choose (all that are given) to OUT, in shards, resumable.")
+                       "--label-issues and --dedup choose (all that are given) to OUT, in shards, resumable.")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--to", required=True, metavar="OUT", help="local folder or s3:// / gs:// URI for the export")
     add_options(p, ExportConfig)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+
+
+def _duplicates_parser(sub) -> None:
+    p = sub.add_parser("duplicates", help="find images that are in a DEST (or any Parquet table of paths and "
+                       "embeddings) twice: the same bytes, or near-duplicates by embedding",
+                       description="Group the images of SOURCE that are exact copies (equal sha256) or "
+                       "near-duplicates (cosine of their embeddings >= --threshold; SOURCE classified with "
+                       "--embeddings, or a table with an embedding column), each group with the one member a "
+                       "deduplicated set keeps, into OUT/duplicates.parquet; in shards, resumable.")
+    p.add_argument("source", metavar="SOURCE", help="a DEST, or a Parquet file or folder of them")
+    add_options(p, DuplicatesConfig)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
 
 
@@ -137,6 +149,16 @@ def _run_export(args) -> int:
     return EXIT_OK
 
 
+def _run_duplicates(args) -> int:
+    from visionbatch.duplicates_job import run_duplicates
+
+    config = DuplicatesConfig(**options_of(DuplicatesConfig, args))
+    summary = run_duplicates(config, progress=None if args.quiet else args.terminal.err)
+    if not args.quiet:
+        print(summary.format(), file=args.terminal.out)
+    return EXIT_OK
+
+
 def _run_models(args) -> int:
     from visionbatch.zoo import make_efficientnet_lite0
 
@@ -153,13 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionbatch", description="Batch image classification on Ray Data and Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_classify_parser, _evaluate_parser, _report_parser, _label_issues_parser, _export_parser,
-                _models_parser, _bench_parser):
+                _duplicates_parser, _models_parser, _bench_parser):
         add(sub)
     return parser
 
 
 COMMANDS = {"classify": _run_classify, "evaluate": _run_evaluate, "report": _run_report,
-            "label-issues": _run_label_issues, "export": _run_export, "models": _run_models}
+            "label-issues": _run_label_issues, "export": _run_export, "duplicates": _run_duplicates,
+            "models": _run_models}
 
 
 def main(argv: list[str] | None = None) -> int:

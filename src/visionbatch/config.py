@@ -200,8 +200,34 @@ def same_option(config_class, name: str):
     return field(default=original.default, metadata=original.metadata)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CommittedOutputOptions:
+    """The options of a command that writes a committed OUT from a finished run's output
+    (``export``, ``duplicates``): what to do with an earlier OUT, and where tasks run."""
+
+    overwrite: bool = option(False, "replace what an earlier run of the command wrote to OUT")
+    resume: bool = option(False, "continue an interrupted run into the same OUT")
+    s3_endpoint: str | None = same_option(ClassifyConfig, "s3_endpoint")
+    engine: Engine = same_option(ClassifyConfig, "engine")
+    address: str | None = same_option(ClassifyConfig, "address")
+    max_retries: int = same_option(ClassifyConfig, "max_retries")
+    flush_seconds: float = same_option(OutputConfig, "flush_seconds")
+
+    def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise UsageError("--overwrite and --resume contradict each other: choose one")
+        if self.address and self.engine == "local":
+            raise UsageError("--address joins a Ray cluster: it needs --engine ray (or auto)")
+
+    def at_least_one(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(CommittedOutputOptions):
     """``visionbatch export``: which rows of a finished DEST, and where and how to write their images."""
 
     dest: str
@@ -216,6 +242,8 @@ class ExportConfig:
     per_class: int | None = option(None, "only the N least confident rows of each predicted label (of those the "
                                    "other options select)", metavar="N")
     label_issues: bool = option(False, "only the rows `visionbatch label-issues DEST` flagged")
+    dedup: bool = option(False, "of each group `visionbatch duplicates DEST` found, only its kept member "
+                         "(exact copies and near-duplicates once)")
     reviewed: str | None = option(None, "a Label Studio JSON export of reviewed tasks (from an export --format "
                                   "labelstudio): each row gets its reviewed_label (--where sees it), and imagefolder "
                                   "files a reviewed image under its reviewed label", metavar="FILE")
@@ -228,23 +256,59 @@ class ExportConfig:
     image_url_prefix: str = option("/data/local-files/?d=", "labelstudio: what precedes images/NAME in a "
                                    "task's image URL (default: Label Studio's local files, with "
                                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to OUT)", metavar="PREFIX")
-    overwrite: bool = option(False, "replace an earlier export in OUT")
-    resume: bool = option(False, "continue an interrupted export into the same OUT")
-    s3_endpoint: str | None = same_option(ClassifyConfig, "s3_endpoint")
-    engine: Engine = same_option(ClassifyConfig, "engine")
-    address: str | None = same_option(ClassifyConfig, "address")
-    max_retries: int = same_option(ClassifyConfig, "max_retries")
-    flush_seconds: float = same_option(OutputConfig, "flush_seconds")
 
     def __post_init__(self) -> None:
-        if self.overwrite and self.resume:
-            raise UsageError("--overwrite and --resume contradict each other: choose one")
-        if self.address and self.engine == "local":
-            raise UsageError("--address joins a Ray cluster: it needs --engine ray (or auto)")
-        for name in ("per_class", "shard_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        super().__post_init__()
+        self.at_least_one("per_class", "shard_size")
+
+
+# Cosine at or above which two images are near-duplicates (`duplicates --threshold`).
+# Measured on real EfficientNet-Lite0 embeddings of the ImageNet sample and edited copies of
+# it (benchmarks/duplicates_quality.py, RESULTS.md): copies score 0.66 (JPEG at quality 15)
+# to 1.0, 95% of them over 0.81; the most similar two different photographs 0.575. At 0.75
+# every pair >= t was a true one and 97% of true pairs were >= t; 0.80 keeps 96%, 0.70 98%.
+# 0.75 leaves 0.17 of cosine above the closest distinct photographs for denser collections.
+DEFAULT_DUPLICATE_THRESHOLD = 0.75
+DuplicateKinds = Literal["auto", "all", "exact"]
+
+
+@dataclass(frozen=True)
+class DuplicatesConfig(CommittedOutputOptions):
+    """``visionbatch duplicates``: which images of a DEST (or of any Parquet table of paths
+    and embeddings) are in it twice, and where the groups go."""
+
+    source: str
+    output: str | None = option(None, "where the groups go (a folder: duplicates.parquet, _summary.json); "
+                                "default DEST/_derived/duplicates for a DEST, required for another table",
+                                metavar="OUT")
+    threshold: float = option(DEFAULT_DUPLICATE_THRESHOLD, "cosine of two embeddings at or above which the "
+                              "images are near-duplicates", metavar="COSINE")
+    find: DuplicateKinds = option("auto", "all: exact (equal bytes) and near-duplicates, refused without "
+                                  "embeddings; exact: equal bytes only; auto: near-duplicates too where the "
+                                  "source has embeddings")
+    embedding_column: str = option("embedding", "the column of the embeddings (a list of floats)", metavar="NAME")
+    path_column: str = option("path", "the column of the image paths", metavar="NAME")
+    digest_column: str = option("sha256", "the column of the content digests (exact duplicates; classify "
+                                "writes sha256)", metavar="NAME")
+    label_column: str = option("true_label", "the column of the given labels, carried to the groups "
+                               "(label-issues reads them)", metavar="NAME")
+    unit_rows: int = option(50_000, "rows per unit of work: a worker holds about N x width x 16 bytes "
+                            "(1 GB at 512)", metavar="N")
+    cell_rows: int = option(100_000, "rows one cell task compares: about N x width x 6 bytes", metavar="N")
+    cells: int | None = option(None, "k-means cells (default: rows / 2,500)", cli=False)
+    cells_per_row: int = option(3, "cells a row is compared in at most: its home and the nearest whose "
+                                "border it is near", cli=False)
+    work_dir: str | None = option(None, "a local folder for the stages' files (large: about rows x width x 8 "
+                                  "bytes; every Ray node must see it); default OUT/_work where OUT is local, "
+                                  "else a folder in the cache named after OUT", metavar="DIR")
+    keep_work: bool = option(False, "keep the work dir once done (the spills by cell, the pairs found), "
+                             "for a look inside")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not -1.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--threshold is a cosine, from -1 to 1 (got {self.threshold})")
+        self.at_least_one("unit_rows", "cell_rows", "cells", "cells_per_row")
 
 
 def label_list(items: Sequence[str], where: str) -> tuple[str, ...]:
@@ -261,7 +325,8 @@ def label_list(items: Sequence[str], where: str) -> tuple[str, ...]:
 def add_options(parser: argparse.ArgumentParser, config_class) -> None:
     """One flag per field of ``config_class`` that has command-line help."""
     hints = typing.get_type_hints(config_class)
-    for f in dataclasses.fields(config_class):
+    # a command's own options first, then those it shares (CommittedOutputOptions')
+    for f in sorted(dataclasses.fields(config_class), key=lambda f: f.kw_only is True):
         meta = f.metadata
         if not meta.get("help") or not meta.get("cli"):
             continue

@@ -15,7 +15,8 @@ Layout of DEST::
     _summary.json        the job's summary
     _metrics.json        its metrics (evaluate)
     _derived/            tables derived from the results: label_issues.parquet, rows
-                         whose given label looks wrong (label_issues)
+                         whose given label looks wrong (label_issues); duplicates/, the
+                         duplicates command's OUT (duplicates.parquet: the groups)
     .huggingface.yaml    which files are which, for Hugging Face datasets and the Hub:
                          the result parts (the default config), each derived table
                          (Parquet DESTs)
@@ -61,7 +62,10 @@ METRICS_FILE = "_metrics.json"  # evaluate's metrics
 DERIVED = "_derived"
 LABEL_ISSUES = f"{DERIVED}/label_issues.parquet"
 READ_TRIES = 4  # reads of DEST's own small files on object storage (Destination.read_bytes)
-DUPLICATES = f"{DERIVED}/duplicates.parquet"  # visionbatch duplicates' groups; label-issues reads them
+# visionbatch duplicates' OUT for a DEST (its manifest, summary and groups), and the groups'
+# table in any OUT; label-issues reads a DEST's
+DUPLICATES_OUT, DUPLICATES_TABLE = f"{DERIVED}/duplicates", "duplicates.parquet"
+DUPLICATES = f"{DUPLICATES_OUT}/{DUPLICATES_TABLE}"
 DERIVED_TABLES = {"label_issues": LABEL_ISSUES, "duplicates": DUPLICATES}  # a Hugging Face config each, where present
 # A dataset card's YAML on its own (datasets >= 2.17 and the Hub read it as README.md's):
 # a README.md in DEST would be read as a part by pandas.read_parquet(DEST) and pyarrow's
@@ -506,3 +510,50 @@ def read_results(dest: str, s3_endpoint: str | None = None) -> pa.Table:
     """All committed result rows of DEST as one table: the job's result schema (with
     ``embedding`` where it made them), then its own columns (``key``, kept input columns)."""
     return Destination(dest, Storage(s3_endpoint)).read_table()
+
+
+class CommandOutput(Destination):
+    """OUT of a command other than classify (``export``, ``duplicates``): unlike DEST it holds
+    folders and files of any name, each written whole before the task that wrote it commits."""
+
+    command: str  # the command's name, a key its job record holds
+    first_file: str  # what it writes to OUT before its first commit (and so before its manifest)
+
+    def entries(self) -> list[pafs.FileInfo]:
+        """What OUT holds but its lease and the temporary files of writes under way."""
+        return [info for info in self.listing() if info.base_name != LEASE and not info.base_name.startswith(".")]
+
+    def has_results(self) -> bool:
+        return bool(self.entries())
+
+    def check_own(self) -> None:
+        """Refuse an OUT that holds files this command did not write (a user's folder, a
+        classify job's DEST): no flag mixes its output into them or deletes them. Its own
+        OUT has its manifest, or (stopped before its first commit) its first file, before
+        any other file."""
+        entries = self.entries()
+        names = {info.base_name for info in entries}
+        if not entries or (self.manifest() or {}).get("job", {}).get(self.command) or (
+                MANIFEST not in names and self.first_file in names):
+            return
+        shown = sorted(info.base_name + ("/" if info.type == pafs.FileType.Directory else "") for info in entries)
+        raise DestinationError(f"{self.uri} holds files that no {self.command} wrote ({', '.join(shown[:5])}"
+                               f"{f' and {len(shown) - 5} more' if len(shown) > 5 else ''}): {self.command} into an "
+                               f"empty or new OUT (--overwrite replaces, and --resume continues, only what "
+                               f"{self.command} wrote)")
+
+    def clear(self) -> None:
+        """Remove an earlier run's output (:meth:`check_own` refused anything else)."""
+        self.check_fence()
+        for info in self.entries():
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(info.path)
+            else:
+                self.fs.delete_file(info.path)
+
+    def damaged_parts(self, shards: dict[str, dict], schema: pa.Schema) -> dict[str, str]:
+        return {}  # a task's files are all written, whole, before it commits
+
+    def folder(self, name: str) -> Destination:
+        return Destination(f"{self.uri}/{name}", self.storage, self.fence)
+

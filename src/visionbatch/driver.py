@@ -246,9 +246,9 @@ def _ignore_further_interrupts() -> None:
             signal.signal(signum, signal.SIG_IGN)
 
 
-def progress_bar(stream, desc: str, initial: int = 0, total: int | None = None):
+def progress_bar(stream, desc: str, initial: int = 0, total: int | None = None, unit: str = "img"):
     """A run's progress bar on ``stream`` (None: none shown)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="img", disable=stream is None, dynamic_ncols=True, file=stream,
+    return tqdm(total=total, initial=initial, unit=unit, disable=stream is None, dynamic_ncols=True, file=stream,
                 desc=desc, smoothing=0.1)

@@ -27,7 +27,7 @@ most delta = sqrt(2 - 2t) apart, so f(a) - f(b) = 2 (a - b).(c_A - c_B) <= 2 del
 A row at home in A is spilled to cell B too when f <= delta |c_A - c_B|: then of a pair at
 home in A and B, a is in B or b is in A, and the pair is compared in one of the two cells
 (whichever cell the HNSW quantizer calls home). In 512-d the rule passes many cells at
-t = 0.75, so a row goes to its home and at most MAX_CELLS_PER_ROW - 1 more that pass it,
+t = 0.75, so a row goes to its home and at most ``cells_per_row`` - 1 more that pass it,
 nearest first, out of the VISIT_CANDIDATES nearest; the rows cut short are counted
 (``visits_cut``) and recall is measured (benchmarks/duplicates_scale.py), not assumed.
 
@@ -46,37 +46,28 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from visionbatch.config import DuplicatesConfig
 from visionbatch.destination import Destination, job_schema
-from visionbatch.duplicate_cells import (cell_counts, cell_stage, pack_cells, plan_cell_tasks, unit_file,
-                                         write_parquet)
+from visionbatch.duplicate_cells import pack_cells, unit_file, write_parquet
 from visionbatch.errors import DestinationError, UsageError
-from visionbatch.results import SHA256
 from visionbatch.storage import Storage
 
-# Cosine at or above which two images are near-duplicates. Measured on real
-# EfficientNet-Lite0 embeddings of the ImageNet sample and edited copies of it
-# (benchmarks/duplicates_quality.py, RESULTS.md): copies score 0.66 (JPEG at quality 15)
-# to 1.0, 95% of them over 0.81; the most similar two different photographs 0.575. At 0.75
-# every pair >= t was a true one and 97% of true pairs were >= t; 0.80 keeps 96%, 0.70 98%.
-# 0.75 leaves 0.17 of cosine above the closest distinct photographs for denser collections.
-DEFAULT_THRESHOLD = 0.75
 # Rows per cell that nlist aims at: the cells cost r * (N / nlist) * d per row (r: cells a
 # row is spilled to), the same per row at any N; see choose_cells.
 CELL_TARGET_ROWS = 2500
-# How many nearest centroids assign tests for visits, and how many cells a row is spilled
-# to at most (home first, then the nearest that pass the margin rule): in 512-d the rule
-# passes most of 16 tested cells at t = 0.8, while the second nearest alone finds 99.6%
-# and two more 100% of the planted pairs of benchmarks/duplicates_scale.py (cosine >= 0.85).
+# How many nearest centroids assign tests for visits (a row is spilled to at most
+# DuplicatesConfig.cells_per_row of them: home first, then the nearest that pass the margin
+# rule): in 512-d the rule passes most of 16 tested cells at t = 0.8, while the second
+# nearest alone finds 99.6% and two more 100% of the planted pairs of
+# benchmarks/duplicates_scale.py (cosine >= 0.85).
 VISIT_CANDIDATES = 8
-MAX_CELLS_PER_ROW = 3
 # k-means sample: 16 points per centroid (k-means only partitions here: a lopsided cell
 # costs time, never recall), at most 500,000 points: 1 GB of float32 at d = 512.
 TRAIN_POINTS_PER_CELL = 16
@@ -84,22 +75,6 @@ MAX_TRAIN_POINTS = 500_000
 KMEANS_ITERATIONS = 10
 HNSW_NEIGHBOURS, HNSW_SEARCH = 32, 64
 _SAMPLE_SEED = 34
-
-
-@dataclass(frozen=True)
-class DuplicatesConfig:
-    source: str
-    threshold: float = DEFAULT_THRESHOLD
-    near: bool | None = None  # None: near-duplicates where the source has embeddings; True: required
-    embedding_column: str = "embedding"
-    path_column: str = "path"
-    digest_column: str = SHA256  # classify's rows carry their file's digest
-    label_column: str = "true_label"  # the given label, carried to the output (label-issues)
-    unit_rows: int = 50_000  # rows per assign unit: a worker holds about unit_rows * d * 16 bytes (1 GB at d = 512)
-    cell_rows: int = 100_000  # rows one cell task holds: about cell_rows * d * 6 bytes (float16 read, float32 searched)
-    cells: int | None = None  # nlist; None: choose_cells(rows)
-    cells_per_row: int = MAX_CELLS_PER_ROW  # a row's home and visits, at most (VISIT_CANDIDATES: the rule alone)
-    s3_endpoint: str | None = None
 
 
 def choose_cells(rows: int) -> int:
@@ -114,7 +89,7 @@ def choose_cells(rows: int) -> int:
 # -- plan: the source as units ------------------------------------------------------------
 
 
-def _is_dest(destination: Destination) -> bool:
+def is_dest(destination: Destination) -> bool:
     try:
         return destination.manifest() is not None
     except DestinationError:
@@ -127,7 +102,7 @@ def plan_source(config: DuplicatesConfig) -> dict:
     "rows", "row_groups"}]}], "rows", "columns": {role: column or None}, "dim"}``."""
     storage = Storage(config.s3_endpoint)
     destination = Destination(config.source, storage)
-    if _is_dest(destination):
+    if is_dest(destination):
         manifest, shards = destination.committed_parts()
         schema, job = job_schema(manifest["job"]), manifest["job"]
         pieces = [{"file": shard["file"], "rows": shard["rows"], "row_groups": None} for shard in shards]
@@ -232,7 +207,7 @@ def sample_stage(plan: dict, unit: dict, points: int) -> np.ndarray:
 
 
 def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, rows: int, cell_rows: int,
-                cells_per_row: int = MAX_CELLS_PER_ROW) -> dict:
+                cells_per_row: int) -> dict:
     """k-means on the sample: the centroids, to ``work/centroids.npy``, and an HNSW graph
     over them (the coarse quantizer), to ``work/quantizer.faiss``; and the buckets, to
     ``work/buckets.npy``: consecutive cells whose rows (homes and visits, estimated from
@@ -248,10 +223,10 @@ def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, row
     nearest, visits, _ = _candidate_cells(sample, centroids, quantizer, threshold, cells_per_row)
     estimate = np.bincount(nearest[visits], minlength=cells) * (rows / len(sample))
     bounds = np.unique([task["cells"][0] for task in pack_cells(estimate, cell_rows, 0, cells)] + [0, cells])
-    _save_npy(os.path.join(work, "centroids.npy"), centroids)
+    save_npy(os.path.join(work, "centroids.npy"), centroids)
     faiss.write_index(quantizer, os.path.join(work, "quantizer.faiss.tmp"))
     os.replace(os.path.join(work, "quantizer.faiss.tmp"), os.path.join(work, "quantizer.faiss"))
-    _save_npy(os.path.join(work, "buckets.npy"), bounds)
+    save_npy(os.path.join(work, "buckets.npy"), bounds)
     return {"cells": cells, "buckets": len(bounds) - 1}
 
 
@@ -283,7 +258,7 @@ def _balanced_centroids(sample: np.ndarray, cells: int, rows: int) -> np.ndarray
     return centroids
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
+def save_npy(path: str, array: np.ndarray) -> None:
     """Written whole or not at all (a killed task leaves no half file for a reader)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "wb") as file:
@@ -294,8 +269,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 # -- assign -------------------------------------------------------------------------------
 
 
-def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool,
-                 cells_per_row: int = MAX_CELLS_PER_ROW) -> dict:
+def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool, cells_per_row: int) -> dict:
     """Spill one unit: its rows' facts to ``rows/``, and (``near``) each vector to its home
     cell and the cells it visits, to ``cells/``. Returns ``{"unit", "vectors", "visits",
     "visits_cut"}``."""
@@ -345,7 +319,7 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
             if end > begin:
                 writer.write_table(spilled.slice(begin, end - begin), row_group_size=end - begin)
     os.replace(path + ".tmp", path)
-    _save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
+    save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
               np.bincount(cells, minlength=len(centroids)).astype(np.int64))
     return {**result, "vectors": len(vectors), "visits": int(len(cells) - len(vectors)), "visits_cut": cut}
 
@@ -375,57 +349,3 @@ def _candidate_cells(vectors: np.ndarray, centroids: np.ndarray, quantizer, thre
     cut = int(np.count_nonzero(visits.sum(1) > cells_per_row))
     visits &= np.cumsum(visits, axis=1) <= cells_per_row
     return nearest, visits, cut
-
-
-# -- the stages in order ------------------------------------------------------------------
-
-
-def find_duplicates(config: DuplicatesConfig, work: str, output: str,
-                    map_tasks: Callable = map) -> dict:
-    """All stages on one machine, in order: ``map_tasks(function, *iterables)`` runs the
-    per-unit and per-task stages (the builtin map, or a process pool's). Writes the
-    output table (``duplicate_groups.OUTPUT_SCHEMA``) to the local file ``output`` and
-    returns the summary (``duplicate_groups.group_stage``) with the stages' counts."""
-    from functools import partial
-
-    from visionbatch.duplicate_groups import group_stage
-
-    plan = plan_source(config)
-    near = _wants_near(config, plan)
-    if not near and plan["columns"]["digest"] is None:
-        raise UsageError(f"{config.source} has neither embeddings ({config.embedding_column!r}) nor "
-                              f"content digests ({config.digest_column!r}): nothing to compare")
-    os.makedirs(work, exist_ok=True)
-    stats = {"rows": plan["rows"], "units": len(plan["units"])}
-    if near:
-        cells = config.cells or choose_cells(plan["rows"])
-        points = TRAIN_POINTS_PER_CELL * cells
-        sample = np.concatenate(list(map_tasks(partial(sample_stage, plan, points=points), plan["units"])))
-        plan = {**plan, "dim": sample.shape[1]}
-        stats.update(train_stage(sample, cells, work, config.threshold, plan["rows"], config.cell_rows,
-                                 config.cells_per_row))
-        del sample
-    assigned = list(map_tasks(partial(assign_stage, plan, work=work, threshold=config.threshold, near=near,
-                                      cells_per_row=config.cells_per_row), plan["units"]))
-    stats.update({key: sum(a[key] for a in assigned) for key in ("vectors", "visits", "visits_cut")})
-    if near:
-        tasks = plan_cell_tasks(cell_counts(work, plan["units"]), np.load(os.path.join(work, "buckets.npy")),
-                                config.cell_rows)
-        stats["cell_tasks"] = len(tasks)
-        stats["pairs_found"] = sum(map_tasks(partial(cell_stage, work, plan["units"], threshold=config.threshold,
-                                                     cell_rows=config.cell_rows), tasks))
-    table, summary = group_stage(work, config.threshold, near)
-    write_parquet(output, table)
-    return {**summary, "stats": stats}
-
-
-def _wants_near(config: DuplicatesConfig, plan: dict) -> bool:
-    if plan["columns"]["embedding"] is None:
-        if config.near:
-            what = ("classify it again with --embeddings" if plan["kind"] == "dest"
-                    else f"name its embedding column with --embedding-column (no column {config.embedding_column!r})")
-            raise UsageError(f"{config.source} has no embeddings, which near-duplicates need: {what}; "
-                                  "exact duplicates (equal content digests) need none")
-        return False
-    return config.near is not False
-

@@ -1,16 +1,18 @@
 """Export: the original images of chosen result rows, as a data set to train on or to review.
 
 ``visionbatch export DEST --to OUT --format webdataset|imagefolder|labelstudio``, rows
-chosen by ``--where`` (SQL), ``--per-class N`` and ``--label-issues`` (all that apply):
+chosen by ``--where`` (SQL), ``--per-class N``, ``--label-issues`` and ``--dedup`` (all
+that apply):
 
 select  DuckDB runs ``--where`` (checked on its parse tree to be one row-level predicate,
         in a connection that can open no file) over each committed part file of DEST, one part in
         memory at a time (read as every reader of DEST reads it: any format, any
         storage), and spills the matching rows (never error rows) to a local file;
         over the spill, DuckDB keeps the rows ``label-issues`` flagged (a semi-join on
-        DEST/_derived/label_issues.parquet) and the ``--per-class`` least confident (QUALIFY
-        row_number() OVER (PARTITION BY label ORDER BY score) <= N), within a memory
-        limit, in DEST's order. The selection is written once, to OUT/_selection.parquet,
+        DEST/_derived/label_issues.parquet), drops every duplicate group's members but
+        its kept one (``--dedup``: an anti-join on DEST/_derived/duplicates/), and keeps
+        the ``--per-class`` least confident (QUALIFY row_number() OVER (PARTITION BY
+        label ORDER BY score) <= N), within a memory limit, in DEST's order. The selection is written once, to OUT/_selection.parquet,
         in row groups of ``--shard-size`` rows: row group i is export shard i, so a
         resumed export does exactly the same rows.
 shards  :func:`export_shard` (a task on the engine) reads its row group and each row's
@@ -45,11 +47,10 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from visionbatch.config import DEFAULT_READ_TIMEOUT_S, ExportConfig
-from visionbatch.destination import LABEL_ISSUES, LEASE, MANIFEST, Destination, job_schema
+from visionbatch.destination import DUPLICATES, LABEL_ISSUES, CommandOutput, Destination, job_schema
 from visionbatch.driver import Driver, Run, progress_bar
 from visionbatch.engines import make_engine
 from visionbatch.errors import DestinationError, UsageError
@@ -82,45 +83,8 @@ SAMPLE_FIELDS = ("path", "label", "score", "top_k_labels", "top_k_scores", "true
 _FORMATS = {"JPEG": ".jpg", "TIFF": ".tif"}  # Pillow's format name -> extension, where not .<name>
 
 
-class ExportOutput(Destination):
-    """OUT: unlike DEST it holds folders (labels, images) and files of any name. Each
-    file is written whole (as DEST's are) before its shard commits."""
-
-    def entries(self) -> list[pafs.FileInfo]:
-        """What OUT holds but its lease and the temporary files of writes under way."""
-        return [info for info in self.listing() if info.base_name != LEASE and not info.base_name.startswith(".")]
-
-    def has_results(self) -> bool:
-        return bool(self.entries())
-
-    def check_own(self) -> None:
-        """Refuse an OUT that holds files no export wrote (a user's folder, a classify job's
-        DEST): no flag mixes an export into them or deletes them. An export's OUT has its
-        manifest, or (stopped before its first commit) its selection, before any other file."""
-        entries = self.entries()
-        names = {info.base_name for info in entries}
-        if not entries or (self.manifest() or {}).get("job", {}).get("export") or (
-                MANIFEST not in names and SELECTION in names):
-            return
-        shown = sorted(info.base_name + ("/" if info.type == pafs.FileType.Directory else "") for info in entries)
-        raise DestinationError(f"{self.uri} holds files that no export wrote ({', '.join(shown[:5])}"
-                               f"{f' and {len(shown) - 5} more' if len(shown) > 5 else ''}): export into an empty "
-                               "or new OUT (--overwrite replaces, and --resume continues, only an export)")
-
-    def clear(self) -> None:
-        """Remove an earlier export (:meth:`check_own` refused anything else)."""
-        self.check_fence()
-        for info in self.entries():
-            if info.type == pafs.FileType.Directory:
-                self.fs.delete_dir(info.path)
-            else:
-                self.fs.delete_file(info.path)
-
-    def damaged_parts(self, shards: dict[str, dict], schema: pa.Schema) -> dict[str, str]:
-        return {}  # a shard's files are all written, whole, before it commits
-
-    def folder(self, name: str) -> Destination:
-        return Destination(f"{self.uri}/{name}", self.storage, self.fence)
+class ExportOutput(CommandOutput):
+    command, first_file = "export", SELECTION
 
 
 # --------------------------------------------------------------------------- select
@@ -229,6 +193,13 @@ def select(destination: Destination, config: ExportConfig, query: str, reviews: 
                                    f"{destination.uri} first")
         issues = os.path.join(work, "label_issues.parquet")
         destination.copy_file(name, issues)
+    duplicates = None
+    if config.dedup:
+        if not destination.exists(DUPLICATES):
+            raise DestinationError(f"{destination.uri} has no {DUPLICATES}: run visionbatch duplicates "
+                                   f"{destination.uri} first")
+        duplicates = os.path.join(work, "duplicates.parquet")
+        destination.copy_file(DUPLICATES, duplicates)
     spill, chosen = os.path.join(work, "matching.parquet"), os.path.join(work, "chosen.parquet")
     writer, schema = None, None
     with _connect(work, files=False) as db:
@@ -253,9 +224,13 @@ def select(destination: Destination, config: ExportConfig, query: str, reviews: 
     if writer is None:  # a job with no rows
         pq.write_table(pa.table({PART: pa.array([], pa.string())}), chosen)
         return chosen
-    query = f"SELECT * FROM read_parquet({_quoted(spill)})"
+    conditions = []
     if issues:
-        query += f" WHERE path IN (SELECT path FROM read_parquet({_quoted(issues)}))"
+        conditions.append(f"path IN (SELECT path FROM read_parquet({_quoted(issues)}))")
+    if duplicates:  # a group's other members: a deduplicated set keeps its kept member alone
+        conditions.append(f"path NOT IN (SELECT path FROM read_parquet({_quoted(duplicates)}) WHERE NOT keep)")
+    query = f"SELECT * FROM read_parquet({_quoted(spill)})" + "".join(
+        f" {'WHERE' if i == 0 else 'AND'} {condition}" for i, condition in enumerate(conditions))
     if config.per_class:
         query += f" QUALIFY row_number() OVER (PARTITION BY label ORDER BY score, {PART}, {ROW}) <= {config.per_class}"
     unsized = os.path.join(work, "sorted.parquet")
@@ -562,7 +537,7 @@ def export_identity(config: ExportConfig, dest_manifest: dict, reviews: Reviews 
             "dest_digest": paths_digest(f"{shard} {record['digest']} {record['rows']}"
                                         for shard, record in sorted(shards.items())),
             "format": config.format, "where": config.where, "per_class": config.per_class,
-            "label_issues": config.label_issues, "reviewed": reviewed, "shard_size": config.shard_size,
+            "label_issues": config.label_issues, "dedup": config.dedup, "reviewed": reviewed, "shard_size": config.shard_size,
             "image_url_prefix": config.image_url_prefix if config.format == "labelstudio" else None}
 
 

@@ -31,7 +31,7 @@ model's confident mistakes on correctly labelled images first.
 pass 1  per class, the row count and the sums of ``true_label_score`` and of its log
         over its labelled rows (two columns read per part) -> thresholds, expectations
 pass 2  per part, the rows the model disagrees with and the members of duplicate groups
-        whose labels disagree (where ``DEST/_derived/duplicates.parquet`` exists; picked
+        whose labels disagree (where ``DEST/_derived/duplicates/duplicates.parquet`` exists; picked
         out by a hash of the path), streamed to a spill file on local disk
 rank    DuckDB joins the members with their groups' label votes, orders the flagged rows
         within a memory limit, spilling to disk, and writes

@@ -18,13 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visionbatch.destination import SUMMARY, Destination
+from visionbatch.destination import DUPLICATES, SUMMARY, Destination
 from visionbatch.evaluate import compute_metrics, worst_classes_first
 from visionbatch.storage import Storage, is_remote
 from visionbatch.summary import runtime_line
 
 GALLERY_SIZE = 12
 THUMBNAIL_PX = 128
+DUPLICATE_GROUPS_SHOWN, GROUP_MEMBERS_SHOWN = 5, 8  # the largest groups of `visionbatch duplicates`, side by side
 THUMBNAIL_MAX_BYTES = 64 << 20
 HEATMAP_CLASSES = 15
 MAX_FAILED_ROWS = 500
@@ -262,6 +263,22 @@ def _label_issues_section(issues: list[dict], total: int, name: str, s3_endpoint
             f"all of them in DEST/{name}.</p>{gallery}</section>")
 
 
+def _duplicate_caption(row: dict) -> str:
+    return (('<span class="right">kept</span>' if row["keep"] else
+             f'<span>{_e(row["kind"])}, cosine {row["similarity"]:.3f}</span>') +
+            (f'<br><span class="muted">given: {_e(row["given_label"])}</span>' if row["given_label"] is not None else ""))
+
+
+def _duplicates_section(groups: list[list[dict]], total: int, s3_endpoint: str | None) -> str:
+    """The largest duplicate groups, each a row of thumbnails, its kept member first."""
+    thumbnails = _thumbnails((row["path"] for group in groups for row in group[:GROUP_MEMBERS_SHOWN]), s3_endpoint)
+    rows = "".join(f"<h3>{len(group)} images</h3>{_gallery(group[:GROUP_MEMBERS_SHOWN], thumbnails, _duplicate_caption)}"
+                   for group in groups)
+    return (f"<section><h2>Largest duplicate groups (of {total})</h2><p class=\"muted\">From "
+            f"<code>visionbatch duplicates</code>: a deduplicated set keeps the first of each; all of them in "
+            f"DEST/{DUPLICATES}.</p>{rows}</section>")
+
+
 def _run_section(summary: dict | None) -> str:
     if summary is None:
         return f'<section><h2>Run</h2><p class="muted">No {SUMMARY} in DEST.</p></section>'
@@ -333,9 +350,11 @@ def _failed_section(table: pa.Table) -> str:
 
 
 def render_report(table: pa.Table, summary: dict | None, s3_endpoint: str | None = None,
-                  label_issues: tuple[list[dict], int, str] | None = None) -> str:
-    """The report page for result rows and the job's summary (None if absent), and
-    ``label_issues``: the first rows of DEST's label issues, how many there are and their file."""
+                  label_issues: tuple[list[dict], int, str] | None = None,
+                  duplicates: tuple[list[list[dict]], int] | None = None) -> str:
+    """The report page for result rows and the job's summary (None if absent),
+    ``label_issues``: the first rows of DEST's label issues, how many there are and their
+    file, and ``duplicates``: DEST's largest duplicate groups and how many there are."""
     metrics = compute_metrics(table)
     ok = table.filter(pc.is_null(table.column("error")))
     scores = pc.fill_null(ok.column("score"), 0.0).to_numpy(zero_copy_only=False)
@@ -355,6 +374,7 @@ def render_report(table: pa.Table, summary: dict | None, s3_endpoint: str | None
         _confusion_section(metrics),
         _galleries(table, s3_endpoint),
         _label_issues_section(*label_issues, s3_endpoint) if label_issues else "",
+        _duplicates_section(*duplicates, s3_endpoint) if duplicates else "",
         _failed_section(table),
         f"<script>{_JS}</script></body></html>",
     ])
@@ -374,6 +394,27 @@ def _first_label_issues(destination: Destination) -> tuple[list[dict], int, str]
         return (first.to_pylist() if first is not None else []), issues.metadata.num_rows, name
 
 
+def _largest_duplicate_groups(destination: Destination) -> tuple[list[list[dict]], int] | None:
+    """DEST's DUPLICATE_GROUPS_SHOWN largest duplicate groups (rows as the table orders
+    them: kept member first) and how many groups there are; None where duplicates has not
+    run. Reads the group column whole (8 bytes a row), then the chosen groups' rows."""
+    if not destination.exists(DUPLICATES):
+        return None
+    import pyarrow.parquet as pq
+
+    with destination.open_file(DUPLICATES) as file:
+        sizes = pc.value_counts(pq.read_table(file, columns=["group"]).column("group").combine_chunks())
+        if not len(sizes):
+            return [], 0
+        counts, names = sizes.field("counts").to_numpy(), sizes.field("values").to_numpy()
+        largest = names[np.lexsort((names, -counts))[:DUPLICATE_GROUPS_SHOWN]]
+        rows = pq.read_table(file, filters=[("group", "in", largest.tolist())]).to_pylist()
+    by_group: dict[int, list[dict]] = {int(group): [] for group in largest}
+    for row in rows:
+        by_group[row["group"]].append(row)
+    return list(by_group.values()), len(sizes)
+
+
 def write_report(dest: str, html_path: str, s3_endpoint: str | None = None) -> str:
     """Write the HTML report of DEST's results to html_path (local or s3://); returns html_path."""
     destination = Destination(dest, s3_endpoint)
@@ -382,7 +423,8 @@ def write_report(dest: str, html_path: str, s3_endpoint: str | None = None) -> s
         summary = json.loads(destination.read_bytes(SUMMARY))
     except (OSError, ValueError):  # a report of the rows alone is still useful
         summary = None
-    page = render_report(table, summary, s3_endpoint, _first_label_issues(destination)).encode("utf-8")
+    page = render_report(table, summary, s3_endpoint, _first_label_issues(destination),
+                         _largest_duplicate_groups(destination)).encode("utf-8")
     fs, path = Storage(s3_endpoint).resolve(html_path)
     if os.path.dirname(path) == destination.root and not os.path.basename(path).startswith(("_", ".")):
         log.warning("%s sits among DEST's part files: pyarrow.dataset and pandas.read_parquet(DEST) fail on it; "

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from visionbatch.storage import describe
+from visionbatch.storage import cache_root, describe
 
 log = logging.getLogger("visionbatch")
 
@@ -47,10 +47,6 @@ CONVERSION_TOLERANCE = 1e-3
 
 class RuntimeUnavailable(Exception):
     """A runtime cannot run this model here; the message says why (the job falls back to torch)."""
-
-
-def cache_root() -> str:
-    return os.environ.get("VISIONBATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "visionbatch")
 
 
 def openvino_version() -> str:

@@ -25,6 +25,11 @@ MAX_REDIRECTS = 5
 _DOWNLOAD_CHUNK = 1 << 16
 
 
+def cache_root() -> str:
+    """visionbatch's own cache on this machine (converted models, duplicates' work files)."""
+    return os.environ.get("VISIONBATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "visionbatch")
+
+
 def is_remote(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in REMOTE_SCHEMES
 

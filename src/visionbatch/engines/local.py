@@ -307,6 +307,7 @@ class LocalEngine(Engine):
 
     def __init__(self):
         self._predictor: Predictor | None = None
+        self._task_workers: _Pool | None = None  # map_tasks' workers, kept from one call to the next
 
     def start(self, config: ClassifyConfig) -> Resources:
         self.max_retries = config.max_retries
@@ -354,6 +355,9 @@ class LocalEngine(Engine):
     def close(self) -> None:
         if self._predictor is not None:
             self._predictor.paths.close()
+        if self._task_workers is not None:
+            self._task_workers.close()
+            self._task_workers = None
 
     def run(self, prepared: Prepared, writer: ShardWriter,
             shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
@@ -436,11 +440,13 @@ class LocalEngine(Engine):
     def map_tasks(self, fn: Callable, items: list, max_retries: int, address: str | None = None,
                   poll_s: float = 1.0) -> Iterator:
         """A worker per core, a few tasks queued ahead, on the same retrying pool as
-        the job's decode tasks."""
-        workers = max(1, min(_cpus(), len(items)))
+        the job's decode tasks. The workers stay for the engine's next call (a command's
+        next stage) unless one died: a fresh interpreter costs seconds."""
+        workers = _cpus()
         given = iter(items)
         tasks = _RetryingPool(fn, _Feed(lambda: next(given, None), 2 * workers), workers, attempts=max_retries + 1,
-                              limit=2 * workers)
+                              limit=2 * workers, pool=self._task_workers)
+        self._task_workers = None
         try:
             while not tasks.ended:
                 tasks.fill()
@@ -455,6 +461,7 @@ class LocalEngine(Engine):
                                        f"raised: {given_up[0][1]})")
                 elif not done:
                     yield None
+            self._task_workers = tasks.keep()
         finally:
             tasks.close()
 
@@ -471,10 +478,10 @@ class _RetryingPool:
     position in the feed."""
 
     def __init__(self, fn: Callable, feed: "_Feed", workers: int, attempts: int, limit: int, arguments: tuple = (),
-                 stall_timeout: float | None = None):
+                 stall_timeout: float | None = None, pool: "_Pool | None" = None):
         self.fn, self.feed, self.workers, self.attempts, self.limit = fn, feed, workers, attempts, limit
         self.arguments, self.stall_timeout = arguments, stall_timeout
-        self.pool = _Pool(workers, stall_timeout)
+        self.pool = pool or _Pool(workers, stall_timeout)
         self.broken = False  # a worker died since the last replace
         self._in_flight: dict[str, tuple[object, concurrent.futures.Future]] = {}
         self._tries: dict[str, int] = {}
@@ -534,9 +541,17 @@ class _RetryingPool:
         self.pool, self.broken = _Pool(self.workers, self.stall_timeout), False
         return given_up
 
+    def keep(self) -> "_Pool | None":
+        """Once every task ended: the workers, for another caller (closed by it); else None."""
+        if not self.ended or self.broken:
+            return None
+        pool, self.pool = self.pool, None
+        return pool
+
     def close(self) -> None:
         self.feed.stop()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 class _CoreSplit:
