@@ -16,9 +16,9 @@ Then ``visionbatch duplicates`` with default settings (``run_duplicates``: the c
 run on the local engine, its tasks a worker process per core, this process bound to
 ``--workers`` cores), and reports:
 pair precision and recall against the planted pairs (pairs of one output group), wall
-time and the seconds of each stage, peak RSS of the driver and of the largest worker
-(``resource.getrusage``: RUSAGE_SELF and RUSAGE_CHILDREN, kilobytes on Linux), disk used
-by the work dir, and the rate in rows per second per core (wall time x workers) and per
+time and the seconds of each stage, peak memory (``PeakMemory``: each process's VmHWM,
+the driver's and the largest worker's, and the largest sum of resident sets seen; the
+table is written in a process of its own first), disk used by the work dir, and the rate in rows per second per core (wall time x workers) and per
 CPU second of the driver and workers (the same on a busy machine).
 """
 
@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +114,75 @@ def write_table(folder: Path, rows: int, seed: int) -> set[frozenset[int]]:
     return truth
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children (the engine's workers,
+    once it closes their pool): the work itself, whatever else the cores ran."""
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in used)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, from /proc (each one's parent in its stat line)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, up in parent.items() if up in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+class PeakMemory:
+    """Peak memory of this process and its workers while the block runs: each process's
+    own high-water mark (VmHWM: exact, read every half second while it lives), and the
+    largest sum of their resident sets seen at one look (sampled)."""
+
+    def __init__(self):
+        self.hwm: dict[int, int] = {}  # pid -> VmHWM, kB
+        self.total = 0
+        self._stop = threading.Event()
+
+    def _look(self) -> None:
+        total = 0
+        for pid in [os.getpid(), *_descendants(os.getpid())]:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
+                      if line.startswith(("VmHWM", "VmRSS"))}
+            self.hwm[pid] = max(self.hwm.get(pid, 0), fields.get("VmHWM", 0))
+            total += fields.get("VmRSS", 0)
+        self.total = max(self.total, total)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self._look()
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._look()
+
+    def figures(self) -> dict:
+        me = os.getpid()
+        workers = [kb for pid, kb in self.hwm.items() if pid != me]
+        return {"peak_rss_driver_mb": round(self.hwm.get(me, 0) / 1024),
+                "peak_rss_worker_mb": round(max(workers, default=0) / 1024),
+                "peak_rss_all_processes_mb": round(self.total / 1024)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000, help="a multiple of 100,000")
@@ -129,20 +201,23 @@ def main(argv: list[str] | None = None) -> int:
     output = out / "duplicates.parquet"
     started = time.perf_counter()
     truth_file = table / "_truth.npy"
-    if truth_file.exists():
-        truth = {frozenset(pair) for pair in np.load(truth_file).tolist()}
-    else:
-        truth = write_table(table, args.rows, args.seed)
-        np.save(truth_file, np.array([sorted(pair) for pair in truth]))
+    if not truth_file.exists():  # in a process of its own: this one's peak memory is the run's alone
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as writer:
+            planted = writer.submit(write_table, table, args.rows, args.seed).result()
+        np.save(truth_file, np.array([sorted(pair) for pair in planted]))
+    truth = {frozenset(pair) for pair in np.load(truth_file).tolist()}
     written = time.perf_counter() - started
     shutil.rmtree(stages, ignore_errors=True)
 
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.workers])  # the engine: a worker per core
+    cpu_before = _cpu_seconds()
     began = time.perf_counter()
-    summary = run_duplicates(DuplicatesConfig(str(table), output=str(out), embedding_column="clip_embedding",
-                                              path_column="image_path", work_dir=str(stages), keep_work=True,
-                                              overwrite=True))
+    with PeakMemory() as memory:
+        summary = run_duplicates(DuplicatesConfig(str(table), output=str(out), embedding_column="clip_embedding",
+                                                  path_column="image_path", work_dir=str(stages), keep_work=True,
+                                                  overwrite=True))
     seconds = time.perf_counter() - began
+    cpu = _cpu_seconds() - cpu_before
     disk = sum(f.stat().st_size for f in stages.rglob("*") if f.is_file())
     found_rows = pq.read_table(output, columns=["path", "group"]).to_pydict()
     ordinal = [int(p.rsplit("/", 1)[1].split(".")[0]) for p in found_rows["path"]]
@@ -153,16 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     hits = len(found & truth)
     cores = args.workers
     rate = args.rows / seconds / cores
-    # CPU seconds of the driver and the workers: the work itself, whatever else the cores ran
-    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    cpu = sum(u.ru_utime + u.ru_stime for u in used)
     figures = {
         "rows": args.rows, "dim": DIM, "workers": cores, "planted_pairs": len(truth),
         "precision": round(hits / max(len(found), 1), 4), "recall": round(hits / len(truth), 4),
         "seconds": round(seconds, 1), "stage_seconds": summary["stage_seconds"], "table_written_s": round(written, 1),
         "rows_per_s_per_core": round(rate), "cpu_seconds": round(cpu), "rows_per_cpu_second": round(args.rows / cpu),
-        "peak_rss_driver_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "peak_rss_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        **memory.figures(),
         "work_dir_gb": round(disk / 1e9, 2), "threshold": DEFAULT_DUPLICATE_THRESHOLD,
         "hours_100m_on_64_cores": round(100_000_000 / (rate * 64) / 3600, 2),
         "summary": summary,

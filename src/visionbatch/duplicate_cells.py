@@ -124,9 +124,15 @@ _PAIRS_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("similarity", 
 
 
 def _vectors(rows: pa.Table) -> np.ndarray:
-    dim = rows.schema.field("vector").type.list_size
-    flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat.astype(np.float32).reshape(len(rows), dim))
+    """The spilled vectors (float16 bytes, a fixed-size binary value per row) as float32."""
+    column = rows.column("vector").combine_chunks()
+    width = _width(rows)
+    half = np.frombuffer(column.buffers()[1], dtype=np.float16)[column.offset * width:(column.offset + len(column)) * width]
+    return half.reshape(len(column), width).astype(np.float32)
+
+
+def _width(rows: pa.Table) -> int:
+    return rows.schema.field("vector").type.byte_width // 2
 
 
 def _pairs(queries: pa.Table, others: pa.Table | None, threshold: float) -> pa.Table:
@@ -140,7 +146,7 @@ def _pairs(queries: pa.Table, others: pa.Table | None, threshold: float) -> pa.T
     if len(queries) == 0 or not at_home.any():
         return _PAIRS_SCHEMA.empty_table()
     homes = np.flatnonzero(at_home)
-    index = faiss.IndexFlatIP(base.schema.field("vector").type.list_size)
+    index = faiss.IndexFlatIP(_width(base))
     index.add(_vectors(base.take(homes)))
     limits, similarity, matched = index.range_search(_vectors(queries), threshold)
     query = np.repeat(np.arange(len(queries)), np.diff(limits).astype(np.int64))

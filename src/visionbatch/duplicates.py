@@ -37,7 +37,7 @@ Work dir layout (all files named by their unit or task: a redo overwrites)::
     quantizer.faiss                     an HNSW graph over the centroids
     buckets.npy                         cell bounds of the buckets (a cell task reads one)
     rows/unit-000000.parquet            ordinal, path, digest, area, given_label (every row)
-    cells/unit-000000.parquet           cell, ordinal, home, vector (sorted by cell, ordinal)
+    cells/unit-000000.parquet           cell, ordinal, home, vector (float16 bytes; sorted by cell, ordinal)
     cells/unit-000000.counts.npy        rows (homes and visits) per cell, int64[nlist]
     pairs/task-000000.parquet           a < b (ordinals), similarity
 """
@@ -162,36 +162,67 @@ def _parquet_files(destination: Destination) -> list[str]:
                   and not any(part.startswith(("_", ".")) for part in n.split("/")))
 
 
-def read_unit(plan: dict, unit: dict, roles: Iterable[str]) -> pa.Table:
-    """A unit's rows, the columns of ``roles`` present in the source (named by role)."""
+# Rows a unit is read in at a time: Parquet's decoding of a list column holds several
+# times its values while it runs (a 50k-row unit of 512 floats read whole: 0.5 GB).
+READ_BATCH_ROWS = 4096
+
+
+def read_unit_batches(plan: dict, unit: dict, roles: Iterable[str]) -> Iterable[pa.RecordBatch]:
+    """A unit's rows, a bounded batch at a time (a DEST's part at a time), the columns of
+    ``roles`` present in the source (named by role)."""
     wanted = {role: plan["columns"][role] for role in roles if plan["columns"][role]}
     destination = Destination(plan["source"], Storage(plan["s3_endpoint"]))
-    tables = []
+    columns = list(wanted.values())
     for piece in unit["pieces"]:
         if plan["kind"] == "dest":
-            table = destination.read_part(piece["file"], piece["rows"], job_schema(plan["job"]),
-                                          tuple(wanted.values()))
-        else:
-            path = f"{destination.root}/{piece['file']}" if piece["file"] else destination.root
-            with destination.fs.open_input_file(path) as file:
-                table = pq.ParquetFile(file).read_row_groups(piece["row_groups"], columns=list(wanted.values()))
-        tables.append(table.select(list(wanted.values())).rename_columns(list(wanted)))
-    return pa.concat_tables(tables)
+            table = destination.read_part(piece["file"], piece["rows"], job_schema(plan["job"]), tuple(columns))
+            for batch in table.select(columns).to_batches():
+                yield pa.RecordBatch.from_arrays(batch.columns, names=list(wanted))
+            continue
+        path = f"{destination.root}/{piece['file']}" if piece["file"] else destination.root
+        with destination.fs.open_input_file(path) as file:
+            # streamed: a row group's column chunk is read a buffer at a time, not whole
+            reader = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)
+            for batch in reader.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=piece["row_groups"],
+                                             columns=columns):
+                yield pa.RecordBatch.from_arrays(batch.select(columns).columns, names=list(wanted))
 
 
-def unit_vectors(embeddings: pa.ChunkedArray | pa.Array, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(valid, vectors): which rows have an embedding, and theirs at unit length (float32,
-    one row per valid row). A null or all-zero embedding is not valid."""
-    embeddings = embeddings.combine_chunks() if isinstance(embeddings, pa.ChunkedArray) else embeddings
-    valid = ~np.asarray(embeddings.is_null().to_numpy(zero_copy_only=False))
-    present = embeddings.filter(pa.array(valid))
-    flat = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    width = dim or (len(flat) // max(len(present), 1))
-    vectors = flat.reshape(len(present), width)
-    norms = np.linalg.norm(vectors, axis=1)
+def read_unit(plan: dict, unit: dict, roles: Iterable[str]) -> pa.Table:
+    """A unit's rows, the columns of ``roles`` present in the source (named by role)."""
+    wanted = [role for role in roles if plan["columns"][role]]
+    batches = list(read_unit_batches(plan, unit, wanted))
+    return pa.Table.from_batches(batches) if batches else pa.table({role: [] for role in wanted})
+
+
+def unit_vectors(plan: dict, unit: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, vectors): which of a unit's rows have an embedding, and theirs at unit
+    length (float32, one row per valid row). A null or all-zero embedding is not valid.
+    Read a batch at a time into one array, normalised in place: the vectors are held
+    about once."""
+    valid, vectors, at = [], None, 0
+    for batch in read_unit_batches(plan, unit, ["embedding"]):
+        embeddings = batch.column(0)
+        valid.append(np.asarray(embeddings.is_valid().to_numpy(zero_copy_only=False)))
+        values = embeddings.flatten()  # each non-null list's values, in order
+        present = int(np.count_nonzero(valid[-1]))
+        if not present:
+            continue
+        if vectors is None:
+            vectors = np.empty((unit["rows"], plan["dim"] or len(values) // present), dtype=np.float32)
+        vectors[at:at + present] = values.to_numpy(zero_copy_only=False).reshape(present, vectors.shape[1])
+        at += present
+    valid = np.concatenate(valid) if valid else np.zeros(0, dtype=bool)
+    if vectors is None:
+        return valid, np.zeros((0, plan["dim"] or 0), dtype=np.float32)
+    vectors = vectors[:at]
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))  # no squared copy of the vectors
     nonzero = norms > 0
-    valid[np.flatnonzero(valid)[~nonzero]] = False
-    return valid, np.ascontiguousarray(vectors[nonzero] / norms[nonzero, None])
+    if not nonzero.all():
+        valid[np.flatnonzero(valid)[~nonzero]] = False
+        vectors, norms = vectors[nonzero], norms[nonzero]
+    vectors /= norms[:, None]
+    return valid, vectors
 
 
 # -- sample and train -----------------------------------------------------------------------
@@ -200,7 +231,7 @@ def unit_vectors(embeddings: pa.ChunkedArray | pa.Array, dim: int | None) -> tup
 def sample_stage(plan: dict, unit: dict, points: int) -> np.ndarray:
     """About ``points`` * (unit rows / all rows) of the unit's vectors, chosen by a seed of
     the unit's own (a redo picks the same)."""
-    _, vectors = unit_vectors(read_unit(plan, unit, ["embedding"]).column("embedding"), plan["dim"])
+    _, vectors = unit_vectors(plan, unit)
     share = min(len(vectors), math.ceil(points * unit["rows"] / max(plan["rows"], 1)))
     chosen = np.random.default_rng([_SAMPLE_SEED, unit["unit"]]).choice(len(vectors), share, replace=False)
     return vectors[np.sort(chosen)]
@@ -273,7 +304,7 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
     """Spill one unit: its rows' facts to ``rows/``, and (``near``) each vector to its home
     cell and the cells it visits, to ``cells/``. Returns ``{"unit", "vectors", "visits",
     "visits_cut"}``."""
-    table = read_unit(plan, unit, ["path", "digest", "label", "width", "height", "embedding"])
+    table = read_unit(plan, unit, ["path", "digest", "label", "width", "height"])
     ordinals = np.arange(unit["first"], unit["first"] + unit["rows"], dtype=np.int64)
     area = (pc.multiply(table.column("width").cast(pa.int64()), table.column("height").cast(pa.int64()))
             if "width" in table.column_names and "height" in table.column_names else pa.nulls(len(table), pa.int64()))
@@ -290,8 +321,8 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
     result = {"unit": unit["unit"], "vectors": 0, "visits": 0, "visits_cut": 0}
     if not near:
         return result
-    valid, vectors = unit_vectors(table.column("embedding"), plan["dim"])
     del table, rows
+    valid, vectors = unit_vectors(plan, unit)
     import faiss
 
     centroids = np.load(os.path.join(work, "centroids.npy"))
@@ -299,16 +330,22 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
     nearest, visits, cut = _candidate_cells(vectors, centroids, quantizer, threshold, cells_per_row)
     members, rank = np.nonzero(visits)  # a row (its index among the vectors) per spilled copy
     cells, home = nearest[members, rank].astype(np.int32), rank == 0
+    del nearest, visits
     order = np.lexsort((members, cells))  # by cell, then ordinal (members index rows in order)
     cells, members, home = cells[order], members[order], home[order]
     dim = vectors.shape[1]
+    half = vectors.astype(np.float16)  # before the take: the copies (r per row) are made of the smaller array
+    del vectors
     spilled = pa.table({
         "cell": pa.array(cells, pa.int32()),
         "ordinal": pa.array(ordinals[valid][members]),
         "home": pa.array(home),
-        # float16 before the take: the copies (r per row) are made of the smaller array
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float16)[members].ravel()), dim),
+        # a row's float16 values as one fixed-size binary value: Parquet keeps no levels per
+        # float for it (a list column's, written and read, hold several times the values)
+        "vector": pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * dim), len(members),
+                                                       [None, pa.py_buffer(half[members])]),
     })
+    del half
     # One row group per bucket that has rows here: a cell task reads its bucket's alone.
     bounds = np.load(os.path.join(work, "buckets.npy"))
     starts = np.searchsorted(cells, bounds)
@@ -321,7 +358,8 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
     os.replace(path + ".tmp", path)
     save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
               np.bincount(cells, minlength=len(centroids)).astype(np.int64))
-    return {**result, "vectors": len(vectors), "visits": int(len(cells) - len(vectors)), "visits_cut": cut}
+    return {**result, "vectors": int(np.count_nonzero(valid)), "visits": int(len(cells) - np.count_nonzero(valid)),
+            "visits_cut": cut}
 
 
 def _margin(threshold: float) -> float:

@@ -176,6 +176,7 @@ class DuplicatesJob:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+            self.engine = None
 
     def work(self, run: Run) -> DuplicatesSummary:
         shards, out = run.manifest.shards, run.destination
@@ -202,6 +203,7 @@ class DuplicatesJob:
             stats["cell_tasks"] = len(cell_tasks)
         for key in ("vectors", "visits", "visits_cut", "pairs"):
             stats[key] = sum(record["counts"].get(key, 0) for record in shards.values())
+        self.close()  # the workers' memory back before the group stage takes its own
         from visionbatch.duplicate_groups import group_stage
 
         table, groups = group_stage(self.work_dir, self.config.threshold, self.near)
