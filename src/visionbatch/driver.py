@@ -33,6 +33,7 @@ from visionbatch.destination import Destination
 from visionbatch.lease import Lease
 from visionbatch.manifest import Manifest
 from visionbatch.storage import describe
+from visionbatch.writer import CommitRecord
 
 log = logging.getLogger("visionbatch")
 
@@ -75,7 +76,7 @@ class Run:
         """The output as this run writes it (fenced)."""
         return self.manifest.destination
 
-    def commit(self, record: dict) -> None:
+    def commit(self, record: CommitRecord) -> None:
         """List a finished shard (written to the output by the next :meth:`write`)."""
         self.manifest.add(record)
 

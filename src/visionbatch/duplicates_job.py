@@ -42,6 +42,7 @@ from visionbatch.engines import make_engine
 from visionbatch.errors import UsageError
 from visionbatch.shards import paths_digest
 from visionbatch.storage import Storage, cache_root, canonical_uri, is_remote, within
+from visionbatch.writer import CommitRecord
 
 WORK = "_work"  # OUT's work dir, where OUT is local
 
@@ -69,7 +70,7 @@ class DuplicatesTask:
         return "train" if self.stage == "train" else f"{self.stage}-{self.number:06d}"
 
 
-def run_task(task: DuplicatesTask) -> dict:
+def run_task(task: DuplicatesTask) -> CommitRecord:
     """Run one task; its commit record: ``{"shard": key, "file": what it wrote (relative to
     the work dir; a redo rewrites it), "rows", "counts"}``."""
     plan, config, work = task.plan, task.config, task.work

@@ -61,6 +61,7 @@ from visionbatch.samples import Reading, read_ahead, shard_samples
 from visionbatch.shards import AnyShard, InputSpec, iter_shards, paths_digest
 from visionbatch.sources import IMAGE_EXTENSIONS
 from visionbatch.storage import Storage, canonical_uri, describe, within
+from visionbatch.writer import CommitRecord
 
 SELECTION = "_selection.parquet"
 TASKS = "tasks.json"  # labelstudio: every task, merged from TASK_PARTS/<shard>.json at the end
@@ -472,7 +473,7 @@ _WRITERS = {"webdataset": _TarWriter, "imagefolder": _FolderWriter, "labelstudio
             "fiftyone": _FiftyOneWriter}
 
 
-def export_shard(task: ExportTask) -> dict:
+def export_shard(task: ExportTask) -> CommitRecord:
     """Write one export shard's images, and its rows' file names (null: not written) in
     _files/<id>.parquet; its commit record (rows written, rows whose image could not be
     read and the first such row's error)."""

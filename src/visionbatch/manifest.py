@@ -18,6 +18,7 @@ from visionbatch.counts import metric_counts as metric_counts_of
 from visionbatch.destination import MANIFEST, SUCCESS, Destination, job_schema
 from visionbatch.errors import DestinationError
 from visionbatch.results import MODEL_TRACEBACK
+from visionbatch.writer import CommitRecord
 
 # 3: rows carry true_label_score; --resume across versions is refused, so no DEST mixes
 # part files with and without it. 4: the job's record holds its input (InputSpec) whole.
@@ -97,7 +98,7 @@ class Manifest:
     def rows(self) -> int:
         return sum(shard["rows"] for shard in self.shards.values())
 
-    def add(self, record: dict) -> None:
+    def add(self, record: CommitRecord) -> None:
         counts = dict(record["counts"])
         if "metrics" in counts:  # a classify job's shard (an export's has none)
             self.metric_counts = merge_counts(self.metric_counts, counts.pop("metrics"))

@@ -19,7 +19,7 @@ import queue
 import threading
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator, TypedDict, Union
 
 import pyarrow as pa
 
@@ -200,6 +200,28 @@ def _input_changed(what: str) -> str:
             "would mix results of two inputs: write to a new DEST, or pass --overwrite to start again")
 
 
+class PlannerStatus(TypedDict, total=False):
+    """What the planner tells the driver of its listing (``ShardPlanner.status``): the
+    progress bar's total, the summary's skipped files, and why listing stopped."""
+
+    images_listed: int  # in the shards listed so far (a tar's count once read)
+    already_done: int  # of them, in shards an earlier run committed (--resume)
+    shards_listed: int
+    unsized_shards: int  # shards whose image count is known only once read (tars)
+    listing_done: bool
+    handed_out_all: bool
+    error: str | None  # listing failed: the job stops with it
+    input_changed: str | None  # a committed shard's listing differs now (--resume): what changed
+    # sources.ListingCounts, as it stands
+    skipped_non_image: int
+    skipped_special: int
+    special_examples: list[str]
+    skipped_folder_links: int
+    undecodable_names: int
+    unread_archive: str | None
+    index_labels: str | None
+
+
 class ShardPlanner:
     """Lists the input in a thread and hands out shards that are not yet committed.
 
@@ -214,8 +236,9 @@ class ShardPlanner:
         self._lock = threading.Lock()
         self._outstanding: dict[str, AnyShard] = {}  # handed out, not yet committed
         self._counts = ListingCounts()
-        self._status = {"images_listed": 0, "already_done": 0, "shards_listed": 0, "unsized_shards": 0,
-                        "listing_done": False, "handed_out_all": False, "error": None, "input_changed": None}
+        self._status: PlannerStatus = {"images_listed": 0, "already_done": 0, "shards_listed": 0,
+                                       "unsized_shards": 0, "listing_done": False, "handed_out_all": False,
+                                       "error": None, "input_changed": None}
         self._started = threading.Event()  # a first shard is ready, or listing ended
 
     def start(self, committed: dict[str, str] | None = None) -> None:
@@ -252,7 +275,7 @@ class ShardPlanner:
             self._queue.put(None)
             self._started.set()
 
-    def wait_started(self, timeout: float | None = None) -> dict:
+    def wait_started(self, timeout: float | None = None) -> "PlannerStatus":
         """The status once there is a first shard to do or listing has ended (or after
         ``timeout``): the driver refuses an empty or unreadable input before any work."""
         self._started.wait(timeout)
@@ -279,7 +302,7 @@ class ShardPlanner:
         with self._lock:
             return sorted(self._outstanding.values(), key=lambda shard: shard.id)
 
-    def status(self) -> dict:
+    def status(self) -> "PlannerStatus":
         with self._lock:
             counts = self._counts
             return {**self._status, "skipped_non_image": counts.skipped_non_image,

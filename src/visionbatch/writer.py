@@ -14,6 +14,7 @@ part a newer job committed, and it is listed by no manifest.
 from __future__ import annotations
 
 import json
+from typing import Required, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +30,22 @@ from visionbatch.storage import Storage
 from visionbatch.summary import shard_counts
 
 
+class CommitRecord(TypedDict, total=False):
+    """What a finished unit of a committed run tells the driver (``driver.Run.commit``),
+    kept in the manifest under its ``shard`` (classify's shards; export's shards and
+    duplicates' tasks too, with counts of their own)."""
+
+    shard: Required[str]  # the key: a shard's id, an export shard's number, a duplicates task
+    file: Required[str]  # what it wrote (a part file: once the run completes, others are strays)
+    rows: Required[int]  # rows it finished (the stop message counts them)
+    counts: Required[dict]  # its counts (a classify shard's "metrics" are summed by the manifest)
+    digest: str  # classify: its listing's digest, checked on --resume
+    missing_example: str | None  # export: a row whose image could not be read
+    model_traceback: str  # classify (results.MODEL_TRACEBACK): the model's failure, for the driver's log only
+
+
 def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str, labelled: bool = True,
-                schema: pa.Schema = RESULT_SCHEMA, extra: tuple[str, ...] = ()) -> dict:
+                schema: pa.Schema = RESULT_SCHEMA, extra: tuple[str, ...] = ()) -> CommitRecord:
     """Write one whole shard's rows (in shard order) as its part file, with the job's
     ``extra`` columns that the rows have; returns its commit record. The digest is the
     shard's own where its rows carry it (a tar's rows are not its listing), else that
@@ -41,8 +56,8 @@ def write_shard(destination: Destination, shard: str, table: pa.Table, fmt: str,
     destination.write_bytes(name, encode_part(rows, fmt))
     digest = (table.column(SHARD_DIGEST_COLUMN)[0].as_py() if SHARD_DIGEST_COLUMN in table.column_names
               else paths_digest(rows.column("path").to_pylist()))
-    record = {"shard": shard, "file": name, "rows": rows.num_rows, "digest": digest,
-              "counts": shard_counts(table, labelled)}
+    record: CommitRecord = {"shard": shard, "file": name, "rows": rows.num_rows, "digest": digest,
+                            "counts": shard_counts(table, labelled)}
     if MODEL_TRACEBACK in table.column_names:  # for the driver's log, not the manifest
         record[MODEL_TRACEBACK] = pc.drop_null(table.column(MODEL_TRACEBACK))[0].as_py()
     return record

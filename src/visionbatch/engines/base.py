@@ -19,8 +19,9 @@ import pyarrow as pa
 
 from visionbatch.config import ClassifyConfig
 from visionbatch.plan import ModelPlan, Prepared, Resources
-from visionbatch.shards import AnyShard, InputSpec
+from visionbatch.shards import AnyShard, InputSpec, PlannerStatus
 from visionbatch.storage import Storage
+from visionbatch.writer import CommitRecord
 from visionbatch.writer import ShardWriter
 
 log = logging.getLogger("visionbatch")
@@ -30,8 +31,8 @@ class Planner(Protocol):
     """The planner's calls the driver makes (a ShardPlanner, or its Ray actor)."""
 
     def start(self, committed: dict[str, str] | None = None) -> None: ...
-    def wait_started(self, timeout: float | None = None) -> dict: ...
-    def status(self) -> dict: ...
+    def wait_started(self, timeout: float | None = None) -> PlannerStatus: ...
+    def status(self) -> PlannerStatus: ...
     def mark_committed(self, ids: list[str]) -> None: ...
     def unfinished(self) -> list[AnyShard]: ...
 
@@ -55,7 +56,7 @@ class Engine:
         raise NotImplementedError
 
     def run(self, prepared: Prepared, writer: ShardWriter,
-            shards: list[AnyShard] | None = None) -> Iterator[tuple[int, dict | None]]:
+            shards: list[AnyShard] | None = None) -> Iterator[tuple[int, CommitRecord | None]]:
         """Decode, predict and write the planner's shards (or the given ``shards``, each
         retried as a whole); yields (rows that reached the writer, the commit record of a
         shard the writer finished or None). A shard whose task died is left unfinished."""
@@ -83,7 +84,7 @@ class Engine:
         """Stop whatever the engine started."""
 
 
-def commit_events(records: pa.Table) -> Iterator[tuple[int, dict | None]]:
+def commit_events(records: pa.Table) -> Iterator[tuple[int, CommitRecord | None]]:
     """The writer's records of a block as (rows in, commit record or None)."""
     for rows_in, commit in zip(records.column("rows_in").to_pylist(), records.column("commit").to_pylist()):
         yield rows_in, None if commit is None else json.loads(commit)

@@ -26,7 +26,7 @@ from visionbatch.errors import JobError
 from visionbatch.plan import (ModelPlan, Prepared, Resources, block_images, image_bytes,
                               model_arguments, predictor_arguments)
 from visionbatch.predictor import Predictor
-from visionbatch.shards import AnyShard, InputSpec, ShardPlanner
+from visionbatch.shards import AnyShard, InputSpec, PlannerStatus, ShardPlanner
 from visionbatch.storage import Storage, is_remote
 from visionbatch.writer import ShardWriter
 
@@ -204,11 +204,11 @@ class _PlannerActor:
             self.dead = True
             return default
 
-    def wait_started(self, timeout: float | None = None) -> dict:
+    def wait_started(self, timeout: float | None = None) -> PlannerStatus:
         self._status = self._call("wait_started", timeout, default=self._status)
         return self._status
 
-    def status(self) -> dict:
+    def status(self) -> PlannerStatus:
         """The listing's status (the last one known while the actor is dead)."""
         self._status = self._call("status", default=self._status)
         return self._status
