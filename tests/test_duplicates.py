@@ -339,3 +339,26 @@ def _by_group(table: pa.Table) -> dict[int, list[str]]:
     for row in table.to_pylist():
         groups.setdefault(row["group"], []).append(row["path"])
     return groups
+
+
+def test_from_and_to_object_storage_the_same_groups(tmp_path, s3_server, monkeypatch):
+    """Another tool's table in a bucket, OUT in a bucket: the work dir is a local folder in
+    the cache named after OUT (removed once done), and the groups are those of local disk."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("VISIONBATCH_CACHE", str(tmp_path / "cache"))
+    vectors, truth = planted(1000, 20, seed=8)
+    source = write_table(tmp_path / "table", vectors)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="embeddings")
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http", region="us-east-1")
+    pafs.copy_files(source, "embeddings/table", destination_filesystem=s3)
+    summary = run_duplicates(DuplicatesConfig("s3://embeddings/table", output="s3://embeddings/groups",
+                                              s3_endpoint=s3_server, embedding_column="clip_embedding",
+                                              path_column="image_path"))
+    assert summary["groups"] == 20
+    with s3.open_input_file("embeddings/groups/duplicates.parquet") as file:
+        remote = pq.read_table(file)
+    _, local = run(tmp_path, source)
+    assert remote.equals(pq.read_table(local)) and pairs_of(groups_of(local)) == truth
+    assert not list((tmp_path / "cache" / "duplicates").iterdir())  # the work dir, removed
