@@ -26,9 +26,9 @@ def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> st
     return os.path.join(work, folder, f"unit-{unit:06d}{suffix}")
 
 
-def cell_counts(work: str, units: list[dict]) -> np.ndarray:
-    """Rows (homes and visits) per cell over all units, from their counts files."""
-    return sum(np.load(unit_file(work, "cells", unit["unit"], ".counts.npy")) for unit in units)
+def cell_counts(work: str, units: int) -> np.ndarray:
+    """Rows (homes and visits) per cell over all ``units`` (numbered 0..units-1), from their counts files."""
+    return sum(np.load(unit_file(work, "cells", unit, ".counts.npy")) for unit in range(units))
 
 
 def plan_cell_tasks(counts: np.ndarray, bounds: np.ndarray, cell_rows: int) -> list[dict]:
@@ -63,7 +63,7 @@ def pack_cells(counts: np.ndarray, cell_rows: int, lo: int, hi: int) -> list[dic
     return tasks
 
 
-def _task_rows(work: str, units: list[dict], task: dict, cell_rows: int) -> Iterator[pa.RecordBatch]:
+def _task_rows(work: str, units: int, task: dict, cell_rows: int) -> Iterator[pa.RecordBatch]:
     """The rows of the task's cells, unit by unit (so in ordinal order within a cell), read
     from the bucket's row group of each unit; for a block task only the rows of its two
     blocks, streamed (the cell may be any size)."""
@@ -72,12 +72,12 @@ def _task_rows(work: str, units: list[dict], task: dict, cell_rows: int) -> Iter
     whole = (lo, hi) == (bounds[task["bucket"]], bounds[task["bucket"] + 1])
     wanted = sorted({block * cell_rows for block in task["blocks"] or ()})
     position = 0
-    for unit in units:
-        in_buckets = np.add.reduceat(np.load(unit_file(work, "cells", unit["unit"], ".counts.npy")), bounds[:-1])
+    for unit in range(units):
+        in_buckets = np.add.reduceat(np.load(unit_file(work, "cells", unit, ".counts.npy")), bounds[:-1])
         if not in_buckets[task["bucket"]]:
             continue
         row_group = int(np.count_nonzero(in_buckets[:task["bucket"]]))  # row groups: the unit's non-empty buckets
-        for batch in pq.ParquetFile(unit_file(work, "cells", unit["unit"])).iter_batches(row_groups=[row_group]):
+        for batch in pq.ParquetFile(unit_file(work, "cells", unit)).iter_batches(row_groups=[row_group]):
             if not whole:
                 cell = batch.column("cell")
                 batch = batch.filter(pc.and_(pc.greater_equal(cell, lo), pc.less(cell, hi)))
@@ -91,7 +91,7 @@ def _task_rows(work: str, units: list[dict], task: dict, cell_rows: int) -> Iter
             position += len(batch)
 
 
-def cell_stage(work: str, units: list[dict], task: dict, threshold: float, cell_rows: int) -> int:
+def cell_stage(work: str, units: int, task: dict, threshold: float, cell_rows: int) -> int:
     """Exact cosine among one task's rows: pairs of ordinals (a < b) with similarity >=
     ``threshold`` where at least one of the two is at home in the cell (a pair of two
     visitors is compared in a home cell of one of them), to ``pairs/task-T.parquet``.

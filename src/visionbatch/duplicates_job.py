@@ -53,16 +53,19 @@ class DuplicatesOutput(CommandOutput):
 
 @dataclass(frozen=True)
 class DuplicatesTask:
-    """One task of a stage (``number``: its unit or cell task), all it needs to run anywhere."""
+    """One task of a stage (``number``: its unit or cell task), all it needs to run
+    anywhere: the source's plan but its units (they grow with the source: a task carries
+    its own unit, or the number of units)."""
 
     stage: str
     number: int
-    plan: dict
+    source: dict  # duplicates.plan_source's, without "units"
+    units: int
     work: str
     config: DuplicatesConfig
     near: bool
     cells: int  # k-means cells asked for
-    cell_task: dict | None = None
+    item: dict | None = None  # sample, assign: its unit; cells: its cell task
 
     @property
     def task(self) -> str:
@@ -73,7 +76,7 @@ class DuplicatesTask:
 def run_task(task: DuplicatesTask) -> CommitRecord:
     """Run one task; its commit record: ``{"shard": key, "file": what it wrote (relative to
     the work dir; a redo rewrites it), "rows", "counts"}``."""
-    plan, config, work = task.plan, task.config, task.work
+    plan, config, work = task.source, task.config, task.work
     rows, counts = 0, {}
     if task.near:
         import faiss
@@ -81,12 +84,12 @@ def run_task(task: DuplicatesTask) -> CommitRecord:
         # training runs alone (all cores); the other stages' tasks run a worker per core
         faiss.omp_set_num_threads(len(os.sched_getaffinity(0)) if task.stage == "train" else 1)
     if task.stage == "sample":
-        sample = sample_stage(plan, plan["units"][task.number], TRAIN_POINTS_PER_CELL * task.cells)
+        sample = sample_stage(plan, task.item, TRAIN_POINTS_PER_CELL * task.cells)
         file = unit_file(work, "sample", task.number, ".npy")
         save_npy(file, sample)
         counts = {"points": len(sample)}
     elif task.stage == "train":
-        samples = [np.load(unit_file(work, "sample", unit["unit"], ".npy")) for unit in plan["units"]]
+        samples = [np.load(unit_file(work, "sample", unit, ".npy")) for unit in range(task.units)]
         samples = [sample for sample in samples if len(sample)]
         if not samples:
             raise UsageError(f"{plan['source']}: no row has an embedding (all null or zero)")
@@ -95,12 +98,11 @@ def run_task(task: DuplicatesTask) -> CommitRecord:
                                 config.cells_per_row), "dim": int(sample.shape[1]), "points": len(sample)}
         file = os.path.join(work, "buckets.npy")  # train's last file
     elif task.stage == "assign":
-        unit = plan["units"][task.number]
-        counts = assign_stage(plan, unit, work, config.threshold, task.near, config.cells_per_row)
+        counts = assign_stage(plan, task.item, work, config.threshold, task.near, config.cells_per_row)
         counts.pop("unit")
-        rows, file = unit["rows"], unit_file(work, "rows", task.number)
+        rows, file = task.item["rows"], unit_file(work, "rows", task.number)
     else:
-        counts = {"pairs": cell_stage(work, plan["units"], task.cell_task, config.threshold, config.cell_rows)}
+        counts = {"pairs": cell_stage(work, task.units, task.item, config.threshold, config.cell_rows)}
         file = os.path.join(work, "pairs", f"task-{task.number:06d}.parquet")
     return {"shard": task.task, "file": os.path.relpath(file, work), "rows": rows, "counts": counts}
 
@@ -187,20 +189,21 @@ class DuplicatesJob:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         _forget_lost(shards, self.work_dir)
         os.makedirs(self.work_dir, exist_ok=True)
-        plan, units = self.plan, self.plan["units"]
+        units = self.plan["units"]
+        source = {key: value for key, value in self.plan.items() if key != "units"}
         stats = {"units": len(units)}
         if self.near:
             if "train" not in shards:
-                self._stage(run, [self._task("sample", unit["unit"]) for unit in units])
-                self._stage(run, [self._task("train", 0)])
+                self._stage(run, [self._task("sample", unit["unit"], source, unit) for unit in units])
+                self._stage(run, [self._task("train", 0, source)])
             trained = shards["train"]["counts"]
-            plan = {**plan, "dim": trained["dim"]}
+            source = {**source, "dim": trained["dim"]}
             stats.update(cells=trained["cells"], buckets=trained["buckets"], sample=trained["points"])
-        self._stage(run, [self._task("assign", unit["unit"], plan) for unit in units])
+        self._stage(run, [self._task("assign", unit["unit"], source, unit) for unit in units])
         if self.near:
-            cell_tasks = plan_cell_tasks(cell_counts(self.work_dir, units),
+            cell_tasks = plan_cell_tasks(cell_counts(self.work_dir, len(units)),
                                          np.load(os.path.join(self.work_dir, "buckets.npy")), self.config.cell_rows)
-            self._stage(run, [self._task("cells", task["task"], plan, task) for task in cell_tasks])
+            self._stage(run, [self._task("cells", task["task"], source, task) for task in cell_tasks])
             stats["cell_tasks"] = len(cell_tasks)
         for key in ("vectors", "visits", "visits_cut", "pairs"):
             stats[key] = sum(record["counts"].get(key, 0) for record in shards.values())
@@ -209,7 +212,7 @@ class DuplicatesJob:
 
         table, groups = group_stage(self.work_dir, self.config.threshold, self.near)
         summary = DuplicatesSummary(
-            {**groups, "rows": plan["rows"], "near": self.near, "near_not_looked_for": self.near_not_looked_for,
+            {**groups, "rows": self.plan["rows"], "near": self.near, "near_not_looked_for": self.near_not_looked_for,
              "source": self.source.uri, "output": out.uri, "stats": stats, "stage_seconds": self.stage_seconds,
              "seconds": round(time.monotonic() - self.started, 1)})
         with tempfile.TemporaryDirectory(prefix="visionbatch-duplicates-") as scratch:
@@ -223,10 +226,9 @@ class DuplicatesJob:
             self.source.write_hub_config(self.plan["job"]["format"])  # datasets: the groups as a config of DEST
         return summary
 
-    def _task(self, stage: str, number: int, plan: dict | None = None, cell_task: dict | None = None
-              ) -> DuplicatesTask:
-        return DuplicatesTask(stage, number, plan or self.plan, self.work_dir, self.config, self.near, self.cells,
-                              cell_task)
+    def _task(self, stage: str, number: int, source: dict, item: dict | None = None) -> DuplicatesTask:
+        return DuplicatesTask(stage, number, source, len(self.plan["units"]), self.work_dir, self.config, self.near,
+                              self.cells, item)
 
     def _stage(self, run: Run, tasks: list[DuplicatesTask]) -> None:
         """A stage's tasks that the manifest does not list, on the engine, each committed
