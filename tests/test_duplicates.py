@@ -326,6 +326,9 @@ def test_the_command_writes_a_dests_groups_where_label_issues_export_and_the_rep
 
     again = visionbatch("duplicates", dest)
     assert again.returncode == 1 and "--overwrite" in again.stderr
+    finished = visionbatch("duplicates", dest, "--resume")  # nothing left to do: the same summary
+    assert finished.returncode == 0 and finished.stdout == done.stdout, finished.stderr
+    assert pq.read_table(out / "duplicates.parquet").equals(groups)
     stranger = tmp_path / "mine"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
