@@ -275,6 +275,11 @@ def test_a_dest_without_embeddings_refuses_near_duplicates(tmp_path):
     pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"]}), table / "part-0.parquet")
     with pytest.raises(UsageError, match="nothing to compare"):
         run(tmp_path, str(table), "plain", embedding_column="embedding", path_column="path")
+    unset = tmp_path / "unset.parquet"  # one file, not a folder; its embeddings all null
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "embedding": pa.array([None, None], pa.list_(pa.float32()))}),
+                   unset)
+    with pytest.raises(UsageError, match="no row has an embedding"):
+        run(tmp_path, str(unset), "unset", embedding_column="embedding", path_column="path")
 
 
 def test_the_command_writes_a_dests_groups_where_label_issues_export_and_the_report_find_them(tmp_path):

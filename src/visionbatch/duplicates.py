@@ -90,6 +90,10 @@ def choose_cells(rows: int) -> int:
 
 
 def is_dest(destination: Destination) -> bool:
+    import pyarrow.fs as pafs
+
+    if destination.fs.get_file_info(destination.root).type != pafs.FileType.Directory:
+        return False  # a Parquet file (or nothing: the listing says so)
     try:
         return destination.manifest() is not None
     except DestinationError:

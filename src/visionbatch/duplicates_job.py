@@ -90,10 +90,7 @@ def run_task(task: DuplicatesTask) -> CommitRecord:
         counts = {"points": len(sample)}
     elif task.stage == "train":
         samples = [np.load(unit_file(work, "sample", unit, ".npy")) for unit in range(task.units)]
-        samples = [sample for sample in samples if len(sample)]
-        if not samples:
-            raise UsageError(f"{plan['source']}: no row has an embedding (all null or zero)")
-        sample = np.concatenate(samples)
+        sample = np.concatenate([sample for sample in samples if len(sample)])
         counts = {**train_stage(sample, task.cells, work, config.threshold, plan["rows"], config.cell_rows,
                                 config.cells_per_row), "dim": int(sample.shape[1]), "points": len(sample)}
         file = os.path.join(work, "buckets.npy")  # train's last file
@@ -195,6 +192,9 @@ class DuplicatesJob:
         if self.near:
             if "train" not in shards:
                 self._stage(run, [self._task("sample", unit["unit"], source, unit) for unit in units])
+                if not sum(shards[f"sample-{unit['unit']:06d}"]["counts"]["points"] for unit in units):
+                    raise UsageError(f"{self.source.uri}: no row has an embedding (all null or zero): nothing to "
+                                     "compare (--find exact: equal bytes alone)")
                 self._stage(run, [self._task("train", 0, source)])
             trained = shards["train"]["counts"]
             source = {**source, "dim": trained["dim"]}
