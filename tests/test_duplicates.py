@@ -4,6 +4,7 @@ the same groups on a rerun, DEST with and without embeddings, another tool's tab
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -370,3 +371,36 @@ def test_from_and_to_object_storage_the_same_groups(tmp_path, s3_server, monkeyp
     _, local = run(tmp_path, source)
     assert remote.equals(pq.read_table(local)) and pairs_of(groups_of(local)) == truth
     assert not list((tmp_path / "cache" / "duplicates").iterdir())  # the work dir, removed
+
+
+def test_a_task_of_a_run_taken_over_writes_nothing(tmp_path):
+    """A task checks OUT's lease before each work file appears: where a newer run holds
+    OUT (the work dir is its now), the task raises Superseded naming it and leaves no
+    file, not even its temporary one; the holder's own task writes."""
+    import time
+
+    from visionbatch.duplicates import plan_source
+    from visionbatch.duplicates_job import DuplicatesTask, run_task
+    from visionbatch.errors import Superseded
+    from visionbatch.lease import Fence
+
+    vectors, _ = planted(600, 5, seed=11)
+    config = DuplicatesConfig(write_table(tmp_path / "table", vectors), output=str(tmp_path / "out"),
+                              embedding_column="clip_embedding", path_column="image_path")
+    plan = plan_source(config)
+    source = {key: value for key, value in plan.items() if key != "units"}
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    (out / "_lease.json").write_text(json.dumps({"id": "newer", "host": "elsewhere", "pid": 1, "generation": 2,
+                                                 "started": time.time(), "heartbeat": time.time()}))
+
+    def task(holder: str, generation: int) -> DuplicatesTask:
+        fence = Fence(str(out), str(out / "_lease.json"), holder, generation)
+        return DuplicatesTask("sample", 0, source, len(plan["units"]), str(work), config, True, 4, str(out), fence,
+                              plan["units"][0])
+
+    with pytest.raises(Superseded, match="newer"):
+        run_task(task("stale", 1))
+    assert not [p for p in work.rglob("*") if p.is_file()]
+    record = run_task(task("newer", 2))
+    assert (work / record["file"]).is_file() and record["counts"]["points"] > 0

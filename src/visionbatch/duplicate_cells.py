@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -14,11 +14,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
-def write_parquet(path: str, table: pa.Table, **options) -> None:
+def publish(temporary: str, path: str, check_fence: Callable[[], None] | None) -> None:
+    """A work file appears whole (a rename), and only while the job still holds its OUT
+    (``check_fence`` reads OUT's lease, and raises Superseded where a newer job took it):
+    a stale job's task writes nothing into the work dir a newer job goes on with."""
+    if check_fence is not None:
+        try:
+            check_fence()
+        except BaseException:
+            os.remove(temporary)
+            raise
+    os.replace(temporary, path)
+
+
+def write_parquet(path: str, table: pa.Table, check_fence: Callable[[], None] | None = None, **options) -> None:
     """Written whole or not at all (a redone task overwrites it)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(table, path + ".tmp", **options)
-    os.replace(path + ".tmp", path)
+    publish(path + ".tmp", path, check_fence)
 
 
 def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> str:
@@ -91,7 +104,8 @@ def _task_rows(work: str, units: int, task: dict, cell_rows: int) -> Iterator[pa
             position += len(batch)
 
 
-def cell_stage(work: str, units: int, task: dict, threshold: float, cell_rows: int) -> int:
+def cell_stage(work: str, units: int, task: dict, threshold: float, cell_rows: int,
+               check_fence: Callable[[], None] | None = None) -> int:
     """Exact cosine among one task's rows: pairs of ordinals (a < b) with similarity >=
     ``threshold`` where at least one of the two is at home in the cell (a pair of two
     visitors is compared in a home cell of one of them), to ``pairs/task-T.parquet``.
@@ -116,7 +130,7 @@ def cell_stage(work: str, units: int, task: dict, threshold: float, cell_rows: i
             found.append(_pairs(first, second, threshold))
             found.append(_pairs(second.filter(pc.invert(second.column("home"))), first, threshold))
     pairs = pa.concat_tables(found) if found else _PAIRS_SCHEMA.empty_table()
-    write_parquet(os.path.join(work, "pairs", f"task-{task['task']:06d}.parquet"), pairs)
+    write_parquet(os.path.join(work, "pairs", f"task-{task['task']:06d}.parquet"), pairs, check_fence)
     return len(pairs)
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 
 from visionbatch.config import DuplicatesConfig
 from visionbatch.destination import Destination, job_schema
-from visionbatch.duplicate_cells import pack_cells, unit_file, write_parquet
+from visionbatch.duplicate_cells import pack_cells, publish, unit_file, write_parquet
 from visionbatch.errors import DestinationError, UsageError
 from visionbatch.storage import Storage
 
@@ -242,7 +242,7 @@ def sample_stage(plan: dict, unit: dict, points: int) -> np.ndarray:
 
 
 def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, rows: int, cell_rows: int,
-                cells_per_row: int) -> dict:
+                cells_per_row: int, check_fence: Callable[[], None] | None = None) -> dict:
     """k-means on the sample: the centroids, to ``work/centroids.npy``, and an HNSW graph
     over them (the coarse quantizer), to ``work/quantizer.faiss``; and the buckets, to
     ``work/buckets.npy``: consecutive cells whose rows (homes and visits, estimated from
@@ -258,10 +258,10 @@ def train_stage(sample: np.ndarray, cells: int, work: str, threshold: float, row
     nearest, visits, _ = _candidate_cells(sample, centroids, quantizer, threshold, cells_per_row)
     estimate = np.bincount(nearest[visits], minlength=cells) * (rows / len(sample))
     bounds = np.unique([task["cells"][0] for task in pack_cells(estimate, cell_rows, 0, cells)] + [0, cells])
-    save_npy(os.path.join(work, "centroids.npy"), centroids)
+    save_npy(os.path.join(work, "centroids.npy"), centroids, check_fence)
     faiss.write_index(quantizer, os.path.join(work, "quantizer.faiss.tmp"))
-    os.replace(os.path.join(work, "quantizer.faiss.tmp"), os.path.join(work, "quantizer.faiss"))
-    save_npy(os.path.join(work, "buckets.npy"), bounds)
+    publish(os.path.join(work, "quantizer.faiss.tmp"), os.path.join(work, "quantizer.faiss"), check_fence)
+    save_npy(os.path.join(work, "buckets.npy"), bounds, check_fence)
     return {"cells": cells, "buckets": len(bounds) - 1}
 
 
@@ -293,18 +293,19 @@ def _balanced_centroids(sample: np.ndarray, cells: int, rows: int) -> np.ndarray
     return centroids
 
 
-def save_npy(path: str, array: np.ndarray) -> None:
+def save_npy(path: str, array: np.ndarray, check_fence: Callable[[], None] | None = None) -> None:
     """Written whole or not at all (a killed task leaves no half file for a reader)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "wb") as file:
         np.save(file, array)
-    os.replace(path + ".tmp", path)
+    publish(path + ".tmp", path, check_fence)
 
 
 # -- assign -------------------------------------------------------------------------------
 
 
-def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool, cells_per_row: int) -> dict:
+def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool, cells_per_row: int,
+                 check_fence: Callable[[], None] | None = None) -> dict:
     """Spill one unit: its rows' facts to ``rows/``, and (``near``) each vector to its home
     cell and the cells it visits, to ``cells/``. Returns ``{"unit", "vectors", "visits",
     "visits_cut"}``."""
@@ -321,7 +322,7 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
         "given_label": table.column("label").cast(pa.string()) if "label" in table.column_names
         else pa.nulls(len(table), pa.string()),
     })
-    write_parquet(unit_file(work, "rows", unit["unit"]), rows)
+    write_parquet(unit_file(work, "rows", unit["unit"]), rows, check_fence)
     result = {"unit": unit["unit"], "vectors": 0, "visits": 0, "visits_cut": 0}
     if not near:
         return result
@@ -359,9 +360,9 @@ def assign_stage(plan: dict, unit: dict, work: str, threshold: float, near: bool
         for begin, end in zip(starts[:-1], starts[1:]):
             if end > begin:
                 writer.write_table(spilled.slice(begin, end - begin), row_group_size=end - begin)
-    os.replace(path + ".tmp", path)
+    publish(path + ".tmp", path, check_fence)
     save_npy(unit_file(work, "cells", unit["unit"], ".counts.npy"),
-              np.bincount(cells, minlength=len(centroids)).astype(np.int64))
+             np.bincount(cells, minlength=len(centroids)).astype(np.int64), check_fence)
     return {**result, "vectors": int(np.count_nonzero(valid)), "visits": int(len(cells) - np.count_nonzero(valid)),
             "visits_cut": cut}
 

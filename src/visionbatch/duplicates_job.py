@@ -13,6 +13,10 @@ and OUT/_summary.json, commits the run complete and removes the work dir (about 
 width x 8 bytes). Without embeddings only the rows are spilled (exact duplicates: equal
 content digests).
 
+Fenced as every committed run's output is: the driver's writes to OUT check its lease, and
+so does each task before each work file appears (a task of a run a newer one took OUT
+from raises Superseded and leaves no file in the work dir the newer run goes on with).
+
 ``--resume`` runs only the tasks the manifest does not list. Every task is deterministic
 in its inputs (a sample's seed is its unit's, files are named by unit and task), so a
 redone task rewrites the same file; a committed task whose file is gone from the work dir
@@ -40,6 +44,7 @@ from visionbatch.duplicates import (TRAIN_POINTS_PER_CELL, assign_stage, choose_
                                     sample_stage, save_npy, train_stage)
 from visionbatch.engines import make_engine
 from visionbatch.errors import UsageError
+from visionbatch.lease import Fence
 from visionbatch.shards import paths_digest
 from visionbatch.storage import Storage, cache_root, canonical_uri, is_remote, within
 from visionbatch.writer import CommitRecord
@@ -65,6 +70,8 @@ class DuplicatesTask:
     config: DuplicatesConfig
     near: bool
     cells: int  # k-means cells asked for
+    out: str  # OUT, whose lease (``fence``) is checked before each work file appears
+    fence: Fence
     item: dict | None = None  # sample, assign: its unit; cells: its cell task
 
     @property
@@ -77,6 +84,7 @@ def run_task(task: DuplicatesTask) -> CommitRecord:
     """Run one task; its commit record: ``{"shard": key, "file": what it wrote (relative to
     the work dir; a redo rewrites it), "rows", "counts"}``."""
     plan, config, work = task.source, task.config, task.work
+    check_fence = DuplicatesOutput(task.out, Storage(config.s3_endpoint), task.fence).check_fence
     rows, counts = 0, {}
     if task.near:
         import faiss
@@ -86,20 +94,20 @@ def run_task(task: DuplicatesTask) -> CommitRecord:
     if task.stage == "sample":
         sample = sample_stage(plan, task.item, TRAIN_POINTS_PER_CELL * task.cells)
         file = unit_file(work, "sample", task.number, ".npy")
-        save_npy(file, sample)
+        save_npy(file, sample, check_fence)
         counts = {"points": len(sample)}
     elif task.stage == "train":
         samples = [np.load(unit_file(work, "sample", unit, ".npy")) for unit in range(task.units)]
         sample = np.concatenate([sample for sample in samples if len(sample)])
         counts = {**train_stage(sample, task.cells, work, config.threshold, plan["rows"], config.cell_rows,
-                                config.cells_per_row), "dim": int(sample.shape[1]), "points": len(sample)}
+                                config.cells_per_row, check_fence), "dim": int(sample.shape[1]), "points": len(sample)}
         file = os.path.join(work, "buckets.npy")  # train's last file
     elif task.stage == "assign":
-        counts = assign_stage(plan, task.item, work, config.threshold, task.near, config.cells_per_row)
+        counts = assign_stage(plan, task.item, work, config.threshold, task.near, config.cells_per_row, check_fence)
         counts.pop("unit")
         rows, file = task.item["rows"], unit_file(work, "rows", task.number)
     else:
-        counts = {"pairs": cell_stage(work, task.units, task.item, config.threshold, config.cell_rows)}
+        counts = {"pairs": cell_stage(work, task.units, task.item, config.threshold, config.cell_rows, check_fence)}
         file = os.path.join(work, "pairs", f"task-{task.number:06d}.parquet")
     return {"shard": task.task, "file": os.path.relpath(file, work), "rows": rows, "counts": counts}
 
@@ -156,6 +164,7 @@ class DuplicatesJob:
             os.path.join(cache_root(), "duplicates", paths_digest([self.out.uri])) if is_remote(self.out.uri)
             else os.path.join(self.out.root, WORK))
         self.engine = None
+        self.fence: Fence | None = None  # the run's, once the driver has fenced OUT
         self.stage_seconds: dict[str, float] = {}  # this run's
 
     def prepare(self) -> None:
@@ -186,6 +195,7 @@ class DuplicatesJob:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         _forget_lost(shards, self.work_dir)
         os.makedirs(self.work_dir, exist_ok=True)
+        self.fence = out.fence
         units = self.plan["units"]
         source = {key: value for key, value in self.plan.items() if key != "units"}
         stats = {"units": len(units)}
@@ -228,7 +238,7 @@ class DuplicatesJob:
 
     def _task(self, stage: str, number: int, source: dict, item: dict | None = None) -> DuplicatesTask:
         return DuplicatesTask(stage, number, source, len(self.plan["units"]), self.work_dir, self.config, self.near,
-                              self.cells, item)
+                              self.cells, self.out.uri, self.fence, item)
 
     def _stage(self, run: Run, tasks: list[DuplicatesTask]) -> None:
         """A stage's tasks that the manifest does not list, on the engine, each committed
