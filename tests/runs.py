@@ -22,6 +22,8 @@ import pytest
 
 from visionbatch.destination import Destination, read_results
 
+from conftest import WNIDS, write_image
+
 EXE = Path(sys.executable).with_name("visionbatch")
 # Each run starts with the default stop signals that a job started from a terminal
 # has, whatever started the suite: a shell starts a background job (`make test > log &`)
@@ -130,6 +132,16 @@ def wait_session_gone(run: Run, timeout: float = 15) -> dict[int, tuple[int, str
     while (left := session_processes(run.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
+
+
+JOB_IMAGES = 120  # write_job_images' count
+
+
+def write_job_images(root: Path) -> Path:
+    """120 small JPEGs (64x48) in the four class folders: img000.jpg ... img119.jpg."""
+    for i in range(JOB_IMAGES):
+        write_image(root / WNIDS[i % 4] / f"img{i:03d}.jpg", size=(64, 48), seed=1000 + i)
+    return root
 
 
 def committed_parts(dest: Path | str, endpoint: str | None = None) -> list[str]:

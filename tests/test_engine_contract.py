@@ -35,8 +35,8 @@ from visionbatch.cli import main
 from visionbatch.destination import SUMMARY, Destination, read_results
 
 from conftest import WNIDS, write_image
-from runs import (Run, check_exactly_once, committed_parts, expected_paths, ignored_signals, no_tmp_files,
-                  kill_session, rows_on_disk, source_and_dest, wait_session_gone)
+from runs import (JOB_IMAGES, Run, check_exactly_once, committed_parts, expected_paths, ignored_signals, no_tmp_files,
+                  kill_session, rows_on_disk, source_and_dest, wait_session_gone, write_job_images)
 from test_cluster import Cluster
 from test_export import _by_path, _expected, _median, _tar_samples
 from test_inputs import _add, _by_file, _same_predictions, pack_tars, write_image_tables
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 
 ENGINES = ["local", "ray"]
 
-N_IMAGES = 120
+N_IMAGES = JOB_IMAGES
 SHARD_SIZE = 8
 # A decoder dies (os._exit, as a segfault would) on any file whose path holds this
 # (decode's failpoint): every process of every engine here carries it, and only the
@@ -93,11 +93,7 @@ def engine(request) -> EngineUnderTest:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    """120 small JPEGs (64x48) in the four class folders: img000.jpg ... img119.jpg."""
-    root = tmp_path_factory.mktemp("contract-images")
-    for i in range(N_IMAGES):
-        write_image(root / WNIDS[i % 4] / f"img{i:03d}.jpg", size=(64, 48), seed=1000 + i)
-    return root
+    return write_job_images(tmp_path_factory.mktemp("contract-images"))
 
 
 def _classify(source, model: str, dest, *more) -> list:

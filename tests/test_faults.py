@@ -31,13 +31,12 @@ import pytest
 
 from visionbatch.destination import METRICS_FILE, SUMMARY, Destination, read_results
 
-from conftest import WNIDS, write_image
-from runs import (Run, check_exactly_once, expected_paths, source_and_dest, committed_parts, ignored_signals, kill_session,
-                  no_tmp_files, rows_on_disk, session_processes, wait_session_gone)
+from runs import (JOB_IMAGES, Run, check_exactly_once, expected_paths, source_and_dest, committed_parts, ignored_signals, kill_session,
+                  no_tmp_files, rows_on_disk, session_processes, wait_session_gone, write_job_images)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a run's processes through /proc")
 
-N_IMAGES = 120
+N_IMAGES = JOB_IMAGES
 SHARD_SIZE = 8
 
 
@@ -46,11 +45,7 @@ SHARD_SIZE = 8
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    """120 small JPEGs (64x48) in the four class folders: img000.jpg ... img119.jpg."""
-    root = tmp_path_factory.mktemp("fault-images")
-    for i in range(N_IMAGES):
-        write_image(root / WNIDS[i % 4] / f"img{i:03d}.jpg", size=(64, 48), seed=1000 + i)
-    return root
+    return write_job_images(tmp_path_factory.mktemp("fault-images"))
 
 
 # --------------------------------------------------------------------------- checks

@@ -39,6 +39,11 @@ def unit_file(work: str, folder: str, unit: int, suffix: str = ".parquet") -> st
     return os.path.join(work, folder, f"unit-{unit:06d}{suffix}")
 
 
+def pairs_file(work: str, task: int) -> str:
+    """A cell task's pairs in the work dir (the group stage reads them all)."""
+    return os.path.join(work, "pairs", f"task-{task:06d}.parquet")
+
+
 def cell_counts(work: str, units: int) -> np.ndarray:
     """Rows (homes and visits) per cell over all ``units`` (numbered 0..units-1), from their counts files."""
     return sum(np.load(unit_file(work, "cells", unit, ".counts.npy")) for unit in range(units))
@@ -130,7 +135,7 @@ def cell_stage(work: str, units: int, task: dict, threshold: float, cell_rows: i
             found.append(_pairs(first, second, threshold))
             found.append(_pairs(second.filter(pc.invert(second.column("home"))), first, threshold))
     pairs = pa.concat_tables(found) if found else _PAIRS_SCHEMA.empty_table()
-    write_parquet(os.path.join(work, "pairs", f"task-{task['task']:06d}.parquet"), pairs, check_fence)
+    write_parquet(pairs_file(work, task["task"]), pairs, check_fence)
     return len(pairs)
 
 

@@ -39,7 +39,7 @@ from visionbatch.config import DuplicatesConfig
 from visionbatch.destination import (DERIVED, DUPLICATES_OUT, DUPLICATES_TABLE, SUCCESS, SUMMARY, CommandOutput,
                                      Destination)
 from visionbatch.driver import Driver, Run, progress_bar
-from visionbatch.duplicate_cells import cell_counts, cell_stage, plan_cell_tasks, unit_file, write_parquet
+from visionbatch.duplicate_cells import cell_counts, cell_stage, pairs_file, plan_cell_tasks, unit_file, write_parquet
 from visionbatch.duplicates import (TRAIN_POINTS_PER_CELL, assign_stage, choose_cells, is_dest, plan_source,
                                     sample_stage, save_npy, train_stage)
 from visionbatch.engines import make_engine
@@ -108,7 +108,7 @@ def run_task(task: DuplicatesTask) -> CommitRecord:
         rows, file = task.item["rows"], unit_file(work, "rows", task.number)
     else:
         counts = {"pairs": cell_stage(work, task.units, task.item, config.threshold, config.cell_rows, check_fence)}
-        file = os.path.join(work, "pairs", f"task-{task.number:06d}.parquet")
+        file = pairs_file(work, task.number)
     return {"shard": task.task, "file": os.path.relpath(file, work), "rows": rows, "counts": counts}
 
 

@@ -108,13 +108,14 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig, "config", source, trust_remote_code)
 
 
-def _from_pretrained(auto_class, what: str, source: ModelSource, trust_remote_code: bool):
-    """``auto_class.from_pretrained`` for ``source``; a failure is a ModelLoadError naming ``what``."""
+def _from_pretrained(auto_class, what: str, source: ModelSource, trust_remote_code: bool, why: str = ""):
+    """``auto_class.from_pretrained`` for ``source``; a failure is a ModelLoadError naming
+    ``what`` (and ``why`` it is needed)."""
     try:
         return auto_class.from_pretrained(source.ref, local_files_only=source.local_files_only,
                                           trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise ModelLoadError(f"cannot load the {what} of {source.ref}: {first_line(err)}"
+        raise ModelLoadError(f"cannot load the {what} of {source.ref}{why}: {first_line(err)}"
                              f"{_remote_code_hint(err)}") from None
 
 
@@ -203,12 +204,7 @@ def check_model_kind(config, zero_shot: bool) -> None:
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(source.ref, local_files_only=source.local_files_only,
-                                             trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {source.ref} (zero-shot labels need one): "
-                             f"{first_line(err)}") from None
+    return _from_pretrained(AutoTokenizer, "tokenizer", source, trust_remote_code, " (zero-shot labels need one)")
 
 
 def classification_head(model):
