@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from visionbatch.destination import Destination, read_results
+from visionbatch.driver import HOLD_AFTER_COMMITS
 
 from conftest import WNIDS, write_image
 
@@ -133,6 +134,11 @@ def wait_session_gone(run: Run, timeout: float = 15) -> dict[int, tuple[int, str
         time.sleep(0.1)
     return left
 
+
+# The environment of a run that commits its first finished unit, then waits there for
+# the test to stop or kill it (the driver's failpoint): a moment the test waits for as an
+# event, whatever the machine's speed.
+HELD_AFTER_FIRST_COMMIT = {HOLD_AFTER_COMMITS: "1"}
 
 JOB_IMAGES = 120  # write_job_images' count
 

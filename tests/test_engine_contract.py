@@ -35,8 +35,9 @@ from visionbatch.cli import main
 from visionbatch.destination import SUMMARY, Destination, read_results
 
 from conftest import WNIDS, write_image
-from runs import (JOB_IMAGES, Run, check_exactly_once, committed_parts, expected_paths, ignored_signals, no_tmp_files,
-                  kill_session, rows_on_disk, source_and_dest, wait_session_gone, write_job_images)
+from runs import (HELD_AFTER_FIRST_COMMIT, JOB_IMAGES, Run, check_exactly_once, committed_parts, expected_paths,
+                  ignored_signals, kill_session, no_tmp_files, rows_on_disk, source_and_dest, wait_session_gone,
+                  write_job_images)
 from test_cluster import Cluster
 from test_export import _by_path, _expected, _median, _tar_samples
 from test_inputs import _add, _by_file, _same_predictions, pack_tars, write_image_tables
@@ -60,9 +61,10 @@ class EngineUnderTest:
     options: list[str]  # the command-line options that run a job on it
     env: dict = field(default_factory=dict)  # what its jobs' processes need besides the test's environment
 
-    def run(self, start, args: list, folder: Path, code: int | None = 0, timeout: float = 300) -> Run:
-        """``visionbatch`` with ``args`` on this engine; with ``code``, waited for and checked."""
-        run = start([*args, *self.options], folder, self.env)
+    def run(self, start, args: list, folder: Path, code: int | None = 0, timeout: float = 300,
+            env: dict | None = None) -> Run:
+        """``visionbatch`` with ``args`` (and ``env``) on this engine; with ``code``, waited for and checked."""
+        run = start([*args, *self.options], folder, {**self.env, **(env or {})})
         if code is not None:
             assert run.wait(timeout) == code, f"{self.name}: exit {run.proc.returncode}\n{run.stderr}"
         return run
@@ -116,15 +118,15 @@ def _every_part_once(dest: Path, expected: int) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_writes_every_row_once(engine, slow_vit, tmp_path, start):
+def test_kill_9_then_resume_writes_every_row_once(engine, tiny_vit, tmp_path, start):
     """kill -9 of a job (its whole process group) after its first commit, over 15
     WebDataset tars; then --resume: every image member exactly once, the committed tars
     not redone, nothing half-written left."""
     files = [write_image(tmp_path / "img" / WNIDS[i % 4] / f"{i:03d}.jpg", seed=500 + i) for i in range(N_IMAGES)]
     members = pack_tars(files, tmp_path / "tars", 15)
     dest = tmp_path / "out"
-    args = _classify(tmp_path / "tars", slow_vit, dest, "--label-column", "cls")
-    first = engine.run(start, args, tmp_path / "run1", code=None)
+    args = _classify(tmp_path / "tars", tiny_vit, dest, "--label-column", "cls")
+    first = engine.run(start, args, tmp_path / "run1", code=None, env=HELD_AFTER_FIRST_COMMIT)
     first.wait_for_commit(dest)
     kill_session(first, grace=10)
     committed = rows_on_disk(dest)
@@ -185,7 +187,7 @@ def test_a_decoder_that_kills_its_worker_gives_a_worker_crash_row(engine, images
 
 
 @pytest.mark.slow
-def test_sigterm_and_ctrl_c_exit_130_keep_what_was_committed_and_resume(engine, images, slow_vit, tmp_path, start):
+def test_sigterm_and_ctrl_c_exit_130_keep_what_was_committed_and_resume(engine, images, tiny_vit, tmp_path, start):
     """SIGTERM to the command's pid (``kill PID``, a container stop) after a commit, then
     --resume stopped by Ctrl-C (SIGINT to the process group, what a terminal sends)
     after a commit of its own, then --resume to the end: each stop exits 130 with one
@@ -193,11 +195,11 @@ def test_sigterm_and_ctrl_c_exit_130_keep_what_was_committed_and_resume(engine, 
     run gives every image exactly once."""
     dest = tmp_path / "out"
     expected = expected_paths(images)
-    args = _classify(images, slow_vit, dest)
+    args = _classify(images, tiny_vit, dest)
     kept: list[list[str]] = []
     left_behind: set[str] = set()  # processes of a stopped run's session alive 15 s after it exited
     for attempt, (resume, stop) in enumerate([([], "sigterm"), (["--resume"], "ctrl-c")]):
-        run = engine.run(start, [*args, *resume], tmp_path / f"run{attempt}", code=None)
+        run = engine.run(start, [*args, *resume], tmp_path / f"run{attempt}", code=None, env=HELD_AFTER_FIRST_COMMIT)
         run.wait_for_commit(dest, more_than=len(committed_parts(dest)))
         # What would make a signal look lost without being lost: a run that ended before it
         # came, or one started with the signal ignored.

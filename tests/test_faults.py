@@ -31,8 +31,9 @@ import pytest
 
 from visionbatch.destination import METRICS_FILE, SUMMARY, Destination, read_results
 
-from runs import (JOB_IMAGES, Run, check_exactly_once, expected_paths, source_and_dest, committed_parts, ignored_signals, kill_session,
-                  no_tmp_files, rows_on_disk, session_processes, wait_session_gone, write_job_images)
+from runs import (HELD_AFTER_FIRST_COMMIT, JOB_IMAGES, Run, check_exactly_once, committed_parts, expected_paths,
+                  ignored_signals, kill_session, no_tmp_files, rows_on_disk, session_processes, source_and_dest,
+                  wait_session_gone, write_job_images)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a run's processes through /proc")
 
@@ -121,11 +122,11 @@ def test_kill_9_of_the_driver_then_resume_on_ray_with_its_actors_killed(images, 
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_driver_takes_its_processes_with_it(images, slow_vit, tmp_path, start):
+def test_kill_9_of_the_driver_takes_its_processes_with_it(images, tiny_vit, tmp_path, start):
     """The driver (local engine) SIGKILLed mid-job, alone: its decode workers and
     multiprocessing's resource tracker are gone within 10 s, not reparented to PID 1."""
     dest = tmp_path / "out"
-    run = start(_classify_args(images, slow_vit, dest), tmp_path / "run")
+    run = start(_classify_args(images, tiny_vit, dest), tmp_path / "run", HELD_AFTER_FIRST_COMMIT)
     run.wait_for_commit(dest)
     children = {pid: cmd for pid, (_, cmd) in session_processes(run.pid).items() if pid != run.pid}
     assert any("multiprocessing.spawn" in cmd for cmd in children.values()), children
@@ -169,11 +170,11 @@ def _check_resumed(resumed: Run, dest, expected, committed):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c twice", "sighup"])
-def test_more_stop_signals_exit_130(how, images, slow_vit, tmp_path, start):
+def test_more_stop_signals_exit_130(how, images, tiny_vit, tmp_path, start):
     """A second Ctrl-C while the first one's stop is under way, or SIGHUP (a closed
     terminal): exit 130 with the one line that says what was kept."""
     dest = tmp_path / "out"
-    first = start(_classify_args(images, slow_vit, dest), tmp_path / "run1")
+    first = start(_classify_args(images, tiny_vit, dest), tmp_path / "run1", HELD_AFTER_FIRST_COMMIT)
     first.wait_for_commit(dest)
     assert not ignored_signals(first.pid), "the run was started with a stop signal ignored"
     if how == "sighup":

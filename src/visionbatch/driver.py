@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
+import time
 import traceback
 from typing import Callable, Generic, Protocol, TypeVar
 
@@ -38,6 +40,10 @@ from visionbatch.writer import CommitRecord
 log = logging.getLogger("visionbatch")
 
 Result = TypeVar("Result")
+
+# A failpoint for the tests that stop or kill a run midway: a run that has listed this
+# many finished units commits them and then waits for its stop (see Run.commit).
+HOLD_AFTER_COMMITS = "VISIONBATCH_FAILPOINT_HOLD_AFTER_COMMITS"
 
 
 class Command(Protocol[Result]):
@@ -70,6 +76,7 @@ class Run:
                  before_write: Callable[[Manifest, bool], None] | None = None):
         self.lease, self.manifest, self.flush_seconds = lease, manifest, flush_seconds
         self._before_write = before_write
+        self._commits, self._hold_after = 0, int(os.environ.get(HOLD_AFTER_COMMITS) or 0)
 
     @property
     def destination(self) -> Destination:
@@ -79,6 +86,19 @@ class Run:
     def commit(self, record: CommitRecord) -> None:
         """List a finished shard (written to the output by the next :meth:`write`)."""
         self.manifest.add(record)
+        self._commits += 1
+        if self._commits == self._hold_after:
+            self._hold()
+
+    def _hold(self) -> None:
+        """The failpoint HOLD_AFTER_COMMITS: commit, then wait for a stop (or a newer job)
+        with the engine's work in hand, as a run whose next unit is slow would. A test
+        that stops the run there waits for an event (the commit), never for a run that
+        is slow enough not to have ended."""
+        self.write()
+        while True:
+            self.tick()  # raises once a stop came or the output is another job's
+            time.sleep(0.01)
 
     def tick(self) -> None:
         """At each event: stop if a stop signal came (its KeyboardInterrupt may have been

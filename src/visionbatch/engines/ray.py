@@ -16,6 +16,8 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
+import time
 import warnings
 from typing import Iterator
 
@@ -40,6 +42,10 @@ ACTOR_TASK_RETRIES = -1
 
 # Environment variables that workers on other nodes need to see as the driver does.
 # Credentials are deliberately absent: each node uses its own environment.
+# The threads of a Ray Data stream, by the names Ray Data gives them, and how long closing
+# the engine waits for them to end (see RayEngine.close).
+_STREAM_THREADS = ("StreamingExecutor-", "iter_threaded")
+_STREAM_THREADS_JOIN_S = 60.0
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
                   "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
@@ -167,9 +173,19 @@ class RayEngine(Engine):
         return f"the job failed: {root_cause(err)}"
 
     def close(self) -> None:
-        """Shut a local Ray down (a cluster's stays up)."""
+        """Shut a local Ray down (a cluster's stays up), once the threads of Ray Data's
+        stream have ended. A closed stream stops them without waiting: its executor's loop
+        gets 2 s, and the thread that fetches its blocks ends at its next block. One still
+        running after ray.shutdown() (a loaded machine, a stop signal mid-stream) calls
+        Ray there, and Ray's core worker ends this process with exit 1 ("The core worker
+        has already been shutdown ... The process will exit") before the job's stop
+        message. (Ray Data's block prefetcher thread outlives every stream: not waited for.)"""
         import ray
 
+        deadline = time.monotonic() + _STREAM_THREADS_JOIN_S
+        for thread in threading.enumerate():
+            if thread.name.startswith(_STREAM_THREADS):
+                thread.join(max(0.0, deadline - time.monotonic()))
         ray.shutdown()
 
 
