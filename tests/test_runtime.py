@@ -244,7 +244,7 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     from visionbatch.runtime import graph_path
 
     model = save_random_vit(tmp_path / "model", hidden=192, layers=4, heads=3, mlp=768, seed=3, head_scale=20.0)
-    images = _tree(tmp_path / "images", 1000)
+    images = _tree(tmp_path / "images", 700)  # a certificate is taken only where a job has the images it needs
     # OpenVINO asked for by name: certified, but not held to paying for it (a tiny ViT gains
     # little from OpenVINO; auto would keep torch, see test_a_path_must_pay_for_its_certificate).
     subprocess.run(_classify(images, model, tmp_path / "first", "--runtime", "openvino"), check=True, timeout=600)
@@ -260,7 +260,7 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
 
     # The second job's input is larger: the images after its certificate keep it running
     # well past the moment the certificate is seen committed, however fast the machine.
-    images = _tree(images, 4000)
+    images = _tree(images, 2000)
     dest = tmp_path / "auto"
     second = subprocess.Popen(_classify(images, model, dest, "--runtime", "openvino"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -270,7 +270,7 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     assert second.wait(300) == 130, second.stderr.read()
     (trial,) = runtime["certificate"]["trials"]
     assert runtime["path"] == runtime["certificate"]["chosen"] == "openvino/f32", runtime
-    assert trial["verdict"] == PASSED and images_needed() <= trial["images"] < 1000
+    assert trial["verdict"] == PASSED and images_needed() <= trial["images"] < 2000
     assert trial["agreement_lower_bound"] >= AGREEMENT and trial["max_score_difference"] < 1e-3
     assert any(note.endswith("cache") for note in runtime["notes"]), runtime["notes"]
 
@@ -278,7 +278,7 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = _summary(dest)
-    assert 0 < summary["already_done"] < 4000 and summary["predicted"] == 4000
+    assert 0 < summary["already_done"] < 2000 and summary["predicted"] == 2000
     assert summary["runtime"]["path"] == "openvino/f32"
     assert summary["runtime"]["certificate"] == runtime["certificate"]  # the first run's, not taken again
     assert json.loads((dest / "_manifest.json").read_text())["job"]["runtime"] == "openvino"
