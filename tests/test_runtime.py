@@ -20,6 +20,7 @@ import pytest
 from conftest import save_random_vit, write_image
 from visionbatch.certificate import (AGREEMENT, FAILED, PASSED, PENDING, SAMPLE_IMAGES, Certification, Outputs, Trial,
                                      agreement_lower_bound, images_needed)
+from visionbatch.driver import HOLD_AFTER_COMMITS
 
 openvino = pytest.importorskip("openvino", reason="needs visionbatch[openvino]")
 
@@ -258,12 +259,16 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
         assert time.monotonic() < deadline, "the conversion never cached its graph"
         time.sleep(0.2)
 
-    # The second job's input is larger: the images after its certificate keep it running
-    # well past the moment the certificate is seen committed, however fast the machine.
+    # The second job holds once it has committed 1,800 of its 2,000 images (the driver's
+    # failpoint), its certificate (~600 images once the cached graph is loaded) decided
+    # long before: it is stopped there, running, with work left, however fast the machine.
+    # (Stopped without the hold, a job could have ended by the time the manifest showed
+    # its certificate: a Ctrl-C then meets a job already on its way out, exit 0.)
     images = _tree(images, 2000)
     dest = tmp_path / "auto"
     second = subprocess.Popen(_classify(images, model, dest, "--runtime", "openvino"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, HOLD_AFTER_COMMITS: "18"})
     runtime = _certificate_committed(second, dest)
     assert second.poll() is None, "the job ended before it could be stopped"
     os.killpg(second.pid, signal.SIGINT)
