@@ -51,6 +51,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from visionbatch.config import DuplicatesConfig
@@ -90,8 +91,6 @@ def choose_cells(rows: int) -> int:
 
 
 def is_dest(destination: Destination) -> bool:
-    import pyarrow.fs as pafs
-
     if destination.fs.get_file_info(destination.root).type != pafs.FileType.Directory:
         return False  # a Parquet file (or nothing: the listing says so)
     try:
@@ -153,8 +152,6 @@ def plan_source(config: DuplicatesConfig) -> dict:
 def _parquet_files(destination: Destination) -> list[str]:
     """A table's Parquet files relative to its folder, in listing order (sorted), leaving
     out hidden and underscore names as Spark and Arrow do ("" where it is one file)."""
-    import pyarrow.fs as pafs
-
     info = destination.fs.get_file_info(destination.root)
     if info.type == pafs.FileType.File:
         return [""]

@@ -201,8 +201,9 @@ class DuplicatesJob:
         stats = {"units": len(units)}
         if self.near:
             if "train" not in shards:
-                self._stage(run, [self._task("sample", unit["unit"], source, unit) for unit in units])
-                if not sum(shards[f"sample-{unit['unit']:06d}"]["counts"]["points"] for unit in units):
+                samples = [self._task("sample", unit["unit"], source, unit) for unit in units]
+                self._stage(run, samples)
+                if not sum(shards[task.task]["counts"]["points"] for task in samples):
                     raise UsageError(f"{self.source.uri}: no row has an embedding (all null or zero): nothing to "
                                      "compare (--find exact: equal bytes alone)")
                 self._stage(run, [self._task("train", 0, source)])

@@ -40,12 +40,12 @@ log = logging.getLogger("visionbatch")
 # ("temporarily unavailable" each time), and fails the stream for nothing.
 ACTOR_TASK_RETRIES = -1
 
-# Environment variables that workers on other nodes need to see as the driver does.
-# Credentials are deliberately absent: each node uses its own environment.
 # The threads of a Ray Data stream, by the names Ray Data gives them, and how long closing
 # the engine waits for them to end (see RayEngine.close).
 _STREAM_THREADS = ("StreamingExecutor-", "iter_threaded")
 _STREAM_THREADS_JOIN_S = 60.0
+# Environment variables that workers on other nodes need to see as the driver does.
+# Credentials are deliberately absent: each node uses its own environment.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "AWS_ENDPOINT_URL",
                   "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
