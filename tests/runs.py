@@ -24,6 +24,7 @@ from visionbatch.destination import Destination, read_results
 from visionbatch.driver import HOLD_AFTER_COMMITS
 
 from conftest import WNIDS, write_image
+from jobserver import JobServer
 
 EXE = Path(sys.executable).with_name("visionbatch")
 # Each run starts with the default stop signals that a job started from a terminal
@@ -38,18 +39,34 @@ _WITH_DEFAULT_STOP_SIGNALS = ("import os, signal, sys\n"
                               "os.execv(sys.argv[1], sys.argv[1:])")
 
 
+_job_server: JobServer | None = None
+
+
+def job_server() -> JobServer | None:
+    """This process's fork server (jobserver.py), started at the first run; None where
+    VISIONBATCH_TESTS_EXEC=1 asks for every run to be exec'd (to compare)."""
+    global _job_server
+    if _job_server is None and os.environ.get("VISIONBATCH_TESTS_EXEC") != "1":
+        _job_server = JobServer()
+    return _job_server
+
+
 class Run:
-    """One ``visionbatch`` process in its own session; stdout/stderr go to files."""
+    """One ``visionbatch`` process in its own session; stdout/stderr go to files. Forked
+    by the job server, or exec'd where it cannot stand in (jobserver.py)."""
 
     def __init__(self, args: list[str], folder: Path, env: dict | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         self.out_path, self.err_path = folder / "stdout", folder / "stderr"
         self.started = time.monotonic()
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_STOP_SIGNALS, str(EXE), *args], stdout=out,
-                                         stderr=err, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                                         start_new_session=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        server = job_server()
+        self.proc = server.popen([EXE, *args], self.out_path, self.err_path, env) if server else None
+        if self.proc is None:
+            with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+                self.proc = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_STOP_SIGNALS, str(EXE), *args],
+                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                             start_new_session=True)
         self.pid = self.proc.pid  # also its process group and session id (execv keeps the pid)
 
     @property

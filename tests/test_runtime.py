@@ -217,11 +217,12 @@ def _summary(dest: Path) -> dict:
     return json.loads((dest / "_summary.json").read_text())
 
 
-def _certificate_committed(job: subprocess.Popen, dest: Path) -> dict:
-    """Wait until DEST's manifest records a decided certificate (the job still running); its runtime."""
+def _certificate_committed(job, dest: Path) -> dict:
+    """Wait until DEST's manifest records a decided certificate (the job, a ``runs.Run``,
+    still running); its runtime."""
     deadline = time.monotonic() + 300
     while True:
-        assert job.poll() is None, f"the job ended before its certificate was committed: {job.stderr.read()}"
+        assert job.proc.poll() is None, f"the job ended before its certificate was committed: {job.stderr}"
         assert time.monotonic() < deadline, "no decided certificate in the manifest"
         try:
             runtime = json.loads((dest / "_manifest.json").read_text()).get("runtime") or {}
@@ -233,7 +234,7 @@ def _certificate_committed(job: subprocess.Popen, dest: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(tmp_path):
+def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(tmp_path, start):
     """The first job converts beside itself (it ends first: the reference answers
     throughout, and the conversion finishes for the next job). The second loads the
     cached graph with the model, certifies it on its first images, is interrupted once
@@ -266,13 +267,12 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     # its certificate: a Ctrl-C then meets a job already on its way out, exit 0.)
     images = _tree(images, 2000)
     dest = tmp_path / "auto"
-    second = subprocess.Popen(_classify(images, model, dest, "--runtime", "openvino"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True,
-                              env={**os.environ, HOLD_AFTER_COMMITS: "18"})
+    # Started as from a terminal (runs.Run): Ctrl-C reaches it, whatever started the suite.
+    second = start(_classify(images, model, dest, "--runtime", "openvino")[3:], tmp_path / "second",
+                   {HOLD_AFTER_COMMITS: "18"})
     runtime = _certificate_committed(second, dest)
-    assert second.poll() is None, "the job ended before it could be stopped"
     os.killpg(second.pid, signal.SIGINT)
-    assert second.wait(300) == 130, second.stderr.read()
+    assert second.wait(300) == 130, second.stderr
     (trial,) = runtime["certificate"]["trials"]
     assert runtime["path"] == runtime["certificate"]["chosen"] == "openvino/f32", runtime
     assert trial["verdict"] == PASSED and images_needed() <= trial["images"] < 1000
