@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -209,8 +207,8 @@ def _tree(folder: Path, count: int) -> Path:
 
 
 def _classify(images: Path, model: str, dest: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "visionbatch.cli", "classify", str(images), "--model", model, "--output", str(dest),
-            "--quiet", "--shard-size", "100", *extra]
+    """The command line of a job (for the ``start`` fixture: runs.Run)."""
+    return ["classify", str(images), "--model", model, "--output", str(dest), "--quiet", "--shard-size", "100", *extra]
 
 
 def _summary(dest: Path) -> dict:
@@ -249,7 +247,8 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     images = _tree(tmp_path / "images", 700)  # a certificate is taken only where a job has the images it needs
     # OpenVINO asked for by name: certified, but not held to paying for it (a tiny ViT gains
     # little from OpenVINO; auto would keep torch, see test_a_path_must_pay_for_its_certificate).
-    subprocess.run(_classify(images, model, tmp_path / "first", "--runtime", "openvino"), check=True, timeout=600)
+    first_run = start(_classify(images, model, tmp_path / "first", "--runtime", "openvino"), tmp_path / "first-run")
+    assert first_run.wait(600) == 0, first_run.stderr
     first = _summary(tmp_path / "first")["runtime"]
     assert first["path"] == "torch/float32" and not first["certificate"]["decided"], first
     spec = Predictor(model, scale=(1.0,) * 3, offset=(0.0,) * 3, pixel_layout=((224, 224, 3), "|u1"),
@@ -268,7 +267,7 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     images = _tree(images, 2000)
     dest = tmp_path / "auto"
     # Started as from a terminal (runs.Run): Ctrl-C reaches it, whatever started the suite.
-    second = start(_classify(images, model, dest, "--runtime", "openvino")[3:], tmp_path / "second",
+    second = start(_classify(images, model, dest, "--runtime", "openvino"), tmp_path / "second",
                    {HOLD_AFTER_COMMITS: "18"})
     runtime = _certificate_committed(second, dest)
     os.killpg(second.pid, signal.SIGINT)
@@ -279,17 +278,16 @@ def test_a_job_certifies_openvino_on_its_own_images_and_a_resumed_job_keeps_it(t
     assert trial["agreement_lower_bound"] >= AGREEMENT and trial["max_score_difference"] < 1e-3
     assert any(note.endswith("cache") for note in runtime["notes"]), runtime["notes"]
 
-    resumed = subprocess.run([*_classify(images, model, dest, "--runtime", "openvino"), "--resume"],
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = start([*_classify(images, model, dest, "--runtime", "openvino"), "--resume"], tmp_path / "resumed")
+    assert resumed.wait(600) == 0, resumed.stderr[-3000:]
     summary = _summary(dest)
     assert 0 < summary["already_done"] < 2000 and summary["predicted"] == 2000
     assert summary["runtime"]["path"] == "openvino/f32"
     assert summary["runtime"]["certificate"] == runtime["certificate"]  # the first run's, not taken again
     assert json.loads((dest / "_manifest.json").read_text())["job"]["runtime"] == "openvino"
     page = tmp_path / "report.html"
-    subprocess.run([sys.executable, "-m", "visionbatch.cli", "report", str(dest), "--html", str(page)],
-                   check=True, capture_output=True, timeout=300)
+    report = start(["report", dest, "--html", page], tmp_path / "report")
+    assert report.wait(300) == 0, report.stderr
     assert "openvino/f32; certificate against torch/float32: openvino/f32 passed on" in page.read_text()
     expected = pq.read_table(tmp_path / "first", columns=["path", "label", "score"]).sort_by("path")
     got = pq.read_table(dest, columns=["path", "label", "score"]).sort_by("path")
@@ -318,15 +316,14 @@ def test_the_paths_a_cpu_job_may_take():
 
 
 @pytest.mark.slow
-def test_a_killed_jobs_conversion_dies_with_it(tmp_path):
+def test_a_killed_jobs_conversion_dies_with_it(tmp_path, start):
     """kill -9 of the driver mid-conversion: the conversion process exits too (a job that
     ends in order lets it finish instead, see the test above)."""
     import signal
 
     model = save_random_vit(tmp_path / "model", hidden=192, layers=4, heads=3, mlp=768, seed=4, head_scale=20.0)
     images = _tree(tmp_path / "images", 700)
-    job = subprocess.Popen(_classify(images, model, tmp_path / "out", "--runtime", "openvino"),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = start(_classify(images, model, tmp_path / "out", "--runtime", "openvino"), tmp_path / "run").proc
     deadline = time.monotonic() + 300
     while not (conversions := [pid for pid in _children(job.pid) if b"visionbatch.runtime" in _cmdline(pid)]):
         assert job.poll() is None, "the job ended before its conversion started"
