@@ -260,6 +260,11 @@ class OpenVINOForward:
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         if ran != precision:
             raise RuntimeUnavailable(f"OpenVINO runs {ran} here where {precision} was asked")
+        # OpenVINO's bindings set up numpy's API at the first tensor .data of the process,
+        # under a once-lock that deadlocks (with the GIL) when two threads' first passes
+        # race for it: 3 of 30 fresh processes hung so, two lanes' first infer at once
+        # (the local engine, `visionbatch bench`). Set up here, on this one thread.
+        self.compiled.create_infer_request().get_input_tensor(0).data
         self._requests = threading.local()
 
     def __call__(self, pixel_values) -> tuple:
