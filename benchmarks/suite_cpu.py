@@ -7,8 +7,9 @@ which pytest's durations and `time` (children it never reaps) miss.
     .venv/bin/python benchmarks/suite_cpu.py -- tests/test_faults.py -n 2
 
 Prints the CPU seconds by kind of process and by test (a process is charged to the test
-named in its PYTEST_CURRENT_TEST at its start: a Ray cluster's workers to the test that
-started the cluster). Linux only. A process that lives less than 0.3 s may be missed.
+named in the environment it was exec'd with: a Ray cluster's workers to the test that
+started the cluster, a run forked by tests/jobserver.py to the test that started its
+server). Linux only. A process that lives less than 0.3 s may be missed.
 """
 
 from __future__ import annotations

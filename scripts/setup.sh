@@ -14,16 +14,18 @@ fi
 # machine (pip.conf, PIP_* variables) are handed to it, and it picks across them as pip
 # does (the newest that fits, not the first index's). Neither byte-compiles (pip would,
 # one module at a time): compileall does it below on every core.
-PIP=".venv/bin/python -m pip install -q --no-compile"
-UV=""
-if [ -z "${VISIONBATCH_SETUP_PIP:-}" ] && .venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
-  mapfile -t UV_OPTIONS < <(.venv/bin/python scripts/uv_options_from_pip.py)
-  UV=".venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match ${UV_OPTIONS[*]}"
+PIP=(.venv/bin/python -m pip install -q --no-compile)
+UV=()
+if [ "${VISIONBATCH_SETUP_PIP:-0}" != 1 ] && .venv/bin/python -m pip install -q uv >/dev/null 2>&1 \
+    && SOURCES=$(.venv/bin/python scripts/uv_options_from_pip.py); then
+  UV_OPTIONS=()
+  [ -z "$SOURCES" ] || mapfile -t UV_OPTIONS <<< "$SOURCES"  # one word a line
+  UV=(.venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match "${UV_OPTIONS[@]}")
 fi
 install() {
-  if [ -n "$UV" ] && $UV "$@"; then return; fi
-  [ -z "$UV" ] || echo "setup: uv could not install $*; pip does"
-  $PIP "$@"
+  if [ ${#UV[@]} -gt 0 ] && "${UV[@]}" "$@"; then return; fi
+  [ ${#UV[@]} -eq 0 ] || echo "setup: uv could not install $*; pip does"
+  "${PIP[@]}" "$@"
 }
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

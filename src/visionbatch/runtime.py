@@ -264,7 +264,7 @@ class OpenVINOForward:
         # under a once-lock that deadlocks (with the GIL) when two threads' first passes
         # race for it: 3 of 30 fresh processes hung so, two lanes' first infer at once
         # (the local engine, `visionbatch bench`). Set up here, on this one thread.
-        self.compiled.create_infer_request().get_input_tensor(0).data
+        openvino.Tensor(np.zeros(1, dtype=np.float32)).data
         self._requests = threading.local()
 
     def __call__(self, pixel_values) -> tuple:
