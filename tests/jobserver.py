@@ -6,8 +6,8 @@ test suite's time goes"). The server (one per pytest worker, started at its firs
 request) imports them once, then forks a process per run. The child makes itself what
 an ``exec`` of the command would have been: a session of its own, the default stop
 signals, the run's environment and working folder, files for stdout and stderr, and
-the command run as ``__main__`` (the console script, or ``-m visionbatch.cli``), so
-that spawned workers re-import the command, not this module. Whatever a run reads at
+the console script run as ``__main__``, so that spawned workers re-import the command,
+not this module. Whatever a run reads at
 start-up from its environment (a failpoint, TMPDIR, the lease's timing) it reads in the
 child. As with ``Popen``, the run is set up when :meth:`JobServer.popen` returns, and
 an ended run stays a zombie, its pid taken, until the test polls or waits for it.
@@ -139,13 +139,9 @@ def _become(request: dict, set_up: int) -> None:
         os.write(set_up, repr(err).encode())
         os._exit(1)
     os.close(set_up)
-    argv = request["argv"]
-    if argv[1:2] == ["-m"]:
-        sys.argv, sys.path[0] = argv[2:], os.getcwd()
-        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv, sys.path[0] = argv[:], os.path.dirname(os.path.abspath(argv[0]))
-        runpy.run_path(argv[0], run_name="__main__")
+    sys.argv = request["argv"]
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as for a script run by its path
+    runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 # --------------------------------------------------------------------------- the tests' side
@@ -228,7 +224,7 @@ class JobServer:
         return all(env.get(key) == self.env.get(key) for key in keys)
 
     def popen(self, argv: list, stdout, stderr, env: dict, cwd: str | None = None) -> ServedProcess | None:
-        """Fork a run of ``argv`` (``[console script, ...]`` or ``[python, -m, module, ...]``)
+        """Fork a run of ``argv`` (``[console script, its arguments...]``)
         writing to the files ``stdout`` and ``stderr``; None where the server cannot."""
         if not self.can_serve(env):
             return None
