@@ -81,8 +81,26 @@ class Run:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stacks = self.stacks()
+            left = session_processes(self.pid)
             kill_session(self)
-            pytest.fail(f"visionbatch did not exit within {timeout} s; stderr:\n{self.stderr}")
+            pytest.fail(f"visionbatch did not exit within {timeout} s; stderr:\n{self.stderr}\n"
+                        f"its session's processes: {left}\nthe driver's threads (kill -USR1):\n{stacks}")
+
+    def stacks(self, timeout: float = 10) -> str:
+        """The driver's Python stacks, from its SIGUSR1 handler (cli.py). The handler
+        writes a whole dump (one "Current thread", the one it runs in) before it can run
+        again: the second dump's start is the event that the first is whole."""
+        before = len(self.stderr)
+        deadline = time.monotonic() + timeout
+        for dumps in (1, 2):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGUSR1)
+            while self.stderr[before:].count("Current thread ") < dumps:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    return self.stderr[before:] or "(no stack dump came)"
+                time.sleep(0.05)
+        return self.stderr[before:]
 
     def wait_for_commit(self, dest: Path | str, timeout: float = 180, more_than: int = 0,
                         endpoint: str | None = None) -> float:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
+    _stacks_on_sigusr1()
     from visionbatch.driver import sigterm_as_interrupt
 
     try:
@@ -238,6 +241,24 @@ def _failed(message: str, log_path: str, terminal: "Terminal", status: int = EXI
         message = f"{message} (log: {log_path})"
     print(f"visionbatch: error: {message}", file=terminal.err)
     return status
+
+
+_stack_dumps: TextIO | None = None
+
+
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack to the terminal's stderr:
+    what a job that seems stuck waits on (in its work or in the interpreter's exit),
+    without a debugger. A copy of stderr of its own, never closed: the job sends fd 2 to
+    the log meanwhile."""
+    global _stack_dumps
+    if not hasattr(signal, "SIGUSR1") or _stack_dumps is not None:
+        return
+    try:
+        _stack_dumps = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+    except (OSError, ValueError):  # stderr is no file (main() called in a captured test)
+        return
+    faulthandler.register(signal.SIGUSR1, file=_stack_dumps, all_threads=True)
 
 
 def _log_path() -> str:

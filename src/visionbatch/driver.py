@@ -205,7 +205,26 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # signals are handled there only
 
 
-_stop_came = threading.Event()  # set by the first stop signal, for Run.tick
+class _SignalFlag:
+    """Set by a signal handler: a plain attribute, where a threading.Event's set()
+    takes a lock, and a second signal landing inside that set() runs the handler again
+    in the same thread, to wait on the lock it holds forever (a storm of stop signals
+    did so, about 1 job in 20)."""
+
+    def __init__(self) -> None:
+        self._up = False
+
+    def set(self) -> None:
+        self._up = True
+
+    def clear(self) -> None:
+        self._up = False
+
+    def is_set(self) -> bool:
+        return self._up
+
+
+_stop_came = _SignalFlag()  # set by the first stop signal, for Run.tick
 
 
 def _interrupt_once(signum, frame):
@@ -222,8 +241,8 @@ def _interrupt_once(signum, frame):
 def _interrupts_held():
     """Stop signals during start-up take effect once it is done: raised at any point,
     they could break an import half done in the thread that loads the model's configs.
-    Yields the event that says one came (then the stop signals stay ignored)."""
-    came = threading.Event()
+    Yields the flag that says one came (then the stop signals stay ignored)."""
+    came = _SignalFlag()
     if not _in_main_thread():
         yield came
         return
