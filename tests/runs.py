@@ -89,8 +89,9 @@ class Run:
 
     def stacks(self, timeout: float = 10) -> str:
         """The driver's Python stacks, from its SIGUSR1 handler (cli.py). The handler
-        writes a whole dump (one "Current thread", the one it runs in) before it can run
-        again: the second dump's start is the event that the first is whole."""
+        writes a whole dump (one "Current thread": the one it runs in, the main thread
+        unless Linux hands the signal to another) before it can run again: the second
+        dump's start is the event that the first is whole (without one, the deadline)."""
         before = len(self.stderr)
         deadline = time.monotonic() + timeout
         for dumps in (1, 2):
