@@ -6,7 +6,8 @@ fails to exit 130 under a storm, and where a hung one waits.
 Each stream runs `visionbatch classify` (120 images, a 6-layer random ViT slow enough
 to be stopped mid-job) again and again, as the tests run it (tests/runs.py: its own
 session, the default stop signals); from its first commit on, 20 x (SIGINT to its
-process group, then SIGTERM to the driver), each a random 0-30 ms apart. A job alive
+process group, then SIGTERM to the driver), each a random 0-30 ms apart (with
+--at-start, from 0-4 s after the start on: its start-up too). A job alive
 60 s after its storm is dumped (py-spy --native where py-spy is on PATH, and the
 driver's own `kill -USR1` stacks) into WORK/hang-*.txt, then killed. test_faults'
 storm test is the same check, 5 storms a suite run; this finds a 1-in-20 hang in
@@ -46,8 +47,8 @@ def _dump(run: Run, path: Path) -> None:
         out.write("kill -USR1:\n" + run.stacks())
 
 
-def _stream(number: int, images: Path, model: str, work: Path, deadline: float, outcomes: collections.Counter,
-            lock: threading.Lock) -> None:
+def _stream(number: int, images: Path, model: str, work: Path, deadline: float, at_start: bool,
+            outcomes: collections.Counter, lock: threading.Lock) -> None:
     pause = random.Random(number).random
     for attempt in itertools.count():
         if time.monotonic() > deadline:
@@ -56,13 +57,16 @@ def _stream(number: int, images: Path, model: str, work: Path, deadline: float, 
         dest = folder / "out"
         run = Run(["classify", str(images), "--model", model, "--output", str(dest), "--shard-size", "8", "-q"],
                   folder)
-        try:
-            run.wait_for_commit(dest)
-        except BaseException as err:  # noqa: BLE001 - pytest.fail's, outside a test too: an outcome to count
-            kill_session(run)
-            with lock:
-                outcomes[f"no commit: {err}"] += 1
-            continue
+        if at_start:  # anywhere in the start-up (model load, pool spawn) or in the job
+            time.sleep(pause() * 4)
+        else:
+            try:
+                run.wait_for_commit(dest)
+            except BaseException as err:  # noqa: BLE001 - pytest.fail's, outside a test too: an outcome to count
+                kill_session(run)
+                with lock:
+                    outcomes[f"no commit: {err}"] += 1
+                continue
         for _ in range(20):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGINT)
@@ -78,7 +82,8 @@ def _stream(number: int, images: Path, model: str, work: Path, deadline: float, 
             outcome = "hung (dumped)"
         else:
             lines = [line for line in run.stderr.splitlines() if line.strip()]
-            outcome = "exit 130, one line" if code == 130 and len(lines) == 1 else f"exit {code}: {lines[-1:]}"
+            outcome = ("exit 130, one line" if code == 130 and len(lines) == 1 else
+                       "exit 0 (ended before the storm)" if code == 0 and not lines else f"exit {code}: {lines[-1:]}")
             shutil.rmtree(folder, ignore_errors=True)
         with lock:
             outcomes[outcome] += 1
@@ -89,6 +94,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--work", type=Path, required=True, help="a folder for the images, model and runs")
+    parser.add_argument("--at-start", action="store_true",
+                        help="each storm 0-4 s after the job starts (its start-up too), not at its first commit")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     images = args.work / "images"
@@ -99,7 +106,8 @@ def main() -> None:
         save_random_vit(model, hidden=384, layers=6, heads=6, mlp=1536, seed=2)
     outcomes, lock = collections.Counter(), threading.Lock()
     deadline = time.monotonic() + args.minutes * 60
-    streams = [threading.Thread(target=_stream, args=(n, images, str(model), args.work, deadline, outcomes, lock))
+    streams = [threading.Thread(target=_stream, args=(n, images, str(model), args.work, deadline, args.at_start,
+                                                           outcomes, lock))
                for n in range(args.streams)]
     for stream in streams:
         stream.start()
