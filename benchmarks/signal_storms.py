@@ -84,7 +84,8 @@ def _stream(number: int, images: Path, model: str, work: Path, deadline: float, 
             lines = [line for line in run.stderr.splitlines() if line.strip()]
             outcome = ("exit 130, one line" if code == 130 and len(lines) == 1 else
                        "exit 0 (ended before the storm)" if code == 0 and not lines else f"exit {code}: {lines[-1:]}")
-            shutil.rmtree(folder, ignore_errors=True)
+            if outcome.startswith(("exit 130, one line", "exit 0")):
+                shutil.rmtree(folder, ignore_errors=True)  # others kept, their stderr to read
         with lock:
             outcomes[outcome] += 1
 

@@ -143,8 +143,12 @@ class Lease:
             current = self._read()
         if current is None or current["id"] != self.holder["id"]:
             raise self._refuse(current or {})
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="visionbatch-lease")
-        self._thread.start()
+        heartbeat = threading.Thread(target=self._heartbeat, daemon=True, name="visionbatch-lease")
+        heartbeat.start()
+        # Kept once started: a stop signal inside start() left release() a thread it could
+        # not join ("cannot join thread before it is started", exit 1 instead of 130). One
+        # that starts unkept finds _stop set by release() and ends without a write.
+        self._thread = heartbeat
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(LEASE_RENEW_S):
