@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import itertools
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import save_random_vit  # noqa: E402  (the tests' helpers)
-from runs import Run, kill_session, session_processes, write_job_images  # noqa: E402
+from runs import Run, kill_session, session_processes, signal_storm, write_job_images  # noqa: E402
 
 
 def _dump(run: Run, path: Path) -> None:
@@ -67,13 +64,7 @@ def _stream(number: int, images: Path, model: str, work: Path, deadline: float, 
                 with lock:
                     outcomes[f"no commit: {err}"] += 1
                 continue
-        for _ in range(20):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(run.pid, signal.SIGINT)
-            time.sleep(pause() * 0.03)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(run.pid, signal.SIGTERM)
-            time.sleep(pause() * 0.03)
+        signal_storm(run, lambda: pause() * 0.03)
         try:
             code = run.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

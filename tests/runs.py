@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -115,6 +116,23 @@ class Run:
                 pytest.fail(f"no part file in {dest} after {timeout} s")
             time.sleep(0.02)
         return time.monotonic() - self.started
+
+
+def signal_storm(run: Run, gap: Callable[[], float], pairs: int = 20) -> float | None:
+    """``pairs`` x (Ctrl-C to the run's process group, then SIGTERM to its driver), each
+    signal followed by ``gap()`` seconds; the seconds from the first signal to the
+    driver's exit, where it exited during the storm."""
+    signalled, exited = time.monotonic(), None
+    for _ in range(pairs):
+        with contextlib.suppress(ProcessLookupError):  # the group is gone: the storm goes on regardless
+            os.killpg(run.pid, signal.SIGINT)
+        time.sleep(gap())
+        if exited is None:  # an exited driver is a zombie until poll() reaps it below: never signalled after
+            os.kill(run.pid, signal.SIGTERM)
+        time.sleep(gap())
+        if exited is None and run.proc.poll() is not None:
+            exited = time.monotonic() - signalled
+    return exited
 
 
 def ignored_signals(pid: int) -> set[int]:

@@ -32,8 +32,8 @@ import pytest
 from visionbatch.destination import METRICS_FILE, SUMMARY, Destination, read_results
 
 from runs import (HELD_AFTER_FIRST_COMMIT, JOB_IMAGES, Run, check_exactly_once, committed_parts, expected_paths,
-                  ignored_signals, kill_session, no_tmp_files, rows_on_disk, session_processes, source_and_dest,
-                  wait_session_gone, write_job_images)
+                  ignored_signals, kill_session, no_tmp_files, rows_on_disk, session_processes, signal_storm,
+                  source_and_dest, wait_session_gone, write_job_images)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds a run's processes through /proc")
 
@@ -214,15 +214,8 @@ def test_a_storm_of_stop_signals_exits_130(images, slow_vit, tmp_path, start):
         run = start(_classify_args(images, slow_vit, dest), tmp_path / f"run{attempt}")
         run.wait_for_commit(dest)
         assert not ignored_signals(run.pid), "the run was started with a stop signal ignored"
-        signalled, exited = time.monotonic(), None
-        for _ in range(20):
-            with contextlib.suppress(ProcessLookupError):  # the group is gone: the storm goes on regardless
-                os.killpg(run.pid, signal.SIGINT)
-            time.sleep(0.02)
-            os.kill(run.pid, signal.SIGTERM)  # its zombie, once it has exited, until the wait below
-            time.sleep(0.02)
-            if exited is None and run.proc.poll() is not None:
-                exited = time.monotonic() - signalled
+        signalled = time.monotonic()
+        exited = signal_storm(run, lambda: 0.02)
         code = run.wait(60)
         exits.append(round(exited or time.monotonic() - signalled, 1))
         lines = [line for line in run.stderr.splitlines() if line.strip()]
