@@ -273,10 +273,11 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit
     err = Path(stderr.name).read_text()
     resumed = rc != 0
     if resumed:
-        # Ray Data recovers a lost node's actors and retried tasks, but not decoded blocks
-        # that died with it before the model took them (decode tasks are not retried): then
-        # the job stops, says so, and keeps what it committed (maybe nothing yet: a part
-        # file on disk is committed once the manifest lists it); --resume does the rest.
+        # Ray Data recovers a lost node's actors and retried tasks, and drops the blocks
+        # of decode tasks lost with it (their shards are redone one file per task at the
+        # end). Whatever it still fails its stream with stops the job, which says so and
+        # keeps what it committed (maybe nothing yet: a part file on disk is committed
+        # once the manifest lists it); --resume does the rest.
         assert rc == 1 and "a Ray node or worker was lost" in err, err[-3000:]
         again = _classify(cluster, str(tmp_path / "images"), "--model", tiny_vit, "--output", str(dest),
                           "--shard-size", "16", "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -296,7 +297,7 @@ def test_node_lost_mid_run_loses_and_duplicates_nothing(doomed_cluster, tiny_vit
             f"node marked dead: {'marked dead' in log}, {recomputed} lost blocks recomputed, "
             f"{log.count('retries remaining')} task retries "
             f"({log.count('Task MapWorker(MapBatches(Predictor)).submit failed')} to the model actor), "
-            f"{log.count('files were in failed tasks')} isolated retry pass(es))")
+            f"{log.count('were in tasks that failed')} isolated retry pass(es))")
     assert len(paths) == len(set(paths)), "duplicate rows"
     assert sorted(paths) == files, "rows != files"
     errors = [e for e in table.column("error").to_pylist() if e]

@@ -148,19 +148,8 @@ def test_kill_9_then_resume_writes_every_row_once(engine, tiny_vit, tmp_path, st
 # --------------------------------------------------------------------------- a decoder that kills its worker
 
 
-# Where an engine does not keep a part of the contract yet: the case runs and must fail
-# (strict), so the day it passes says to remove the line.
-WORKER_CRASH_GAPS = {
-    "ray": "a decode task is not retried: a worker that dies fails Ray Data's stream, and the job stops with "
-           "'a Ray node or worker was lost with work in hand (WorkerCrashedError)' (resumable, but every --resume "
-           "meets the same file) instead of redoing the shard one file per task (issue 33: one data path)",
-}
-
-
 @pytest.mark.slow
-def test_a_decoder_that_kills_its_worker_gives_a_worker_crash_row(engine, images, tiny_vit, tmp_path, start, request):
-    if engine.name in WORKER_CRASH_GAPS:
-        request.applymarker(pytest.mark.xfail(reason=WORKER_CRASH_GAPS[engine.name], strict=True))
+def test_a_decoder_that_kills_its_worker_gives_a_worker_crash_row(engine, images, tiny_vit, tmp_path, start):
     root = tmp_path / "images"
     for source in sorted(images.rglob("*.jpg"))[:40]:
         (root / source.parent.name).mkdir(parents=True, exist_ok=True)

@@ -111,26 +111,26 @@ class RayEngine(Engine):
                                                            **prepared.decode_options(prepared.plan.batch_size)},
                                                 num_cpus=1, max_retries=config.max_retries),
                               prepared, prepared.plan.batch_size)
-        with _failures_become_rows():
-            # No prefetch: it holds each block back until the next one has come, which
-            # delays the first result (and every commit) by a block's worth of model time.
-            # Closed on the way out, whatever ends the stream: Ray Data's executor then
-            # stops while Ray is up. Left to the garbage collector after a stop, it could run
-            # after the engine's ray.shutdown() and start a second, local Ray in this process.
-            with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow",
-                                                         prefetch_batches=0))) as batches:
-                for records in batches:
-                    finished = False
-                    for rows_in, record in commit_events(records if shards is None else writer(records)):
-                        if record is not None and "digest" in record:
-                            self.planner.committed[record["shard"]] = record["digest"]
-                            finished = shards is None and self.planner.all_committed()
-                        yield rows_in, record
-                    if finished:
-                        # Every shard is committed: the job is done, whatever the stream still
-                        # waits for (after a lost node, Ray Data's last decode slots can wait
-                        # forever for CPUs that its restarted actors hold).
-                        break
+        ds = _failures_become_rows(ds)
+        # No prefetch: it holds each block back until the next one has come, which
+        # delays the first result (and every commit) by a block's worth of model time.
+        # Closed on the way out, whatever ends the stream: Ray Data's executor then
+        # stops while Ray is up. Left to the garbage collector after a stop, it could run
+        # after the engine's ray.shutdown() and start a second, local Ray in this process.
+        with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow",
+                                                     prefetch_batches=0))) as batches:
+            for records in batches:
+                finished = False
+                for rows_in, record in commit_events(records if shards is None else writer(records)):
+                    if record is not None and "digest" in record:
+                        self.planner.committed[record["shard"]] = record["digest"]
+                        finished = shards is None and self.planner.all_committed()
+                    yield rows_in, record
+                if finished:
+                    # Every shard is committed: the job is done, whatever the stream still
+                    # waits for (after a lost node, Ray Data's last decode slots can wait
+                    # forever for CPUs that its restarted actors hold).
+                    break
         if shards is None and self.planner.dead:
             # The planner died (its decode tasks with it, at their next shard): a new one
             # lists again, skips what is committed, and the job goes on with the rest.
@@ -164,11 +164,10 @@ class RayEngine(Engine):
         if not isinstance(err, ray.exceptions.RayError):
             return None
         if _lost_with_a_node(err):
-            # Decoded blocks live in the object store of the node that made them, and a
-            # decode task is not retried (a retry would take other shards): lost with
-            # their node before the model took them, they fail Ray Data's stream. In this
-            # process the lost node's actors may still be restarting elsewhere, holding
-            # CPUs a new stream would wait for; a new driver (--resume) starts clean.
+            # What Ray Data does not drop as a failed block (_failures_become_rows) and
+            # fails its stream with: a lost node's actors may still be restarting
+            # elsewhere in this process, holding CPUs a new stream would wait for; a new
+            # driver (--resume) starts clean.
             return f"the job failed: a Ray node or worker was lost with work in hand ({root_cause(err)})"
         return f"the job failed: {root_cause(err)}"
 
@@ -372,18 +371,14 @@ def _predict(ds, prepared: Prepared, batch_size: int, pyarrow_blocks: bool = Tru
     )
 
 
-@contextlib.contextmanager
-def _failures_become_rows():
-    """Let Ray Data drop blocks whose tasks failed all their retries instead of failing
-    the job; the driver finds their files missing and retries or records them."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    saved, context.max_errored_blocks = context.max_errored_blocks, -1
-    try:
-        yield
-    finally:
-        context.max_errored_blocks = saved
+def _failures_become_rows(ds):
+    """``ds``, letting Ray Data drop blocks whose tasks failed all their retries (a decode
+    task whose worker died included) instead of failing the stream: the driver finds
+    their shards unfinished and redoes them one file per task, or records them. Set on
+    the dataset: it runs with a copy of the DataContext it was made under, so the current
+    context, changed later, is not read."""
+    ds.context.max_errored_blocks = -1
+    return ds
 
 
 def _lost_with_a_node(err: BaseException) -> bool:
