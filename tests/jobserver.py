@@ -3,7 +3,8 @@
 Each job process would otherwise import torch and transformers' model code anew: ~3
 CPU s before any work, a third of the suite's CPU (benchmarks/RESULTS.md, "Where the
 test suite's time goes"). The server (one per pytest worker, started at its first
-request) imports them once, then forks a process per run. The child makes itself what
+request; one more for the runs on the Ray engine, which preloads Ray too) imports them
+once, then forks a process per run. The child makes itself what
 an ``exec`` of the command would have been: a session of its own, the default stop
 signals, the run's environment and working folder, files for stdout and stderr, and
 the console script run as ``__main__``, so that spawned workers re-import the command,
@@ -43,7 +44,14 @@ PRELOAD = ("numpy", "PIL.Image", "pyarrow", "pyarrow.compute", "pyarrow.parquet"
 PRELOAD_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "USE_TORCH", "USE_TF", "TORCH", "PYTORCH_", "OMP_", "MKL_",
                "KMP_", "OPENBLAS_", "NPY_", "NUMPY_", "PYTHON", "LD_", "MALLOC_", "CUDA_", "ARROW_", "TQDM_",
                "LANG", "LC_", "TZ", "HOME", "XDG_")
+# What a run on the Ray engine imports besides (~1.6 CPU s), preloaded by a server of
+# its own: Ray's import changes the interpreter (sys.excepthook, atexit hooks), which a
+# run on the local engine must not inherit. Ray reads variables of its own when
+# imported (RAY_AUTH_MODE among them): a Ray server serves runs with its RAY_* values.
+RAY_PRELOAD = ("ray", "ray.data")
+RAY_PRELOAD_ENV = ("RAY_",)
 NAME = "visionbatch-jobserver"  # in the server's (and so its children's) command line
+RAY = "--ray"  # in a Ray server's
 
 
 def _threads() -> int:
@@ -56,7 +64,7 @@ def _serve() -> tuple[dict, int] | None:
     forked child, returns its request and the pipe to say it is set up on."""
     replies = os.dup(1)
     os.dup2(2, 1)  # what a library prints goes to stderr, not into the replies
-    for name in PRELOAD:
+    for name in PRELOAD + (RAY_PRELOAD if RAY in sys.argv else ()):
         importlib.import_module(name)
     threads, pending, running = _threads(), b"", set()
     # A child's exit wakes the loop (a byte in this pipe), as a request does.
@@ -147,6 +155,13 @@ def _become(request: dict, set_up: int) -> None:
 # --------------------------------------------------------------------------- the tests' side
 
 
+def preload_key(env: dict, ray: bool) -> tuple:
+    """What a server's imports depend on in ``env``: runs with equal keys can share one."""
+    prefixes = PRELOAD_ENV + (RAY_PRELOAD_ENV if ray else ())
+    return ray, tuple(sorted((key, value) for key, value in env.items() if key.startswith(prefixes)))
+
+
+
 class ServedProcess:
     """The part of ``subprocess.Popen`` the tests use, for a run the server forked. As
     with Popen, an ended run's pid stays taken (a zombie) until poll or wait sees it."""
@@ -173,10 +188,12 @@ class ServedProcess:
 class JobServer:
     """The server as a pytest worker sees it: :meth:`popen` forks a run."""
 
-    def __init__(self):
-        self.env = dict(os.environ)
-        self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__), NAME], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, env=self.env, start_new_session=True)
+    def __init__(self, env: dict | None = None, ray: bool = False):
+        """A server with ``env`` (this process's by default); ``ray``: one for runs on the Ray engine."""
+        self.env, self.ray = dict(os.environ if env is None else env), ray
+        self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__), NAME, *([RAY] if ray else [])],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
+                                       start_new_session=True)
         self._lock = threading.Lock()  # one request at a time: the reply to it is the next "started"
         self._write_lock = threading.Lock()
         self._replies: list[dict] = []
@@ -220,8 +237,7 @@ class JobServer:
     def can_serve(self, env: dict) -> bool:
         if self._gone or self.server.poll() is not None:
             return False
-        keys = {key for key in {*env, *self.env} if key.startswith(PRELOAD_ENV)}
-        return all(env.get(key) == self.env.get(key) for key in keys)
+        return preload_key(env, self.ray) == preload_key(self.env, self.ray)
 
     def popen(self, argv: list, stdout, stderr, env: dict, cwd: str | None = None) -> ServedProcess | None:
         """Fork a run of ``argv`` (``[console script, its arguments...]``)

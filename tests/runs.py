@@ -25,7 +25,7 @@ from visionbatch.destination import Destination, read_results
 from visionbatch.driver import HOLD_AFTER_COMMITS
 
 from conftest import WNIDS, write_image
-from jobserver import JobServer
+from jobserver import JobServer, preload_key
 
 EXE = Path(sys.executable).with_name("visionbatch")
 # Each run starts with the default stop signals that a job started from a terminal
@@ -40,16 +40,21 @@ _WITH_DEFAULT_STOP_SIGNALS = ("import os, signal, sys\n"
                               "os.execv(sys.argv[1], sys.argv[1:])")
 
 
-_job_server: JobServer | None = None
+_job_servers: dict[tuple, JobServer] = {}
 
 
-def job_server() -> JobServer | None:
-    """This process's fork server (jobserver.py), started at the first run; None where
-    VISIONBATCH_TESTS_EXEC=1 asks for every run to be exec'd (to compare)."""
-    global _job_server
-    if _job_server is None and os.environ.get("VISIONBATCH_TESTS_EXEC") != "1":
-        _job_server = JobServer()
-    return _job_server
+def job_server(args: list[str], env: dict) -> JobServer | None:
+    """This process's fork server (jobserver.py) for a run of ``args`` with ``env``,
+    started at its first run: one for runs on the local engine, one for those on Ray
+    (for each set of RAY_* values); None where VISIONBATCH_TESTS_EXEC=1 asks for every
+    run to be exec'd (to compare)."""
+    if os.environ.get("VISIONBATCH_TESTS_EXEC") == "1":
+        return None
+    on_ray = "--address" in args or any(a == "--engine" and b == "ray" for a, b in zip(args, args[1:]))
+    key = preload_key(env, on_ray) if on_ray else preload_key(os.environ, False)
+    if key not in _job_servers:
+        _job_servers[key] = JobServer(env if on_ray else None, ray=on_ray)
+    return _job_servers[key]
 
 
 class Run:
@@ -61,7 +66,7 @@ class Run:
         self.out_path, self.err_path = folder / "stdout", folder / "stderr"
         self.started = time.monotonic()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        server = job_server()
+        server = job_server(args, env)
         self.proc = server.popen([EXE, *args], self.out_path, self.err_path, env) if server else None
         if self.proc is None:
             with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
