@@ -310,7 +310,6 @@ class LocalEngine(Engine):
         self._task_workers: _Pool | None = None  # map_tasks' workers, kept from one call to the next
 
     def start(self, config: ClassifyConfig) -> Resources:
-        self.max_retries = config.max_retries
         cpus = _cpus()
         return Resources(cpus, gpu_count(), cpus)
 

@@ -58,7 +58,6 @@ class RayEngine(Engine):
 
         init_ray(config.address)
         _warn_local_paths_on_cluster(config)
-        self.max_retries = config.max_retries
         resources = ray.cluster_resources()
         node_cpus = int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")),
                             default=0))
