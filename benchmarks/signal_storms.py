@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import save_random_vit  # noqa: E402  (the tests' helpers)
+from conftest import save_slow_vit  # noqa: E402  (the tests' helpers)
 from runs import Run, kill_session, session_processes, signal_storm, write_job_images  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main() -> None:
         write_job_images(images)
     model = args.work / "slow-vit"
     if not model.exists():  # the tests' slow_vit
-        save_random_vit(model, hidden=384, layers=6, heads=6, mlp=1536, seed=2)
+        save_slow_vit(model)
     outcomes, lock = collections.Counter(), threading.Lock()
     deadline = time.monotonic() + args.minutes * 60
     streams = [threading.Thread(target=_stream, args=(n, images, str(model), args.work, deadline, args.at_start,

@@ -152,10 +152,14 @@ def tiny_convnext(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def slow_vit(tmp_path_factory) -> str:
+    return save_slow_vit(tmp_path_factory.mktemp("slow-vit"))
+
+
+def save_slow_vit(folder) -> str:
     """A random 6-layer ViT (hidden 384, ~45 MB): some 40 ms an image on one core, so a
     120-image run spends seconds between its first commit and its end, long enough to
     be interrupted or have its model actor killed there."""
-    return save_random_vit(tmp_path_factory.mktemp("slow-vit"), hidden=384, layers=6, heads=6, mlp=1536, seed=2)
+    return save_random_vit(folder, hidden=384, layers=6, heads=6, mlp=1536, seed=2)
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,6 @@ def preload_key(env: dict, ray: bool) -> tuple:
     return ray, tuple(sorted((key, value) for key, value in env.items() if key.startswith(prefixes)))
 
 
-
 class ServedProcess:
     """The part of ``subprocess.Popen`` the tests use, for a run the server forked. As
     with Popen, an ended run's pid stays taken (a zombie) until poll or wait sees it."""
