@@ -72,9 +72,10 @@ def _stream(number: int, images: Path, model: str, work: Path, deadline: float, 
             kill_session(run)
             outcome = "hung (dumped)"
         else:
-            lines = [line for line in run.stderr.splitlines() if line.strip()]
+            # Every line, the run's folder named alike: runs that ended the same way count together.
+            lines = [line.replace(str(folder), "RUN") for line in run.stderr.splitlines() if line.strip()]
             outcome = ("exit 130, one line" if code == 130 and len(lines) == 1 else
-                       "exit 0 (ended before the storm)" if code == 0 and not lines else f"exit {code}: {lines[-1:]}")
+                       "exit 0 (ended before the storm)" if code == 0 and not lines else f"exit {code}: {lines}")
             if outcome.startswith(("exit 130, one line", "exit 0")):
                 shutil.rmtree(folder, ignore_errors=True)  # others kept, their stderr to read
         with lock:
